@@ -1,0 +1,1 @@
+"""The ``vhdx`` command line (installed as the ``vhdx_cli`` package)."""

@@ -1,0 +1,120 @@
+"""Shared pieces of the command line: error handling, size parsing, chain options, progress."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+
+import click
+
+from vhdx.errors import VhdxError
+
+_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512', '4k', '1.5M', '0x1000' -> bytes (binary suffixes, as qemu-img reads them)."""
+    s = str(text).strip()
+    if s.lower().startswith("0x"):
+        return int(s, 16)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kKmMgGtTpPbB]?)(?:i?[bB])?", s)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (examples: 512, 4K, 10G)")
+    number, suffix = m.groups()
+    value = float(number) * _SUFFIXES[suffix.upper()]
+    if value != int(value):
+        raise click.BadParameter(f"{text!r} is not a whole number of bytes")
+    return int(value)
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+SIZE = SizeType()
+
+
+class State:
+    """Options shared by every command (the click context object)."""
+
+    def __init__(self, as_json: bool = False, verbose: bool = False) -> None:
+        self.as_json = as_json
+        self.verbose = verbose
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"vhdx: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func):
+    """Turn library errors into one line on stderr and a non-zero exit code (never a traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except VhdxError as exc:
+            fail(" ".join(str(exc).split("\n")))
+        except OSError as exc:
+            fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def chain_options(func):
+    """--parent, --search-dir, --ignore-id-mismatch, --orphan: how to find the parents of a disk."""
+    func = click.option("--orphan", is_flag=True,
+                        help="Read a differencing disk alone: what it does not hold reads as zeros.")(func)
+    func = click.option("--ignore-id-mismatch", is_flag=True,
+                        help="Accept a parent whose DataWriteGuid does not match the child's linkage.")(func)
+    func = click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(file_okay=False),
+                        help="Also look for parents by file name in this folder (repeatable).")(func)
+    func = click.option("--parent", "parent", type=click.Path(dir_okay=False),
+                        help="Use this file as the parent, whatever the locator says.")(func)
+    return func
+
+
+def open_kwargs(parent, search_dirs, ignore_id_mismatch, orphan) -> dict:
+    return {"parent": parent, "search_dirs": search_dirs, "ignore_id_mismatch": ignore_id_mismatch,
+            "orphan": orphan}
+
+
+class Progress:
+    """Bytes done, rate and ETA on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None) -> None:
+        self.total = max(total, 1)
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.2 and done < self.total:
+            return
+        self._last = now
+        elapsed = max(now - self.start, 1e-6)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate else 0
+        click.echo(f"\r{self.label}: {done * 100 // self.total:3d}% {done / 2**20:,.0f} MiB "
+                   f"{rate / 2**20:,.1f} MiB/s ETA {eta:,.0f}s ", err=True, nl=False)
+
+    def finish(self) -> None:
+        if self.enabled:
+            click.echo("", err=True)

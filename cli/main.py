@@ -1,0 +1,108 @@
+"""``vhdx``: the command line. Each command parses its options, calls the library once and renders."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+import vhdx
+from vhdx.errors import ChainError
+from vhdx.export import export_raw
+from vhdx.inspect import describe_chain, describe_image
+from vhdx_cli import render
+from vhdx_cli.common import Progress, State, chain_options, handle_errors, open_kwargs
+
+EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vhdx-chain")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (same as the per-command flag).")
+@click.option("-v", "--verbose", is_flag=True, help="More detail.")
+@click.pass_context
+def cli(ctx, as_json, verbose):
+    """Read, check, repair and merge VHDX/AVHDX disks and Hyper-V checkpoint chains."""
+    ctx.obj = State(as_json, verbose)
+
+
+def json_option(func):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(func)
+
+
+def wants_json(ctx, as_json: bool) -> bool:
+    return as_json or (ctx.obj is not None and ctx.obj.as_json)
+
+
+@cli.command()
+@click.argument("path", type=EXISTING_FILE)
+@json_option
+@click.pass_context
+@handle_errors
+def info(ctx, path, as_json):
+    """Show headers, regions, metadata, BAT state counts, log state and parent locator of PATH."""
+    with vhdx.open(path, orphan=True) as image:
+        described = describe_image(image)
+    render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.info_text(described))
+
+
+@cli.command()
+@click.argument("path", type=EXISTING_FILE)
+@chain_options
+@json_option
+@click.pass_context
+@handle_errors
+def chain(ctx, path, as_json, **chain_opts):
+    """List each layer from PATH down to its base disk, with linkage checks and a timeline."""
+    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
+        described = describe_chain(image)
+    render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.chain_text(described))
+    if described.error:
+        raise SystemExit(1)
+
+
+@cli.command(name="map")
+@click.argument("path", type=EXISTING_FILE)
+@chain_options
+@json_option
+@click.pass_context
+@handle_errors
+def map_(ctx, path, as_json, **chain_opts):
+    """Show which layer and file offset supply each extent of the virtual disk (like qemu-img map)."""
+    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
+        parent_missing = False
+        try:
+            extents, layers = image.extents(), image.layers
+        except ChainError as exc:
+            click.echo(f"vhdx: warning: {exc}; mapping this layer alone", err=True)
+            parent_missing, layers = True, [image]
+            extents = image.layer_extents(0, image.virtual_size)
+        rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing)
+    render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))
+
+
+@cli.command()
+@click.argument("source", type=EXISTING_FILE)
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.option("-O", "--output-format", "output_format", type=click.Choice(["raw"]), default="raw",
+              show_default=True, help="Format of DESTINATION.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
+@chain_options
+@click.pass_context
+@handle_errors
+def convert(ctx, source, destination, output_format, force, **chain_opts):
+    """Flatten SOURCE (with its whole chain) into DESTINATION; zero runs stay sparse holes."""
+    if os.path.abspath(source) == os.path.abspath(destination):
+        raise click.UsageError("SOURCE and DESTINATION are the same file")
+    with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
+        progress = Progress(image.virtual_size, "convert")
+        export_raw(image, destination, overwrite=force, progress=progress)
+        progress.finish()
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

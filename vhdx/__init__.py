@@ -1,0 +1,47 @@
+"""vhdx-chain: read, check, repair and merge VHDX/AVHDX disks and their checkpoint chains.
+
+Public API: ``open`` (alias ``open_image``), the image and stream classes, and the error tree.
+"""
+
+from __future__ import annotations
+
+from vhdx.errors import (
+    ChainError,
+    ChainLoopError,
+    ChecksumError,
+    FormatError,
+    InvalidRequestError,
+    LockedError,
+    LogReplayRequired,
+    MergeError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    UnsupportedError,
+    VhdxError,
+)
+from vhdx.format.constants import BatState, DiskType, SbState
+from vhdx.image import VhdxImage, VirtualDiskStream, open_image
+
+open = open_image  # noqa: A001 - ``vhdx.open(path)`` is the documented entry point
+
+__all__ = [
+    "BatState",
+    "ChainError",
+    "ChainLoopError",
+    "ChecksumError",
+    "DiskType",
+    "FormatError",
+    "InvalidRequestError",
+    "LockedError",
+    "LogReplayRequired",
+    "MergeError",
+    "ParentMismatchError",
+    "ParentNotFoundError",
+    "SbState",
+    "UnsupportedError",
+    "VhdxError",
+    "VhdxImage",
+    "VirtualDiskStream",
+    "open",
+    "open_image",
+]

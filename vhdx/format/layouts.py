@@ -1,0 +1,210 @@
+"""Every on-disk structure of VHDX, declared once with construct, in the order of [MS-VHDX] §2.
+
+Fields use the spec's names in snake_case; every integer is explicitly little-endian. Other modules import
+this module (``from vhdx.format import layouts``) and refer to ``layouts.Header`` etc.
+
+References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (metadata).
+"""
+
+from __future__ import annotations
+
+from construct import (
+    BitsInteger,
+    BitStruct,
+    Bytes,
+    ByteSwapped,
+    Const,
+    Int16ul,
+    Int32ul,
+    Int64ul,
+    Padded,
+    PaddedString,
+    Struct,
+)
+
+from vhdx.format import constants as c
+from vhdx.format.guid import Guid
+
+# --- §2.2.1 File Type Identifier -------------------------------------------------------------------
+FileIdentifier = Struct(
+    "signature" / Const(c.FILE_SIGNATURE),
+    # Diagnostic only (who made the file); never influences behaviour.
+    "creator" / PaddedString(c.CREATOR_SIZE, "utf-16-le"),
+)
+
+# --- §2.2.2 Headers --------------------------------------------------------------------------------
+Header = Padded(
+    c.HEADER_SIZE,
+    Struct(
+        "signature" / Const(c.HEADER_SIGNATURE),
+        "checksum" / Int32ul,
+        "sequence_number" / Int64ul,
+        "file_write_guid" / Guid,
+        "data_write_guid" / Guid,
+        "log_guid" / Guid,
+        "log_version" / Int16ul,
+        "version" / Int16ul,
+        "log_length" / Int32ul,
+        "log_offset" / Int64ul,
+    ),
+)
+
+# --- §2.2.3 Region table ---------------------------------------------------------------------------
+RegionTableHeader = Struct(
+    "signature" / Const(c.REGION_TABLE_SIGNATURE),
+    "checksum" / Int32ul,
+    "entry_count" / Int32ul,
+    "reserved" / Int32ul,
+)
+
+RegionTableEntry = Struct(
+    "guid" / Guid,
+    "file_offset" / Int64ul,
+    "length" / Int32ul,
+    # Bit 0 is Required; the other bits are reserved.
+    "flags" / Int32ul,
+)
+
+# --- §2.3.1 Log ------------------------------------------------------------------------------------
+LogEntryHeader = Struct(
+    "signature" / Const(c.LOG_ENTRY_SIGNATURE),
+    "checksum" / Int32ul,
+    "entry_length" / Int32ul,
+    "tail" / Int32ul,
+    "sequence_number" / Int64ul,
+    "descriptor_count" / Int32ul,
+    "reserved" / Int32ul,
+    "log_guid" / Guid,
+    "flushed_file_offset" / Int64ul,
+    "last_file_offset" / Int64ul,
+)
+
+ZeroDescriptor = Struct(
+    "signature" / Const(c.ZERO_DESCRIPTOR_SIGNATURE),
+    "reserved" / Int32ul,
+    "zero_length" / Int64ul,
+    "file_offset" / Int64ul,
+    "sequence_number" / Int64ul,
+)
+
+DataDescriptor = Struct(
+    "signature" / Const(c.DATA_DESCRIPTOR_SIGNATURE),
+    # Bytes 4092..4095 and 0..7 of the target sector, kept as raw bytes (the data sector has no room for them).
+    "trailing_bytes" / Bytes(4),
+    "leading_bytes" / Bytes(8),
+    "file_offset" / Int64ul,
+    "sequence_number" / Int64ul,
+)
+
+DataSector = Struct(
+    "signature" / Const(c.DATA_SECTOR_SIGNATURE),
+    "sequence_high" / Int32ul,
+    "data" / Bytes(c.LOG_SECTOR_SIZE - 12),
+    "sequence_low" / Int32ul,
+)
+
+# --- §2.5 BAT entry --------------------------------------------------------------------------------
+# A little-endian u64: FileOffsetMB in bits 20..63, reserved bits 3..19, state in bits 0..2. The reader
+# decodes whole BATs with numpy; this declaration is the reference the numpy code is tested against.
+BatEntry = ByteSwapped(
+    BitStruct(
+        "file_offset_mb" / BitsInteger(44),
+        "reserved" / BitsInteger(17),
+        "state" / BitsInteger(3),
+    )
+)
+
+# --- §2.6.1 Metadata table -------------------------------------------------------------------------
+MetadataTableHeader = Struct(
+    "signature" / Const(c.METADATA_SIGNATURE),
+    "reserved" / Int16ul,
+    "entry_count" / Int16ul,
+    "reserved2" / Bytes(20),
+)
+
+MetadataTableEntry = Struct(
+    "item_id" / Guid,
+    "offset" / Int32ul,
+    "length" / Int32ul,
+    # IsUser (bit 0), IsVirtualDisk (bit 1), IsRequired (bit 2); the rest reserved.
+    "flags" / Int32ul,
+    "reserved2" / Int32ul,
+)
+
+# --- §2.6.2 Known metadata items -------------------------------------------------------------------
+FileParameters = Struct(
+    "block_size" / Int32ul,
+    # LeaveBlockAllocated (bit 0), HasParent (bit 1).
+    "flags" / Int32ul,
+)
+
+VirtualDiskSize = Struct("virtual_disk_size" / Int64ul)
+VirtualDiskId = Struct("virtual_disk_id" / Guid)
+LogicalSectorSize = Struct("logical_sector_size" / Int32ul)
+PhysicalSectorSize = Struct("physical_sector_size" / Int32ul)
+
+ParentLocatorHeader = Struct(
+    "locator_type" / Guid,
+    "reserved" / Int16ul,
+    "key_value_count" / Int16ul,
+)
+
+ParentLocatorEntry = Struct(
+    # Both offsets count from the start of the parent locator item; lengths are in bytes of UTF-16LE.
+    "key_offset" / Int32ul,
+    "value_offset" / Int32ul,
+    "key_length" / Int16ul,
+    "value_length" / Int16ul,
+)
+
+# Sizes the rest of the code relies on; a wrong declaration fails at import, not on a customer's disk.
+_FIXED_SIZES = {
+    FileIdentifier: 8 + c.CREATOR_SIZE,
+    Header: c.HEADER_SIZE,
+    RegionTableHeader: c.REGION_TABLE_HEADER_SIZE,
+    RegionTableEntry: c.REGION_ENTRY_SIZE,
+    LogEntryHeader: c.LOG_ENTRY_HEADER_SIZE,
+    ZeroDescriptor: c.LOG_DESCRIPTOR_SIZE,
+    DataDescriptor: c.LOG_DESCRIPTOR_SIZE,
+    DataSector: c.LOG_SECTOR_SIZE,
+    BatEntry: c.BAT_ENTRY_SIZE,
+    MetadataTableHeader: 32,
+    MetadataTableEntry: c.METADATA_ENTRY_SIZE,
+    FileParameters: 8,
+    VirtualDiskSize: 8,
+    VirtualDiskId: 16,
+    LogicalSectorSize: 4,
+    PhysicalSectorSize: 4,
+    ParentLocatorHeader: 20,
+    ParentLocatorEntry: 12,
+}
+for _layout, _size in _FIXED_SIZES.items():
+    assert _layout.sizeof() == _size, (_layout, _layout.sizeof(), _size)
+del _layout, _size
+
+# Names used in error messages (construct objects have no name of their own).
+LAYOUT_NAMES = {
+    id(FileIdentifier): "File Type Identifier",
+    id(Header): "Header",
+    id(RegionTableHeader): "Region Table Header",
+    id(RegionTableEntry): "Region Table Entry",
+    id(LogEntryHeader): "Log Entry Header",
+    id(ZeroDescriptor): "Zero Descriptor",
+    id(DataDescriptor): "Data Descriptor",
+    id(DataSector): "Data Sector",
+    id(BatEntry): "BAT Entry",
+    id(MetadataTableHeader): "Metadata Table Header",
+    id(MetadataTableEntry): "Metadata Table Entry",
+    id(FileParameters): "File Parameters",
+    id(VirtualDiskSize): "Virtual Disk Size",
+    id(VirtualDiskId): "Virtual Disk ID",
+    id(LogicalSectorSize): "Logical Sector Size",
+    id(PhysicalSectorSize): "Physical Sector Size",
+    id(ParentLocatorHeader): "Parent Locator Header",
+    id(ParentLocatorEntry): "Parent Locator Entry",
+}
+
+
+def layout_name(layout) -> str:
+    """Human name of a layout for error messages."""
+    return LAYOUT_NAMES.get(id(layout), "structure")

@@ -1,0 +1,407 @@
+"""An opened VHDX/AVHDX file and the virtual disk it presents through its whole chain.
+
+Opening reads, in this order: file identifier, both headers (current one chosen by CRC, version, sequence),
+the log (a dirty log is replayed in memory for reading; nothing is written), both region tables, the
+metadata, and the BAT. The parent of a differencing disk is opened only when a read needs it.
+
+References: [MS-VHDX] §2.2-§2.6; §2.3.3 note <5> (in-memory replay on read-only opens).
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import uuid
+from functools import cached_property
+
+import numpy as np
+
+from vhdx import chain as _chain
+from vhdx.bat import Bat, Geometry
+from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
+from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
+from vhdx.format import constants as c
+from vhdx.format import layouts
+from vhdx.header import HeaderSet, load_headers
+from vhdx.io import ImageIO
+from vhdx.log import LogState, overlay_for, plan_replay, read_log
+from vhdx.metadata import DiskParameters, Metadata, load_metadata
+from vhdx.region import RegionTable, load_region_table
+
+# Blocks examined per step when walking a whole disk: bounds memory for 64 TiB disks with 1 MiB blocks.
+WINDOW_BLOCKS = 1 << 18
+
+
+class VhdxImage:
+    """One VHDX file, read-only by default; ``read`` and ``stream`` see the virtual disk through its chain."""
+
+    def __init__(self, image_io: ImageIO, options: _chain.OpenOptions | None = None, *, _lineage=()) -> None:
+        self.io = image_io
+        self.options = options or _chain.OpenOptions()
+        self._parent: VhdxImage | None = None
+        self._parent_source: str | None = None
+        try:
+            self._load()
+            self._identity = self._file_identity()
+            if self._identity is not None and self._identity in _lineage:
+                raise ChainLoopError("the chain refers back to this file (loop)", structure="Parent Locator")
+            self._lineage = (*_lineage, self._identity)
+            if len(self._lineage) > self.options.max_depth:
+                raise ChainLoopError(f"chain deeper than {self.options.max_depth} layers",
+                                     structure="Parent Locator")
+        except VhdxError as exc:
+            self.io.close()
+            raise exc.with_path(self.io.path) from None
+        except BaseException:
+            self.io.close()
+            raise
+
+    # --- loading ------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        io = self.io
+        ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
+        self.creator: str = ident.creator.rstrip("\x00")
+        self.headers: HeaderSet = load_headers(io)
+        header = self.headers.current
+        self.log: LogState = read_log(io, header.log_offset, header.log_length, header.log_guid)
+        if self.log.is_dirty:
+            if self.log.problem and not self.log.sequence:
+                raise FormatError(self.log.problem, structure="Log", offset=header.log_offset)
+            if self.log.problem:
+                raise FormatError(self.log.problem, structure="Log", offset=header.log_offset)
+            # Read-only view of the replay: structures are read as if the log had been applied.
+            io.overlay = overlay_for(plan_replay(self.log.sequence))
+        self.regions: RegionTable = load_region_table(io, header.log_offset, header.log_length)
+        self.metadata: Metadata = load_metadata(io, self.regions.metadata)
+        p = self.metadata.params
+        self.geometry = Geometry(p.virtual_size, p.block_size, p.logical_sector_size, p.has_parent)
+        self.bat: Bat = Bat.load(io, self.regions.bat, self.geometry)
+        self._validate_bat()
+
+    def _validate_bat(self) -> None:
+        """Refuse BATs that would make reads wrong: illegal states, blocks outside the file, missing bitmaps."""
+        g, bat = self.geometry, self.bat
+        states = bat.states
+        legal = np.isin(states, [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT])
+        if g.has_parent:
+            legal |= states == c.BatState.PARTIALLY_PRESENT
+        self._raise_first(~legal, "payload", lambda s: f"state {s} is not legal in a {self.disk_type.label} disk")
+        present = bat.allocated_blocks()
+        offsets = bat.offsets
+        self._raise_first(present & (offsets < c.HEADER_SECTION_SIZE), "payload",
+                          lambda s: "block lies inside the header section")
+        # A block must lie inside the file; the last block may be short (old QEMU wrote such files).
+        size = self.io.size
+        block_len = np.full(len(states), g.block_size, dtype=np.int64)
+        if len(block_len):
+            block_len[-1] = g.virtual_size - (g.data_blocks - 1) * g.block_size
+        beyond = present & (offsets + block_len > size)
+        if len(beyond) and beyond[-1] and offsets[-1] < size:
+            beyond[-1] = False
+        self._raise_first(beyond, "payload", lambda s: f"block lies beyond the end of the file ({size:#x}); truncated?")
+        if g.has_parent:
+            partial = states == c.BatState.PARTIALLY_PRESENT
+            chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
+            chunk_has_partial[np.flatnonzero(partial) // g.chunk_ratio] = True
+            sb_present = bat.bitmap_states == c.SbState.PRESENT
+            missing = chunk_has_partial & ~sb_present
+            self._raise_first(missing, "bitmap", lambda s: "sector bitmap block missing for a partially present block")
+            bad_sb = sb_present & ((bat.bitmap_offsets < c.HEADER_SECTION_SIZE)
+                                   | (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > size))
+            self._raise_first(bad_sb, "bitmap", lambda s: "sector bitmap block lies outside the file")
+
+    def _raise_first(self, mask: np.ndarray, kind: str, message) -> None:
+        hits = np.flatnonzero(mask)
+        if not len(hits):
+            return
+        i = int(hits[0])
+        if kind == "payload":
+            index = int(self.geometry.payload_index(i))
+            structure, state = f"BAT entry {index} (payload block {i})", int(self.bat.states[i])
+        else:
+            index = int(self.geometry.bitmap_index(i))
+            structure, state = f"BAT entry {index} (sector bitmap block {i})", int(self.bat.bitmap_states[i])
+        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
+        raise FormatError(message(state) + more, structure=structure, offset=self.bat.entry_file_offset(index))
+
+    def _file_identity(self):
+        if self.io.fd is None:
+            return None
+        st = os.fstat(self.io.fd)
+        return (st.st_dev, st.st_ino)
+
+    # --- properties ---------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.io.path
+
+    @property
+    def params(self) -> DiskParameters:
+        return self.metadata.params
+
+    @property
+    def virtual_size(self) -> int:
+        return self.params.virtual_size
+
+    @property
+    def block_size(self) -> int:
+        return self.params.block_size
+
+    @property
+    def logical_sector_size(self) -> int:
+        return self.params.logical_sector_size
+
+    @property
+    def physical_sector_size(self) -> int:
+        return self.params.physical_sector_size
+
+    @property
+    def disk_id(self) -> uuid.UUID:
+        return self.params.virtual_disk_id
+
+    @property
+    def disk_type(self) -> c.DiskType:
+        return self.params.disk_type
+
+    @property
+    def has_parent(self) -> bool:
+        return self.params.has_parent
+
+    @property
+    def data_write_guid(self) -> uuid.UUID:
+        return self.headers.current.data_write_guid
+
+    @property
+    def file_write_guid(self) -> uuid.UUID:
+        return self.headers.current.file_write_guid
+
+    @property
+    def writable(self) -> bool:
+        return self.io.writable
+
+    # --- chain --------------------------------------------------------------------------------------
+    @property
+    def parent(self) -> VhdxImage | None:
+        """The parent image, opened on first use; None for base disks and orphan opens."""
+        if not self.has_parent or self.options.orphan:
+            return None
+        if self._parent is None:
+            def open_candidate(path, options):
+                return VhdxImage(ImageIO.open(path), options, _lineage=self._lineage)
+
+            self._parent, cand = _chain.locate_and_open_parent(self, self.options, open_candidate)
+            self._parent_source = cand.source
+        return self._parent
+
+    @property
+    def parent_source(self) -> str | None:
+        """Which locator entry (or fallback) found the parent, once it is open."""
+        return self._parent_source
+
+    @property
+    def layers(self) -> list[VhdxImage]:
+        """This image and all its ancestors, child first (opens them all)."""
+        out, image = [], self
+        while image is not None:
+            out.append(image)
+            image = image.parent
+        return out
+
+    @property
+    def depth(self) -> int:
+        return len(self._lineage)
+
+    # --- extents ------------------------------------------------------------------------------------
+    def _check_range(self, start: int, end: int) -> None:
+        if start < 0 or end < start or end > self.virtual_size:
+            raise InvalidRequestError(f"range [{start}, {end}) is outside the virtual disk ({self.virtual_size} bytes)")
+
+    def read_bitmap_bits(self, blocks: np.ndarray) -> np.ndarray:
+        """Sector bitmap bits (blocks, sectors_per_block) of the given payload blocks, LSB-first per byte."""
+        g = self.geometry
+        per = g.bitmap_bytes_per_block
+        ratio = g.chunk_ratio
+        chunks = blocks // ratio
+        raw = np.zeros((len(blocks), per), dtype=np.uint8)
+        # One read per chunk (4 GiB or more of virtual disk), never one per block.
+        for chunk in np.unique(chunks):
+            sel = np.flatnonzero(chunks == chunk)
+            within = blocks[sel] % ratio
+            first, last = int(within.min()), int(within.max())
+            if self.bat.bitmap_states[chunk] != c.SbState.PRESENT:
+                continue
+            base = int(self.bat.bitmap_offsets[chunk]) + first * per
+            data = np.frombuffer(self.io.read_at(base, (last - first + 1) * per), dtype=np.uint8)
+            raw[sel] = data.reshape(-1, per)[within - first]
+        return np.unpackbits(raw, axis=1, bitorder="little")
+
+    def layer_extents(self, start: int, end: int) -> Extents:
+        """Extents of [start, end) as this file alone describes them (layer 0; ABSENT = not in this file)."""
+        self._check_range(start, end)
+        if end == start:
+            return Extents.empty()
+        g = self.geometry
+        bs = g.block_size
+        b0, b1 = start // bs, (end - 1) // bs + 1
+        blocks = np.arange(b0, b1, dtype=np.int64)
+        states = self.bat.states[b0:b1]
+        offsets = self.bat.offsets[b0:b1]
+        bstart = blocks * bs
+        blen = np.minimum(bs, g.virtual_size - bstart)
+        kinds = kinds_of_states(states)
+        partial = states == c.BatState.PARTIALLY_PRESENT
+        whole = ~partial
+        fo = np.where(kinds[whole] == ExtentKind.DATA, offsets[whole], -1)
+        parts = [Extents(bstart[whole], blen[whole], kinds[whole], np.full(int(whole.sum()), -1, np.int16), fo)]
+        if partial.any():
+            bits = self.read_bitmap_bits(blocks[partial])
+            parts.append(bitmap_runs(bits, bstart[partial], offsets[partial], g.logical_sector_size))
+        ext = concat_sorted(parts).with_layer(0)
+        return coalesce(clip(ext, start, end))
+
+    def extents(self, start: int = 0, end: int | None = None) -> Extents:
+        """Extents of [start, end) through the chain: ``layer`` is the depth that supplies each run.
+
+        ABSENT runs that remain are not held by any layer and read as zeros.
+        """
+        end = self.virtual_size if end is None else end
+        parts = []
+        window = WINDOW_BLOCKS * self.block_size
+        for lo in range(start, end, window):
+            parts.append(self._chain_extents(lo, min(end, lo + window)))
+        if len(parts) == 1:
+            return parts[0]
+        return coalesce(concat_sorted(parts)) if parts else Extents.empty()
+
+    def _chain_extents(self, start: int, end: int) -> Extents:
+        ext = self.layer_extents(start, end)
+        absent = ext.kind == ExtentKind.ABSENT
+        if not absent.any():
+            return ext
+        parent = self.parent
+        if parent is None:
+            return ext
+        lo = int(ext.start[absent][0])
+        hi = min(int(ext.end[absent][-1]), parent.virtual_size)
+        if hi <= lo:
+            return ext
+        below = parent._chain_extents(lo, hi)
+        below = Extents(below.start, below.length, below.kind,
+                        np.where(below.layer >= 0, below.layer + 1, -1).astype(np.int16), below.file_offset)
+        return overlay(ext, below)
+
+    # --- reading ------------------------------------------------------------------------------------
+    def readinto(self, offset: int, buf) -> int:
+        """Fill ``buf`` with virtual disk bytes from ``offset``; returns the count (short only at the end)."""
+        view = memoryview(buf).cast("B")
+        if offset < 0:
+            raise InvalidRequestError(f"negative offset {offset}")
+        n = max(0, min(len(view), self.virtual_size - offset))
+        if n == 0:
+            return 0
+        layers = [self]
+        target = np.frombuffer(view, dtype=np.uint8) if not view.readonly else None
+        for start, length, kind, layer, file_offset in self.extents(offset, offset + n).rows():
+            lo = start - offset
+            if kind == ExtentKind.DATA:
+                while len(layers) <= layer:
+                    layers.append(layers[-1].parent)
+                layers[layer].io.readinto_at(file_offset, view[lo : lo + length])
+            else:
+                target[lo : lo + length] = 0
+        return n
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read virtual disk bytes; the result is shorter than ``length`` only at the end of the disk."""
+        if length < 0:
+            raise InvalidRequestError(f"negative length {length}")
+        n = max(0, min(length, self.virtual_size - offset))
+        buf = bytearray(n)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def stream(self) -> VirtualDiskStream:
+        """A seekable, read-only file object over the virtual disk."""
+        return VirtualDiskStream(self)
+
+    @cached_property
+    def allocated_bytes(self) -> int:
+        """Bytes of the file owned by payload and sector bitmap blocks of this file."""
+        blocks = int(self.bat.allocated_blocks().sum()) * self.block_size
+        bitmaps = int((self.bat.bitmap_states == c.SbState.PRESENT).sum()) * c.SECTOR_BITMAP_BLOCK_SIZE
+        return blocks + bitmaps if self.has_parent else blocks
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._parent is not None:
+            self._parent.close()
+            self._parent = None
+        self.io.close()
+
+    def __enter__(self) -> VhdxImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<VhdxImage {self.path!r} {self.disk_type.label} {self.virtual_size} bytes>"
+
+
+class VirtualDiskStream(_io.RawIOBase):
+    """Read-only, seekable raw view of a virtual disk (its whole chain)."""
+
+    def __init__(self, image: VhdxImage) -> None:
+        super().__init__()
+        self._image = image
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def readinto(self, buf) -> int:
+        n = self._image.readinto(self._pos, buf)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = _io.SEEK_SET) -> int:
+        base = {_io.SEEK_SET: 0, _io.SEEK_CUR: self._pos, _io.SEEK_END: self._image.virtual_size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def size(self) -> int:
+        return self._image.virtual_size
+
+
+def open_image(source, *, writable: bool = False, parent: str | None = None, search_dirs=(),
+               ignore_id_mismatch: bool = False, orphan: bool = False) -> VhdxImage:
+    """Open a VHDX/AVHDX file (read-only by default).
+
+    Args:
+        source: a path or a seekable binary file object.
+        writable: open for writing (takes the exclusive writer lock).
+        parent: explicit path of the parent (overrides the parent locator of this file).
+        search_dirs: folders to search for parents by file name.
+        ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the linkage.
+        orphan: read a differencing disk alone; what it does not hold reads as zeros.
+    """
+    options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
+                                 search_dirs=tuple(os.fspath(d) for d in search_dirs),
+                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan)
+    if isinstance(source, (str, bytes, os.PathLike)):
+        image_io = ImageIO.open(source, writable=writable)
+    else:
+        image_io = ImageIO.wrap(source, writable=writable)
+    return VhdxImage(image_io, options)

@@ -1,0 +1,308 @@
+"""The one file-access layer: positional reads and writes, layout parsing, locking, an in-memory overlay.
+
+Nothing outside this module relies on a file cursor or calls ``parse``: every access names its offset, so
+an error can always say where it happened.
+
+References: [MS-VHDX] §2.3.3 (in-memory replay of a log on read-only opens, product note <5>).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from construct import ConstructError
+
+from vhdx.errors import FormatError, LockedError, VhdxError
+from vhdx.format import layouts
+
+
+@dataclass
+class Overlay:
+    """Sectors replayed from a log in memory: later reads see them instead of the file's bytes.
+
+    Attributes:
+        sectors: 4 KiB-aligned file offset -> 4096 bytes.
+        zeros: (offset, length) ranges that read as zero.
+        file_size: the file size after replay (a replay may extend the file).
+    """
+
+    sectors: dict[int, bytes] = field(default_factory=dict)
+    zeros: list[tuple[int, int]] = field(default_factory=list)
+    file_size: int = 0
+
+    def __post_init__(self) -> None:
+        self._keys = sorted(self.sectors)
+
+    def patch(self, offset: int, buf: memoryview) -> None:
+        """Apply the overlay to ``buf``, which holds the file's bytes from ``offset``."""
+        end = offset + len(buf)
+        # Zero ranges first, then data sectors: a log applies its descriptors in order, and the replay plan
+        # already folded later data over earlier zeros (see log.plan_replay).
+        for zoff, zlen in self.zeros:
+            lo, hi = max(offset, zoff), min(end, zoff + zlen)
+            if lo < hi:
+                buf[lo - offset : hi - offset] = bytes(hi - lo)
+        sector = len(next(iter(self.sectors.values()))) if self.sectors else 4096
+        start = bisect.bisect_left(self._keys, offset - sector + 1)
+        for key in self._keys[start:]:
+            if key >= end:
+                break
+            data = self.sectors[key]
+            lo, hi = max(offset, key), min(end, key + len(data))
+            buf[lo - offset : hi - offset] = data[lo - key : hi - key]
+
+
+class ImageIO:
+    """Positional access to one image file.
+
+    Opened from a path, it owns the descriptor and opens read-only with ``O_RDONLY`` unless asked to write;
+    a writable open takes an exclusive advisory lock. It can also wrap any seekable binary file object.
+    """
+
+    def __init__(self, fd: int | None, fileobj: BinaryIO | None, *, path: str, writable: bool, owns: bool) -> None:
+        self._fd = fd
+        self._fileobj = fileobj
+        self.path = path
+        self.writable = writable
+        self._owns = owns
+        self.overlay: Overlay | None = None
+        self._size_cache: int | None = None
+
+    # --- opening ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, writable: bool = False, lock: bool = True) -> ImageIO:
+        """Open a regular file; anything else (FIFO, device, directory, dangling link) is refused at once."""
+        path = os.fspath(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise VhdxError(f"cannot open: {exc.strerror}", path=path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise VhdxError("not a regular file", path=path)
+        # O_NONBLOCK: if the path was swapped for a FIFO after the stat, the open still returns at once.
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NOCTTY", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise VhdxError(f"cannot open: {exc.strerror}", path=path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise VhdxError("not a regular file", path=path)
+        os.set_blocking(fd, True)
+        image_io = cls(fd, None, path=path, writable=writable, owns=True)
+        if writable and lock:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise LockedError("another process has this image open for writing", path=path) from None
+                raise VhdxError(f"cannot lock: {exc.strerror}", path=path) from None
+        return image_io
+
+    @classmethod
+    def wrap(cls, fileobj: BinaryIO, *, writable: bool = False) -> ImageIO:
+        """Use an already open binary file object (the caller keeps ownership)."""
+        name = str(getattr(fileobj, "name", "<stream>"))
+        try:
+            fd = fileobj.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if fd is not None:
+            return cls(fd, None, path=name, writable=writable, owns=False)
+        return cls(None, fileobj, path=name, writable=writable, owns=False)
+
+    def close(self) -> None:
+        if self._owns and self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+        self._fileobj = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None and self._fileobj is None
+
+    @property
+    def fd(self) -> int | None:
+        """The OS file descriptor, for copy_file_range and friends; None for pure Python streams."""
+        return self._fd
+
+    def writer_lock_held(self) -> bool:
+        """True when another process holds the writer lock (read-only opens only ask, never block)."""
+        if self._fd is None:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    # --- size ---------------------------------------------------------------------------------------
+    @property
+    def real_size(self) -> int:
+        """Size of the file on disk."""
+        if self._fd is not None:
+            return os.fstat(self._fd).st_size
+        return self._fileobj.seek(0, os.SEEK_END)
+
+    @property
+    def size(self) -> int:
+        """Size as readers must see it: the file's, or larger after an in-memory log replay."""
+        size = self.real_size
+        if self.overlay is not None:
+            size = max(size, self.overlay.file_size)
+        return size
+
+    # --- reading ------------------------------------------------------------------------------------
+    def _pread_into(self, offset: int, view: memoryview) -> int:
+        if self._fd is not None:
+            done = 0
+            while done < len(view):
+                try:
+                    n = os.preadv(self._fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    raise VhdxError(f"read failed: {exc.strerror}", path=self.path, offset=offset + done) from None
+                if n == 0:
+                    break
+                done += n
+            return done
+        self._fileobj.seek(offset)
+        return self._fileobj.readinto(view) or 0
+
+    def readinto_at(self, offset: int, buf) -> int:
+        """Fill ``buf`` from ``offset``; bytes past the end of file read as zero. Returns bytes read from file."""
+        view = memoryview(buf).cast("B")
+        if offset < 0:
+            raise FormatError("negative file offset", offset=offset, path=self.path)
+        got = self._pread_into(offset, view) if offset < self.real_size else 0
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
+        if self.overlay is not None:
+            self.overlay.patch(offset, view)
+            got = max(got, min(len(view), self.size - offset))
+        return got
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; what lies past the end of file reads as zero."""
+        buf = bytearray(length)
+        self.readinto_at(offset, buf)
+        return bytes(buf)
+
+    def read_exact_at(self, offset: int, length: int, structure: str) -> bytes:
+        """Read a structure that must lie entirely inside the file."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise FormatError(
+                f"{length} bytes needed but the file ends at {self.size:#x} (truncated?)",
+                structure=structure,
+                offset=offset,
+                path=self.path,
+            )
+        return self.read_at(offset, length)
+
+    def read_layout(self, layout, offset: int, structure: str | None = None):
+        """Parse ``layout`` at ``offset``: the single place where construct's parse is called."""
+        name = structure or layouts.layout_name(layout)
+        data = self.read_exact_at(offset, layout.sizeof(), name)
+        return parse_bytes(layout, data, offset=offset, structure=name, path=self.path)
+
+    # --- writing ------------------------------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise VhdxError("image is open read-only", path=self.path)
+
+    def write_at(self, offset: int, data) -> None:
+        """Write all of ``data`` at ``offset``."""
+        self._require_writable()
+        view = memoryview(data).cast("B")
+        if self._fd is not None:
+            done = 0
+            while done < len(view):
+                try:
+                    done += os.pwritev(self._fd, [view[done:]], offset + done)
+                except OSError as exc:
+                    raise VhdxError(f"write failed: {exc.strerror}", path=self.path, offset=offset + done) from None
+            return
+        self._fileobj.seek(offset)
+        self._fileobj.write(view)
+
+    def truncate(self, size: int) -> None:
+        self._require_writable()
+        try:
+            if self._fd is not None:
+                os.ftruncate(self._fd, size)
+            else:
+                self._fileobj.truncate(size)
+        except OSError as exc:
+            raise VhdxError(f"cannot resize file: {exc.strerror}", path=self.path) from None
+
+    def flush(self) -> None:
+        """Make everything written so far durable (fsync)."""
+        if not self.writable:
+            return
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+            else:
+                self._fileobj.flush()
+        except OSError as exc:
+            raise VhdxError(f"flush failed: {exc.strerror}", path=self.path) from None
+
+
+def parse_bytes(layout, data: bytes, *, offset: int | None = None, structure: str | None = None, path=None):
+    """Parse bytes already read, turning construct's errors into FormatError with the offset."""
+    try:
+        return layout.parse(data)
+    except ConstructError as exc:
+        detail = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
+        raise FormatError(
+            f"malformed ({detail})", structure=structure or layouts.layout_name(layout), offset=offset, path=path
+        ) from None
+
+
+COPY_CHUNK = 8 * 1024 * 1024
+
+
+def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, length: int,
+               buf: bytearray | None = None) -> None:
+    """Copy bytes from an image file to another descriptor, in the kernel when possible.
+
+    ``os.copy_file_range`` is used unless the source has an in-memory overlay over the range or is not a
+    real descriptor; bytes the source file does not have (past its end) arrive as zeros either way.
+    """
+    end_in_file = min(src_offset + length, src.real_size)
+    overlaid = src.overlay is not None and _overlay_touches(src.overlay, src_offset, length)
+    done = 0
+    if src.fd is not None and not overlaid and hasattr(os, "copy_file_range"):
+        while src_offset + done < end_in_file:
+            try:
+                n = os.copy_file_range(src.fd, dst_fd, end_in_file - src_offset - done, src_offset + done,
+                                       dst_offset + done)
+            except OSError:
+                break  # e.g. EXDEV on old kernels, or an fd type the kernel will not copy: use buffers
+            if n == 0:
+                break
+            done += n
+    if done < length:
+        buf = buf if buf is not None and len(buf) >= COPY_CHUNK else bytearray(COPY_CHUNK)
+        view = memoryview(buf)
+        while done < length:
+            n = min(COPY_CHUNK, length - done)
+            src.readinto_at(src_offset + done, view[:n])
+            os.pwrite(dst_fd, view[:n], dst_offset + done)
+            done += n
+
+
+def _overlay_touches(overlay: Overlay, offset: int, length: int) -> bool:
+    end = offset + length
+    if any(zoff < end and offset < zoff + zlen for zoff, zlen in overlay.zeros):
+        return True
+    i = bisect.bisect_left(overlay._keys, offset - 4096 + 1)
+    return i < len(overlay._keys) and overlay._keys[i] < end
