@@ -180,3 +180,29 @@ class Bat:
     def allocated_blocks(self) -> np.ndarray:
         """Mask of payload blocks that own space in the file (fully or partially present)."""
         return (self.states == c.BatState.FULLY_PRESENT) | (self.states == c.BatState.PARTIALLY_PRESENT)
+
+    # --- in-place updates (writer) ------------------------------------------------------------------
+    def set_payload(self, blocks: np.ndarray, state: int, offsets) -> np.ndarray:
+        """Set payload entries of ``blocks`` to (state, offsets); returns their BAT indexes."""
+        offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), blocks.shape)
+        values = (offsets.astype(np.uint64) & _OFFSET_MASK) | np.uint64(state)
+        index = self.geometry.payload_index(blocks)
+        self.entries[index] = values
+        self.payload_entries[blocks] = values
+        if "states" in self.__dict__:
+            self.states[blocks] = state
+        if "offsets" in self.__dict__:
+            self.offsets[blocks] = offsets
+        return index
+
+    def set_bitmap(self, chunks: np.ndarray, state: int, offset: int) -> np.ndarray:
+        """Set sector bitmap entries of ``chunks``; returns their BAT indexes."""
+        value = (np.uint64(offset) & _OFFSET_MASK) | np.uint64(state)
+        index = self.geometry.bitmap_index(chunks)
+        self.entries[index] = value
+        self.bitmap_entries[chunks] = value
+        if "bitmap_states" in self.__dict__:
+            self.bitmap_states[chunks] = state
+        if "bitmap_offsets" in self.__dict__:
+            self.bitmap_offsets[chunks] = offset
+        return index

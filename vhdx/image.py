@@ -27,6 +27,7 @@ from vhdx.io import ImageIO
 from vhdx.log import LogState, overlay_for, plan_replay, read_log
 from vhdx.metadata import DiskParameters, Metadata, load_metadata
 from vhdx.region import RegionTable, load_region_table
+from vhdx.writer import Writer, replay_log_on_disk
 
 # Blocks examined per step when walking a whole disk: bounds memory for 64 TiB disks with 1 MiB blocks.
 WINDOW_BLOCKS = 1 << 18
@@ -40,6 +41,7 @@ class VhdxImage:
         self.options = options or _chain.OpenOptions()
         self._parent: VhdxImage | None = None
         self._parent_source: str | None = None
+        self._writer: Writer | None = None
         try:
             self._load()
             self._identity = self._file_identity()
@@ -64,13 +66,17 @@ class VhdxImage:
         self.headers: HeaderSet = load_headers(io)
         header = self.headers.current
         self.log: LogState = read_log(io, header.log_offset, header.log_length, header.log_guid)
-        if self.log.is_dirty:
-            if self.log.problem and not self.log.sequence:
-                raise FormatError(self.log.problem, structure="Log", offset=header.log_offset)
+        if self.log.needs_replay:
             if self.log.problem:
                 raise FormatError(self.log.problem, structure="Log", offset=header.log_offset)
-            # Read-only view of the replay: structures are read as if the log had been applied.
-            io.overlay = overlay_for(plan_replay(self.log.sequence))
+            if io.writable:
+                self.headers = replay_log_on_disk(io, self.headers, self.log)
+                self.log = LogState(header.log_offset, header.log_length, c.ZERO_GUID)
+            else:
+                # Read-only view of the replay: structures are read as if the log had been applied.
+                io.overlay = overlay_for(plan_replay(self.log.sequence))
+        # A dirty log without any valid entry holds nothing that was applied (entries are durable before
+        # their sectors are written), so the file reads correctly as it is; `check` reports it.
         self.regions: RegionTable = load_region_table(io, header.log_offset, header.log_length)
         self.metadata: Metadata = load_metadata(io, self.regions.metadata)
         p = self.metadata.params
@@ -331,12 +337,45 @@ class VhdxImage:
         bitmaps = int((self.bat.bitmap_states == c.SbState.PRESENT).sum()) * c.SECTOR_BITMAP_BLOCK_SIZE
         return blocks + bitmaps if self.has_parent else blocks
 
+    # --- writing ------------------------------------------------------------------------------------
+    @property
+    def writer(self) -> Writer:
+        """Write state of a writable open (created on first use)."""
+        if not self.io.writable:
+            raise VhdxError("image is open read-only (open it with writable=True)", path=self.path)
+        if self._writer is None:
+            self._writer = Writer(self)
+        return self._writer
+
+    def write(self, offset: int, data) -> int:
+        """Write bytes at a virtual offset. Metadata becomes durable at ``flush`` or ``close``."""
+        return self.writer.write(offset, data)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Make a range read as zeros (whole blocks become ZERO where the disk type allows it)."""
+        self.writer.write_zeros(offset, length)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Trim whole blocks inside the range (they read as zeros); partial blocks are left as they are."""
+        self.writer.discard(offset, length)
+
+    def flush(self) -> None:
+        """Commit pending metadata through the log and flush the file."""
+        if self._writer is not None:
+            self._writer.commit()
+
     # --- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._parent is not None:
-            self._parent.close()
-            self._parent = None
-        self.io.close()
+        """Commit (for writable opens: the log is left empty), then close the chain's files."""
+        try:
+            if self._writer is not None and not self.io.closed:
+                self._writer.close()
+        finally:
+            self._writer = None
+            if self._parent is not None:
+                self._parent.close()
+                self._parent = None
+            self.io.close()
 
     def __enter__(self) -> VhdxImage:
         return self
@@ -400,7 +439,9 @@ def open_image(source, *, writable: bool = False, parent: str | None = None, sea
     options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
                                  search_dirs=tuple(os.fspath(d) for d in search_dirs),
                                  ignore_id_mismatch=ignore_id_mismatch, orphan=orphan)
-    if isinstance(source, (str, bytes, os.PathLike)):
+    if isinstance(source, ImageIO):
+        image_io = source
+    elif isinstance(source, (str, bytes, os.PathLike)):
         image_io = ImageIO.open(source, writable=writable)
     else:
         image_io = ImageIO.wrap(source, writable=writable)

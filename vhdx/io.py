@@ -39,6 +39,17 @@ class Overlay:
     def __post_init__(self) -> None:
         self._keys = sorted(self.sectors)
 
+    def set_sector(self, offset: int, data: bytes) -> None:
+        """Add or replace one sector image (a writer's pending metadata)."""
+        if offset not in self.sectors:
+            bisect.insort(self._keys, offset)
+        self.sectors[offset] = data
+
+    def drop_sectors(self, offsets) -> None:
+        for offset in offsets:
+            if self.sectors.pop(offset, None) is not None:
+                self._keys.remove(offset)
+
     def patch(self, offset: int, buf: memoryview) -> None:
         """Apply the overlay to ``buf``, which holds the file's bytes from ``offset``."""
         end = offset + len(buf)

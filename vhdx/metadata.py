@@ -252,3 +252,80 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
         raise UnsupportedError(f"unknown parent locator type {locator.locator_type}", structure="Parent Locator",
                                offset=region.file_offset + locator_entry.offset, path=io.path)
     return Metadata(region, entries, params, tuple(unknown))
+
+
+# --- building (create, set-parent, merge) -----------------------------------------------------------
+@dataclass(frozen=True)
+class MetadataItem:
+    """An item to lay out in a metadata region: its table flags and its bytes."""
+
+    item_id: uuid.UUID
+    flags: int
+    data: bytes
+
+
+def build_parent_locator(entries: list[tuple[str, str]]) -> bytes:
+    """Parent locator item bytes: header, key/value entries, then the UTF-16LE strings."""
+    strings_at = 20 + 12 * len(entries)
+    table, blob = [], b""
+    for key, value in entries:
+        k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
+        key_off = strings_at + len(blob)
+        blob += k
+        value_off = strings_at + len(blob)
+        blob += v
+        table.append(layouts.ParentLocatorEntry.build(
+            {"key_offset": key_off, "value_offset": value_off, "key_length": len(k), "value_length": len(v)}))
+    head = layouts.ParentLocatorHeader.build(
+        {"locator_type": c.VHDX_PARENT_LOCATOR_TYPE_GUID, "reserved": 0, "key_value_count": len(entries)})
+    return head + b"".join(table) + blob
+
+
+def system_items(params: DiskParameters, locator_entries: list[tuple[str, str]] | None = None) -> list[MetadataItem]:
+    """The system items of a disk with the flags the spec's table gives them."""
+    required, vdisk = c.META_IS_REQUIRED, c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK
+    flags = (c.FILE_PARAM_LEAVE_BLOCK_ALLOCATED if params.leave_block_allocated else 0) | (
+        c.FILE_PARAM_HAS_PARENT if params.has_parent else 0)
+    items = [
+        MetadataItem(c.FILE_PARAMETERS_GUID, required,
+                     layouts.FileParameters.build({"block_size": params.block_size, "flags": flags})),
+        MetadataItem(c.VIRTUAL_DISK_SIZE_GUID, vdisk,
+                     layouts.VirtualDiskSize.build({"virtual_disk_size": params.virtual_size})),
+        MetadataItem(c.VIRTUAL_DISK_ID_GUID, vdisk,
+                     layouts.VirtualDiskId.build({"virtual_disk_id": params.virtual_disk_id})),
+        MetadataItem(c.LOGICAL_SECTOR_SIZE_GUID, vdisk,
+                     layouts.LogicalSectorSize.build({"logical_sector_size": params.logical_sector_size})),
+        MetadataItem(c.PHYSICAL_SECTOR_SIZE_GUID, vdisk,
+                     layouts.PhysicalSectorSize.build({"physical_sector_size": params.physical_sector_size})),
+    ]
+    if locator_entries is not None:
+        items.append(MetadataItem(c.PARENT_LOCATOR_GUID, required, build_parent_locator(locator_entries)))
+    return items
+
+
+def layout_metadata_region(items: list[MetadataItem], region_length: int) -> bytes:
+    """Table plus items laid end to end after the 64 KiB table; the result is ``region_length`` bytes."""
+    table = bytearray(c.METADATA_TABLE_SIZE)
+    table[:32] = layouts.MetadataTableHeader.build({"reserved": 0, "entry_count": len(items), "reserved2": bytes(20)})
+    body = bytearray()
+    for i, item in enumerate(items):
+        offset = c.METADATA_TABLE_SIZE + len(body) if item.data else 0
+        entry = layouts.MetadataTableEntry.build(
+            {"item_id": item.item_id, "offset": offset, "length": len(item.data), "flags": item.flags,
+             "reserved2": 0})
+        table[32 + 32 * i : 64 + 32 * i] = entry
+        body += item.data
+    total = c.METADATA_TABLE_SIZE + len(body)
+    if total > region_length:
+        raise FormatError(f"metadata items need {total} bytes but the region holds {region_length}",
+                          structure="Metadata region")
+    return bytes(table + body + bytes(region_length - total))
+
+
+def read_items(io: ImageIO, metadata: Metadata) -> list[MetadataItem]:
+    """Every item of a file with its bytes, in table order (to rewrite a region preserving unknown items)."""
+    items = []
+    for entry in metadata.entries:
+        data = io.read_at(metadata.region.file_offset + entry.offset, entry.length) if entry.length else b""
+        items.append(MetadataItem(entry.item_id, entry.flags, data))
+    return items

@@ -144,3 +144,17 @@ def load_region_table(io: ImageIO, log_offset: int, log_length: int) -> RegionTa
                 f"unknown required region {entry.guid}", structure=used.name, offset=used.offset, path=io.path
             )
     return RegionTable(copies, used.index)
+
+
+def build_region_table(entries: list[RegionEntry]) -> bytes:
+    """The 64 KiB on-disk region table with its checksum."""
+    buf = bytearray(c.REGION_TABLE_SIZE)
+    buf[: c.REGION_TABLE_HEADER_SIZE] = layouts.RegionTableHeader.build(
+        {"checksum": 0, "entry_count": len(entries), "reserved": 0})
+    for i, e in enumerate(entries):
+        start = c.REGION_TABLE_HEADER_SIZE + i * c.REGION_ENTRY_SIZE
+        buf[start : start + c.REGION_ENTRY_SIZE] = layouts.RegionTableEntry.build(
+            {"guid": e.guid, "file_offset": e.file_offset, "length": e.length,
+             "flags": (e.flags & ~1) | (1 if e.required else 0)})
+    checksum.stamp(buf, c.REGION_TABLE_CHECKSUM_OFFSET)
+    return bytes(buf)

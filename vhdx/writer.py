@@ -1,0 +1,354 @@
+"""Writing to an open image: payload writes, zeroing, discard, and metadata updates through the log.
+
+Order of a session, as the spec asks (§2.2.2.1, §2.3):
+1. Before any other byte changes: both headers get a new FileWriteGuid (and a new DataWriteGuid when the
+   virtual disk's content is about to change).
+2. Payload bytes go straight to their blocks; new blocks are appended at the end of the file (1 MiB aligned).
+3. Metadata (BAT entries, sector bitmaps, metadata region) is held as pending 4 KiB sector images, visible to
+   reads at once through the I/O overlay, and committed by ``flush``: payload flushed, a log entry written and
+   flushed, the header's LogGuid set (first entry only), the sectors written in place and flushed.
+4. ``close`` commits and then clears the LogGuid in both headers, so a cleanly closed file has an empty log.
+
+A crash at any point leaves either the old or the new metadata: a log entry counts only once it is complete
+(checksum), and is written before the header names its LogGuid and before any sector it carries is applied.
+
+References: [MS-VHDX] §2.2.2 (GUID rules), §2.3 (log), §2.4 (sector bitmap), §2.5 (BAT).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vhdx.bat import ceil_div
+from vhdx.errors import InvalidRequestError, VhdxError
+from vhdx.format import constants as c
+from vhdx.header import HeaderSet, write_both_headers, write_header_update
+from vhdx.io import ImageIO, Overlay
+from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors, plan_replay
+
+if TYPE_CHECKING:
+    from vhdx.image import VhdxImage
+
+_UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED,
+                       c.BatState.UNMAPPED_V095)
+
+
+def replay_log_on_disk(io: ImageIO, headers: HeaderSet, log: LogState) -> HeaderSet:
+    """Replay a dirty log into the file (writable opens and ``repair``), then mark the log empty.
+
+    The header gets a new FileWriteGuid before the first replayed byte is written, as §2.2.2 requires.
+    """
+    current = headers.current
+    headers = write_header_update(io, headers, replace(current, file_write_guid=uuid.uuid4()))
+    apply_replay(io, plan_replay(log.sequence))
+    return write_both_headers(io, headers, replace(headers.current, log_guid=c.ZERO_GUID))
+
+
+def max_entry_sectors(log_length: int) -> int:
+    """Most data sectors one log entry may carry in a log of ``log_length`` bytes (one sector kept free)."""
+    room = log_length // SECTOR - 1
+    n = room
+    while n > 0 and n + descriptor_sectors(n) > room:
+        n -= 1
+    return n
+
+
+class Writer:
+    """Write state of one image opened for writing."""
+
+    def __init__(self, image: VhdxImage) -> None:
+        self.image = image
+        self.io = image.io
+        if self.io.overlay is None:
+            self.io.overlay = Overlay()
+        self.overlay = self.io.overlay
+        self.pending: dict[int, bytes] = {}
+        self.session_started = False
+        self.data_guid_changed = False
+        self.log_guid: uuid.UUID | None = None
+        self.log_sequence = 0
+        self.log_position = 0
+        self._next_free: int | None = None
+
+    # --- session and headers ------------------------------------------------------------------------
+    def begin(self, changes_data: bool) -> None:
+        """Header update that must precede the session's first change (new FileWriteGuid/DataWriteGuid)."""
+        image = self.image
+        if self.session_started and (self.data_guid_changed or not changes_data):
+            return
+        current = image.headers.current
+        new = replace(current, data_write_guid=uuid.uuid4() if changes_data else current.data_write_guid)
+        if not self.session_started:
+            new = replace(new, file_write_guid=uuid.uuid4())
+        image.headers = write_both_headers(self.io, image.headers, new)
+        self.session_started = True
+        self.data_guid_changed = self.data_guid_changed or changes_data
+
+    # --- pending metadata ---------------------------------------------------------------------------
+    def stage(self, file_offset: int, data: bytes) -> None:
+        """Stage a metadata change of any length: whole 4 KiB sectors, read-modify-write at the edges."""
+        first = file_offset // SECTOR * SECTOR
+        end = file_offset + len(data)
+        last = ceil_div(end, SECTOR) * SECTOR
+        current = bytearray(self.io.read_at(first, last - first))
+        current[file_offset - first : end - first] = data
+        for off in range(first, last, SECTOR):
+            sector = bytes(current[off - first : off - first + SECTOR])
+            self.pending[off] = sector
+            self.overlay.set_sector(off, sector)
+
+    def stage_bat_entries(self, bat_indexes: np.ndarray) -> None:
+        """Stage the 4 KiB BAT sectors holding the given entries (taken from the in-memory BAT)."""
+        bat = self.image.bat
+        per_sector = SECTOR // c.BAT_ENTRY_SIZE
+        for sector in np.unique(np.asarray(bat_indexes) // per_sector).tolist():
+            lo, hi = sector * per_sector, min((sector + 1) * per_sector, len(bat.entries))
+            self.stage(bat.file_offset + lo * c.BAT_ENTRY_SIZE, bat.entries[lo:hi].tobytes())
+
+    def set_payload(self, blocks, state: int, offsets) -> None:
+        """Change payload BAT entries (in memory now, on disk at the next commit)."""
+        blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
+        index = self.image.bat.set_payload(blocks, state, offsets)
+        self.stage_bat_entries(index)
+
+    def set_bitmap_entry(self, chunk: int, state: int, offset: int) -> None:
+        index = self.image.bat.set_bitmap(np.array([chunk]), state, offset)
+        self.stage_bat_entries(index)
+
+    def set_bitmap_bits(self, block: int, first_sector: int, count: int, value: bool) -> None:
+        """Set or clear ``count`` sector bits of payload block ``block`` starting at ``first_sector``."""
+        g = self.image.geometry
+        chunk = block // g.chunk_ratio
+        sb_offset = int(self.image.bat.bitmap_offsets[chunk])
+        first_bit = (block % g.chunk_ratio) * g.sectors_per_block + first_sector
+        end_bit = first_bit + count
+        lo_byte, hi_byte = first_bit // 8, ceil_div(end_bit, 8)
+        raw = np.frombuffer(self.io.read_at(sb_offset + lo_byte, hi_byte - lo_byte), dtype=np.uint8)
+        bits = np.unpackbits(raw, bitorder="little")
+        bits[first_bit - lo_byte * 8 : end_bit - lo_byte * 8] = 1 if value else 0
+        self.stage(sb_offset + lo_byte, np.packbits(bits, bitorder="little").tobytes())
+
+    # --- commit -------------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Make every pending change durable through the log; a no-op (but a flush) when nothing is pending."""
+        self.io.flush()  # payload first: metadata must never point at data that is not durable
+        if not self.pending:
+            return
+        offsets = sorted(self.pending)
+        per_entry = max_entry_sectors(self.image.headers.current.log_length)
+        if per_entry <= 0:
+            raise VhdxError("the log is too small to hold an entry", structure="Log",
+                            offset=self.image.headers.current.log_offset)
+        for i in range(0, len(offsets), per_entry):
+            group = offsets[i : i + per_entry]
+            self._commit_entry([DataWrite(off, self.pending[off]) for off in group])
+            self.overlay.drop_sectors(group)
+        self.pending.clear()
+
+    def _commit_entry(self, writes: list[DataWrite]) -> None:
+        header = self.image.headers.current
+        log_offset, log_length = header.log_offset, header.log_length
+        if self.log_guid is None:
+            self.log_guid, self.log_sequence, self.log_position = uuid.uuid4(), 0, 0
+        self.log_sequence += 1
+        size = self.io.real_size
+        aligned_size = ceil_div(size, c.ALIGNMENT) * c.ALIGNMENT
+        length = (descriptor_sectors(len(writes)) + len(writes)) * SECTOR
+        if self.log_position + length > log_length:
+            self.log_position = 0  # earlier entries are applied and flushed: their space is free again
+        entry = build_entry(writes, sequence_number=self.log_sequence, log_guid=self.log_guid,
+                            tail=self.log_position, flushed_file_offset=aligned_size,
+                            last_file_offset=aligned_size)
+        self.io.write_at(log_offset + self.log_position, entry)
+        self.io.flush()
+        if header.log_guid != self.log_guid:
+            # The entry exists before the header names it: a crash in between leaves the log ignored.
+            self.image.headers = write_header_update(self.io, self.image.headers,
+                                                     replace(header, log_guid=self.log_guid))
+        for write in writes:
+            self.io.write_at(write.file_offset, write.data)
+        self.io.flush()
+        self.log_position += length
+
+    def close(self) -> None:
+        """Commit, then mark the log empty in both headers."""
+        self.commit()
+        if self.image.headers.current.log_guid != c.ZERO_GUID:
+            self.image.headers = write_both_headers(self.io, self.image.headers,
+                                                    replace(self.image.headers.current, log_guid=c.ZERO_GUID))
+
+    # --- space --------------------------------------------------------------------------------------
+    def _end_of_structures(self) -> int:
+        image = self.image
+        bat = image.bat
+        ends = [self.io.real_size, image.regions.bat.end, image.regions.metadata.end,
+                image.headers.current.log_offset + image.headers.current.log_length]
+        held = bat.allocated_blocks() | np.isin(bat.states, _UNALLOCATED_STATES[1:]) & (bat.offsets > 0)
+        if held.any():
+            ends.append(int(bat.offsets[held].max()) + image.block_size)
+        present = bat.bitmap_states == c.SbState.PRESENT
+        if present.any():
+            ends.append(int(bat.bitmap_offsets[present].max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
+        return ceil_div(max(ends), c.ALIGNMENT) * c.ALIGNMENT
+
+    def allocate(self, length: int) -> int:
+        """Reserve ``length`` bytes (a multiple of 1 MiB) at the end of the file; they read as zeros."""
+        if self._next_free is None:
+            self._next_free = self._end_of_structures()
+        offset = self._next_free
+        self._next_free += length
+        self.io.truncate(max(self.io.real_size, self._next_free))
+        return offset
+
+    def _reusable_offset(self, block: int) -> int | None:
+        """The file space a ZERO/UNMAPPED/UNDEFINED entry kept from its present days, if safe to reuse."""
+        image = self.image
+        offset = int(image.bat.offsets[block])
+        if offset < c.HEADER_SECTION_SIZE or offset % c.ALIGNMENT or offset + image.block_size > self.io.real_size:
+            return None
+        spans = [(image.regions.bat.file_offset, image.regions.bat.end),
+                 (image.regions.metadata.file_offset, image.regions.metadata.end),
+                 (image.headers.current.log_offset,
+                  image.headers.current.log_offset + image.headers.current.log_length)]
+        if any(lo < offset + image.block_size and offset < hi for lo, hi in spans):
+            return None
+        bat = image.bat
+        others = bat.allocated_blocks()
+        if np.any(others & (bat.offsets < offset + image.block_size) & (bat.offsets + image.block_size > offset)):
+            return None
+        sb = bat.bitmap_states == c.SbState.PRESENT
+        if np.any(sb & (bat.bitmap_offsets < offset + image.block_size)
+                  & (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > offset)):
+            return None
+        return offset
+
+    def _ensure_bitmap(self, chunk: int) -> None:
+        if self.image.bat.bitmap_states[chunk] != c.SbState.PRESENT:
+            self.set_bitmap_entry(chunk, c.SbState.PRESENT, self.allocate(c.SECTOR_BITMAP_BLOCK_SIZE))
+
+    # --- virtual disk operations --------------------------------------------------------------------
+    def _check_range(self, offset: int, length: int) -> None:
+        size = self.image.virtual_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InvalidRequestError(f"range {offset}+{length} is outside the virtual disk ({size} bytes)")
+
+    def write(self, offset: int, data) -> int:
+        """Write bytes at a virtual offset (any alignment); returns the byte count."""
+        data = memoryview(data).cast("B")
+        self._check_range(offset, len(data))
+        if not len(data):
+            return 0
+        self.begin(changes_data=True)
+        lss = self.image.logical_sector_size
+        start, end = offset // lss * lss, ceil_div(offset + len(data), lss) * lss
+        if (start, end) != (offset, offset + len(data)):
+            # Sub-sector edges: merge with what the disk reads there now (through the chain).
+            buf = bytearray(self.image.read(start, end - start))
+            buf[offset - start : offset - start + len(data)] = data
+            data, offset = memoryview(buf), start
+        bs = self.image.block_size
+        pos = 0
+        while pos < len(data):
+            block = (offset + pos) // bs
+            in_block = (offset + pos) % bs
+            n = min(bs - in_block, len(data) - pos)
+            self._write_in_block(block, in_block, data[pos : pos + n])
+            pos += n
+        return len(data)
+
+    def _write_in_block(self, block: int, in_block: int, data: memoryview) -> None:
+        image = self.image
+        g = image.geometry
+        state = int(image.bat.states[block])
+        lss = image.logical_sector_size
+        block_len = min(g.block_size, g.virtual_size - block * g.block_size)
+        covers_block = in_block == 0 and len(data) >= block_len
+        if state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT):
+            self.io.write_at(int(image.bat.offsets[block]) + in_block, data)
+            if state == c.BatState.PARTIALLY_PRESENT:
+                if covers_block:
+                    self.set_payload(block, c.BatState.FULLY_PRESENT, image.bat.offsets[block])
+                else:
+                    self.set_bitmap_bits(block, in_block // lss, len(data) // lss, True)
+                    self._promote_if_full(block)
+            return
+        if state not in _UNALLOCATED_STATES:
+            raise VhdxError(f"cannot write into a block in reserved state {state}", structure=f"payload block {block}")
+        reused = self._reusable_offset(block) if state != c.BatState.NOT_PRESENT else None
+        if reused is not None:
+            # Old bytes linger in reused space: what the write does not cover must read as zeros.
+            self.io.write_at(reused, bytes(g.block_size))
+            offset = reused
+        else:
+            offset = self.allocate(g.block_size)
+        self.io.write_at(offset + in_block, data)
+        if g.has_parent and state == c.BatState.NOT_PRESENT and not covers_block:
+            # Only the written sectors belong to this file; the rest still comes from the parent.
+            chunk = block // g.chunk_ratio
+            self._ensure_bitmap(chunk)
+            self.set_bitmap_bits(block, 0, g.sectors_per_block, False)
+            self.set_bitmap_bits(block, in_block // lss, len(data) // lss, True)
+            self.set_payload(block, c.BatState.PARTIALLY_PRESENT, offset)
+        else:
+            self.set_payload(block, c.BatState.FULLY_PRESENT, offset)
+
+    def _promote_if_full(self, block: int) -> None:
+        bits = self.image.read_bitmap_bits(np.array([block]))
+        g = self.image.geometry
+        valid = ceil_div(min(g.block_size, g.virtual_size - block * g.block_size), self.image.logical_sector_size)
+        if bits[0, :valid].all():
+            self.set_payload(block, c.BatState.FULLY_PRESENT, self.image.bat.offsets[block])
+
+    def _whole_blocks(self, offset: int, length: int) -> tuple[int, int]:
+        """Blocks entirely inside [offset, offset+length) (the last block counts whole up to the disk's end)."""
+        g = self.image.geometry
+        end = offset + length
+        first = ceil_div(offset, g.block_size)
+        last = end // g.block_size if end < g.virtual_size else g.data_blocks
+        return first, max(first, last)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Make a range read as zeros: whole blocks become ZERO (fixed disks: zeros written), edges written."""
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        g = self.image.geometry
+        first, last = self._whole_blocks(offset, length)
+        if first >= last or self.image.params.leave_block_allocated and not g.has_parent:
+            self._write_zero_bytes(offset, length)
+            return
+        self.begin(changes_data=True)
+        head_end = first * g.block_size
+        tail_start = min(last * g.block_size, g.virtual_size)
+        self._write_zero_bytes(offset, head_end - offset)
+        self._write_zero_bytes(tail_start, offset + length - tail_start)
+        blocks = np.arange(first, last, dtype=np.int64)
+        # The entry keeps its file offset: the space stays owned by the block and is reused by its next write.
+        self.set_payload(blocks, c.BatState.ZERO, self.image.bat.offsets[blocks])
+
+    def _write_zero_bytes(self, offset: int, length: int) -> None:
+        chunk = 8 * c.MiB
+        while length > 0:
+            n = min(chunk, length)
+            self.write(offset, bytes(n))
+            offset, length = offset + n, length - n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Trim: blocks entirely inside the range become UNMAPPED (read as zeros); fixed disks ignore it.
+
+        Partial blocks are left unchanged, as a discard is only a hint (qemu-io and guests expect the same).
+        """
+        self._check_range(offset, length)
+        g = self.image.geometry
+        if self.image.params.leave_block_allocated and not g.has_parent:
+            return
+        first, last = self._whole_blocks(offset, length)
+        if first >= last:
+            return
+        self.begin(changes_data=True)
+        blocks = np.arange(first, last, dtype=np.int64)
+        self.set_payload(blocks, c.BatState.UNMAPPED, self.image.bat.offsets[blocks])
