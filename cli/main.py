@@ -8,10 +8,13 @@ import click
 
 import vhdx
 from vhdx.errors import ChainError
+from vhdx.convert import flatten, import_raw
 from vhdx.export import export_raw
+from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image
 from vhdx_cli import render
-from vhdx_cli.common import Progress, State, chain_options, handle_errors, open_kwargs
+from vhdx_cli import write_cmds
+from vhdx_cli.common import SIZE, Progress, State, chain_options, handle_errors, open_kwargs
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -84,20 +87,48 @@ def map_(ctx, path, as_json, **chain_opts):
 @cli.command()
 @click.argument("source", type=EXISTING_FILE)
 @click.argument("destination", type=click.Path(dir_okay=False))
-@click.option("-O", "--output-format", "output_format", type=click.Choice(["raw"]), default="raw",
+@click.option("-O", "--output-format", "output_format", type=click.Choice(["raw", "vhdx"]), default="raw",
               show_default=True, help="Format of DESTINATION.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
+@click.option("-f", "--source-format", "source_format", type=click.Choice(["vhdx", "raw"]),
+              help="Format of SOURCE (default: vhdx if it starts with the VHDX signature, else raw).")
+@click.option("--type", "disk_type", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True,
+              help="Type of a VHDX DESTINATION.")
+@click.option("--block-size", type=SIZE, help="Block size of a VHDX DESTINATION (default 32M, or the source's).")
+@click.option("--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
 @chain_options
 @click.pass_context
 @handle_errors
-def convert(ctx, source, destination, output_format, force, **chain_opts):
-    """Flatten SOURCE (with its whole chain) into DESTINATION; zero runs stay sparse holes."""
+def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, **chain_opts):
+    """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
+
+    To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated.
+    """
     if os.path.abspath(source) == os.path.abspath(destination):
         raise click.UsageError("SOURCE and DESTINATION are the same file")
+    source_format = source_format or ("vhdx" if is_vhdx_file(source) else "raw")
+    if source_format == "raw":
+        if output_format != "vhdx":
+            raise click.UsageError("a raw SOURCE converts to -O vhdx")
+        progress = Progress(os.path.getsize(source), "convert")
+        import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress)
+        progress.finish()
+        return
     with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
         progress = Progress(image.virtual_size, "convert")
-        export_raw(image, destination, overwrite=force, progress=progress)
+        if output_format == "raw":
+            export_raw(image, destination, overwrite=force, progress=progress)
+        else:
+            flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress)
         progress.finish()
+
+
+def is_vhdx_file(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(FILE_SIGNATURE)) == FILE_SIGNATURE
+
+
+for _command in (write_cmds.create, write_cmds.write, write_cmds.discard, write_cmds.set_parent):
+    cli.add_command(_command)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`

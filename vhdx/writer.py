@@ -352,3 +352,16 @@ class Writer:
         self.begin(changes_data=True)
         blocks = np.arange(first, last, dtype=np.int64)
         self.set_payload(blocks, c.BatState.UNMAPPED, self.image.bat.offsets[blocks])
+
+    # --- metadata region ----------------------------------------------------------------------------
+    def rewrite_metadata(self, items) -> None:
+        """Lay the metadata region out anew with ``items`` and stage the 4 KiB sectors that change."""
+        from vhdx.metadata import layout_metadata_region, load_metadata
+
+        region = self.image.regions.metadata
+        new = layout_metadata_region(items, region.length)
+        old = self.io.read_at(region.file_offset, region.length)
+        for off in range(0, region.length, SECTOR):
+            if new[off : off + SECTOR] != old[off : off + SECTOR]:
+                self.stage(region.file_offset + off, new[off : off + SECTOR])
+        self.image.metadata = load_metadata(self.io, region)

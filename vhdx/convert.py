@@ -1,0 +1,131 @@
+"""Making new standalone VHDX files from other data: a raw image, or a whole chain (flatten).
+
+Only runs that hold data are read; blocks that are all zeros are left unallocated in a dynamic target
+(fixed targets read zeros there already). The target is built as ``<path>.part`` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from vhdx.create import create
+from vhdx.errors import InvalidRequestError, VhdxError
+from vhdx.extents import ExtentKind
+from vhdx.image import VhdxImage, open_image
+
+COPY_BLOCK = 8 * 1024 * 1024
+
+
+def raw_data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the parts of a file that may hold data, skipping holes (SEEK_DATA/SEEK_HOLE)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return  # ENXIO: only a hole remains
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end - start
+        pos = end
+
+
+def _fill(target: VhdxImage, ranges: Iterator[tuple[int, int]], readinto: Callable[[int, memoryview], None],
+          progress: Callable[[int], None] | None) -> int:
+    """Copy ranges into ``target``, leaving blocks that are all zero unallocated; returns the bytes written."""
+    bs = target.block_size
+    step = max(COPY_BLOCK // bs, 1) * bs
+    buf = bytearray(step)
+    view = memoryview(buf)
+    written = 0
+    for start, length in ranges:
+        pos, end = start, start + length
+        while pos < end:
+            n = min(end - pos, step - pos % step)
+            readinto(pos, view[:n])
+            data = np.frombuffer(view[:n], dtype=np.uint8)
+            # Cut at block boundaries and find which pieces hold a non-zero byte, all at once.
+            cuts = np.unique(np.concatenate(([0], np.arange(-(-pos // bs) * bs, pos + n, bs) - pos)))
+            nonzero = np.maximum.reduceat(data, cuts) > 0
+            ends = np.append(cuts[1:], n)
+            for lo, hi in _true_runs(nonzero, cuts, ends):
+                target.write(pos + lo, view[lo:hi])
+                written += hi - lo
+            pos += n
+            if progress:
+                progress(pos)
+    return written
+
+
+def _true_runs(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive True pieces."""
+    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    first, last = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    return list(zip(starts[first].tolist(), ends[last].tolist()))
+
+
+def _build(destination: str, overwrite: bool, make, fill) -> int:
+    if os.path.isdir(destination):
+        raise InvalidRequestError(f"{destination} is a directory")
+    if os.path.lexists(destination) and not overwrite:
+        raise InvalidRequestError(f"{destination} exists (use --force to overwrite)")
+    tmp = destination + ".part"
+    try:
+        make(tmp)
+        with open_image(tmp, writable=True) as target:
+            written = fill(target)
+        os.replace(tmp, destination)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return written
+
+
+def import_raw(source, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
+               logical_sector_size: int = 512, physical_sector_size: int | None = None, overwrite: bool = False,
+               progress: Callable[[int], None] | None = None) -> int:
+    """Make a VHDX from a raw image (its size must be a multiple of the sector size); returns data bytes."""
+    source, destination = os.fspath(source), os.fspath(destination)
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except OSError as exc:
+        raise VhdxError(f"cannot open: {exc.strerror}", path=source) from None
+    try:
+        size = os.fstat(fd).st_size
+
+        def readinto(offset, view):
+            got = os.preadv(fd, [view], offset)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)
+
+        return _build(destination, overwrite,
+                      lambda tmp: create(tmp, size, type=type, block_size=block_size,
+                                         logical_sector_size=logical_sector_size,
+                                         physical_sector_size=physical_sector_size, overwrite=True),
+                      lambda target: _fill(target, raw_data_ranges(fd, size), readinto, progress))
+    finally:
+        os.close(fd)
+
+
+def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
+            overwrite: bool = False, progress: Callable[[int], None] | None = None) -> int:
+    """Write the whole chain seen through ``image`` as a new standalone disk; the chain is not touched."""
+    destination = os.fspath(destination)
+    if any(os.path.abspath(layer.path) == os.path.abspath(destination) for layer in image.layers):
+        raise InvalidRequestError("the destination is part of the chain")
+    if type not in ("dynamic", "fixed"):
+        raise InvalidRequestError("flatten makes a dynamic or fixed disk")
+
+    def ranges():
+        for start, length, kind, _layer, _fo in image.extents().rows():
+            if kind == ExtentKind.DATA:
+                yield start, length
+
+    return _build(destination, overwrite,
+                  lambda tmp: create(tmp, image.virtual_size, type=type, block_size=block_size or image.block_size,
+                                     logical_sector_size=image.logical_sector_size,
+                                     physical_sector_size=image.physical_sector_size, overwrite=True),
+                  lambda target: _fill(target, ranges(), image.readinto, progress))
