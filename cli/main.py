@@ -130,6 +130,10 @@ def is_vhdx_file(path: str) -> bool:
 for _command in (write_cmds.create, write_cmds.write, write_cmds.discard, write_cmds.set_parent):
     cli.add_command(_command)
 
+from vhdx_cli.hyperv import hyperv  # noqa: E402 - the Hyper-V group lives in its own module
+
+cli.add_command(hyperv)
+
 
 def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`
     cli()
