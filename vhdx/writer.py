@@ -31,6 +31,8 @@ from vhdx.io import ImageIO, Overlay
 from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors, plan_replay
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vhdx.image import VhdxImage
 
 _UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED,
@@ -70,6 +72,9 @@ class Writer:
         self.session_started = False
         self.data_guid_changed = False
         self.log_guid: uuid.UUID | None = None
+        # Source of the GUIDs this session writes (FileWriteGuid, DataWriteGuid, LogGuid); random by default,
+        # replaced by a seeded callable where identical output is wanted (fixture builder).
+        self.new_guid: Callable[[], uuid.UUID] = uuid.uuid4
         self.log_sequence = 0
         self.log_position = 0
         self._next_free: int | None = None
@@ -81,9 +86,9 @@ class Writer:
         if self.session_started and (self.data_guid_changed or not changes_data):
             return
         current = image.headers.current
-        new = replace(current, data_write_guid=uuid.uuid4() if changes_data else current.data_write_guid)
+        new = replace(current, data_write_guid=self.new_guid() if changes_data else current.data_write_guid)
         if not self.session_started:
-            new = replace(new, file_write_guid=uuid.uuid4())
+            new = replace(new, file_write_guid=self.new_guid())
         image.headers = write_both_headers(self.io, image.headers, new)
         self.session_started = True
         self.data_guid_changed = self.data_guid_changed or changes_data
@@ -153,7 +158,7 @@ class Writer:
         header = self.image.headers.current
         log_offset, log_length = header.log_offset, header.log_length
         if self.log_guid is None:
-            self.log_guid, self.log_sequence, self.log_position = uuid.uuid4(), 0, 0
+            self.log_guid, self.log_sequence, self.log_position = self.new_guid(), 0, 0
         self.log_sequence += 1
         size = self.io.real_size
         aligned_size = ceil_div(size, c.ALIGNMENT) * c.ALIGNMENT
