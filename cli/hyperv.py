@@ -266,7 +266,8 @@ def tree_text(tree: CheckpointTree) -> str:
                              ", ".join(d.path or "?" for d in vm.disks) + ")")
                 continue
             lines.append(prefix + branch + _checkpoint_label(c))
-            lines.extend(f"{prefix}{cont}    disk {d.slot}: {d.path}" for d in c.disks)
+            bar = "|" if tree.children(c.id) or c.id == now_parent else " "
+            lines.extend(f"{prefix}{cont}{bar}     disk {d.slot}: {d.path}" for d in c.disks)
             walk(c.id, prefix + cont)
 
     walk(None, "")

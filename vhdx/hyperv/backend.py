@@ -74,7 +74,7 @@ def error_from_envelope(error: dict, script: scripts.Script) -> HyperVError:
     kw = {"command": script.name, "code": code, "category": category, "error_id": error_id}
     exception = error.get("exception") or ""
     lowered = message.lower()
-    if kind == "ModuleMissing" or (error_id or "").startswith("CommandNotFoundException") and "hyper-v\\" in lowered:
+    if kind == "ModuleMissing" or ((error_id or "").startswith("CommandNotFoundException") and "hyper-v\\" in lowered):
         return HyperVUnavailableError(message, **kw)
     if kind in ("VmNotFound", "VmAmbiguous"):
         return VmNotFoundError(message, **kw)
@@ -102,11 +102,11 @@ class HyperV:
     """
 
     def __init__(self, transport: Transport, *, query_timeout_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
         self.transport = transport
         self.query_timeout_s = query_timeout_s
-        self.clock = clock
-        self.sleep = sleep
+        self.clock = clock or time.monotonic
+        self.sleep = sleep or time.sleep
 
     def close(self) -> None:
         self.transport.close()
