@@ -245,20 +245,41 @@ def test_writer_dissect_loses_sectors_when_a_bitmap_run_starts_inside_a_byte(tmp
     assert read_with_dissect(top, 4 * MiB)[: 32 * 512] != bytes(model[: 32 * 512])
 
 
-def test_writer_libvhdi_reads_zero_blocks_of_a_child_from_the_parent_against_the_spec(tmp_path):
-    # [MS-VHDX] 2.5.1.1: PAYLOAD_BLOCK_ZERO reads as zeros; libvhdi treats every state < 6 as "ask the parent".
+def _child_over_ff_base(tmp_path, with_partial_block: bool):
     base, child = tmp_path / "base.vhdx", tmp_path / "snap.avhdx"
     create(base, 4 * MiB, block_size=MiB)
     with vhdx.open(base, writable=True) as disk:
         disk.write(0, b"\xff" * (4 * MiB))
     create(child, parent=base, block_size=MiB)
+    model = bytearray(b"\xff" * (4 * MiB))
     with vhdx.open(child, writable=True) as disk:
         disk.write_zeros(2 * MiB, MiB)
-    model = b"\xff" * (2 * MiB) + bytes(MiB) + b"\xff" * MiB
+        model[2 * MiB : 3 * MiB] = bytes(MiB)
+        if with_partial_block:
+            disk.write(3 * MiB, b"\x01" * 512)
+            model[3 * MiB : 3 * MiB + 512] = b"\x01" * 512
     with vhdx.open(child) as disk:
         assert disk.bat.states[2] == S.ZERO
-        assert disk.read(0, 4 * MiB) == model
-    assert read_with_pyvhdi([child, base], 4 * MiB) == b"\xff" * (4 * MiB)
+        assert disk.read(0, 4 * MiB) == bytes(model)
+    return [child, base], bytes(model)
+
+
+def test_writer_libvhdi_reads_zero_blocks_of_a_child_from_the_parent_against_the_spec(tmp_path):
+    # [MS-VHDX] 2.5.1.1: PAYLOAD_BLOCK_ZERO reads as zeros; libvhdi treats every state < 6 as "ask the parent".
+    paths, model = _child_over_ff_base(tmp_path, with_partial_block=True)
+    theirs = read_with_pyvhdi(paths, 4 * MiB)
+    assert theirs[2 * MiB : 3 * MiB] == b"\xff" * MiB
+    assert theirs[: 2 * MiB] + theirs[3 * MiB :] == model[: 2 * MiB] + model[3 * MiB :]
+
+
+def test_writer_libvhdi_reads_a_missing_sector_bitmap_from_file_offset_zero(tmp_path):
+    # [MS-VHDX] 2.5.1.1/2.5.1.2: a NOT_PRESENT block reads from the parent without consulting any bitmap, and
+    # SB_BLOCK_NOT_PRESENT has no file offset. libvhdi reads the chunk's "bitmap" at offset 0 ("vhdxfile...").
+    paths, model = _child_over_ff_base(tmp_path, with_partial_block=False)
+    theirs = read_with_pyvhdi(paths, 4 * MiB)
+    assert theirs[:MiB] != model[:MiB]
+    # Bit 1 of "v" (0x76) is set, so sector 1 is taken from the child at file offset 512 (identifier padding).
+    assert theirs[512:516] == b"\x00" * 4
 
 
 def test_writer_dissect_misreads_a_parent_with_another_block_size(tmp_path):
