@@ -59,6 +59,20 @@ def max_entry_sectors(log_length: int) -> int:
     return n
 
 
+def end_of_structures(image: VhdxImage) -> int:
+    """First 1 MiB-aligned offset past every structure and block of ``image``: where new space starts."""
+    bat = image.bat
+    ends = [image.io.real_size, image.regions.bat.end, image.regions.metadata.end,
+            image.headers.current.log_offset + image.headers.current.log_length]
+    held = bat.allocated_blocks() | np.isin(bat.states, _UNALLOCATED_STATES[1:]) & (bat.offsets > 0)
+    if held.any():
+        ends.append(int(bat.offsets[held].max()) + image.block_size)
+    present = bat.bitmap_states == c.SbState.PRESENT
+    if present.any():
+        ends.append(int(bat.bitmap_offsets[present].max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
+    return ceil_div(max(ends), c.ALIGNMENT) * c.ALIGNMENT
+
+
 class Writer:
     """Write state of one image opened for writing."""
 
@@ -80,13 +94,18 @@ class Writer:
         self._next_free: int | None = None
 
     # --- session and headers ------------------------------------------------------------------------
-    def begin(self, changes_data: bool) -> None:
-        """Header update that must precede the session's first change (new FileWriteGuid/DataWriteGuid)."""
+    def begin(self, changes_data: bool, data_write_guid: uuid.UUID | None = None) -> None:
+        """Header update that must precede the session's first change (new FileWriteGuid/DataWriteGuid).
+
+        ``data_write_guid`` fixes the new DataWriteGuid (a merge records it in the child's parent_linkage2
+        before it changes the destination, spec note <12>); otherwise ``new_guid`` makes one.
+        """
         image = self.image
         if self.session_started and (self.data_guid_changed or not changes_data):
             return
         current = image.headers.current
-        new = replace(current, data_write_guid=self.new_guid() if changes_data else current.data_write_guid)
+        fresh = (data_write_guid or self.new_guid()) if changes_data else current.data_write_guid
+        new = replace(current, data_write_guid=fresh)
         if not self.session_started:
             new = replace(new, file_write_guid=self.new_guid())
         image.headers = write_both_headers(self.io, image.headers, new)
@@ -188,17 +207,7 @@ class Writer:
 
     # --- space --------------------------------------------------------------------------------------
     def _end_of_structures(self) -> int:
-        image = self.image
-        bat = image.bat
-        ends = [self.io.real_size, image.regions.bat.end, image.regions.metadata.end,
-                image.headers.current.log_offset + image.headers.current.log_length]
-        held = bat.allocated_blocks() | np.isin(bat.states, _UNALLOCATED_STATES[1:]) & (bat.offsets > 0)
-        if held.any():
-            ends.append(int(bat.offsets[held].max()) + image.block_size)
-        present = bat.bitmap_states == c.SbState.PRESENT
-        if present.any():
-            ends.append(int(bat.bitmap_offsets[present].max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
-        return ceil_div(max(ends), c.ALIGNMENT) * c.ALIGNMENT
+        return end_of_structures(self.image)
 
     def allocate(self, length: int) -> int:
         """Reserve ``length`` bytes (a multiple of 1 MiB) at the end of the file; they read as zeros."""
