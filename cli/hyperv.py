@@ -11,13 +11,13 @@ import sys
 from dataclasses import dataclass
 
 import click
+from vhdx_cli import render
+from vhdx_cli.common import handle_errors
 
 import vhdx
 from vhdx.hyperv import FakeTransport, HyperV, LocalPowerShellTransport, PsrpTransport, audit_vm, compare_disk_info
 from vhdx.hyperv.models import CheckpointTree
 from vhdx.inspect import describe_image
-from vhdx_cli import render
-from vhdx_cli.common import handle_errors
 
 KIND_LEGEND = ("standard = saved memory state; production = no memory state (VSS/fsfreeze, or a standard "
                "checkpoint of a VM that was off); recovery = made by backup software")
@@ -76,7 +76,8 @@ dry_run_option = click.option("--dry-run", is_flag=True,
 @click.option("--ssl/--no-ssl", default=True, show_default=True, help="WSMan over HTTPS.")
 @click.option("--auth", type=click.Choice(["negotiate", "kerberos", "ntlm", "basic", "credssp", "certificate"]),
               default="negotiate", show_default=True, help="Authentication, as pypsrp offers it.")
-@click.option("--no-verify-cert", is_flag=True, help="Do not validate the host's TLS certificate (validated by default).")
+@click.option("--no-verify-cert", is_flag=True,
+              help="Do not validate the host's TLS certificate (validated by default).")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
               help="Seconds allowed for each single request to the host.")
 @click.option("--replay", multiple=True, type=click.Path(exists=True, dir_okay=False), hidden=True,

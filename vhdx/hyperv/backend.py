@@ -34,7 +34,6 @@ from vhdx.hyperv.models import (
     DiskProblem,
     DiskTest,
     HyperVDiskInfo,
-    JobStatus,
     MergeJob,
     MergeOutcome,
     MergeProgress,

@@ -130,7 +130,7 @@ class VmInfo(_Json):
 
 
 def checkpoint_kind(snapshot_type, runtime_state_bytes: int | None) -> str:
-    """standard / production / recovery / planned / replica / missing.
+    r"""Kind of a checkpoint: standard, production, recovery, planned, replica or missing.
 
     Hyper-V reports SnapshotType Standard for both user kinds. A standard checkpoint of a running VM keeps
     the memory state in ``Snapshots\\<id>.vmrs``; a production one (VSS / fsfreeze) has none. A standard
@@ -262,6 +262,8 @@ def compare_disk_info(hyperv: DiskInfo, ours: DiskInfo) -> list[FieldDifference]
     diffs = []
     for name in COMPARED_FIELDS:
         a, b = getattr(hyperv, name), getattr(ours, name)
+        if name == "block_size" and hyperv.disk_type == "fixed" and a == 0:
+            continue  # Get-VHD shows BlockSize 0 for fixed disks; the file still records one
         if name == "parent_path":
             equal = same_path(a, b)
         elif isinstance(a, str) and isinstance(b, str):

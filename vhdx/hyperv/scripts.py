@@ -293,7 +293,8 @@ REMOVE_CHECKPOINT = Script(
         Stop-Request 'CheckpointAmbiguous' ('' + $matching.Count + ' checkpoints are named ' + $Name)
     }
     $checkpoint = $matching[0]
-    Hyper-V\Remove-VMSnapshot -VMSnapshot $checkpoint -IncludeAllChildSnapshots:$IncludeAllChildSnapshots -Confirm:$false
+    $subtree = [bool]$IncludeAllChildSnapshots
+    Hyper-V\Remove-VMSnapshot -VMSnapshot $checkpoint -IncludeAllChildSnapshots:$subtree -Confirm:$false
     $result = [ordered]@{ Id = [string]$checkpoint.Id; Name = $checkpoint.Name }
 """, mutating=True)
 

@@ -138,7 +138,8 @@ class PsrpTransport:
 
     def build(self, call: ScriptCall):
         """A pypsrp PowerShell pipeline for ``call``: the fixed script, then one add_parameter per value."""
-        ps = self._powershell_class(self._open())
+        pool = self._open()
+        ps = self._powershell_class(pool)
         ps.add_script(call.script.text)
         for name, value in call.parameters.items():
             ps.add_parameter(name, value)
