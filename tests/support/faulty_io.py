@@ -38,3 +38,18 @@ class FaultyIO(ImageIO):
     def truncate(self, size):
         self._step()
         super().truncate(size)
+
+
+class DeadAfterCrash(FaultyIO):
+    """Like FaultyIO, and once crashed nothing more reaches the file (as after a power cut)."""
+
+    dead = False
+
+    def _step(self) -> None:
+        if self.dead:
+            raise SimulatedCrash("the process is gone")
+        try:
+            super()._step()
+        except SimulatedCrash:
+            self.dead = True
+            raise
