@@ -20,6 +20,7 @@ import numpy as np
 from vhdx.errors import InvalidRequestError
 from vhdx.extents import ExtentKind
 from vhdx.forensics.hashing import MultiHasher, feed, image_pieces, zero_pieces
+from vhdx.forensics.layers import find_layer
 from vhdx.format import constants as c
 from vhdx.image import WINDOW_BLOCKS, VhdxImage
 
@@ -98,20 +99,6 @@ def merge_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.n
     return s[first], np.maximum.reduceat(e, first), group
 
 
-def _find_ancestor(layers: list[VhdxImage], ancestor_path: str) -> int:
-    try:
-        target = os.stat(ancestor_path)
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot open ancestor {ancestor_path}: {exc.strerror}") from None
-    for depth, layer in enumerate(layers):
-        st = os.stat(layer.path)
-        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-            if depth == 0:
-                raise InvalidRequestError("the ancestor is the child itself")
-            return depth
-    raise InvalidRequestError(f"{ancestor_path} is not in the chain of {layers[0].path}")
-
-
 def _digest(image: VhdxImage | None, start: int, end: int, algorithm: str) -> str:
     sink = MultiHasher((algorithm,))
     if image is None:
@@ -138,7 +125,9 @@ def diff_layers(child: VhdxImage, ancestor: str | None = None, *, sectors: bool 
     if ancestor is not None:
         if orphan:
             raise InvalidRequestError("--against needs the chain; it cannot be used with --orphan")
-        k = _find_ancestor(layers, ancestor)
+        k = find_layer(child, ancestor)
+        if k == 0:
+            raise InvalidRequestError("the ancestor is the child itself")
         base: VhdxImage | None = layers[k]
     else:
         k = 1
