@@ -1,0 +1,191 @@
+"""Results out: the JSON file, the Markdown tables and the PNG charts, plus a description of the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+from .sizes import human_size
+
+
+# --- machine ------------------------------------------------------------------------------------------------
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _qemu_version() -> str | None:
+    qemu = shutil.which("qemu-img")
+    if not qemu:
+        return None
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else out.strip().splitlines()[0]
+
+
+def filesystem_of(path: str) -> str:
+    out = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True).stdout.split()
+    return out[-1] if len(out) > 1 else "unknown"
+
+
+def machine(work_dir: str) -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": human_size(round(mem / 2**30) * 2**30),
+            "filesystem": filesystem_of(work_dir), "kernel": platform.release(),
+            "python": platform.python_version(), "numpy": _version("numpy"), "qemu-img": _qemu_version(),
+            "libvhdi-python": _version("libvhdi-python"), "dissect.hypervisor": _version("dissect.hypervisor")}
+
+
+# --- JSON ---------------------------------------------------------------------------------------------------
+def to_json(results: dict) -> dict:
+    out = dict(results)
+    out["records"] = [{**r, "outcomes": [o.to_json() for o in r["outcomes"]]} for r in results["records"]]
+    return out
+
+
+def write_json(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(to_json(results), f, indent=2)
+        f.write("\n")
+
+
+# --- Markdown -----------------------------------------------------------------------------------------------
+def primary(outcomes):
+    """The "ours" outcome ratios are taken against: the CLI row where there is one, else the library row."""
+    for role in ("ours", "ours-lib"):
+        for o in outcomes:
+            if o["role"] == role and o["status"] == "ok":
+                return o
+    return None
+
+
+def _fmt_s(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return f"{t * 1000:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _rate(nbytes, t) -> str:
+    return f"{nbytes / t / 2**20:,.0f} MiB/s" if nbytes and t else ""
+
+
+def _cell(o, ours, nbytes) -> str:
+    if o["status"] != "ok":
+        return o["note"] or o["status"]
+    if o is ours or o["role"] == "ours-lib":
+        rate = _rate(nbytes, o["median_s"])
+        return f"{_fmt_s(o['min_s'])} / {_fmt_s(o['median_s'])}" + (f" ({rate})" if rate else "")
+    text = _fmt_s(o["median_s"])
+    if ours is not None and o["median_s"]:
+        text += f" → **{ours['median_s'] / o['median_s']:.2f}×**"
+    if o.get("matches_ours") is False:
+        text += " (output differs from ours)"
+    return text
+
+
+def markdown(results: dict) -> str:
+    data = to_json(results)
+    m = data["machine"]
+    lines = [f"Profile `{data['profile']}`, {data['repeats']} runs per method, warm page cache (every input read "
+             "once before timing; outputs fsynced by every method).",
+             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, {m['filesystem']} filesystem, "
+             f"Linux {m['kernel']}, Python {m['python']}, numpy {m['numpy']}; peers: qemu-img {m['qemu-img']}, "
+             f"libvhdi-python {m['libvhdi-python']}, dissect.hypervisor {m['dissect.hypervisor']}.",
+             "",
+             "Cells: ours = min / median of the runs (throughput of the median); every other method = its median "
+             "→ **ours ÷ it** (time ratio: below 1 we are faster, above 1 slower). The limit is the raw "
+             "`copy_file_range` (or `pread`) of the same bytes on the same storage.", ""]
+    cases: dict[str, list] = {}
+    for r in data["records"]:
+        cases.setdefault(r["case"], []).append(r)
+    for case, recs in cases.items():
+        methods = []
+        for r in recs:
+            for o in r["outcomes"]:
+                if o["method"] not in methods:
+                    methods.append(o["method"])
+        lines += [f"### {case}", "", "| workload | data | " + " | ".join(methods) + " |",
+                  "|---|---:|" + "---|" * len(methods)]
+        for r in recs:
+            ours = primary(r["outcomes"])
+            by_name = {o["method"]: o for o in r["outcomes"]}
+            cells = [_cell(by_name[name], ours, r["bytes"]) if name in by_name else "" for name in methods]
+            size = human_size(r["bytes"]) if r["bytes"] else ""
+            lines.append(f"| {r['workload']} | {size} | " + " | ".join(cells) + " |")
+        rss = [(r["workload"], o["method"], o["peak_rss_kib"]) for r in recs for o in r["outcomes"]
+               if o["peak_rss_kib"]]
+        if rss:
+            lines += ["", "Peak RSS: " + "; ".join(f"{w} {name} {k / 1024:,.0f} MiB" for w, name, k in rss) + "."]
+        notes = sorted({o["note"] for r in recs for o in r["outcomes"] if o["status"] == "ok" and o["note"]})
+        lines += [*(["", *[f"- {n}" for n in notes]] if notes else []), ""]
+    lines += ["Workloads:", ""]
+    seen = set()
+    for r in data["records"]:
+        if r["workload"] not in seen:
+            seen.add(r["workload"])
+            lines.append(f"- `{r['workload']}`: {r['description']}")
+    return "\n".join(lines) + "\n"
+
+
+# --- charts -------------------------------------------------------------------------------------------------
+def charts(results: dict, folder: str) -> tuple[list[str], str | None]:
+    """One PNG per case: each method's median time relative to ours, per workload (log scale)."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional (the `bench` extra)
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return [], "charts skipped: matplotlib is not installed (pip install 'vhdx-chain[bench]')"
+    data = to_json(results)
+    cases: dict[str, list] = {}
+    for r in data["records"]:
+        cases.setdefault(r["case"], []).append(r)
+    written = []
+    os.makedirs(folder, exist_ok=True)
+    for case, recs in cases.items():
+        series: dict[str, list] = {}
+        labels = [r["workload"] for r in recs]
+        for i, r in enumerate(recs):
+            ours = primary(r["outcomes"])
+            for o in r["outcomes"]:
+                if o is ours or o["status"] != "ok" or ours is None:
+                    continue
+                series.setdefault(o["method"], [None] * len(recs))[i] = o["median_s"] / ours["median_s"]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 3), 4))
+        width = 0.8 / len(series)
+        for k, (name, values) in enumerate(series.items()):
+            xs = [i + k * width for i, v in enumerate(values) if v]
+            ax.bar(xs, [v for v in values if v], width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=20, ha="right")
+        ax.set_ylabel("time relative to ours (>1: ours faster)")
+        ax.set_title(f"{case} ({data['profile']})")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = os.path.join(folder, re.sub(r"[^a-z0-9]+", "-", case.lower()).strip("-") + ".png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written, None
+
+
+def python_cmd() -> str:
+    return " ".join([os.path.basename(sys.executable), *sys.argv])

@@ -1,0 +1,101 @@
+"""``python -m benches --quick|--full [--out DIR]``: build the workloads, run every case, write the results.
+
+Writes ``results.json``, ``results.md`` and ``charts/*.png`` into ``--out`` (default ``bench-results/``).
+Workload files live in a temporary folder under ``--out`` (or ``--tmp``) that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+from . import cases, report
+from .sizes import PROFILES
+from .workloads import build_all
+
+CASES = ("flatten", "reads", "merge", "info", "create")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benches", description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="profile", action="store_const", const="quick", help="about 2 minutes")
+    size.add_argument("--full", dest="profile", action="store_const", const="full",
+                      help="8-32 GiB virtual disks, several GiB written")
+    size.add_argument("--profile", dest="profile", choices=sorted(PROFILES), help="profile by name (tiny: smoke)")
+    parser.add_argument("--out", default="bench-results", help="folder for results (default: bench-results)")
+    parser.add_argument("--tmp", help="folder for the workload files (default: a temporary folder under --out)")
+    parser.add_argument("--repeats", type=int, help="timed runs per method (default from the profile)")
+    parser.add_argument("--only", action="append", choices=CASES, help="run only these cases (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the workload files")
+    args = parser.parse_args(argv)
+    args.profile = args.profile or "quick"
+    return args
+
+
+def log(message: str, started: float) -> None:
+    print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def run(argv=None) -> dict:
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    if args.repeats:
+        profile = replace(profile, repeats=args.repeats)
+    only = set(args.only or CASES)
+    os.makedirs(args.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="vhdx-bench-", dir=args.tmp or args.out)
+    started = time.monotonic()
+    records = []
+    try:
+        log(f"building {profile.name} workloads in {tmp}", started)
+        work = build_all(tmp, profile)
+        build_seconds = time.monotonic() - started
+        chains = work["chains"]
+        flat_inputs = work["dynamic"] + work["sector4k"] + chains
+        limit_src = os.path.join(tmp, "limit-source.bin")
+        cases.make_limit_source(limit_src, max(w.data_bytes for w in flat_inputs))
+        if "flatten" in only:
+            for w in flat_inputs:
+                log(f"flatten {w.name}", started)
+                records.append(cases.flatten(w, tmp, profile, limit_src))
+        if "reads" in only:
+            for pattern in ("random", "sequential"):
+                for w in chains:
+                    log(f"{pattern} reads {w.name}", started)
+                    records.append(cases.reads(w, tmp, profile, pattern))
+        if "merge" in only:
+            for w in (w for w in chains if w.depth == 1):
+                log(f"merge {w.name}", started)
+                records.append(cases.merge(w, tmp, profile, limit_src))
+        if "info" in only:
+            log("info/check sparse", started)
+            records += cases.info_check(work["sparse"][0], tmp, profile)
+        if "create" in only:
+            for disk_type in ("fixed", "dynamic"):
+                log(f"create {disk_type}", started)
+                records.append(cases.create_case(tmp, profile, disk_type))
+        results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
+                   "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
+                   "records": records}
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results["total_seconds"] = round(time.monotonic() - started, 2)
+    report.write_json(results, os.path.join(args.out, "results.json"))
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report.markdown(results))
+    pngs, note = report.charts(results, os.path.join(args.out, "charts"))
+    results["charts"], results["charts_note"] = pngs, note
+    log(f"done: {args.out}/results.json, results.md, {len(pngs)} charts" + (f" ({note})" if note else ""), started)
+    return results
+
+
+def main(argv=None) -> int:
+    run(argv)
+    return 0
