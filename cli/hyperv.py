@@ -43,7 +43,8 @@ class Connection:
             if not self.host:
                 raise click.UsageError("--transport psrp needs --host")
             transport = PsrpTransport(self.host, self.user, self.password, port=self.port, ssl=self.ssl,
-                                      auth=self.auth, cert_validation=self.verify_cert)
+                                      auth=self.auth, cert_validation=self.verify_cert,
+                                      operation_timeout_s=max(1, int(self.timeout_s)))
         else:
             if self.host:
                 raise click.UsageError("--host needs --transport psrp (the local transport runs on this machine)")
