@@ -1,0 +1,208 @@
+"""The merge intent record: what a merge is about to do, written durably before the destination changes.
+
+A journal sits next to the destination as ``<destination>.merge-journal`` (JSON) with the saved plan beside
+it (``<destination>.merge-plan.npz``). Both are written as a temporary file, flushed, renamed into place and
+the folder flushed, so after a crash either the old or the new record exists, never a torn one. The journal
+names the child, the destination, every layer being folded in with its DataWriteGuid, the new DataWriteGuid
+the destination takes, the plan digest and the step reached; ``vhdx merge --resume`` continues from it and
+``vhdx check --chain`` reports it.
+
+Steps: ``planned`` (nothing or part of the destination changed) -> ``data_done`` (destination final) ->
+``relinked`` (children of the merged child point at the destination) -> the record is removed after the
+merged files are deleted or renamed.
+
+References: [MS-VHDX] §2.6.2.6.3 and product note <12> (parent_linkage2 during a merge), §2.2.2 (DataWriteGuid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+
+from vhdx.errors import MergeError
+
+JOURNAL_SUFFIX = ".merge-journal"
+PLAN_SUFFIX = ".merge-plan.npz"
+MERGED_SUFFIX = ".merged"
+JOURNAL_VERSION = 1
+STATES = ("planned", "data_done", "relinked")
+
+
+@dataclass(frozen=True)
+class MergedLayer:
+    """One file folded into the destination (the child first), with the DataWriteGuid it had when planned."""
+
+    path: str
+    data_write_guid: str
+
+
+@dataclass(frozen=True)
+class MergeJournal:
+    child: str
+    destination: str
+    destination_guid: str  # DataWriteGuid of the destination before the merge
+    new_data_write_guid: str  # the destination's DataWriteGuid afterwards (in the child's parent_linkage2 first)
+    layers: tuple[MergedLayer, ...]  # child first, down to the destination's own child
+    dependents: tuple[str, ...]  # children of the merged child, relinked to the destination at the end
+    plan_digest: str
+    keep: bool = False
+    state: str = "planned"
+    version: int = JOURNAL_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return journal_path(self.destination)
+
+    @property
+    def plan_path(self) -> str:
+        return plan_path(self.destination)
+
+    @property
+    def new_guid(self) -> uuid.UUID:
+        return uuid.UUID(self.new_data_write_guid)
+
+    @property
+    def old_guid(self) -> uuid.UUID:
+        return uuid.UUID(self.destination_guid)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [asdict(layer) for layer in self.layers]
+        d["dependents"] = list(self.dependents)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> MergeJournal:
+        try:
+            if data.get("version") != JOURNAL_VERSION:
+                raise MergeError(f"unknown merge journal version {data.get('version')!r}", path=where)
+            if data.get("state") not in STATES:
+                raise MergeError(f"unknown merge journal state {data.get('state')!r}", path=where)
+            layers = tuple(MergedLayer(str(x["path"]), str(x["data_write_guid"])) for x in data["layers"])
+            for key in ("destination_guid", "new_data_write_guid"):
+                uuid.UUID(data[key])
+            return cls(child=str(data["child"]), destination=str(data["destination"]),
+                       destination_guid=str(data["destination_guid"]),
+                       new_data_write_guid=str(data["new_data_write_guid"]), layers=layers,
+                       dependents=tuple(str(p) for p in data["dependents"]), plan_digest=str(data["plan_digest"]),
+                       keep=bool(data.get("keep", False)), state=str(data["state"]),
+                       extra=dict(data.get("extra") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MergeError(f"malformed merge journal ({type(exc).__name__}: {exc})", path=where) from None
+
+    def advanced(self, state: str) -> MergeJournal:
+        return replace(self, state=state)
+
+
+def journal_path(destination: str) -> str:
+    return os.path.abspath(destination) + JOURNAL_SUFFIX
+
+
+def plan_path(destination: str) -> str:
+    return os.path.abspath(destination) + PLAN_SUFFIX
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename or unlink in ``folder`` durable."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # platforms without directory descriptors
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``path`` so that a crash leaves either its old content or ``data`` (tmp, fsync, rename, fsync dir)."""
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise MergeError(f"cannot write: {exc.strerror}", path=path) from None
+    fsync_dir(os.path.dirname(path))
+
+
+def remove_file(path: str) -> None:
+    """Delete ``path`` if it exists and flush its folder."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MergeError(f"cannot delete: {exc.strerror}", path=path) from None
+    fsync_dir(os.path.dirname(path))
+
+
+def rename_file(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` (nothing to do when ``src`` is gone and ``dst`` exists: done before a crash)."""
+    if not os.path.exists(src) and os.path.exists(dst):
+        return
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise MergeError(f"cannot rename to {dst}: {exc.strerror}", path=src) from None
+    fsync_dir(os.path.dirname(dst))
+
+
+def write_journal(journal: MergeJournal) -> None:
+    atomic_write(journal.path, json.dumps(journal.to_json(), indent=2).encode())
+
+
+def read_journal(path: str) -> MergeJournal:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except OSError as exc:
+        raise MergeError(f"cannot read merge journal: {exc.strerror}", path=path) from None
+    except ValueError:
+        raise MergeError("merge journal is not valid JSON", path=path) from None
+    if not isinstance(data, dict):
+        raise MergeError("merge journal is not a JSON object", path=path)
+    return MergeJournal.from_json(data, path)
+
+
+def journal_for_destination(destination: str) -> MergeJournal | None:
+    """The pending journal of a merge into ``destination``, if any (``check`` reports it)."""
+    path = journal_path(destination)
+    return read_journal(path) if os.path.exists(path) else None
+
+
+def find_journals_for_child(child: str, folders) -> list[MergeJournal]:
+    """Pending journals in ``folders`` whose merge started from ``child`` (the child may be deleted already)."""
+    want = os.path.normcase(os.path.abspath(child))
+    found, seen = [], set()
+    for folder in folders:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(os.path.abspath(folder), name)
+            if not name.endswith(JOURNAL_SUFFIX) or path in seen:
+                continue
+            seen.add(path)
+            journal = read_journal(path)
+            if os.path.normcase(os.path.abspath(journal.child)) == want:
+                found.append(journal)
+    return found
+
+
+def remove_journal(journal: MergeJournal) -> None:
+    """Last step of a merge: the plan, then the record itself."""
+    remove_file(journal.plan_path)
+    remove_file(journal.path)
