@@ -92,6 +92,17 @@ def open_kwargs(parent, search_dirs, ignore_id_mismatch, orphan) -> dict:
             "orphan": orphan}
 
 
+def warn_if_being_written(image) -> None:
+    """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
+    for layer in image.layers_opened():
+        if layer.io.writer_lock_held():
+            click.echo(f"vhdx: warning: {layer.path} is open for writing by another process; "
+                       "what is read may change while it is read", err=True)
+        if layer.log.needs_replay:
+            click.echo(f"vhdx: warning: {layer.path} has a dirty log; reading it replayed in memory "
+                       "(the file is not changed)", err=True)
+
+
 class Progress:
     """Bytes done, rate and ETA on stderr, only when stderr is a terminal."""
 

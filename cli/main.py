@@ -14,7 +14,7 @@ from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image
 from vhdx_cli import render
 from vhdx_cli import forensics_cmds, write_cmds
-from vhdx_cli.common import SIZE, Progress, State, chain_options, handle_errors, open_kwargs
+from vhdx_cli.common import SIZE, Progress, State, chain_options, handle_errors, open_kwargs, warn_if_being_written
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -46,6 +46,7 @@ def info(ctx, path, as_json):
     """Show headers, regions, metadata, BAT state counts, log state and parent locator of PATH."""
     with vhdx.open(path, orphan=True) as image:
         described = describe_image(image)
+        warn_if_being_written(image)
     render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.info_text(described))
 
 
@@ -73,7 +74,8 @@ def chain(ctx, path, as_json, **chain_opts):
 def map_(ctx, path, as_json, **chain_opts):
     """Show which layer and file offset supply each extent of the virtual disk (like qemu-img map)."""
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
-        parent_missing = False
+        # --orphan: what the file does not hold is listed as absent (its parent is not read).
+        parent_missing = image.has_parent and image.options.orphan
         try:
             extents, layers = image.extents(), image.layers
         except ChainError as exc:
@@ -81,6 +83,7 @@ def map_(ctx, path, as_json, **chain_opts):
             parent_missing, layers = True, [image]
             extents = image.layer_extents(0, image.virtual_size)
         rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing)
+        warn_if_being_written(image)
     render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))
 
 
@@ -120,6 +123,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         else:
             flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress)
         progress.finish()
+        warn_if_being_written(image)
 
 
 def is_vhdx_file(path: str) -> bool:
@@ -135,6 +139,10 @@ for _command in forensics_cmds.COMMANDS:
 from vhdx_cli.hyperv import hyperv  # noqa: E402 - the Hyper-V group lives in its own module
 
 cli.add_command(hyperv)
+
+from vhdx_cli.bench_cmds import bench  # noqa: E402 - `vhdx bench` (storage benchmark) lives in its own module
+
+cli.add_command(bench)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`

@@ -213,6 +213,14 @@ class VhdxImage:
             image = image.parent
         return out
 
+    def layers_opened(self) -> list[VhdxImage]:
+        """This image and the ancestors opened so far (opens nothing)."""
+        out, image = [self], self
+        while image._parent is not None:
+            image = image._parent
+            out.append(image)
+        return out
+
     @property
     def depth(self) -> int:
         return len(self._lineage)

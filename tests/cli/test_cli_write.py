@@ -123,3 +123,24 @@ def test_cli_convert_raw_to_vhdx_and_back(tmp_path):
     back = tmp_path / "back.raw"
     assert run("convert", out, back).exit_code == 0
     assert back.read_bytes() == raw.read_bytes()
+
+
+def test_cli_read_commands_warn_while_another_process_writes(tmp_path):
+    import multiprocessing
+
+    from tests.test_writer import _hold_lock
+
+    disk = tmp_path / "d.vhdx"
+    run("create", disk, "--size", "8M")
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(disk), ready, release))
+    proc.start()
+    try:
+        assert ready.wait(10)
+        result = CliRunner().invoke(cli, ["map", str(disk)])
+        assert result.exit_code == 0
+        assert "open for writing by another process" in result.output
+    finally:
+        release.set()
+        proc.join(10)
