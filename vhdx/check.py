@@ -49,6 +49,7 @@ WINDOW_ENTRIES = 1 << 20
 MAX_FINDINGS_PER_CODE = 32
 
 _OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
+_EMPTY = np.uint32(0xFFFFFFFF)
 _PRESENT_STATES = (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
 # States whose entry may keep the file offset it had while present (the writer reuses that space).
 _KEEPING_STATES = (c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED, c.BatState.UNMAPPED_V095)
@@ -149,8 +150,8 @@ class CheckContext:
     params: DiskParameters | None = None
     locator: ParentLocator | None = None
     geometry: Geometry | None = None
-    # (start, end) byte spans that structures reference, for the leak map; numpy arrays appended per window.
-    spans: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    # 1 MiB granules of the file that some structure references (leak map), made on first use.
+    space: np.ndarray | None = None
     leaked_bytes: int = 0
     _counts: dict[str, int] = field(default_factory=dict)
 
@@ -177,10 +178,22 @@ class CheckContext:
                                              f"{n - MAX_FINDINGS_PER_CODE} more {code} findings not listed",
                                              self.path, first.repairable))
 
-    def reference(self, start, end) -> None:
-        """Mark byte spans as referenced by a structure (for leak detection)."""
-        self.spans.append((np.atleast_1d(np.asarray(start, dtype=np.int64)),
-                           np.atleast_1d(np.asarray(end, dtype=np.int64))))
+    def _space(self) -> np.ndarray:
+        if self.space is None:
+            self.space = np.zeros(ceil_div(self.io.real_size, c.ALIGNMENT), dtype=bool)
+        return self.space
+
+    def reference(self, start: int, end: int) -> None:
+        """Mark the byte span [start, end) as referenced by a structure (for leak detection)."""
+        space = self._space()
+        space[max(0, start // c.ALIGNMENT) : max(0, ceil_div(end, c.ALIGNMENT))] = True
+
+    def reference_blocks(self, start_mb: np.ndarray, length_mb: int) -> None:
+        """Mark ``length_mb`` granules from each of ``start_mb`` (1 MiB units) as referenced."""
+        space = self._space()
+        for j in range(length_mb):
+            units = start_mb + j
+            space[units[units < len(space)]] = True
 
     @property
     def has_errors(self) -> bool:
@@ -745,9 +758,11 @@ class _BatScan:
         self.diff = g.has_parent
         self.chunk_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
         self.chunk_bitmap = np.zeros(g.sector_bitmap_blocks, dtype=bool)
-        self.owned_start: list[np.ndarray] = []  # spans of present blocks/bitmaps, for the overlap sort
-        self.owned_len: list[np.ndarray] = []
-        self.owned_index: list[np.ndarray] = []
+        # Which BAT entry owns each 1 MiB granule of the file (EMPTY: none yet), to name both sides of an
+        # overlap; entries found sharing space are gathered in ``clashes``.
+        self.owner = np.full(ceil_div(ctx.io.real_size, c.ALIGNMENT), _EMPTY, dtype=np.uint32)
+        self.clashes: list[np.ndarray] = []
+        self.partner: dict[int, int] = {}
         legal = [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]
         self.legal_payload = np.array(legal + ([c.BatState.PARTIALLY_PRESENT] if self.diff else []), dtype=np.uint8)
         self.last_block_len = g.virtual_size - (g.data_blocks - 1) * g.block_size
@@ -826,13 +841,14 @@ class _BatScan:
         self._report(hits_structure, index, Severity.ERROR, "BAT_OVERLAPS_STRUCTURE",
                      lambda i: f"block at {offsets[i]:#x} overlaps {self.structures[names[i]][0]}")
         inside = owned & ~beyond & ~hits_structure
-        self.owned_start.append(offsets[inside])
-        self.owned_len.append(end[inside] - offsets[inside])
-        self.owned_index.append(index[inside])
+        start_mb = offsets // c.ALIGNMENT
+        self._claim(start_mb[inside & is_sb], 1, index[inside & is_sb])
+        self._claim(start_mb[inside & ~is_sb], g.block_size // c.ALIGNMENT, index[inside & ~is_sb])
         keep_ok = kept & (offsets + length <= self.size)
-        for k, (_name, s_lo, s_hi) in enumerate(self.structures):
-            keep_ok &= ~((offsets < s_hi) & (end > s_lo))
-        ctx.reference(offsets[inside | keep_ok], end[inside | keep_ok])
+        for _name, s_lo, s_hi in self.structures:
+            keep_ok &= ~((offsets < s_hi) & (offsets + length > s_lo))
+        ctx.reference_blocks(start_mb[keep_ok & is_sb], 1)
+        ctx.reference_blocks(start_mb[keep_ok & ~is_sb], g.block_size // c.ALIGNMENT)
         if self.diff:
             partial = payload & (states == c.BatState.PARTIALLY_PRESENT)
             self.chunk_partial[(block[partial] // g.chunk_ratio)] = True
@@ -851,28 +867,38 @@ class _BatScan:
             self._report(np.ones(len(chunks), dtype=bool), g.bitmap_index(chunks), Severity.ERROR,
                          "BAT_BITMAP_MISSING",
                          lambda i: f"chunk {chunks[i]} has partially present blocks but no usable sector bitmap block")
-        if not self.owned_start:
+        if not self.clashes:
             return
-        start = np.concatenate(self.owned_start)
-        end = start + np.concatenate(self.owned_len)
-        index = np.concatenate(self.owned_index)
-        if len(start) < 2:
-            return
-        order = np.argsort(start, kind="stable")
-        s, e, idx = start[order], end[order], index[order]
-        reach = np.maximum.accumulate(e)
-        clash = np.flatnonzero(s[1:] < reach[:-1]) + 1
-        if not len(clash):
-            return
-        # Report both sides of each clash: the entry and the one just before it in file order.
-        members = np.unique(np.concatenate([clash, clash - 1]))
-        clashing = np.zeros(len(s), dtype=bool)
-        clashing[clash] = True
-        mask = np.zeros(len(s), dtype=bool)
-        mask[members] = True
-        self._report(mask, idx, Severity.ERROR, "BAT_OVERLAP",
-                     lambda i: f"block at {s[i]:#x} length {e[i] - s[i]:#x} shares file space with "
-                               f"{self._where(int(idx[i - 1 if clashing[i] else i + 1]))[0]}")
+        entries = np.unique(np.concatenate(self.clashes))
+        partner = self.partner
+        self._report(np.ones(len(entries), dtype=bool), entries, Severity.ERROR, "BAT_OVERLAP",
+                     lambda i: f"block shares file space with "
+                               f"{self._where(partner.get(int(entries[i]), int(entries[i])))[0]}")
+
+    def _claim(self, start_mb: np.ndarray, length_mb: int, index: np.ndarray) -> None:
+        """Record granules owned by blocks; a granule claimed twice is an overlap (both entries reported).
+
+        Inside a window the granules are sorted to find blocks sharing one; across windows the owner map
+        tells which earlier entry holds it.
+        """
+        owner = self.owner
+        self.ctx.reference_blocks(start_mb, length_mb)
+        for j in range(length_mb):
+            units = start_mb + j
+            keep = units < len(owner)
+            units, idx = units[keep], index[keep].astype(np.uint32)
+            order = np.argsort(units, kind="stable")
+            units, idx = units[order], idx[order]
+            same = np.flatnonzero(units[1:] == units[:-1])
+            earlier = owner[units]
+            taken = np.flatnonzero(earlier != _EMPTY)
+            if len(same) or len(taken):
+                for a, b in ((idx[same + 1], idx[same]), (idx[taken], earlier[taken])):
+                    self.clashes.extend([a, b])
+                    for x, y in zip(a[:MAX_FINDINGS_PER_CODE].tolist(), b[:MAX_FINDINGS_PER_CODE].tolist()):
+                        self.partner.setdefault(x, y)
+                        self.partner.setdefault(y, x)
+            owner[units] = idx
 
 
 # --- leaks -----------------------------------------------------------------------------------------
@@ -881,16 +907,9 @@ def _check_leaks(ctx: CheckContext) -> None:
     if ctx.geometry is None or ctx.bat_region is None or ctx.has_errors:
         return
     size = ctx.io.real_size
-    n_mb = ceil_div(size, c.ALIGNMENT)
-    if n_mb == 0:
+    if ctx.space is None or not len(ctx.space):
         return
-    starts = np.concatenate([s for s, _ in ctx.spans]) if ctx.spans else np.zeros(0, np.int64)
-    ends = np.concatenate([e for _, e in ctx.spans]) if ctx.spans else np.zeros(0, np.int64)
-    keep = ends > starts
-    first = np.clip(starts[keep] // c.ALIGNMENT, 0, n_mb)
-    last = np.clip(-(-ends[keep] // c.ALIGNMENT), 0, n_mb)
-    coverage = np.cumsum(np.bincount(first, minlength=n_mb + 1) - np.bincount(last, minlength=n_mb + 1))[:n_mb]
-    free = coverage == 0
+    free = ~ctx.space
     if not free.any():
         return
     edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
