@@ -13,7 +13,7 @@ from vhdx.export import export_raw
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image
 from vhdx_cli import render
-from vhdx_cli import forensics_cmds, write_cmds
+from vhdx_cli import forensics_cmds, merge_cmds, write_cmds
 from vhdx_cli.common import SIZE, Progress, State, chain_options, handle_errors, open_kwargs, warn_if_being_written
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
@@ -134,6 +134,8 @@ def is_vhdx_file(path: str) -> bool:
 for _command in (write_cmds.create, write_cmds.write, write_cmds.discard, write_cmds.set_parent):
     cli.add_command(_command)
 for _command in forensics_cmds.COMMANDS:
+    cli.add_command(_command)
+for _command in (merge_cmds.merge, merge_cmds.flatten):
     cli.add_command(_command)
 
 from vhdx_cli.hyperv import hyperv  # noqa: E402 - the Hyper-V group lives in its own module

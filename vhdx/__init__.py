@@ -21,6 +21,8 @@ from vhdx.errors import (
 )
 from vhdx.format.constants import BatState, DiskType, SbState
 from vhdx.image import VhdxImage, VirtualDiskStream, open_image
+from vhdx.convert import flatten
+from vhdx.merge import MergeResult, merge
 
 open = open_image  # noqa: A001 - ``vhdx.open(path)`` is the documented entry point
 
@@ -44,4 +46,7 @@ __all__ = [
     "VirtualDiskStream",
     "open",
     "open_image",
+    "flatten",
+    "merge",
+    "MergeResult",
 ]
