@@ -12,7 +12,7 @@ from vhdx.convert import flatten, import_raw
 from vhdx.export import export_raw
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image
-from vhdx_cli import render
+from vhdx_cli import check_cmds, render
 from vhdx_cli import forensics_cmds, merge_cmds, write_cmds
 from vhdx_cli.common import SIZE, Progress, State, chain_options, handle_errors, open_kwargs, warn_if_being_written
 
@@ -133,6 +133,8 @@ def is_vhdx_file(path: str) -> bool:
 
 for _command in (write_cmds.create, write_cmds.write, write_cmds.discard, write_cmds.set_parent):
     cli.add_command(_command)
+for _command in (check_cmds.check, check_cmds.repair):
+    cli.add_command(_command)
 for _command in forensics_cmds.COMMANDS:
     cli.add_command(_command)
 for _command in (merge_cmds.merge, merge_cmds.flatten):
@@ -145,6 +147,10 @@ cli.add_command(hyperv)
 from vhdx_cli.bench_cmds import bench  # noqa: E402 - `vhdx bench` (storage benchmark) lives in its own module
 
 cli.add_command(bench)
+
+from vhdx_cli.fixture_cmds import fixture  # noqa: E402 - `vhdx fixture build/list` lives in its own module
+
+cli.add_command(fixture)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`
