@@ -1,0 +1,74 @@
+"""`vhdx fixture build` and `vhdx fixture list`: reproducible test chains from TOML specs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+from vhdx_cli.common import State, fail, handle_errors
+
+
+@click.group()
+def fixture():
+    """Build fixture disks (exact, reproducible chains, optionally broken on purpose) for tests."""
+
+
+@fixture.command("build")
+@click.argument("spec")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--name", help="Chain name (default: the spec's name or its file name).")
+@click.pass_obj
+@handle_errors
+def build_cmd(state: State, spec, outdir, name):
+    """Build SPEC (a .toml file or a ready spec name from `vhdx fixture list`) into OUTDIR with manifest.json."""
+    from vhdx_fixtures.builder import build
+    from vhdx_fixtures.faults import FaultError
+    from vhdx_fixtures.spec import SpecError, load_spec, ready_spec
+
+    try:
+        chain = load_spec(spec, name) if os.path.exists(spec) or spec.endswith(".toml") else ready_spec(spec)
+        if name and not os.path.exists(spec):
+            chain = load_spec_named(chain, name)
+        result = build(chain, outdir)
+    except (SpecError, FaultError) as exc:
+        fail(str(exc))
+    if state is not None and state.as_json:
+        click.echo(json.dumps(result.manifest, indent=2, sort_keys=True))
+        return
+    for layer in result.manifest["layers"]:
+        codes = ",".join(f["code"] for f in layer["check"]) or "clean"
+        digest = layer["flat_sha256"] or layer["windows_sha256"] or "-"
+        click.echo(f"{os.path.join(outdir, layer['path'])}  {digest}  {codes}")
+    click.echo(f"manifest: {os.path.join(outdir, 'manifest.json')}")
+
+
+def load_spec_named(chain, name):
+    from dataclasses import replace
+
+    return replace(chain, name=name)
+
+
+@fixture.command("list")
+@click.pass_obj
+@handle_errors
+def list_cmd(state: State):
+    """List the ready specs and the named faults."""
+    from vhdx_fixtures.faults import describe
+    from vhdx_fixtures.spec import ready_spec, ready_spec_names
+
+    specs = [(n, ready_spec(n)) for n in ready_spec_names()]
+    if state is not None and state.as_json:
+        click.echo(json.dumps({
+            "specs": [{"name": n, "description": s.description, "layers": [x.name for x in s.layers],
+                       "faults": [f.name for f in s.faults], "peer_deviations": list(s.peer_deviations)}
+                      for n, s in specs],
+            "faults": [{"name": n, "summary": summary, "codes": list(codes)} for n, summary, codes in describe()],
+        }, indent=2))
+        return
+    click.echo("ready specs:")
+    for n, s in specs:
+        click.echo(f"  {n:34s} {s.description}")
+    click.echo("faults:")
+    for n, _summary, codes in describe():
+        click.echo(f"  {n:34s} {'/'.join(codes)}")
