@@ -57,6 +57,26 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+class OneLineErrorGroup(click.Group):
+    """A click group whose usage errors (bad option, missing file, ...) print one line, like library errors.
+
+    Click's own format (usage, hint, blank line, message) spans four lines; scripts and our error contract
+    expect ``vhdx: error: <message>`` and exit code 2 for bad arguments.
+    """
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            fail(" ".join(exc.format_message().split()), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        # Without standalone mode click returns the exit code of ``ctx.exit`` (e.g. after --help) instead of exiting.
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def handle_errors(func):
     """Turn library errors into one line on stderr and a non-zero exit code (never a traceback)."""
 

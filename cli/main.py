@@ -14,12 +14,21 @@ from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image
 from vhdx_cli import check_cmds, render
 from vhdx_cli import forensics_cmds, merge_cmds, write_cmds
-from vhdx_cli.common import SIZE, Progress, State, chain_options, handle_errors, open_kwargs, warn_if_being_written
+from vhdx_cli.common import (
+    SIZE,
+    OneLineErrorGroup,
+    Progress,
+    State,
+    chain_options,
+    handle_errors,
+    open_kwargs,
+    warn_if_being_written,
+)
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vhdx-chain")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (same as the per-command flag).")
 @click.option("-v", "--verbose", is_flag=True, help="More detail.")
@@ -127,6 +136,8 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
 
 
 def is_vhdx_file(path: str) -> bool:
+    if not os.path.isfile(path):
+        return True  # FIFOs, devices: let the VHDX reader refuse them (reading a FIFO here would block)
     with open(path, "rb") as f:
         return f.read(len(FILE_SIGNATURE)) == FILE_SIGNATURE
 
