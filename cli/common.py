@@ -70,6 +70,9 @@ class OneLineErrorGroup(click.Group):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as exc:
+            if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+                exc.show()  # bare ``vhdx``: the help text is the message
+                sys.exit(exc.exit_code)
             fail(" ".join(exc.format_message().split()), exc.exit_code)
         except click.Abort:
             fail("aborted", 1)
