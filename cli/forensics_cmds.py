@@ -6,6 +6,8 @@ import os
 import sys
 
 import click
+from vhdx_cli import render
+from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs
 
 import vhdx
 from vhdx.errors import InvalidRequestError
@@ -14,8 +16,6 @@ from vhdx.forensics.diff import diff_layers
 from vhdx.forensics.hashing import check_algorithms, hash_disk
 from vhdx.forensics.layers import find_layer
 from vhdx.forensics.slack import find_chain_slack
-from vhdx_cli import render
-from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -168,7 +168,8 @@ def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
 @handle_errors
 def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
     """Expose the virtual disk (at any layer) as one read-only raw file under MOUNTPOINT (FUSE), until unmounted."""
-    from vhdx.forensics.fuse import load_fuse, mount as fuse_mount  # noqa: PLC0415 - optional dependency
+    from vhdx.forensics.fuse import load_fuse  # noqa: PLC0415 - optional dependency
+    from vhdx.forensics.fuse import mount as fuse_mount
 
     load_fuse()
     with vhdx.open(chain, **open_kwargs(**chain_opts)) as image:

@@ -9,11 +9,11 @@ import struct
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from vhdx_cli.main import cli
 
 import vhdx
-from tests.forensics.helpers import MiB, FileGuard, build_chain, pattern
+from tests.forensics.helpers import FileGuard, MiB, build_chain, pattern
 from vhdx.forensics.slack import _subtract, find_slack, nonzero_runs
-from vhdx_cli.main import cli
 
 EVIDENCE = b"EVIDENCE: planted where no structure looks"
 
@@ -148,7 +148,7 @@ def test_slack_nonzero_runs_are_exact_bytes_across_chunks(tmp_path, monkeypatch)
 
 def test_slack_subtract_removes_cut_ranges():
     s, e = _subtract(np.array([0, 100]), np.array([50, 200]), np.array([10, 120, 150]), np.array([20, 130, 300]))
-    assert list(zip(s.tolist(), e.tolist())) == [(0, 10), (20, 50), (100, 120), (130, 150)]
+    assert list(zip(s.tolist(), e.tolist(), strict=True)) == [(0, 10), (20, 50), (100, 120), (130, 150)]
 
 
 def test_slack_cli_walks_the_chain_unless_orphan(small_chain):

@@ -144,7 +144,7 @@ def diff_layers(child: VhdxImage, ancestor: str | None = None, *, sectors: bool 
     who = np.zeros((len(m_start), k), dtype=bool)
     who[group, np.concatenate(ids)] = True
     extents = []
-    for i, (s, e) in enumerate(zip(m_start.tolist(), m_end.tolist())):
+    for i, (s, e) in enumerate(zip(m_start.tolist(), m_end.tolist(), strict=True)):
         new = _digest(child, s, e, algorithm) if hashes else ""
         old = _digest(base, s, e, algorithm) if hashes and base is not None else None
         extents.append(DiffExtent(s, e - s, tuple(np.flatnonzero(who[i]).tolist()), new, old))
@@ -152,7 +152,7 @@ def diff_layers(child: VhdxImage, ancestor: str | None = None, *, sectors: bool 
     if orphan:
         ext = child.extents()
         gone = ext.kind == ExtentKind.ABSENT
-        absent = tuple(zip(ext.start[gone].tolist(), ext.length[gone].tolist()))
+        absent = tuple(zip(ext.start[gone].tolist(), ext.length[gone].tolist(), strict=True))
     return DiffResult(
         child=os.path.abspath(child.path), ancestor=os.path.abspath(base.path) if base is not None else None,
         layers=tuple(os.path.abspath(layer.path) for layer in layers[:k]),

@@ -83,7 +83,7 @@ class MultiHasher:
         self.position += len(view)
 
     def _close_piece(self) -> None:
-        self.pieces.append({a: h.hexdigest() for a, h in zip(self.algorithms, self._piece)})
+        self.pieces.append({a: h.hexdigest() for a, h in zip(self.algorithms, self._piece, strict=True)})
         self._piece = [hashlib.new(a) for a in self.algorithms]
         self._piece_fill = 0
 
@@ -92,7 +92,7 @@ class MultiHasher:
             self._close_piece()
         if self._pool is not None:
             self._pool.shutdown()
-        return {a: h.hexdigest() for a, h in zip(self.algorithms, self.total)}
+        return {a: h.hexdigest() for a, h in zip(self.algorithms, self.total, strict=True)}
 
 
 def feed(pieces: Iterable[Piece], sink: MultiHasher, progress: Callable[[int], None] | None = None) -> int:
@@ -266,6 +266,6 @@ def hash_disk(image: VhdxImage, algorithms=DEFAULT_ALGORITHMS, piece_size: int |
     return DiskHash(
         path=os.path.abspath(image.path), virtual_size=image.virtual_size, algorithms=algorithms, digests=digests,
         piece_size=piece_size, pieces=pieces, layers=layers, orphan=image.options.orphan and image.has_parent,
-        absent=list(zip(extents.start[absent].tolist(), extents.length[absent].tolist()))
+        absent=list(zip(extents.start[absent].tolist(), extents.length[absent].tolist(), strict=True))
         if image.options.orphan and image.has_parent else [],
         bytes_read=read, seconds=time.monotonic() - began, zero_bytes=zero)

@@ -126,10 +126,10 @@ def _owned(image: VhdxImage) -> list[tuple[int, int]]:
     owned = [(image.log.log_offset, image.log.log_length)]
     owned += [(r.file_offset, r.length) for r in image.regions.entries]
     present = bat.allocated_blocks()
-    owned += zip(bat.offsets[present].tolist(), [g.block_size] * int(present.sum()))
+    owned += zip(bat.offsets[present].tolist(), [g.block_size] * int(present.sum()), strict=True)
     if g.has_parent:
         sb = bat.bitmap_states == c.SbState.PRESENT
-        owned += zip(bat.bitmap_offsets[sb].tolist(), [c.SECTOR_BITMAP_BLOCK_SIZE] * int(sb.sum()))
+        owned += zip(bat.bitmap_offsets[sb].tolist(), [c.SECTOR_BITMAP_BLOCK_SIZE] * int(sb.sum()), strict=True)
     return owned
 
 
@@ -140,7 +140,7 @@ def find_slack_areas(image: VhdxImage) -> list[tuple[str, int, int, str]]:
     areas: list[tuple[str, int, int, str]] = []
 
     def add(category: str, starts, ends, detail: str = "") -> None:
-        for s, e in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist()):
+        for s, e in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist(), strict=True):
             e = min(e, size)
             if e > s:
                 areas.append((category, s, e - s, detail))
@@ -186,7 +186,7 @@ def find_slack_areas(image: VhdxImage) -> list[tuple[str, int, int, str]]:
     stale_blocks = np.flatnonzero(stale)
     stale_s = bat.offsets[stale_blocks]
     stale_e = stale_s + g.block_size
-    for b, st, en in zip(stale_blocks.tolist(), stale_s.tolist(), stale_e.tolist()):
+    for b, st, en in zip(stale_blocks.tolist(), stale_s.tolist(), stale_e.tolist(), strict=True):
         s, e = _subtract(np.array([st]), np.array([en]), own_s, own_e)
         state = _state_name(int(bat.states[b]))
         add("stale-block", s, e, f"payload block {b} ({state}) kept this file offset")
@@ -209,7 +209,7 @@ def find_slack_areas(image: VhdxImage) -> list[tuple[str, int, int, str]]:
     free_s, free_e = _subtract(np.array([c.HEADER_SECTION_SIZE]), np.array([size]),
                                np.concatenate([own_s, stale_s]), np.concatenate([own_e, stale_e]))
     last_object = int(max(own_e.max(), stale_e.max() if len(stale_e) else 0))
-    for s, e in zip(free_s.tolist(), free_e.tolist()):
+    for s, e in zip(free_s.tolist(), free_e.tolist(), strict=True):
         if s >= last_object:
             add("file-tail", [s], [e], "behind the last object of the file")
         else:
@@ -264,7 +264,7 @@ def nonzero_runs(fd: int, start: int, length: int) -> list[tuple[int, int]]:
             if full < got:
                 grains = np.append(grains, data[full:].any())
             change = np.flatnonzero(np.diff(np.concatenate(([False], grains, [False])).astype(np.int8)))
-            for g0, g1 in zip(change[::2].tolist(), change[1::2].tolist()):
+            for g0, g1 in zip(change[::2].tolist(), change[1::2].tolist(), strict=True):
                 lo, hi = g0 * GRAIN, min(g1 * GRAIN, got)
                 last_grain = (g1 - 1) * GRAIN
                 first = pos + lo + int(np.flatnonzero(data[lo : lo + GRAIN])[0])
