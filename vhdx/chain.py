@@ -17,7 +17,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-from vhdx.errors import ParentMismatchError, ParentNotFoundError, VhdxError
+from vhdx.errors import ChainLoopError, ParentMismatchError, ParentNotFoundError, VhdxError
 
 MAX_CHAIN_DEPTH = 256
 
@@ -116,6 +116,7 @@ def locate_and_open_parent(child, options: OpenOptions, open_image):
     linkages = locator.linkages
     tried: list[Candidate] = []
     mismatched = []
+    loops: list[ChainLoopError] = []
     for cand in candidates(child.path, locator, options, options.parent if options.parent else None):
         tried.append(cand)
         try:
@@ -128,6 +129,10 @@ def locate_and_open_parent(child, options: OpenOptions, open_image):
             continue
         try:
             parent = open_image(cand.path, options.for_parent())
+        except ChainLoopError as exc:
+            cand.outcome = "already in the chain (loop)"
+            loops.append(exc)
+            continue
         except VhdxError as exc:
             cand.outcome = f"unreadable ({exc})"
             continue
@@ -142,6 +147,9 @@ def locate_and_open_parent(child, options: OpenOptions, open_image):
         if not options.ignore_id_mismatch or cand.name_only:
             parent.close()
     listing = "; ".join(f"{c.path} ({c.outcome})" for c in tried) or "the locator holds no path"
+    if loops:
+        raise ChainLoopError(f"the parent locator leads back into the chain (loop); tried: {listing}",
+                             structure="Parent Locator", path=child.path)
     if mismatched:
         cand = mismatched[0][0]
         raise ParentMismatchError(
