@@ -181,7 +181,7 @@ def merge(w: Workload, tmp: str, profile: Profile, limit_src: str) -> dict:
     def setup():
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
-        for src, dst in zip(w.layers, copies):
+        for src, dst in zip(w.layers, copies, strict=False):
             copy_sparse(src, dst)
         warm(copies)
 

@@ -75,11 +75,11 @@ class Outcome:
 def run_methods(methods: list[Method], repeats: int) -> list[Outcome]:
     """Time each available method ``repeats`` times, interleaved round by round so drift hits all alike."""
     outcomes = [Outcome(m.name, m.role) for m in methods]
-    for m, o in zip(methods, outcomes):
+    for m, o in zip(methods, outcomes, strict=False):
         if m.missing:
             o.status, o.note = "missing", m.missing
     for round_index in range(repeats):
-        for m, o in zip(methods, outcomes):
+        for m, o in zip(methods, outcomes, strict=False):
             if o.status != "ok":
                 continue
             try:

@@ -46,7 +46,7 @@ class PyvhdiDisk:
             f = mod.file()
             f.open(path)
             self.files.append(f)
-        for child, parent in zip(self.files[:0:-1], self.files[-2::-1]):
+        for child, parent in zip(self.files[:0:-1], self.files[-2::-1], strict=False):
             child.set_parent(parent)
         self.top = self.files[-1]
         self.size = self.top.get_media_size()

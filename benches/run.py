@@ -59,7 +59,7 @@ def run(argv=None) -> dict:
         chains = work["chains"]
         flat_inputs = work["dynamic"] + work["sector4k"] + chains
         limit_src = os.path.join(tmp, "limit-source.bin")
-        cases.make_limit_source(limit_src, max(w.data_bytes for w in flat_inputs))
+        cases.make_limit_source(limit_src, max(w.data_bytes for w in flat_inputs + work["merge"]))
         if "flatten" in only:
             for w in flat_inputs:
                 log(f"flatten {w.name}", started)
@@ -70,7 +70,7 @@ def run(argv=None) -> dict:
                     log(f"{pattern} reads {w.name}", started)
                     records.append(cases.reads(w, tmp, profile, pattern))
         if "merge" in only:
-            for w in (w for w in chains if w.depth == 1):
+            for w in [w for w in chains if w.depth == 1] + work["merge"]:
                 log(f"merge {w.name}", started)
                 records.append(cases.merge(w, tmp, profile, limit_src))
         if "info" in only:

@@ -26,6 +26,7 @@ class Profile:
         sparse_size: virtual size of the sparse disk (1 MiB blocks) for info and check.
         sparse_writes: 1 MiB blocks written across the sparse disk.
         create_size: virtual size for the create case (fixed and dynamic).
+        merge_child_bytes: data written into the child of the dedicated merge chain (its parent: a quarter full).
     """
 
     name: str
@@ -40,17 +41,19 @@ class Profile:
     sparse_size: int
     sparse_writes: int
     create_size: int
+    merge_child_bytes: int
 
 
 TINY = Profile("tiny", repeats=1, dynamic_size=16 * MiB, chain_size=16 * MiB, chain_depths=(1, 2),
                random_writes=8, sequential_writes=(1, 2 * MiB), random_reads=16, sequential_read_bytes=4 * MiB,
-               sparse_size=1 * GiB, sparse_writes=2, create_size=64 * MiB)
-QUICK = Profile("quick", repeats=3, dynamic_size=256 * MiB, chain_size=256 * MiB, chain_depths=(1, 4, 16),
-                random_writes=256, sequential_writes=(2, 8 * MiB), random_reads=256, sequential_read_bytes=128 * MiB,
-                sparse_size=64 * TiB, sparse_writes=8, create_size=4 * GiB)
+               sparse_size=1 * GiB, sparse_writes=2, create_size=64 * MiB, merge_child_bytes=8 * MiB)
+QUICK = Profile("quick", repeats=3, dynamic_size=256 * MiB, chain_size=128 * MiB, chain_depths=(1, 4, 16),
+                random_writes=128, sequential_writes=(2, 4 * MiB), random_reads=200, sequential_read_bytes=64 * MiB,
+                sparse_size=64 * TiB, sparse_writes=4, create_size=4 * GiB, merge_child_bytes=256 * MiB)
 FULL = Profile("full", repeats=5, dynamic_size=8 * GiB, chain_size=8 * GiB, chain_depths=(1, 4, 16),
                random_writes=4096, sequential_writes=(4, 64 * MiB), random_reads=4096,
-               sequential_read_bytes=2 * GiB, sparse_size=64 * TiB, sparse_writes=64, create_size=32 * GiB)
+               sequential_read_bytes=2 * GiB, sparse_size=64 * TiB, sparse_writes=64, create_size=32 * GiB,
+               merge_child_bytes=4 * GiB)
 
 PROFILES = {p.name: p for p in (TINY, QUICK, FULL)}
 

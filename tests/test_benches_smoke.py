@@ -1,0 +1,68 @@
+"""The benchmark harness runs end to end on tiny disks (keeps ``python -m benches`` from rotting).
+
+Only that it runs and that its outputs hold what they claim is tested here; timings belong in benches/.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vhdx_cli.bench_cmds import bench_text
+
+from benches import run as bench_run
+from benches.report import primary
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    bench_run.run(["--profile", "tiny", "--out", str(out), "--only", "flatten", "--only", "reads",
+                   "--only", "merge"])
+    return out
+
+
+def test_benches_writes_json_and_markdown(tiny_results):
+    data = json.loads((tiny_results / "results.json").read_text())
+    assert data["profile"] == "tiny"
+    assert {r["case"] for r in data["records"]} >= {"flatten to raw", "random 4 KiB reads", "sequential 1 MiB reads",
+                                                    "merge child into parent"}
+    assert "### flatten to raw" in (tiny_results / "results.md").read_text()
+
+
+def test_benches_ours_runs_in_every_flatten_and_read_case(tiny_results):
+    data = json.loads((tiny_results / "results.json").read_text())
+    for r in data["records"]:
+        if r["case"] != "merge child into parent":
+            ours = primary(r["outcomes"])
+            assert ours is not None and len(ours["times_s"]) == data["repeats"], r["workload"]
+
+
+def test_benches_peers_that_ran_read_the_same_bytes_as_ours(tiny_results):
+    data = json.loads((tiny_results / "results.json").read_text())
+    for r in data["records"]:
+        for o in r["outcomes"]:
+            assert o["matches_ours"] is not False, (r["case"], r["workload"], o["method"])
+
+
+def test_benches_unavailable_methods_say_why(tiny_results):
+    data = json.loads((tiny_results / "results.json").read_text())
+    for r in data["records"]:
+        for o in r["outcomes"]:
+            if o["status"] != "ok":
+                assert o["note"] and not o["times_s"], (r["case"], o["method"])
+
+
+def test_benches_no_workload_files_left_behind(tiny_results):
+    assert not list(tiny_results.glob("vhdx-bench-*"))
+
+
+def test_bench_cmd_measure_storage_reports_flatten_and_limit(tmp_path):
+    from benches.userbench import measure_storage
+
+    result = measure_storage(str(tmp_path), 64 << 20, repeats=1)
+    rows = {row.operation: row for row in result.rows}
+    assert rows["flatten chain to raw"].status == "ok"
+    assert rows["flatten chain to raw"].vs_raw_copy > 0
+    assert "flatten chain to raw" in bench_text(result)
+    assert list(tmp_path.iterdir()) == []
