@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import vhdx
 from tests.support.merge_chains import build_chain, read_view
 from tests.support.peers import need, read_with_dissect, read_with_pyvhdi
+from vhdx.check import check_image
 from vhdx.create import create
 from vhdx.errors import MergeError
 from vhdx.format import constants as c
@@ -158,6 +159,8 @@ def merged_view(paths, model, into_index=1, **kw):
     vhdx.merge(paths[0], into=paths[into_index], verify=True, **kw)
     for p in paths[:into_index]:
         assert not p.exists()
+    report = check_image(paths[into_index], chain=True)
+    assert not report.errors and not report.leaks, report.codes
     return read_view(paths[into_index])
 
 

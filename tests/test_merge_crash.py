@@ -17,6 +17,7 @@ import vhdx
 from tests.support.faulty_io import SimulatedCrash
 from tests.support.merge_chains import build_chain, read_view
 from vhdx import merge_journal
+from vhdx.check import check_image
 from vhdx.io import ImageIO
 from vhdx.merge import find_interrupted
 
@@ -152,7 +153,7 @@ def test_merge_resume_finishes_to_the_same_destination_file(tmp_path, journal_st
         assert a.read(0, a.virtual_size) == b.read(0, b.virtual_size)
 
 
-def test_merge_interrupted_is_found_for_check(tmp_path, journal_steps):
+def test_merge_interrupted_is_reported_by_check_chain(tmp_path, journal_steps):
     paths, model = scenario(tmp_path)
     power = Power(30)
     journal_steps["power"] = power
@@ -160,6 +161,10 @@ def test_merge_interrupted_is_found_for_check(tmp_path, journal_steps):
         run_merge(paths, power)
     pending = merge_journal.journal_for_destination(str(paths[3]))
     assert pending is not None and pending.child == str(paths[1])
+    journal_steps["power"] = Power(None)
+    report = check_image(paths[0], chain=True)
+    found = [f for f in report.all_findings if f.code == "MERGE_INTERRUPTED"]
+    assert len(found) == 1 and "--resume" in found[0].message and found[0].path == str(paths[3])
 
 
 MERGE_SCRIPT = """

@@ -206,3 +206,29 @@ def remove_journal(journal: MergeJournal) -> None:
     """Last step of a merge: the plan, then the record itself."""
     remove_file(journal.plan_path)
     remove_file(journal.path)
+
+
+def report_interrupted_merge(ctx) -> None:
+    """``check`` hook: a pending journal next to the checked file means a merge into it did not finish."""
+    from vhdx.findings import Severity
+
+    try:
+        journal = journal_for_destination(ctx.path)
+    except MergeError as exc:
+        ctx.add(Severity.WARNING, "MERGE_INTERRUPTED", "merge journal", None,
+                f"a merge into this disk left a journal that cannot be read ({exc.message})")
+        return
+    if journal is None:
+        return
+    ctx.add(Severity.WARNING, "MERGE_INTERRUPTED", "merge journal", None,
+            f"the merge of {journal.child} into this disk stopped at step '{journal.state}'; the chain still "
+            f"reads its original data; finish it with `vhdx merge --resume {journal.child}`")
+
+
+def _register_check() -> None:
+    from vhdx.check import register_checker
+
+    register_checker(report_interrupted_merge)
+
+
+_register_check()
