@@ -904,7 +904,9 @@ class _BatScan:
 # --- leaks -----------------------------------------------------------------------------------------
 def _check_leaks(ctx: CheckContext) -> None:
     """Space of the file (1 MiB granules) no structure references; only for files whose structures were read."""
-    if ctx.geometry is None or ctx.bat_region is None or ctx.has_errors:
+    # Only a map of trusted structures tells leaks apart; errors that a repair cannot fix make it untrusted.
+    if ctx.geometry is None or ctx.bat_region is None or any(
+            f.severity == Severity.ERROR and not f.repairable for f in ctx.findings):
         return
     size = ctx.io.real_size
     if ctx.space is None or not len(ctx.space):

@@ -257,9 +257,8 @@ def apply_repair(source, plan: RepairPlan) -> list[str]:
             if action.kind == "truncate_leak":
                 continue
             done.extend(_APPLY[action.kind](io))
-        truncate = next((a for a in plan.actions if a.kind == "truncate_leak"), None)
-        if truncate is not None:
-            done.extend(_truncate(io, int(truncate.argument)))
+        if any(a.kind == "truncate_leak" for a in plan.actions):
+            done.extend(_truncate_trailing_leak(io))
     finally:
         if owns:
             io.close()
@@ -413,10 +412,16 @@ def _fix_bat_entries(io: ImageIO) -> list[str]:
             f"entries set to NOT_PRESENT ({len(sectors)} sector(s) through the log)"]
 
 
-def _truncate(io: ImageIO, size: int) -> list[str]:
+def _truncate_trailing_leak(io: ImageIO) -> list[str]:
+    """Cut the unreferenced space at the end, as a fresh check of the file (after the other repairs) sees it."""
+    report = check_image(io)
+    if report.errors:
+        raise VhdxError(f"not truncating: {report.errors[0].code} remains", structure="File", path=io.path)
+    trailing = [f for f in report.find("LEAKED_SPACE") if f.repairable]
     old = io.real_size
-    if old <= size:
-        return [f"file: already {old} bytes"]
+    if not trailing:
+        return [f"file: no leaked space at the end any more ({old} bytes)"]
+    size = trailing[-1].offset
     io.truncate(size)
     io.flush()
     return [f"file: truncated from {old} to {size} bytes ({old - size} leaked bytes at the end released)"]
@@ -518,6 +523,8 @@ def repair_image(path, *, dry_run: bool = False, backup: str | None = None, leak
                  parent: str | None = None, ignore_id_mismatch: bool = False) -> RepairResult:
     """Check ``path``, plan the repair, and (unless ``dry_run``) back up, apply and check again."""
     path = os.fspath(path)
+    if backup and os.path.lexists(backup):
+        raise InvalidRequestError(f"backup {os.fspath(backup)} exists; choose another name")
     before = check_image(path)
     plan = plan_repair(before, leaks=leaks, parent=os.fspath(parent) if parent else None,
                        ignore_id_mismatch=ignore_id_mismatch)
