@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from vhdx_cli.main import cli
 
 import vhdx
 from tests.support.merge_chains import build_chain, read_view
@@ -19,7 +20,6 @@ from vhdx.create import create
 from vhdx.errors import MergeError
 from vhdx.format import constants as c
 from vhdx.merge import DestArrays, LayerArrays, MergePlan, plan_merge
-from vhdx_cli.main import cli
 
 MiB = 1 << 20
 BS = c.BatState
@@ -78,7 +78,7 @@ def test_plan_merge_resolves_sectors_through_stacked_partial_layers():
     child = layer([P], [10 * MiB], {0: bits((0, 4))})
     middle = layer([P], [20 * MiB], {0: bits((2, 8))})
     plan = plan_merge([child, middle], dest([F], offsets=[1 * MiB]))
-    assert list(zip(plan.copy_layer.tolist(), plan.copy_src.tolist(), plan.copy_len.tolist())) == [
+    assert list(zip(plan.copy_layer.tolist(), plan.copy_src.tolist(), plan.copy_len.tolist(), strict=True)) == [
         (0, 10 * MiB, 4 * SS), (1, 20 * MiB + 4 * SS, 4 * SS)]
 
 

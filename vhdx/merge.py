@@ -567,7 +567,7 @@ def apply_merge(dest: VhdxImage, plan: MergePlan, sources: Sequence[ImageIO], *,
     total = plan.bytes_to_copy + plan.bytes_to_zero
     done = 0
     zeros = bytes(COPY_CHUNK)
-    for dst, n in zip(plan.zero_dst.tolist(), plan.zero_len.tolist()):
+    for dst, n in zip(plan.zero_dst.tolist(), plan.zero_len.tolist(), strict=True):
         for pos in range(0, n, COPY_CHUNK):
             io.write_at(dst + pos, zeros[: min(COPY_CHUNK, n - pos)])
         done += n
@@ -575,14 +575,14 @@ def apply_merge(dest: VhdxImage, plan: MergePlan, sources: Sequence[ImageIO], *,
             progress(done, total)
     buf = bytearray(COPY_CHUNK)
     for layer, src, dst, n in zip(plan.copy_layer.tolist(), plan.copy_src.tolist(), plan.copy_dst.tolist(),
-                                  plan.copy_len.tolist()):
+                                  plan.copy_len.tolist(), strict=True):
         for pos in range(0, n, PROGRESS_STEP):
             step = min(PROGRESS_STEP, n - pos)
             _copy(sources[layer], src + pos, io, dst + pos, step, buf)
             done += step
             if progress:
                 progress(done, total)
-    for chunk, offset in zip(plan.sb_chunks.tolist(), plan.sb_offsets.tolist()):
+    for chunk, offset in zip(plan.sb_chunks.tolist(), plan.sb_offsets.tolist(), strict=True):
         writer.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
     _stage_bitmaps(dest, plan)
     writer.commit()
@@ -855,7 +855,7 @@ def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Seque
 def _check_chain_matches(journal: mj.MergeJournal, layers: Sequence[VhdxImage]) -> None:
     k = len(journal.layers)
     ok = len(layers) > k and _same_file(layers[k].path, journal.destination)
-    for recorded, layer in zip(journal.layers, layers[:k]):
+    for recorded, layer in zip(journal.layers, layers[:k], strict=False):
         ok = ok and _same_file(layer.path, recorded.path) and str(layer.data_write_guid) == recorded.data_write_guid
     if not ok:
         raise MergeError("the chain is no longer the one the merge was planned for (a layer was written to or "
@@ -951,7 +951,7 @@ def merge(child, into=None, *, dry_run: bool = False, verify: bool = False,
         journal = mj.MergeJournal(
             child=child, destination=os.path.abspath(dest.path), destination_guid=str(dest.data_write_guid),
             new_data_write_guid=str(uuid.uuid4()),
-            layers=tuple(mj.MergedLayer(p, str(layer.data_write_guid)) for p, layer in zip(merged, upper)),
+            layers=tuple(mj.MergedLayer(p, str(layer.data_write_guid)) for p, layer in zip(merged, upper, strict=True)),
             dependents=tuple(os.path.abspath(p) for p in dependents), plan_digest=plan.digest, keep=keep)
     # The plan and the intent are durable before the first byte of any disk changes.
     mj.atomic_write(journal.plan_path, plan.to_bytes())
