@@ -84,7 +84,10 @@ class Geometry:
 
 def entry_states(entries: np.ndarray) -> np.ndarray:
     """State field (bits 0..2) of each BAT entry."""
-    return (entries & _STATE_MASK).astype(np.uint8)
+    # The state lives in the lowest byte, the first of each little-endian entry: read only those bytes
+    # instead of masking (and allocating) a full 64-bit copy of a BAT that may hold 67 million entries.
+    low_bytes = np.ascontiguousarray(entries, dtype=BAT_DTYPE).view(np.uint8)[::8]
+    return low_bytes & np.uint8(c.BAT_STATE_MASK)
 
 
 def entry_offsets(entries: np.ndarray) -> np.ndarray:
@@ -93,16 +96,29 @@ def entry_offsets(entries: np.ndarray) -> np.ndarray:
 
 
 def split_entries(entries: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Split a raw BAT into (payload entries per block, bitmap entries per chunk) by reshaping, no loops."""
+    """Split a raw BAT into (payload entries per block, bitmap entries per chunk) by reshaping, no loops.
+
+    Whole chunks are viewed as a ``(chunks, chunk_ratio + 1)`` table and copied once into the outputs; the
+    last, partial chunk is copied as a flat run. Entries the array does not hold read as 0 (not present),
+    e.g. the last chunk's bitmap slot, which a non-differencing BAT may stop before.
+    """
     ratio = geometry.chunk_ratio
+    stride = ratio + 1
+    blocks = geometry.data_blocks
     chunks = geometry.sector_bitmap_blocks
-    padded = np.zeros(chunks * (ratio + 1), dtype=BAT_DTYPE)
-    n = min(len(entries), len(padded))
-    padded[:n] = entries[:n]
-    table = padded.reshape(chunks, ratio + 1)
-    payload = table[:, :ratio].reshape(-1)[: geometry.data_blocks].copy()
-    bitmap = table[:, ratio].copy()
-    # A non-differencing BAT may stop before the last chunk's bitmap slot: mark it absent rather than 0-read.
+    entries = entries[: chunks * stride]
+    rows = min(len(entries) // stride, blocks // ratio)
+    table = entries[: rows * stride].reshape(rows, stride)
+    payload = np.zeros(blocks, dtype=BAT_DTYPE)
+    payload[: rows * ratio].reshape(rows, ratio)[...] = table[:, :ratio]
+    rest = entries[rows * stride : rows * stride + min(blocks - rows * ratio, ratio)]
+    payload[rows * ratio : rows * ratio + len(rest)] = rest
+    bitmap = np.zeros(chunks, dtype=BAT_DTYPE)
+    bitmap[:rows] = table[:, ratio]
+    # A last chunk that holds fewer than chunk_ratio blocks may still carry its bitmap entry (differencing).
+    last = rows * stride + ratio
+    if rows < chunks and last < len(entries):
+        bitmap[rows] = entries[last]
     return payload, bitmap
 
 
@@ -173,7 +189,8 @@ class Bat:
 
     def state_counts(self) -> dict[str, int]:
         """How many payload blocks are in each state, by spec name (zero counts left out)."""
-        counts = np.bincount(self.states, minlength=8)
+        # Eight vectorised passes over uint8 states; bincount would first widen them to 64-bit integers.
+        counts = [np.count_nonzero(self.states == v) for v in range(8)]
         names = {s.value: s.name for s in c.BatState}
         return {names.get(v, f"RESERVED_{v}"): int(n) for v, n in enumerate(counts) if n}
 

@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 
 from vhdx import chain as _chain
-from vhdx.bat import Bat, Geometry
+from vhdx.bat import Bat, Geometry, entry_offsets
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.format import constants as c
@@ -88,23 +88,32 @@ class VhdxImage:
         """Refuse BATs that would make reads wrong: illegal states, blocks outside the file, missing bitmaps."""
         g, bat = self.geometry, self.bat
         states = bat.states
-        legal = np.isin(states, [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT])
-        if g.has_parent:
-            legal |= states == c.BatState.PARTIALLY_PRESENT
-        self._raise_first(~legal, "payload", lambda s: f"state {s} is not legal in a {self.disk_type.label} disk")
-        present = bat.allocated_blocks()
-        offsets = bat.offsets
-        self._raise_first(present & (offsets < c.HEADER_SECTION_SIZE), "payload",
-                          lambda s: "block lies inside the header section")
+        legal_states = np.zeros(8, dtype=bool)
+        legal_states[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
+        legal_states[c.BatState.PARTIALLY_PRESENT] = g.has_parent
+        self._raise_first(~legal_states[states], "payload",
+                          lambda s: f"state {s} is not legal in a {self.disk_type.label} disk")
+        # Offsets are checked for allocated blocks only: a 64 TiB disk has 67 million entries, mostly empty.
+        present = np.flatnonzero(bat.allocated_blocks())
+        offsets = entry_offsets(bat.payload_entries[present])
+
+        def flagged(bad: np.ndarray) -> np.ndarray:
+            mask = np.zeros(len(states), dtype=bool)
+            mask[present[bad]] = True
+            return mask
+
+        inside_header = offsets < c.HEADER_SECTION_SIZE
+        if inside_header.any():
+            self._raise_first(flagged(inside_header), "payload", lambda s: "block lies inside the header section")
         # A block must lie inside the file; the last block may be short (old QEMU wrote such files).
         size = self.io.size
-        block_len = np.full(len(states), g.block_size, dtype=np.int64)
-        if len(block_len):
-            block_len[-1] = g.virtual_size - (g.data_blocks - 1) * g.block_size
-        beyond = present & (offsets + block_len > size)
-        if len(beyond) and beyond[-1] and offsets[-1] < size:
-            beyond[-1] = False
-        self._raise_first(beyond, "payload", lambda s: f"block lies beyond the end of the file ({size:#x}); truncated?")
+        last_block = g.data_blocks - 1
+        is_last = present == last_block
+        ends = offsets + np.where(is_last, g.virtual_size - last_block * g.block_size, g.block_size)
+        beyond = (ends > size) & ~(is_last & (offsets < size))
+        if beyond.any():
+            self._raise_first(flagged(beyond), "payload",
+                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated?")
         if g.has_parent:
             partial = states == c.BatState.PARTIALLY_PRESENT
             chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
