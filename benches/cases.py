@@ -21,7 +21,7 @@ from vhdx.export import export_raw
 
 from . import peers
 from .measure import Method, copy_file_range_all, file_digest, remove, run_methods, run_tool, warm
-from .sizes import MiB, Profile
+from .sizes import MiB, Profile, human_size
 from .workloads import Payload, Workload
 
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "merge_probe.py")
@@ -210,7 +210,7 @@ def merge(w: Workload, tmp: str, profile: Profile, limit_src: str) -> dict:
             outcomes[0].status, outcomes[0].note = "failed", "merged parent does not read the chain's bytes"
         else:
             outcomes[0].note = "result verified: parent reads the chain's bytes; RSS = whole probe process"
-    desc = f"merge top of {w.description.split(':')[0]} into its parent; child holds {w.top_data_bytes} data bytes"
+    desc = f"{w.description}; the child ({human_size(w.top_data_bytes)} of data) merged into its parent"
     return record("merge child into parent", w.name, desc, w.top_data_bytes, outcomes)
 
 

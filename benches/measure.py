@@ -8,6 +8,7 @@ next. Every method that writes an output file fsyncs it, so each one pays for du
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -133,8 +134,19 @@ def run_tool(args: list[str], *, ok_codes=(0,), cwd: str | None = None) -> dict:
         peak = rss.read().strip().splitlines() if GNU_TIME else []
     if proc.returncode not in ok_codes:
         lines = [line for line in stderr.strip().splitlines() if line.strip()] or [f"exit {proc.returncode}"]
-        raise ToolFailed(f"{os.path.basename(args[0])}: {lines[0].strip()}")
+        raise ToolFailed(short_error(os.path.basename(args[0]), lines[0]))
     return {"peak_rss_kib": int(peak[-1]) if peak and peak[-1].isdigit() else None, "stdout": stdout}
+
+
+def short_error(tool: str, line: str) -> str:
+    """``tool: message`` once, with file paths cut to their names and repeated clauses dropped."""
+    text = re.sub(r"'(?:[^']*/)([^'/]+)'", r"'\1'", line.strip())
+    text = text.removeprefix(f"{tool}: ")
+    parts = []
+    for part in text.split(": "):
+        if part not in parts:
+            parts.append(part)
+    return f"{tool}: " + ": ".join(parts)
 
 
 def warm(paths) -> None:

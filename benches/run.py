@@ -19,6 +19,8 @@ from .sizes import PROFILES
 from .workloads import build_all
 
 CASES = ("flatten", "reads", "merge", "info", "create")
+NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
+         "info": ("sparse",), "create": ()}
 
 
 def parse_args(argv):
@@ -33,6 +35,7 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, help="timed runs per method (default from the profile)")
     parser.add_argument("--only", action="append", choices=CASES, help="run only these cases (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the workload files")
+    parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     args = parser.parse_args(argv)
     args.profile = args.profile or "quick"
     return args
@@ -54,12 +57,12 @@ def run(argv=None) -> dict:
     records = []
     try:
         log(f"building {profile.name} workloads in {tmp}", started)
-        work = build_all(tmp, profile)
+        work = build_all(tmp, profile, families={f for case in only for f in NEEDS[case]})
         build_seconds = time.monotonic() - started
         chains = work["chains"]
         flat_inputs = work["dynamic"] + work["sector4k"] + chains
         limit_src = os.path.join(tmp, "limit-source.bin")
-        cases.make_limit_source(limit_src, max(w.data_bytes for w in flat_inputs + work["merge"]))
+        cases.make_limit_source(limit_src, max([w.data_bytes for w in flat_inputs + work["merge"]], default=0))
         if "flatten" in only:
             for w in flat_inputs:
                 log(f"flatten {w.name}", started)
@@ -90,7 +93,8 @@ def run(argv=None) -> dict:
     report.write_json(results, os.path.join(args.out, "results.json"))
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(report.markdown(results))
-    pngs, note = report.charts(results, os.path.join(args.out, "charts"))
+    pngs, note = ([], "charts skipped (--no-charts)") if args.no_charts else report.charts(
+        results, os.path.join(args.out, "charts"))
     results["charts"], results["charts_note"] = pngs, note
     log(f"done: {args.out}/results.json, results.md, {len(pngs)} charts" + (f" ({note})" if note else ""), started)
     return results

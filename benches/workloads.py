@@ -177,14 +177,19 @@ def sparse_disk(folder: str, profile: Profile, seed: int) -> Workload:
                     size, qemu_readable=True, data_bytes=data, top_data_bytes=data, extra={"offsets": offsets})
 
 
-def build_all(folder: str, profile: Profile, seed: int = 7) -> dict[str, list[Workload]]:
-    """Every workload of a profile, grouped by family: dynamic, sector4k, chains, sparse, merge."""
-    return {
-        "dynamic": [dynamic_disk(folder, "dyn25", profile.dynamic_size, 0.25, seed),
-                    dynamic_disk(folder, "dyn75", profile.dynamic_size, 0.75, seed + 1)],
-        "sector4k": [dynamic_disk(folder, "sector4k", profile.dynamic_size, 0.5, seed + 2, logical_sector_size=4096)],
-        "chains": chain(folder, "rand4k", profile, "random", seed + 3)
+FAMILIES = ("dynamic", "sector4k", "chains", "sparse", "merge")
+
+
+def build_all(folder: str, profile: Profile, seed: int = 7, families=FAMILIES) -> dict[str, list[Workload]]:
+    """The workloads of a profile, grouped by family (only the families asked for are built)."""
+    builders = {
+        "dynamic": lambda: [dynamic_disk(folder, "dyn25", profile.dynamic_size, 0.25, seed),
+                            dynamic_disk(folder, "dyn75", profile.dynamic_size, 0.75, seed + 1)],
+        "sector4k": lambda: [dynamic_disk(folder, "sector4k", profile.dynamic_size, 0.5, seed + 2,
+                                          logical_sector_size=4096)],
+        "chains": lambda: chain(folder, "rand4k", profile, "random", seed + 3)
         + chain(folder, "seq", profile, "sequential", seed + 4),
-        "sparse": [sparse_disk(folder, profile, seed + 5)],
-        "merge": [merge_chain(folder, 2 * profile.merge_child_bytes, profile.merge_child_bytes)],
+        "sparse": lambda: [sparse_disk(folder, profile, seed + 5)],
+        "merge": lambda: [merge_chain(folder, 2 * profile.merge_child_bytes, profile.merge_child_bytes)],
     }
+    return {name: builders[name]() if name in families else [] for name in FAMILIES}

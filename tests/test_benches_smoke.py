@@ -18,7 +18,7 @@ from benches.report import primary
 def tiny_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     bench_run.run(["--profile", "tiny", "--out", str(out), "--only", "flatten", "--only", "reads",
-                   "--only", "merge"])
+                   "--only", "merge", "--no-charts"])
     return out
 
 
