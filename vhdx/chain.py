@@ -124,6 +124,9 @@ def locate_and_open_parent(child, options: OpenOptions, open_image):
         except OSError as exc:
             cand.outcome = "missing" if isinstance(exc, FileNotFoundError) else exc.strerror
             continue
+        except ValueError:  # e.g. a NUL inside the locator's path
+            cand.outcome = "not a usable path"
+            continue
         if not stat.S_ISREG(st.st_mode):
             cand.outcome = "not a regular file"
             continue

@@ -672,6 +672,9 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
         except OSError as exc:
             tried.append(f"{cand.path} ({exc.strerror})")
             continue
+        except ValueError:  # e.g. a NUL inside the locator's path
+            tried.append(f"{cand.path!r} (not a usable path)")
+            continue
         if (st.st_dev, st.st_ino) in visited:
             ctx.add(Severity.ERROR, "CHAIN_LOOP", "Parent Locator", where,
                     f"the parent {cand.path} (from {cand.source}) is already part of this chain")

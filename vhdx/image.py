@@ -61,8 +61,15 @@ class VhdxImage:
     # --- loading ------------------------------------------------------------------------------------
     def _load(self) -> None:
         io = self.io
-        ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
-        self.creator: str = ident.creator.rstrip("\x00")
+        try:
+            ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
+            self.creator: str = ident.creator.rstrip("\x00")
+        except FormatError:
+            if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
+                raise
+            # The creator is diagnostic only: text that does not decode must not make the file unreadable.
+            raw = io.read_at(c.FILE_IDENTIFIER_OFFSET + len(c.FILE_SIGNATURE), c.CREATOR_SIZE)
+            self.creator = raw.decode("utf-16-le", "replace").split("\x00")[0]
         self.headers: HeaderSet = load_headers(io)
         header = self.headers.current
         self.log: LogState = read_log(io, header.log_offset, header.log_length, header.log_guid)
