@@ -436,3 +436,10 @@ def test_check_copy_of_image_in_other_folder_is_independent(tmp_path, dynamic):
     copy.parent.mkdir()
     shutil.copy(dynamic, copy)
     assert check_image(copy).exit_code == 0
+
+
+def test_check_bat_offset_that_wraps_negative_is_beyond_eof(dynamic):
+    # Found by the fuzzer: FileOffsetMB near 2**44 MiB is past 2**63 bytes and wrapped negative in int64.
+    at = set_bat_entry(dynamic, 0, 0xFFFFFFFFFFFFFFFE)
+    report = check_image(dynamic)
+    assert findings(report, "BAT_BEYOND_EOF") == [(at, "error")]

@@ -803,7 +803,8 @@ class _BatScan:
         block = index - index // stride
         chunk = index // stride
         states = (raw & np.uint64(c.BAT_STATE_MASK)).astype(np.uint8)
-        offsets = (raw & _OFFSET_MASK).astype(np.int64)
+        # FileOffsetMB has 44 bits: offsets past 2**62 would wrap negative in int64; clamp them far past EOF.
+        offsets = np.minimum(raw & _OFFSET_MASK, np.uint64(1 << 62)).astype(np.int64)
         payload = ~is_sb & (block < g.data_blocks)
         # A block owns block_size bytes (Hyper-V allocates the last block whole even when the disk ends inside
         # it); only the part holding virtual disk bytes must lie inside the file.
