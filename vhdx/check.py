@@ -30,7 +30,7 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
 from vhdx.io import ImageIO, parse_bytes
-from vhdx.log import LogState, find_active_sequence, overlay_for, parse_entry, plan_replay, read_log
+from vhdx.log import LogState, overlay_for, parse_entry, plan_replay, read_log
 from vhdx.metadata import (
     ITEM_LAYOUTS,
     KNOWN_ITEMS,
@@ -465,7 +465,7 @@ def _region_rules(ctx: CheckContext, copy: RegionTableCopy, record: bool) -> int
             add("REGION_UNKNOWN_REQUIRED", entry_offset(i), f"unknown region {e.guid} is marked required")
         spans.append((f"{e.name} region", e.file_offset, e.end, entry_offset(i)))
     spans.sort(key=lambda s: s[1])
-    for (name_a, _, end_a, _), (name_b, start_b, _, where_b) in zip(spans, spans[1:]):
+    for (name_a, _, end_a, _), (name_b, start_b, _, where_b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
             add("REGION_OVERLAP", where_b, f"{name_b} overlaps {name_a}")
     return problems
@@ -546,7 +546,7 @@ def _check_metadata(ctx: CheckContext) -> None:
             ctx.add(Severity.ERROR, "METADATA_UNKNOWN_REQUIRED", "Metadata Table Entry", e.table_offset,
                     f"unknown metadata item {e.item_id} is marked required")
     in_bounds.sort(key=lambda e: e.offset)
-    for a, b in zip(in_bounds, in_bounds[1:]):
+    for a, b in zip(in_bounds, in_bounds[1:], strict=False):
         if b.offset < a.offset + a.length:
             ctx.add(Severity.ERROR, "METADATA_ITEM_OVERLAP", "Metadata Table Entry", b.table_offset,
                     f"{b.name} overlaps {a.name}")
@@ -899,7 +899,8 @@ class _BatScan:
             if len(same) or len(taken):
                 for a, b in ((idx[same + 1], idx[same]), (idx[taken], earlier[taken])):
                     self.clashes.extend([a, b])
-                    for x, y in zip(a[:MAX_FINDINGS_PER_CODE].tolist(), b[:MAX_FINDINGS_PER_CODE].tolist()):
+                    named = MAX_FINDINGS_PER_CODE
+                    for x, y in zip(a[:named].tolist(), b[:named].tolist(), strict=True):
                         self.partner.setdefault(x, y)
                         self.partner.setdefault(y, x)
             owner[units] = idx
@@ -920,7 +921,7 @@ def _check_leaks(ctx: CheckContext) -> None:
         return
     edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
     run_lo, run_hi = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    for lo, hi in zip(run_lo.tolist(), run_hi.tolist()):
+    for lo, hi in zip(run_lo.tolist(), run_hi.tolist(), strict=False):
         start, stop = lo * c.ALIGNMENT, min(hi * c.ALIGNMENT, size)
         ctx.leaked_bytes += stop - start
         trailing = stop == size
