@@ -107,10 +107,12 @@ def map_(ctx, path, as_json, **chain_opts):
               help="Type of a VHDX DESTINATION.")
 @click.option("--block-size", type=SIZE, help="Block size of a VHDX DESTINATION (default 32M, or the source's).")
 @click.option("--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
+@click.option("--sync", is_flag=True, help="fsync DESTINATION before it takes its name (default: OS write-back).")
 @chain_options
 @click.pass_context
 @handle_errors
-def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, **chain_opts):
+def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, sync,
+            **chain_opts):
     """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
 
     To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated.
@@ -122,15 +124,17 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         if output_format != "vhdx":
             raise click.UsageError("a raw SOURCE converts to -O vhdx")
         progress = Progress(os.path.getsize(source), "convert")
-        import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress)
+        import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
+                   sync=sync)
         progress.finish()
         return
     with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
         progress = Progress(image.virtual_size, "convert")
         if output_format == "raw":
-            export_raw(image, destination, overwrite=force, progress=progress)
+            export_raw(image, destination, overwrite=force, progress=progress, sync=sync)
         else:
-            flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress)
+            flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
+                    sync=sync)
         progress.finish()
         warn_if_being_written(image)
 

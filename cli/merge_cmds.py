@@ -88,11 +88,12 @@ def merge_text(result) -> str:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--search", "search_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="Also look here for parents (repeatable).")
+@click.option("--sync", is_flag=True, help="fsync OUT before it takes its name (default: OS write-back).")
 @handle_errors
-def flatten(child, out, disk_type, force, search_dirs):
+def flatten(child, out, disk_type, force, search_dirs, sync):
     """Write the whole chain seen through CHILD as a new standalone disk OUT; the chain is left untouched."""
     with vhdx.open(child, search_dirs=search_dirs) as image:
         bar = Progress(image.virtual_size, "flatten")
-        written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar)
+        written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
     click.echo(f"flattened {child} into {out} ({render.human_size(written)} of data)")

@@ -512,3 +512,19 @@ def test_robustness_valid_log_entry_control_is_replayed(image_copy, layout):
         assert image.log.needs_replay
         # The replayed BAT sector is all zeros: every block now reads as not present, i.e. zeros.
         assert image.read(0, image.virtual_size) == bytes(image.virtual_size)
+
+
+def test_robustness_differencing_disk_with_empty_parent_locator_is_a_format_error(tmp_path):
+    # Found by fuzzing: a Parent Locator entry of length 0 in a differencing disk.
+    from vhdx.create import create
+
+    parent, child = tmp_path / "p.vhdx", tmp_path / "c.avhdx"
+    create(parent, 8 << 20)
+    create(child, parent=parent)
+    with vhdx.open(child) as image:
+        entry = next(e for e in image.metadata.entries if e.name == "Parent Locator")
+    raw = bytearray(child.read_bytes())
+    struct.pack_into("<II", raw, entry.table_offset + 16, 0, 0)  # offset 0, length 0
+    child.write_bytes(raw)
+    with pytest.raises(vhdx.FormatError, match="Parent Locator"):
+        vhdx.open(child)

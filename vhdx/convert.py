@@ -66,7 +66,7 @@ def _true_runs(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[t
     return list(zip(starts[first].tolist(), ends[last].tolist()))
 
 
-def _build(destination: str, overwrite: bool, make, fill) -> int:
+def _build(destination: str, overwrite: bool, make, fill, sync: bool = False) -> int:
     if os.path.isdir(destination):
         raise InvalidRequestError(f"{destination} is a directory")
     if os.path.lexists(destination) and not overwrite:
@@ -75,7 +75,11 @@ def _build(destination: str, overwrite: bool, make, fill) -> int:
     try:
         make(tmp)
         with open_image(tmp, writable=True) as target:
+            # The `.part` file is thrown away if anything fails: no need to order writes with fsyncs.
+            target.io.durable = False
             written = fill(target)
+            target.io.durable = sync
+            target.flush()
         os.replace(tmp, destination)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,7 +90,7 @@ def _build(destination: str, overwrite: bool, make, fill) -> int:
 
 def import_raw(source, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
                logical_sector_size: int = 512, physical_sector_size: int | None = None, overwrite: bool = False,
-               progress: Callable[[int], None] | None = None) -> int:
+               progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
     """Make a VHDX from a raw image (its size must be a multiple of the sector size); returns data bytes."""
     source, destination = os.fspath(source), os.fspath(destination)
     try:
@@ -105,13 +109,13 @@ def import_raw(source, destination, *, type: str = "dynamic", block_size: int | 
                       lambda tmp: create(tmp, size, type=type, block_size=block_size,
                                          logical_sector_size=logical_sector_size,
                                          physical_sector_size=physical_sector_size, overwrite=True),
-                      lambda target: _fill(target, raw_data_ranges(fd, size), readinto, progress))
+                      lambda target: _fill(target, raw_data_ranges(fd, size), readinto, progress), sync)
     finally:
         os.close(fd)
 
 
 def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
-            overwrite: bool = False, progress: Callable[[int], None] | None = None) -> int:
+            overwrite: bool = False, progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
     """Write the whole chain seen through ``image`` as a new standalone disk; the chain is not touched."""
     destination = os.fspath(destination)
     if any(os.path.abspath(layer.path) == os.path.abspath(destination) for layer in image.layers):
@@ -128,4 +132,4 @@ def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size:
                   lambda tmp: create(tmp, image.virtual_size, type=type, block_size=block_size or image.block_size,
                                      logical_sector_size=image.logical_sector_size,
                                      physical_sector_size=image.physical_sector_size, overwrite=True),
-                  lambda target: _fill(target, ranges(), image.readinto, progress))
+                  lambda target: _fill(target, ranges(), image.readinto, progress), sync)

@@ -16,11 +16,12 @@ from vhdx.io import COPY_CHUNK, copy_range
 
 
 def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool = False,
-               progress: Callable[[int], None] | None = None) -> int:
+               progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
     """Write the virtual disk to ``out_path`` as a raw image; returns the bytes of data copied.
 
     The file is written as ``<out_path>.part`` and renamed at the end, so an interrupted export never leaves
-    a complete-looking but partial image behind.
+    a complete-looking but partial image behind. ``sync`` makes it durable (fsync) before the rename; like
+    cp and qemu-img, the default leaves write-back to the OS.
     """
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
@@ -40,7 +41,8 @@ def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool
                 copied += length
             if progress:
                 progress(start + length)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)

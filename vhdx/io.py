@@ -84,6 +84,9 @@ class ImageIO:
         self._owns = owns
         self.overlay: Overlay | None = None
         self._size_cache: int | None = None
+        # False for scratch files (a `.part` being built): crash consistency is moot there, so flush()
+        # only orders nothing and costs nothing; the builder syncs once at the end if asked.
+        self.durable = True
 
     # --- opening ------------------------------------------------------------------------------------
     @classmethod
@@ -256,7 +259,7 @@ class ImageIO:
 
     def flush(self) -> None:
         """Make everything written so far durable (fsync)."""
-        if not self.writable:
+        if not self.writable or not self.durable:
             return
         try:
             if self._fd is not None:

@@ -225,10 +225,9 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
     has_parent = bool(file_params.flags & c.FILE_PARAM_HAS_PARENT)
     locator = None
     locator_entry = items.get(c.PARENT_LOCATOR_GUID)
-    if has_parent:
-        if locator_entry is None:
-            raise FormatError("differencing disk without a Parent Locator item", structure="Metadata Table",
-                              offset=region.file_offset, path=io.path)
+    if has_parent and (locator_entry is None or locator_entry.length == 0):
+        raise FormatError("differencing disk without a Parent Locator item (or an empty one)",
+                          structure="Metadata Table", offset=region.file_offset, path=io.path)
     if locator_entry is not None and locator_entry.length:
         where = region.file_offset + locator_entry.offset
         raw = io.read_exact_at(where, locator_entry.length, "Parent Locator")
