@@ -31,6 +31,12 @@ from vhdx.writer import Writer, replay_log_on_disk
 
 # Blocks examined per step when walking a whole disk: bounds memory for 64 TiB disks with 1 MiB blocks.
 WINDOW_BLOCKS = 1 << 18
+# Requests up to this size first try the per-block short path (random I/O through deep chains).
+SMALL_READ = 1 << 20
+# Sector bitmap blocks (1 MiB each) kept per read-only file.
+BITMAP_CACHE_CHUNKS = 32
+_ZERO_READING_STATES = frozenset({c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED,
+                                  c.BatState.UNMAPPED_V095})
 
 
 class VhdxImage:
@@ -42,6 +48,7 @@ class VhdxImage:
         self._parent: VhdxImage | None = None
         self._parent_source: str | None = None
         self._writer: Writer | None = None
+        self._bitmap_cache: dict[int, np.ndarray] = {}
         try:
             self._load()
             self._identity = self._file_identity()
@@ -246,6 +253,27 @@ class VhdxImage:
         if start < 0 or end < start or end > self.virtual_size:
             raise InvalidRequestError(f"range [{start}, {end}) is outside the virtual disk ({self.virtual_size} bytes)")
 
+    def _chunk_bitmap(self, chunk: int) -> np.ndarray | None:
+        """The whole 1 MiB sector bitmap block of a chunk, cached while the file cannot change under us."""
+        if self.io.writable:
+            return None  # a writer changes bitmaps through the overlay: always read them afresh
+        cached = self._bitmap_cache.get(chunk)
+        if cached is None:
+            offset = int(self.bat.bitmap_offsets[chunk])
+            cached = np.frombuffer(self.io.read_at(offset, c.SECTOR_BITMAP_BLOCK_SIZE), dtype=np.uint8)
+            if len(self._bitmap_cache) >= BITMAP_CACHE_CHUNKS:
+                self._bitmap_cache.pop(next(iter(self._bitmap_cache)))
+            self._bitmap_cache[chunk] = cached
+        return cached
+
+    def _bitmap_bytes(self, chunk: int, first_byte: int, length: int) -> np.ndarray:
+        """``length`` bytes of a chunk's sector bitmap from ``first_byte``."""
+        cached = self._chunk_bitmap(chunk)
+        if cached is not None:
+            return cached[first_byte : first_byte + length]
+        offset = int(self.bat.bitmap_offsets[chunk]) + first_byte
+        return np.frombuffer(self.io.read_at(offset, length), dtype=np.uint8)
+
     def read_bitmap_bits(self, blocks: np.ndarray) -> np.ndarray:
         """Sector bitmap bits (blocks, sectors_per_block) of the given payload blocks, LSB-first per byte."""
         g = self.geometry
@@ -260,10 +288,18 @@ class VhdxImage:
             first, last = int(within.min()), int(within.max())
             if self.bat.bitmap_states[chunk] != c.SbState.PRESENT:
                 continue
-            base = int(self.bat.bitmap_offsets[chunk]) + first * per
-            data = np.frombuffer(self.io.read_at(base, (last - first + 1) * per), dtype=np.uint8)
+            data = self._bitmap_bytes(int(chunk), first * per, (last - first + 1) * per)
             raw[sel] = data.reshape(-1, per)[within - first]
         return np.unpackbits(raw, axis=1, bitorder="little")
+
+    def _sector_bits(self, block: int, first_sector: int, end_sector: int) -> np.ndarray:
+        """Bitmap bits of sectors [first_sector, end_sector) of one partially present block."""
+        g = self.geometry
+        first_bit = (block % g.chunk_ratio) * g.sectors_per_block + first_sector
+        end_bit = first_bit + end_sector - first_sector
+        lo = first_bit // 8
+        raw = self._bitmap_bytes(block // g.chunk_ratio, lo, -(-end_bit // 8) - lo)
+        return np.unpackbits(raw, bitorder="little")[first_bit - lo * 8 : end_bit - lo * 8]
 
     def layer_extents(self, start: int, end: int) -> Extents:
         """Extents of [start, end) as this file alone describes them (layer 0; ABSENT = not in this file)."""
@@ -329,6 +365,8 @@ class VhdxImage:
         n = max(0, min(len(view), self.virtual_size - offset))
         if n == 0:
             return 0
+        if n <= SMALL_READ and self._read_within_one_block(offset, view[:n]):
+            return n
         layers = [self]
         target = np.frombuffer(view, dtype=np.uint8) if not view.readonly else None
         for start, length, kind, layer, file_offset in self.extents(offset, offset + n).rows():
@@ -340,6 +378,41 @@ class VhdxImage:
             else:
                 target[lo : lo + length] = 0
         return n
+
+    def _read_within_one_block(self, offset: int, view: memoryview) -> bool:
+        """Short path for a request inside one block of every layer: walk the BAT entries child to parent.
+
+        Returns False (nothing read) whenever the request needs the general extent machinery: it crosses a
+        block of some layer, goes past a parent's end, or meets a mixed run of bitmap bits.
+        """
+        image, n = self, len(view)
+        while True:
+            g = image.geometry
+            if offset + n > g.virtual_size:
+                return False
+            block, in_block = divmod(offset, g.block_size)
+            if in_block + n > g.block_size:
+                return False
+            state = int(image.bat.states[block])
+            if state == c.BatState.PARTIALLY_PRESENT:
+                lss = g.logical_sector_size
+                bits = image._sector_bits(block, in_block // lss, -(-(in_block + n) // lss))
+                if bits.all():
+                    state = c.BatState.FULLY_PRESENT
+                elif not bits.any():
+                    state = c.BatState.NOT_PRESENT
+                else:
+                    return False
+            if state == c.BatState.FULLY_PRESENT:
+                image.io.readinto_at(int(image.bat.offsets[block]) + in_block, view)
+                return True
+            if state == c.BatState.NOT_PRESENT and image.has_parent and not image.options.orphan:
+                image = image.parent
+                continue
+            if state in _ZERO_READING_STATES or state == c.BatState.NOT_PRESENT:
+                view[:] = bytes(n)
+                return True
+            return False  # reserved states: let the general path report them
 
     def read(self, offset: int, length: int) -> bytes:
         """Read virtual disk bytes; the result is shorter than ``length`` only at the end of the disk."""
