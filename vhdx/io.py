@@ -282,6 +282,7 @@ def parse_bytes(layout, data: bytes, *, offset: int | None = None, structure: st
 
 
 COPY_CHUNK = 8 * 1024 * 1024
+SMALL_COPY = 256 * 1024
 
 
 def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, length: int,
@@ -294,7 +295,9 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
     end_in_file = min(src_offset + length, src.real_size)
     overlaid = src.overlay is not None and _overlay_touches(src.overlay, src_offset, length)
     done = 0
-    if src.fd is not None and not overlaid and hasattr(os, "copy_file_range"):
+    # Below this size a kernel copy costs more in system-call set-up than it saves (many 4 KiB runs).
+    worth_kernel_copy = length > SMALL_COPY
+    if worth_kernel_copy and src.fd is not None and not overlaid and hasattr(os, "copy_file_range"):
         while src_offset + done < end_in_file:
             try:
                 n = os.copy_file_range(src.fd, dst_fd, end_in_file - src_offset - done, src_offset + done,
