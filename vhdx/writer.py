@@ -159,6 +159,7 @@ class Writer:
     # --- commit -------------------------------------------------------------------------------------
     def commit(self) -> None:
         """Make every pending change durable through the log; a no-op (but a flush) when nothing is pending."""
+        self._extend_file()
         self.io.flush()  # payload first: metadata must never point at data that is not durable
         if not self.pending:
             return
@@ -215,14 +216,23 @@ class Writer:
             self._next_free = self._end_of_structures()
         offset = self._next_free
         self._next_free += length
-        self.io.truncate(max(self.io.real_size, self._next_free))
+        # The file grows once per commit (see _extend_file): a truncate per block made writes 2-5x slower.
         return offset
+
+    def _file_end(self) -> int:
+        """Size the file has, counting space allocated this session but not yet added to it."""
+        return max(self.io.real_size, self._next_free or 0)
+
+    def _extend_file(self) -> None:
+        """Grow the file over every allocation, before any metadata that points at them is logged."""
+        if self._next_free is not None and self.io.real_size < self._next_free:
+            self.io.truncate(self._next_free)
 
     def _reusable_offset(self, block: int) -> int | None:
         """The file space a ZERO/UNMAPPED/UNDEFINED entry kept from its present days, if safe to reuse."""
         image = self.image
         offset = int(image.bat.offsets[block])
-        if offset < c.HEADER_SECTION_SIZE or offset % c.ALIGNMENT or offset + image.block_size > self.io.real_size:
+        if offset < c.HEADER_SECTION_SIZE or offset % c.ALIGNMENT or offset + image.block_size > self._file_end():
             return None
         spans = [(image.regions.bat.file_offset, image.regions.bat.end),
                  (image.regions.metadata.file_offset, image.regions.metadata.end),
