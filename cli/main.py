@@ -90,7 +90,7 @@ def map_(ctx, path, as_json, **chain_opts):
         except ChainError as exc:
             click.echo(f"vhdx: warning: {exc}; mapping this layer alone", err=True)
             parent_missing, layers = True, [image]
-            extents = image.layer_extents(0, image.virtual_size)
+            extents = image.extents(through_parents=False)
         rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing)
         warn_if_being_written(image)
     render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))

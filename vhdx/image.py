@@ -325,16 +325,18 @@ class VhdxImage:
         ext = concat_sorted(parts).with_layer(0)
         return coalesce(clip(ext, start, end))
 
-    def extents(self, start: int = 0, end: int | None = None) -> Extents:
+    def extents(self, start: int = 0, end: int | None = None, *, through_parents: bool = True) -> Extents:
         """Extents of [start, end) through the chain: ``layer`` is the depth that supplies each run.
 
-        ABSENT runs that remain are not held by any layer and read as zeros.
+        ABSENT runs that remain are not held by any layer and read as zeros. With ``through_parents`` False
+        only this file is described (its ABSENT runs are what a parent would supply).
         """
         end = self.virtual_size if end is None else end
+        step = self._chain_extents if through_parents else self.layer_extents
         parts = []
         window = WINDOW_BLOCKS * self.block_size
         for lo in range(start, end, window):
-            parts.append(self._chain_extents(lo, min(end, lo + window)))
+            parts.append(step(lo, min(end, lo + window)))
         if len(parts) == 1:
             return parts[0]
         return coalesce(concat_sorted(parts)) if parts else Extents.empty()
