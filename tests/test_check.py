@@ -443,3 +443,16 @@ def test_check_bat_offset_that_wraps_negative_is_beyond_eof(dynamic):
     at = set_bat_entry(dynamic, 0, 0xFFFFFFFFFFFFFFFE)
     report = check_image(dynamic)
     assert findings(report, "BAT_BEYOND_EOF") == [(at, "error")]
+
+
+def test_check_empty_parent_locator_is_malformed_and_the_reader_refuses_it(tmp_path):
+    # Found by the fuzzer: a differencing disk whose Parent Locator entry has length 0 crashed the reader.
+    base = make_dynamic(tmp_path / "base.vhdx")
+    child = make_child(base, tmp_path / "child.avhdx")
+    with vhdx.open(child) as image:
+        entry = next(e for e in image.metadata.entries if e.item_id == c.PARENT_LOCATOR_GUID)
+    pwrite(child, entry.table_offset + 20, struct.pack("<I", 0))
+    report = check_image(child)
+    assert findings(report, "LOCATOR_MALFORMED") == [(entry.table_offset, "error")]
+    with pytest.raises(vhdx.VhdxError):
+        vhdx.open(child)
