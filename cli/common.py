@@ -61,7 +61,8 @@ class OneLineErrorGroup(click.Group):
     """A click group whose usage errors (bad option, missing file, ...) print one line, like library errors.
 
     Click's own format (usage, hint, blank line, message) spans four lines; scripts and our error contract
-    expect ``vhdx: error: <message>`` and exit code 2 for bad arguments.
+    expect ``vhdx: error: <message>``. Bad arguments exit with 1 ("could not run", as qemu-img does): 2 is
+    what ``check`` says when it finds corruption.
     """
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
@@ -73,7 +74,7 @@ class OneLineErrorGroup(click.Group):
             if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                 exc.show()  # bare ``vhdx``: the help text is the message
                 sys.exit(exc.exit_code)
-            fail(" ".join(exc.format_message().split()), exc.exit_code)
+            fail(" ".join(exc.format_message().split()), 1)
         except click.Abort:
             fail("aborted", 1)
         # Without standalone mode click returns the exit code of ``ctx.exit`` (e.g. after --help) instead of exiting.

@@ -99,13 +99,13 @@ def test_cli_errors_are_one_line(recording, args, message):
 
 def test_cli_psrp_needs_host():
     result = CliRunner().invoke(cli, ["hyperv", "--transport", "psrp", "vms"])
-    assert result.exit_code == 2 and "--transport psrp needs --host" in result.output
+    assert result.exit_code == 1 and "--transport psrp needs --host" in result.output
 
 
 def test_cli_password_env_must_exist(monkeypatch):
     monkeypatch.delenv("VHDX_TEST_NO_SUCH_VAR", raising=False)
     result = CliRunner().invoke(cli, ["hyperv", "--host", "h", "--password-env", "VHDX_TEST_NO_SUCH_VAR", "vms"])
-    assert result.exit_code == 2 and "VHDX_TEST_NO_SUCH_VAR is not set" in result.output
+    assert result.exit_code == 1 and "VHDX_TEST_NO_SUCH_VAR is not set" in result.output
 
 
 def test_cli_check_failure_exit_2(recording):
