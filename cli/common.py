@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 import sys
 import time
@@ -64,6 +65,21 @@ class OneLineErrorGroup(click.Group):
     expect ``vhdx: error: <message>``. Bad arguments exit with 1 ("could not run", as qemu-img does): 2 is
     what ``check`` says when it finds corruption.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands: dict[str, str] = {}  # name -> "module:attribute", imported on first use
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx, name: str):
+        command = super().get_command(ctx, name)
+        if command is None and name in self.lazy_commands:
+            module_name, attribute = self.lazy_commands[name].split(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            self.add_command(command, name)
+        return command
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:

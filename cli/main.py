@@ -12,8 +12,7 @@ from vhdx.convert import flatten, import_raw
 from vhdx.export import export_raw
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image
-from vhdx_cli import check_cmds, render
-from vhdx_cli import forensics_cmds, merge_cmds, write_cmds
+from vhdx_cli import render
 from vhdx_cli.common import (
     SIZE,
     OneLineErrorGroup,
@@ -146,26 +145,26 @@ def is_vhdx_file(path: str) -> bool:
         return f.read(len(FILE_SIGNATURE)) == FILE_SIGNATURE
 
 
-for _command in (write_cmds.create, write_cmds.write, write_cmds.discard, write_cmds.set_parent):
-    cli.add_command(_command)
-for _command in (check_cmds.check, check_cmds.repair):
-    cli.add_command(_command)
-for _command in forensics_cmds.COMMANDS:
-    cli.add_command(_command)
-for _command in (merge_cmds.merge, merge_cmds.flatten):
-    cli.add_command(_command)
-
-from vhdx_cli.hyperv import hyperv  # noqa: E402 - the Hyper-V group lives in its own module
-
-cli.add_command(hyperv)
-
-from vhdx_cli.bench_cmds import bench  # noqa: E402 - `vhdx bench` (storage benchmark) lives in its own module
-
-cli.add_command(bench)
-
-from vhdx_cli.fixture_cmds import fixture  # noqa: E402 - `vhdx fixture build/list` lives in its own module
-
-cli.add_command(fixture)
+# Commands that live in their own modules, imported only when run (or listed by --help): `vhdx info`
+# should not pay for loading the merge engine, the Hyper-V backend or matplotlib-backed benches.
+cli.lazy_commands.update({
+    "create": "vhdx_cli.write_cmds:create",
+    "write": "vhdx_cli.write_cmds:write",
+    "discard": "vhdx_cli.write_cmds:discard",
+    "set-parent": "vhdx_cli.write_cmds:set_parent",
+    "check": "vhdx_cli.check_cmds:check",
+    "repair": "vhdx_cli.check_cmds:repair",
+    "diff": "vhdx_cli.forensics_cmds:diff",
+    "hash": "vhdx_cli.forensics_cmds:hash_",
+    "slack": "vhdx_cli.forensics_cmds:slack",
+    "serve": "vhdx_cli.forensics_cmds:serve",
+    "mount": "vhdx_cli.forensics_cmds:mount",
+    "merge": "vhdx_cli.merge_cmds:merge",
+    "flatten": "vhdx_cli.merge_cmds:flatten",
+    "hyperv": "vhdx_cli.hyperv:hyperv",
+    "bench": "vhdx_cli.bench_cmds:bench",
+    "fixture": "vhdx_cli.fixture_cmds:fixture",
+})
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`
