@@ -247,9 +247,6 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
                                   params.virtual_size)
     if problems:
         raise FormatError("; ".join(problems), structure="Metadata", offset=region.file_offset, path=io.path)
-    if has_parent and locator is None:
-        raise FormatError("the Parent Locator item of a differencing disk is empty", structure="Parent Locator",
-                          offset=locator_entry.table_offset, path=io.path)
     if has_parent and locator.locator_type != c.VHDX_PARENT_LOCATOR_TYPE_GUID:
         raise UnsupportedError(f"unknown parent locator type {locator.locator_type}", structure="Parent Locator",
                                offset=region.file_offset + locator_entry.offset, path=io.path)
