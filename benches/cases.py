@@ -49,7 +49,7 @@ def flatten(w: Workload, tmp: str, profile: Profile, limit_src: str) -> dict:
 
     def ours():
         with vhdx.open(w.path) as image:
-            export_raw(image, out["ours"], overwrite=True)
+            export_raw(image, out["ours"], overwrite=True, sync=True)  # every method here ends with an fsync
 
     methods = [Method("ours", "ours", ours, verify=lambda: file_digest(out["ours"], w.virtual_size),
                       teardown=lambda: remove(out["ours"]))]
@@ -233,9 +233,13 @@ def qemu_equivalent(w: Workload, tmp: str) -> tuple[str | None, str | None]:
 
 def cli_has(command: str) -> str | None:
     """None when ``vhdx COMMAND`` exists, else why not."""
+    import click  # noqa: PLC0415
+
     from vhdx_cli.main import cli  # noqa: PLC0415 - only to see which commands are registered
 
-    return None if command in cli.commands else f"missing (not built yet): vhdx {command}"
+    # Commands load lazily: ask the group, not its dict of already imported commands.
+    known = cli.list_commands(click.Context(cli))
+    return None if command in known else f"missing (not built yet): vhdx {command}"
 
 
 def check_function():
