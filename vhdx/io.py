@@ -313,7 +313,10 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
         while done < length:
             n = min(COPY_CHUNK, length - done)
             src.readinto_at(src_offset + done, view[:n])
-            os.pwrite(dst_fd, view[:n], dst_offset + done)
+            try:
+                os.pwrite(dst_fd, view[:n], dst_offset + done)
+            except OSError as exc:  # e.g. ENOSPC on the destination
+                raise VhdxError(f"write failed: {exc.strerror}", offset=dst_offset + done) from None
             done += n
 
 
