@@ -22,7 +22,12 @@ from vhdx.errors import (
 from vhdx.format.constants import BatState, DiskType, SbState
 from vhdx.image import VhdxImage, VirtualDiskStream, open_image
 from vhdx.convert import flatten
+from vhdx.create import create
 from vhdx.merge import MergeResult, merge
+from vhdx.relink import set_parent
+
+# ``vhdx.create``, ``vhdx.merge`` and ``vhdx.set_parent`` are the functions (the documented API); their modules
+# stay importable by name (``from vhdx.merge import plan_merge``).
 
 open = open_image  # noqa: A001 - ``vhdx.open(path)`` is the documented entry point
 
@@ -46,7 +51,9 @@ __all__ = [
     "VirtualDiskStream",
     "open",
     "open_image",
+    "create",
     "flatten",
     "merge",
     "MergeResult",
+    "set_parent",
 ]

@@ -66,7 +66,7 @@ class VhdxImage:
             raise
 
     # --- loading ------------------------------------------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, *, with_bat: bool = True) -> None:
         io = self.io
         try:
             ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
@@ -95,8 +95,9 @@ class VhdxImage:
         self.metadata: Metadata = load_metadata(io, self.regions.metadata)
         p = self.metadata.params
         self.geometry = Geometry(p.virtual_size, p.block_size, p.logical_sector_size, p.has_parent)
-        self.bat: Bat = Bat.load(io, self.regions.bat, self.geometry)
-        self._validate_bat()
+        if with_bat:
+            self.bat: Bat = Bat.load(io, self.regions.bat, self.geometry)
+            self._validate_bat()
 
     def _validate_bat(self) -> None:
         """Refuse BATs that would make reads wrong: illegal states, blocks outside the file, missing bitmaps."""
@@ -521,6 +522,23 @@ class VirtualDiskStream(_io.RawIOBase):
     @property
     def size(self) -> int:
         return self._image.virtual_size
+
+
+def read_disk_parameters(path) -> DiskParameters:
+    """A file's metadata (headers, log view, regions, metadata items) without loading its BAT.
+
+    For scanning folders of disks (which children point at which parent): a 64 TiB disk's BAT is hundreds of
+    MiB, its metadata a few KiB.
+    """
+    image = VhdxImage.__new__(VhdxImage)
+    image.io = ImageIO.open(path)
+    try:
+        image._load(with_bat=False)
+        return image.metadata.params
+    except VhdxError as exc:
+        raise exc.with_path(image.io.path) from None
+    finally:
+        image.io.close()
 
 
 def open_image(source, *, writable: bool = False, parent: str | None = None, search_dirs=(),

@@ -36,7 +36,7 @@ from vhdx.errors import MergeError, UnsupportedError, VhdxError
 from vhdx.extents import ExtentKind, Extents, clip, coalesce, concat_sorted
 from vhdx.format import constants as c
 from vhdx.format.guid import format_guid_text
-from vhdx.image import VhdxImage, open_image
+from vhdx.image import VhdxImage, open_image, read_disk_parameters
 from vhdx.io import COPY_CHUNK, ImageIO, copy_range
 
 BS = c.BatState
@@ -688,12 +688,12 @@ def find_dependents(folders, exclude: Sequence[str]) -> dict[uuid.UUID, list[str
             if not os.path.isfile(path):
                 continue
             try:
-                with open_image(path, orphan=True) as image:
-                    if image.has_parent:
-                        for guid in image.params.parent_locator.linkages:
-                            found.setdefault(guid, []).append(path)
+                params = read_disk_parameters(path)  # no BAT: folders may hold huge sparse disks
             except VhdxError:
                 continue
+            if params.has_parent:
+                for guid in params.parent_locator.linkages:
+                    found.setdefault(guid, []).append(path)
     return found
 
 
