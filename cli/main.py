@@ -7,8 +7,8 @@ import os
 import click
 
 import vhdx
-from vhdx.errors import ChainError
 from vhdx.convert import flatten, import_raw
+from vhdx.errors import ChainError
 from vhdx.export import export_raw
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image

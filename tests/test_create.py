@@ -9,10 +9,10 @@ import subprocess
 import pytest
 
 import vhdx
+from tests.support.peers import need
 from vhdx.create import create
 from vhdx.errors import InvalidRequestError
 from vhdx.format import constants as c
-from tests.support.peers import need
 
 MiB = 1 << 20
 

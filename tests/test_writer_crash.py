@@ -12,10 +12,10 @@ import shutil
 import pytest
 
 import vhdx
+from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
 from vhdx import writer as writer_module
 from vhdx.create import create
 from vhdx.relink import set_parent
-from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -5,6 +5,8 @@ Public API: ``open`` (alias ``open_image``), the image and stream classes, and t
 
 from __future__ import annotations
 
+from vhdx.convert import flatten
+from vhdx.create import create
 from vhdx.errors import (
     ChainError,
     ChainLoopError,
@@ -21,8 +23,6 @@ from vhdx.errors import (
 )
 from vhdx.format.constants import BatState, DiskType, SbState
 from vhdx.image import VhdxImage, VirtualDiskStream, open_image
-from vhdx.convert import flatten
-from vhdx.create import create
 from vhdx.merge import MergeResult, merge
 from vhdx.relink import set_parent
 

@@ -63,7 +63,7 @@ def _true_runs(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[t
     """(start, end) of each run of consecutive True pieces."""
     edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
     first, last = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
-    return list(zip(starts[first].tolist(), ends[last].tolist()))
+    return list(zip(starts[first].tolist(), ends[last].tolist(), strict=True))
 
 
 def _build(destination: str, overwrite: bool, make, fill, sync: bool = False) -> int:

@@ -58,7 +58,7 @@ class Extents:
     def rows(self):
         """Iterate as Python tuples (start, length, kind, layer, file_offset): for output, not hot paths."""
         return zip(self.start.tolist(), self.length.tolist(), self.kind.tolist(), self.layer.tolist(),
-                   self.file_offset.tolist())
+                   self.file_offset.tolist(), strict=True)
 
     def with_layer(self, layer: int) -> Extents:
         layers = np.where(self.kind == ExtentKind.ABSENT, -1, layer).astype(np.int16)

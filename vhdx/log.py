@@ -1,5 +1,4 @@
-"""The metadata log: parse and validate entries, find the active sequence, plan and apply a replay, and
-build new entries for writers.
+"""The metadata log: parse, validate, find the active sequence, replay, and build entries for writers.
 
 Pure functions (``parse_entry``, ``find_active_sequence``, ``plan_replay``, ``build_entry``) are kept apart
 from the ones that touch a file (``read_log``, ``apply_replay``).

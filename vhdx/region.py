@@ -114,7 +114,7 @@ def region_problems(entries: tuple[RegionEntry, ...], log_offset: int, log_lengt
             problems.append(f"{e.name} region has length 0")
         spans.append((f"{e.name} region", e.file_offset, e.end))
     spans.sort(key=lambda s: s[1])
-    for (name_a, _, end_a), (name_b, start_b, _) in zip(spans, spans[1:]):
+    for (name_a, _, end_a), (name_b, start_b, _) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
             problems.append(f"{name_a} overlaps {name_b}")
     return problems

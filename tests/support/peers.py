@@ -15,7 +15,7 @@ def read_with_pyvhdi(paths: list, size: int) -> bytes:
         f = pyvhdi.file()
         f.open(str(path))
         files.append(f)
-    for child, parent in zip(files, files[1:]):
+    for child, parent in zip(files, files[1:], strict=False):
         child.set_parent(parent)
     try:
         return files[0].read_buffer(size)
