@@ -1,9 +1,14 @@
 """Stateful property test: random writes, zeroing, trims and checkpoints on a chain, with merges of any layer
-into any of its ancestors in between; the chain through its top layer must always read the model's bytes."""
+into any of its ancestors in between; the chain through its top layer must always read the model's bytes.
+
+After every merge the chain must check clean (no corruption, no leaked space); once everything is merged into
+the base disk, libvhdi, dissect.hypervisor and (512-byte sectors) qemu-img must read the model's bytes too.
+"""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -13,10 +18,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import vhdx
 from tests.support.merge_chains import read_view
+from tests.support.peers import read_with_dissect, read_with_pyvhdi
+from vhdx.check import check_image
 from vhdx.create import create
 
 MiB = 1 << 20
 MAX_DEPTH = 6
+# Blocks from the smallest to the largest the format allows; disks stay small (a 256 MiB block is sparse).
+BLOCK_MIB = st.sampled_from([1, 2, 4, 32, 256])
 
 
 class MergeMachine(RuleBasedStateMachine):
@@ -31,8 +40,7 @@ class MergeMachine(RuleBasedStateMachine):
     def teardown(self):
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    @rule(size_mib=st.integers(2, 8), block_mib=st.sampled_from([1, 2, 4]), logical=st.sampled_from([512, 4096]),
-          fixed=st.booleans())
+    @rule(size_mib=st.integers(2, 8), block_mib=BLOCK_MIB, logical=st.sampled_from([512, 4096]), fixed=st.booleans())
     @precondition(lambda self: not self.paths)
     def make_base(self, size_mib, block_mib, logical, fixed):
         path = self.folder / "base.vhdx"
@@ -41,6 +49,7 @@ class MergeMachine(RuleBasedStateMachine):
         self.paths = [path]
         self.model = bytearray(size_mib * MiB)
         self.fixed = fixed
+        self.logical = logical
 
     def _range(self, data, lss):
         size = len(self.model)
@@ -80,7 +89,7 @@ class MergeMachine(RuleBasedStateMachine):
         for b in range(first, max(first, last)):
             self.model[b * bs : min(size, (b + 1) * bs)] = bytes(min(size, (b + 1) * bs) - b * bs)
 
-    @rule(block_mib=st.sampled_from([1, 2, 4]))
+    @rule(block_mib=BLOCK_MIB)
     @precondition(lambda self: self.paths and len(self.paths) < MAX_DEPTH)
     def snapshot(self, block_mib):
         self.made += 1
@@ -95,6 +104,23 @@ class MergeMachine(RuleBasedStateMachine):
         dst = data.draw(st.integers(src + 1, len(self.paths) - 1))
         vhdx.merge(self.paths[src], into=self.paths[dst])
         del self.paths[src:dst]
+        report = check_image(self.paths[0], chain=True)
+        assert report.exit_code == 0, [(f.code, f.path, f.offset, f.message) for f in report.all_findings]
+        if len(self.paths) == 1:
+            self._peers_read_the_base()
+
+    def _peers_read_the_base(self):
+        base, model = self.paths[0], bytes(self.model)
+        assert read_with_pyvhdi([base], len(model)) == model
+        assert read_with_dissect(base, len(model)) == model
+        qemu_img = shutil.which("qemu-img")
+        if qemu_img and self.logical == 512:  # qemu 7.2 opens only 512-byte-sector VHDX
+            check = subprocess.run([qemu_img, "check", str(base)], capture_output=True, text=True)
+            assert check.returncode == 0, check.stdout + check.stderr
+            raw = self.folder / "base.raw"
+            subprocess.run([qemu_img, "convert", "-O", "raw", str(base), str(raw)], check=True)
+            assert raw.read_bytes() == model
+            raw.unlink()
 
     @rule()
     @precondition(lambda self: self.paths)
