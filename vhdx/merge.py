@@ -37,7 +37,7 @@ from vhdx.extents import ExtentKind, Extents, clip, coalesce, concat_sorted
 from vhdx.format import constants as c
 from vhdx.format.guid import format_guid_text
 from vhdx.image import VhdxImage, open_image, read_disk_parameters
-from vhdx.io import COPY_CHUNK, ImageIO, copy_range
+from vhdx.io import COPY_CHUNK, BackgroundFlush, ImageIO, copy_range
 
 BS = c.BatState
 # States a payload block reads as zeros in, whatever the disk type.
@@ -574,14 +574,15 @@ def apply_merge(dest: VhdxImage, plan: MergePlan, sources: Sequence[ImageIO], *,
         if progress:
             progress(done, total)
     buf = bytearray(COPY_CHUNK)
-    for layer, src, dst, n in zip(plan.copy_layer.tolist(), plan.copy_src.tolist(), plan.copy_dst.tolist(),
-                                  plan.copy_len.tolist(), strict=True):
-        for pos in range(0, n, PROGRESS_STEP):
-            step = min(PROGRESS_STEP, n - pos)
-            _copy(sources[layer], src + pos, io, dst + pos, step, buf)
-            done += step
-            if progress:
-                progress(done, total)
+    with BackgroundFlush(io):
+        for layer, src, dst, n in zip(plan.copy_layer.tolist(), plan.copy_src.tolist(), plan.copy_dst.tolist(),
+                                      plan.copy_len.tolist(), strict=True):
+            for pos in range(0, n, PROGRESS_STEP):
+                step = min(PROGRESS_STEP, n - pos)
+                _copy(sources[layer], src + pos, io, dst + pos, step, buf)
+                done += step
+                if progress:
+                    progress(done, total)
     for chunk, offset in zip(plan.sb_chunks.tolist(), plan.sb_offsets.tolist(), strict=True):
         writer.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
     _stage_bitmaps(dest, plan)
