@@ -127,8 +127,12 @@ def _dirty_log(path: Path) -> None:
 
 
 def _build_bases() -> list[Base]:
+    with tempfile.TemporaryDirectory(prefix="vhdx-fuzz-base-") as work:
+        return _build_bases_in(Path(work))
+
+
+def _build_bases_in(work: Path) -> list[Base]:
     rng = np.random.default_rng(7)
-    work = Path(tempfile.mkdtemp(prefix="vhdx-fuzz-base-"))
     base = work / "base.vhdx"
     create(base, 3 * MiB, block_size=MiB, logical_sector_size=512, log_size=MiB)
     with vhdx.open(base, writable=True) as image:
