@@ -821,10 +821,14 @@ class _BatScan:
         self._report(illegal, index, Severity.ERROR, "BAT_STATE_ILLEGAL",
                      lambda i: f"state {states[i]} is not legal here in a {self._type_label()} disk")
         if not self.diff:
+            # Only NOT_PRESENT is legal here. A PRESENT (6) entry is an error: QEMU takes it for a payload block
+            # and refuses the file when it lies past the end; other stray values are harmless garbage.
             stray = is_sb & (states != c.SbState.NOT_PRESENT)
-            self._report(stray, index, Severity.WARNING, "BAT_SB_IN_NON_DIFFERENCING",
-                         lambda i: f"sector bitmap entry has state {states[i]} in a {self._type_label()} disk",
-                         repairable=True)
+            for severity, mask in ((Severity.ERROR, stray & (states == c.SbState.PRESENT)),
+                                   (Severity.WARNING, stray & (states != c.SbState.PRESENT))):
+                self._report(mask, index, severity, "BAT_SB_IN_NON_DIFFERENCING",
+                             lambda i: f"sector bitmap entry has state {states[i]} in a {self._type_label()} disk",
+                             repairable=True)
         owned = (payload & np.isin(states, _PRESENT_STATES)) | (is_sb & (states == c.SbState.PRESENT) & self.diff)
         kept = payload & np.isin(states, _KEEPING_STATES) & (offsets > 0)
         if not self.diff:

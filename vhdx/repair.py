@@ -533,5 +533,11 @@ def repair_image(path, *, dry_run: bool = False, backup: str | None = None, leak
     if backup:
         copy_sparse(path, os.fspath(backup))
     changes = apply_repair(path, plan)
-    return RepairResult(before, plan, tuple(changes), check_image(path), dry_run,
-                        os.fspath(backup) if backup else None)
+    after = check_image(path)
+    if leaks and after.leaks and not after.errors:
+        # Fixing a structure can free the space it pointed at (a stray bitmap block): reclaim that too.
+        second = plan_repair(after, leaks=True)
+        if second.actions and not second.refusals:
+            changes += apply_repair(path, second)
+            after = check_image(path)
+    return RepairResult(before, plan, tuple(changes), after, dry_run, os.fspath(backup) if backup else None)
