@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import click
+
 from vhdx_cli import render
 from vhdx_cli.common import SIZE, handle_errors
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import click
-from vhdx_cli import render
-from vhdx_cli.common import handle_errors
 
 from vhdx.check import check_image
 from vhdx.repair import repair_image
+from vhdx_cli import render
+from vhdx_cli.common import handle_errors
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 

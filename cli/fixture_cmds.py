@@ -6,6 +6,7 @@ import json
 import os
 
 import click
+
 from vhdx_cli.common import State, fail, handle_errors
 
 

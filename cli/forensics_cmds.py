@@ -6,8 +6,6 @@ import os
 import sys
 
 import click
-from vhdx_cli import render
-from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs
 
 import vhdx
 from vhdx.errors import InvalidRequestError
@@ -16,6 +14,8 @@ from vhdx.forensics.diff import diff_layers
 from vhdx.forensics.hashing import check_algorithms, hash_disk
 from vhdx.forensics.layers import find_layer
 from vhdx.forensics.slack import find_chain_slack
+from vhdx_cli import render
+from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 

@@ -11,13 +11,13 @@ import sys
 from dataclasses import dataclass
 
 import click
-from vhdx_cli import render
-from vhdx_cli.common import handle_errors
 
 import vhdx
 from vhdx.hyperv import FakeTransport, HyperV, LocalPowerShellTransport, PsrpTransport, audit_vm, compare_disk_info
 from vhdx.hyperv.models import CheckpointTree
 from vhdx.inspect import describe_image
+from vhdx_cli import render
+from vhdx_cli.common import handle_errors
 
 KIND_LEGEND = ("standard = saved memory state; production = no memory state (VSS/fsfreeze, or a standard "
                "checkpoint of a VM that was off); recovery = made by backup software")

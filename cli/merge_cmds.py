@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import click
-from vhdx_cli import render
-from vhdx_cli.common import Progress, handle_errors
 
 import vhdx
+from vhdx_cli import render
+from vhdx_cli.common import Progress, handle_errors
 
 
 def _progress(label: str):

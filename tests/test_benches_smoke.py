@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from vhdx_cli.bench_cmds import bench_text
 
 from benches import run as bench_run
 from benches.report import primary
+from vhdx_cli.bench_cmds import bench_text
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from vhdx_cli.main import cli
 
 import vhdx
 from vhdx.check import EXTRA_CHECKERS, check_image, register_checker
@@ -29,6 +28,7 @@ from vhdx.header import load_headers
 from vhdx.io import ImageIO
 from vhdx.log import DataWrite, build_entry
 from vhdx.relink import set_parent
+from vhdx_cli.main import cli
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -10,7 +10,6 @@ import subprocess
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from vhdx_cli.main import cli
 
 import vhdx
 from tests.support.merge_chains import build_chain, read_view
@@ -20,6 +19,7 @@ from vhdx.create import create
 from vhdx.errors import MergeError
 from vhdx.format import constants as c
 from vhdx.merge import DestArrays, LayerArrays, MergePlan, plan_merge
+from vhdx_cli.main import cli
 
 MiB = 1 << 20
 BS = c.BatState

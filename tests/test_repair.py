@@ -31,7 +31,6 @@ from test_check import (
     pwrite,
     set_bat_entry,
 )
-from vhdx_cli.main import cli
 
 import vhdx
 from vhdx.check import check_image
@@ -41,6 +40,7 @@ from vhdx.header import load_headers
 from vhdx.io import ImageIO
 from vhdx.log import DataWrite
 from vhdx.repair import apply_repair, plan_repair, repair_image
+from vhdx_cli.main import cli
 
 DIRTY_LOG = "qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2"
 DIRTY_LOG_SHA256 = "179cefe8b0587f123393eedf2aa7aa8d25798591178e6bc3950a09762f38f96f"

@@ -20,6 +20,7 @@ Needs hypothesis (a test dependency); nothing in the library imports this module
 from __future__ import annotations
 
 from hypothesis import strategies as st
+
 from vhdx_fixtures.spec import BASE, PATTERNS, ChainSpec, DiskSpec, LayerSpec, Write
 
 MiB = 1 << 20

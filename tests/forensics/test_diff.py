@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
-from vhdx_cli.main import cli
 
 import vhdx
 from tests.forensics.helpers import FileGuard, MiB, build_chain, pattern
 from vhdx.errors import InvalidRequestError
 from vhdx.forensics.diff import diff_layers, merge_ranges
+from vhdx_cli.main import cli
 
 
 def runs_of(mask: np.ndarray, unit: int, limit: int) -> list[tuple[int, int]]:

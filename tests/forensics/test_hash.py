@@ -9,13 +9,13 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
-from vhdx_cli.main import cli
 
 import vhdx
 from tests.forensics.helpers import FileGuard, MiB, build_chain, pattern
 from tests.support.peers import read_with_dissect, read_with_pyvhdi
 from vhdx.errors import InvalidRequestError
 from vhdx.forensics.hashing import check_algorithms, hash_disk, hash_file
+from vhdx_cli.main import cli
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import struct
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from vhdx_cli.main import cli
 
 import vhdx
 from tests.forensics.helpers import FileGuard, MiB, build_chain, pattern
 from vhdx.forensics.slack import _subtract, find_slack, nonzero_runs
+from vhdx_cli.main import cli
 
 EVIDENCE = b"EVIDENCE: planted where no structure looks"
 

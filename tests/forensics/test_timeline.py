@@ -6,9 +6,9 @@ import json
 import os
 
 from click.testing import CliRunner
-from vhdx_cli.main import cli
 
 from tests.forensics.helpers import FileGuard
+from vhdx_cli.main import cli
 
 TIMELINE_FIELDS = {"creator", "file_size", "allocated_bytes", "sequence_number", "data_write_guid",
                    "file_write_guid", "linkage", "modified_time"}

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from vhdx_cli.main import cli
 
 from vhdx.hyperv import scripts
+from vhdx_cli.main import cli
 
 
 def run(recording, *args, names=()):
