@@ -11,7 +11,7 @@ from vhdx.convert import flatten, import_raw
 from vhdx.errors import ChainError
 from vhdx.export import export_raw
 from vhdx.format.constants import FILE_SIGNATURE
-from vhdx.inspect import describe_chain, describe_image
+from vhdx.inspect import describe_chain, describe_image, describe_parent
 from vhdx_cli import render
 from vhdx_cli.common import (
     SIZE,
@@ -47,13 +47,18 @@ def wants_json(ctx, as_json: bool) -> bool:
 
 @cli.command()
 @click.argument("path", type=EXISTING_FILE)
+@chain_options
 @json_option
 @click.pass_context
 @handle_errors
-def info(ctx, path, as_json):
-    """Show headers, regions, metadata, BAT state counts, log state and parent locator of PATH."""
-    with vhdx.open(path, orphan=True) as image:
+def info(ctx, path, as_json, **chain_opts):
+    """Show headers, regions, metadata, BAT state counts, log state and parent locator of PATH.
+
+    For a differencing disk also how its parent resolves, or with --orphan how much the file holds alone.
+    """
+    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         described = describe_image(image)
+        described.parent_status = describe_parent(image)
         warn_if_being_written(image)
     render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.info_text(described))
 

@@ -72,6 +72,15 @@ def info_text(info) -> str:
         lines.append(f"parent locator ({info.parent_locator['type']}):")
         for key, value in info.parent_locator["entries"].items():
             lines.append(f"  {key} = {value}")
+    status = info.parent_status
+    if status and status.get("orphan"):
+        lines.append(f"read alone (--orphan): holds {status['held_bytes']} bytes, {status['absent_bytes']} bytes "
+                     "absent (they would come from the parent; read as zeros)")
+    elif status and status["found"]:
+        link = "linkage ok" if status["linkage_ok"] else "linkage MISMATCH (accepted by --ignore-id-mismatch)"
+        lines.append(f"parent: {status['path']} (found by {status['found_by']}, {link})")
+    elif status:
+        lines.append(f"parent: NOT AVAILABLE: {status['error']}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from vhdx.errors import VhdxError
+from vhdx.extents import ExtentKind
 from vhdx.format import constants as c
 from vhdx.image import VhdxImage
 
@@ -67,6 +68,7 @@ class ImageInfo(DiskInfo):
     log: dict = field(default_factory=dict)
     parent_locator: dict | None = None
     writer_active: bool = False
+    parent_status: dict | None = None  # differencing disks: how the parent resolves, or what the file holds alone
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,6 +132,22 @@ def describe_image(image: VhdxImage) -> ImageInfo:
             "type": str(locator.locator_type), "entries": dict(locator.entries)},
         writer_active=image.io.writer_lock_held() if not image.writable else False,
     )
+
+
+def describe_parent(image: VhdxImage) -> dict | None:
+    """How a differencing disk's parent resolves; for orphan opens, what the file holds on its own."""
+    if not image.has_parent:
+        return None
+    if image.options.orphan:
+        ext = image.extents(through_parents=False)
+        absent = int(ext.length[ext.kind == ExtentKind.ABSENT].sum())
+        return {"orphan": True, "held_bytes": image.virtual_size - absent, "absent_bytes": absent}
+    try:
+        parent = image.parent
+    except VhdxError as exc:
+        return {"found": False, "error": str(exc)}
+    return {"found": True, "path": os.path.abspath(parent.path), "found_by": image.parent_source,
+            "linkage_ok": parent.data_write_guid in image.params.parent_locator.linkages}
 
 
 def parent_path_hint(image: VhdxImage) -> str | None:
