@@ -52,7 +52,7 @@ _OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
 _EMPTY = np.uint32(0xFFFFFFFF)
 _PRESENT_STATES = (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
 # States whose entry may keep the file offset it had while present (the writer reuses that space).
-_KEEPING_STATES = (c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED, c.BatState.UNMAPPED_V095)
+_KEEPING_STATES = c.ZERO_READING_STATES
 
 # Flags (IsUser, IsVirtualDisk, IsRequired) the spec's table gives each system item (§2.6.2).
 EXPECTED_ITEM_FLAGS = {

@@ -26,10 +26,7 @@ class ExtentKind(IntEnum):
 # How each payload block state reads in a single layer (PARTIALLY_PRESENT is resolved from the bitmap).
 _KIND_OF_STATE = np.full(8, 255, dtype=np.uint8)
 _KIND_OF_STATE[c.BatState.NOT_PRESENT] = ExtentKind.ABSENT
-_KIND_OF_STATE[c.BatState.UNDEFINED] = ExtentKind.ZERO
-_KIND_OF_STATE[c.BatState.ZERO] = ExtentKind.ZERO
-_KIND_OF_STATE[c.BatState.UNMAPPED] = ExtentKind.ZERO
-_KIND_OF_STATE[c.BatState.UNMAPPED_V095] = ExtentKind.ZERO
+_KIND_OF_STATE[list(c.ZERO_READING_STATES)] = ExtentKind.ZERO
 _KIND_OF_STATE[c.BatState.FULLY_PRESENT] = ExtentKind.DATA
 
 

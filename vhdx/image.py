@@ -35,8 +35,6 @@ WINDOW_BLOCKS = 1 << 18
 SMALL_READ = 1 << 20
 # Sector bitmap blocks (1 MiB each) kept per read-only file.
 BITMAP_CACHE_CHUNKS = 32
-_ZERO_READING_STATES = frozenset({c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED,
-                                  c.BatState.UNMAPPED_V095})
 
 
 class VhdxImage:
@@ -412,7 +410,7 @@ class VhdxImage:
             if state == c.BatState.NOT_PRESENT and image.has_parent and not image.options.orphan:
                 image = image.parent
                 continue
-            if state in _ZERO_READING_STATES or state == c.BatState.NOT_PRESENT:
+            if state in c.ZERO_READING_STATES or state == c.BatState.NOT_PRESENT:
                 view[:] = bytes(n)
                 return True
             return False  # reserved states: let the general path report them

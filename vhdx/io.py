@@ -51,6 +51,14 @@ class Overlay:
             if self.sectors.pop(offset, None) is not None:
                 self._keys.remove(offset)
 
+    def touches(self, offset: int, length: int) -> bool:
+        """True when any replayed sector or zero range meets [offset, offset+length)."""
+        end = offset + length
+        if any(zoff < end and offset < zoff + zlen for zoff, zlen in self.zeros):
+            return True
+        i = bisect.bisect_left(self._keys, offset - 4096 + 1)
+        return i < len(self._keys) and self._keys[i] < end
+
     def patch(self, offset: int, buf: memoryview) -> None:
         """Apply the overlay to ``buf``, which holds the file's bytes from ``offset``."""
         end = offset + len(buf)
@@ -84,7 +92,6 @@ class ImageIO:
         self.writable = writable
         self._owns = owns
         self.overlay: Overlay | None = None
-        self._size_cache: int | None = None
         # False for scratch files (a `.part` being built): crash consistency is moot there, so flush()
         # only orders nothing and costs nothing; the builder syncs once at the end if asked.
         self.durable = True
@@ -294,7 +301,7 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
     real descriptor; bytes the source file does not have (past its end) arrive as zeros either way.
     """
     end_in_file = min(src_offset + length, src.real_size)
-    overlaid = src.overlay is not None and _overlay_touches(src.overlay, src_offset, length)
+    overlaid = src.overlay is not None and src.overlay.touches(src_offset, length)
     done = 0
     # Below this size a kernel copy costs more in system-call set-up than it saves (many 4 KiB runs).
     worth_kernel_copy = length > SMALL_COPY
@@ -319,14 +326,6 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
             except OSError as exc:  # e.g. ENOSPC on the destination
                 raise VhdxError(f"write failed: {exc.strerror}", offset=dst_offset + done) from None
             done += n
-
-
-def _overlay_touches(overlay: Overlay, offset: int, length: int) -> bool:
-    end = offset + length
-    if any(zoff < end and offset < zoff + zlen for zoff, zlen in overlay.zeros):
-        return True
-    i = bisect.bisect_left(overlay._keys, offset - 4096 + 1)
-    return i < len(overlay._keys) and overlay._keys[i] < end
 
 
 class BackgroundFlush:

@@ -41,9 +41,9 @@ from vhdx.io import COPY_CHUNK, BackgroundFlush, ImageIO, copy_range
 
 BS = c.BatState
 # States a payload block reads as zeros in, whatever the disk type.
-ZERO_READING = np.array([BS.UNDEFINED, BS.ZERO, BS.UNMAPPED, BS.UNMAPPED_V095], dtype=np.uint8)
+ZERO_READING = np.array(c.ZERO_READING_STATES, dtype=np.uint8)
 # States that decide a whole block of a layer (data or zeros): the parent is never consulted there.
-WHOLE_STATES = np.array([BS.UNDEFINED, BS.ZERO, BS.UNMAPPED, BS.UNMAPPED_V095, BS.FULLY_PRESENT], dtype=np.uint8)
+WHOLE_STATES = np.array([*c.ZERO_READING_STATES, BS.FULLY_PRESENT], dtype=np.uint8)
 DEST_KINDS = ("fixed", "dynamic", "differencing")
 # Bound on unpacked sector bits examined at once (per layer): about 4 MiB of booleans.
 SECTOR_BATCH = 1 << 22

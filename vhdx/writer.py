@@ -35,8 +35,7 @@ if TYPE_CHECKING:
 
     from vhdx.image import VhdxImage
 
-_UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, c.BatState.UNDEFINED, c.BatState.ZERO, c.BatState.UNMAPPED,
-                       c.BatState.UNMAPPED_V095)
+_UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, *c.ZERO_READING_STATES)
 
 
 def replay_log_on_disk(io: ImageIO, headers: HeaderSet, log: LogState) -> HeaderSet:
@@ -64,7 +63,7 @@ def end_of_structures(image: VhdxImage) -> int:
     bat = image.bat
     ends = [image.io.real_size, image.regions.bat.end, image.regions.metadata.end,
             image.headers.current.log_offset + image.headers.current.log_length]
-    held = bat.allocated_blocks() | np.isin(bat.states, _UNALLOCATED_STATES[1:]) & (bat.offsets > 0)
+    held = bat.allocated_blocks() | np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0)
     if held.any():
         ends.append(int(bat.offsets[held].max()) + image.block_size)
     present = bat.bitmap_states == c.SbState.PRESENT

@@ -134,6 +134,11 @@ class BatState(IntEnum):
     PARTIALLY_PRESENT = 7
 
 
+# Payload states that read as zeros in every disk type, without consulting a parent; an entry in one of them may
+# keep the file offset it had while present (the writer reuses that space). 5 is the v0.95 UNMAPPED.
+ZERO_READING_STATES = (BatState.UNDEFINED, BatState.ZERO, BatState.UNMAPPED, BatState.UNMAPPED_V095)
+
+
 class SbState(IntEnum):
     """Sector bitmap block states (§2.5.1.2)."""
 
