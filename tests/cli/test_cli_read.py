@@ -11,24 +11,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.test_corpus import CHILD_OVER_PARENT
+from tests.test_corpus import EXPECTED as CORPUS_SHA256
 from vhdx_cli.main import cli
 
-# (corpus file, sha256 of the virtual disk) from ../shared/corpus/MANIFEST.md; the small ones.
-EXPECTED = {
-    "dfvfs/fat-parent.vhdx.gz": "2d1954fec68faefe81dd3687282a9b387bf8417f6d2cf0da3825fa1445b64cfb",
-    "dfvfs/ntfs-fixed.vhdx.gz": "5237dd895f38052344e2ef35a207fe9df08cd18d17b6ea857a1b93cc475e1f2e",
-    "dfvfs/ntfs-dynamic.vhdx.gz": "b92731f8e4bf3532418444d22a9086823a8122569500acd09cd8d2ce20eb98e9",
-    "dfvfs/ext2.vhdx.gz": "a6c2f0e39afe6c6ab432ca5465349fcefe8dc944398e97b2d957d3f89dbb5d80",
-    "dissect.hypervisor/fixed.vhdx.gz": "bc0be4623b15aa84216fb31ba24e3b621ec7f1c72d198c990ac0eced222d9f62",
-    "dissect.hypervisor/dynamic.vhdx.gz": "8e2b5e9265d694b42b81819e3bff29770eff4ed0f4f9f311693ff3dbdc93efac",
-    "coreos-hyperv/config2_base.vhdx.bz2": "afce9cca367ebfa91a673d612bcb6fc32b12a80211207f7a7b1cd3aed3cac19d",
-    "qemu-iotests/test-disk2vhd.vhdx.bz2": "96d964042be9b58dda1725567abfb0cf9fd8380e2118754afa979c2ad445938a",
-}
-SLOW_EXPECTED = {
-    "qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2": "179cefe8b0587f123393eedf2aa7aa8d25798591178e6bc3950a09762f38f96f",
-    "discutils/btrfs.vhdx.gz": "0b959f9cb4e18348ad8b646f152178282542c8304f02fddf765e3fd1a1de6864",
-}
-CHILD_OVER_PARENT = "a538161f34bc44c12bf9a542ce9218741c62728723ea18d0e4f6ea92e9f32e93"
+# The corpus hashes live in one table (tests/test_corpus.py, from MANIFEST.md); here the small images, and two
+# large ones whose conversion is slow.
+EXPECTED = {name: CORPUS_SHA256[name] for name in (
+    "dfvfs/fat-parent.vhdx.gz", "dfvfs/ntfs-fixed.vhdx.gz", "dfvfs/ntfs-dynamic.vhdx.gz", "dfvfs/ext2.vhdx.gz",
+    "dissect.hypervisor/fixed.vhdx.gz", "dissect.hypervisor/dynamic.vhdx.gz", "coreos-hyperv/config2_base.vhdx.bz2",
+    "qemu-iotests/test-disk2vhd.vhdx.bz2")}
+SLOW_EXPECTED = {name: CORPUS_SHA256[name] for name in (
+    "qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2", "discutils/btrfs.vhdx.gz")}
 DIRTY_LOG = "qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2"
 AVHDX = "dissect.hypervisor/differencing.avhdx.gz"
 ALL_IMAGES = sorted(EXPECTED) + [DIRTY_LOG, AVHDX]
