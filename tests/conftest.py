@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles and the real-image corpus from ../shared/corpus."""
+"""Shared test setup: hypothesis profiles and the real-image corpus vendored in tests/corpus."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.support.corpus import CORPUS, corpus_file  # noqa: F401  (CORPUS re-exported for tests)
+
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("fuzz", max_examples=100_000, deadline=None,
@@ -18,14 +20,11 @@ settings.register_profile("fuzz", max_examples=100_000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = Path(os.environ.get("VHDX_CORPUS", REPO.parent / "shared" / "corpus"))
 
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """Folder where corpus images are decompressed (once per session)."""
-    if not CORPUS.is_dir():
-        pytest.skip(f"corpus folder {CORPUS} is absent")
     return tmp_path_factory.mktemp("corpus")
 
 
@@ -34,9 +33,7 @@ def corpus_image(corpus_dir):
     """corpus_image("dfvfs/fat-parent.vhdx.gz") -> path of the decompressed image (cached per session)."""
 
     def get(name: str) -> Path:
-        src = CORPUS / name
-        if not src.exists():
-            pytest.skip(f"corpus image {name} is absent")
+        src = corpus_file(name)
         dest = corpus_dir / name
         for suffix in (".gz", ".bz2"):
             if name.endswith(suffix):

@@ -9,7 +9,7 @@ import pytest
 import vhdx
 from vhdx.errors import ParentNotFoundError
 
-# (corpus file, expected sha256 of the whole virtual disk) from ../shared/corpus/MANIFEST.md.
+# (corpus file, expected sha256 of the whole virtual disk) from tests/corpus/MANIFEST.md.
 EXPECTED = {
     "dfvfs/fat-parent.vhdx.gz": "2d1954fec68faefe81dd3687282a9b387bf8417f6d2cf0da3825fa1445b64cfb",
     "dfvfs/ntfs-fixed.vhdx.gz": "5237dd895f38052344e2ef35a207fe9df08cd18d17b6ea857a1b93cc475e1f2e",

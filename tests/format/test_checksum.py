@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from vhdx.format import checksum
+from tests.support.corpus import corpus_file
 from vhdx.format import constants as c
 
-CORPUS = Path(os.environ.get("VHDX_CORPUS", Path(__file__).resolve().parents[2].parent / "shared" / "corpus"))
 
 
 def real_header() -> bytes:
-    path = CORPUS / "libvhdi-fragments" / "image_header.1"
-    if not path.exists():
-        pytest.skip(f"libvhdi fragment {path} is absent")
-    return path.read_bytes()
+    return corpus_file("libvhdi-fragments/image_header.1").read_bytes()
 
 
 def test_checksum_crc32c_check_value():

@@ -3,9 +3,7 @@ Windows-made image (libvhdi's test fragments) decode to the values the spec and 
 
 from __future__ import annotations
 
-import os
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +11,11 @@ from construct import Container
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.corpus import corpus_file
 from vhdx import bat as bat_module
 from vhdx.format import constants as c
 from vhdx.format import layouts
 
-CORPUS = Path(os.environ.get("VHDX_CORPUS", Path(__file__).resolve().parents[2].parent / "shared" / "corpus"))
-FRAGMENTS = CORPUS / "libvhdi-fragments"
 
 GUID_A = uuid.UUID("01234567-89ab-cdef-0123-456789abcdef")
 GUID_B = uuid.UUID("fedcba98-7654-3210-fedc-ba9876543210")
@@ -34,10 +31,7 @@ def assert_roundtrip(layout, data: bytes, obj: dict, size: int) -> None:
 
 
 def fragment(name: str) -> bytes:
-    path = FRAGMENTS / name
-    if not path.exists():
-        pytest.skip(f"libvhdi fragment {path} is absent")
-    return path.read_bytes()
+    return corpus_file(f"libvhdi-fragments/{name}").read_bytes()
 
 
 def le(value: int, width: int) -> bytes:
