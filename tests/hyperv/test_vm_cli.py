@@ -74,3 +74,21 @@ def test_vm_show_of_a_damaged_configuration_is_a_one_line_error(tmp_path):
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "unknown value type 12" in result.output
     assert "Traceback" not in result.output
+
+
+def test_fixture_build_vm_checkpoints_makes_a_vm_folder(tmp_path):
+    out = tmp_path / "vm"
+    result = run("fixture", "build", "vm-checkpoints", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["checkpoints"]) >= 2
+    assert (out / "Virtual Machines" / f"{manifest['vm']['id']}.vmcx").is_file()
+
+
+def test_fixture_build_vm_checkpoints_refuses_an_existing_vm_folder(tmp_path):
+    out = tmp_path / "vm"
+    assert run("fixture", "build", "vm-checkpoints", out).exit_code == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    result = run("fixture", "build", "vm-checkpoints", out)
+    assert result.exit_code == 1 and "already holds a VM folder" in result.output
+    assert sorted(p.name for p in out.rglob("*")) == before
