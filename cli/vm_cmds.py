@@ -136,3 +136,68 @@ def tree_text(v, folder) -> str:
     if v.now_parent_id is not None and v.now_parent_id not in known:
         lines.append("    Now (the VM's running state)")
     return "\n".join(lines)
+
+
+@vm.command()
+@click.argument("folder", type=EXISTING)
+@click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Also look here (by file name) for disks and parents outside the folder. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.pass_obj
+@handle_errors
+def audit(state, folder, search_dirs, as_json):
+    """Audit the VM folder FOLDER offline: orphaned and missing disks, broken chains, dirty logs, clean-up plan.
+
+    Nothing is written; merges in the plan are dry runs. Exit code 2 when disks are missing or chains broken,
+    3 when only space is held by orphans or lingering checkpoint disks, 0 when clean.
+    """
+    from vhdx.hyperv.vm_audit import audit_folder
+
+    result = audit_folder(folder, search_dirs)
+    if _wants_json(state, as_json):
+        render.emit_json(result.to_json())
+    else:
+        click.echo(audit_text(result))
+    if result.exit_code:
+        raise SystemExit(result.exit_code)
+
+
+def audit_text(result) -> str:
+    from vhdx_cli.hyperv import audit_text as live_audit_text
+
+    lines = []
+    for report in result.reports:
+        lines.append(live_audit_text(report))  # the same rendering as `vhdx hyperv audit`
+    for o in result.orphans:
+        where = "running chain" if o["on_chain"] else "no chain"
+        lines.append(f"orphan ({where}) {render.human_size(o['bytes']):>10}  {o['path']}  ({o['why']})")
+    if result.orphans:
+        lines.append(f"orphans hold {render.human_size(sum(o['bytes'] for o in result.orphans))}")
+    for m in result.missing:
+        lines.append(f"MISSING {m['owner']} {m['slot']}: {m['path']} ({m['tried']})")
+    for b in result.broken:
+        lines.append(f"BROKEN CHAIN {b['owner']} {b['slot']}: {b['error']}")
+    for d in result.dirty:
+        lines.append(f"dirty: {d['path']} ({d['what']})")
+    for p in result.interrupted_merges:
+        lines.append(f"INTERRUPTED MERGE: {p} (finish it with `vhdx merge --resume`)")
+    for p, error in result.folder.unreadable:
+        lines.append(f"unreadable configuration: {p} ({error})")
+    numbered = [s for s in result.plan if "dry_run" in s or "dry_run_error" in s or "offline" in s]
+    if numbered:
+        lines.append("offline details:")
+    for s in numbered:
+        lines.append(f"  {s['title']}")
+        if "dry_run" in s:
+            d = s["dry_run"]
+            lines.append(f"    dry run: copies {render.human_size(d['bytes_to_copy'] or 0)}, needs up to "
+                         f"{render.human_size(d['space_needed'])} more, frees {render.human_size(d['space_freed'])}")
+            lines.append(f"    then: {s['configuration_change']}")
+        if "dry_run_error" in s:
+            lines.append(f"    dry run refused: {s['dry_run_error']}")
+        if "offline" in s:
+            lines.append(f"    offline: {s['offline']}")
+    stray = [s for s in result.plan if "space_freed" in s]
+    for s in stray:
+        lines.append(f"  {s['title']}: {s['note']}")
+    return "\n".join(lines)
