@@ -201,3 +201,24 @@ def audit_text(result) -> str:
     for s in stray:
         lines.append(f"  {s['title']}: {s['note']}")
     return "\n".join(lines)
+
+
+@vm.command()
+@click.argument("path", type=EXISTING)
+@click.option("--png", "png", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--dot", "dot_file", type=click.Path(dir_okay=False), help="Also write the Graphviz source here.")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Also look here (by file name) for disks outside the folder. Repeatable.")
+@handle_errors
+def tree(path, png, dot_file, force, search_dirs):
+    """Draw the checkpoint tree of the VM at PATH with its disks, sizes and orphans into a PNG."""
+    from vhdx.hyperv.vm_audit import audit_folder
+    from vhdx.hyperv.vm_picture import to_dot, tree_graph, write_png
+
+    graph = tree_graph(audit_folder(path, search_dirs))
+    engine = write_png(graph, png, overwrite=force)
+    if dot_file:
+        with open(dot_file, "w" if force else "x", encoding="utf-8") as f:
+            f.write(to_dot(graph))
+    click.echo(f"{png}: {len(graph.nodes)} boxes drawn with {engine}")
