@@ -59,7 +59,9 @@ def test_audit_plans_the_offline_merge_of_the_lost_checkpoint_disk_with_dry_run_
     assert step["dry_run"]["merged"] == [running]
     assert step["dry_run"]["destination"] == lost
     assert step["dry_run"]["space_freed"] == Path(running).stat().st_size - step["dry_run"]["space_needed"]
-    assert lost in step["configuration_change"] and "SCSI 0:0" in step["configuration_change"]
+    host_path = "C:\\Hyper-V\\web01\\Virtual Hard Disks\\" + Path(lost).name
+    assert f"point drive SCSI 0:0 of VM 'web01' at {host_path} " in step["configuration_change"]
+    assert step["commands"][-1].endswith(f"-Path '{host_path}'")  # Set-VMHardDiskDrive names the host's path
 
 
 def test_audit_sends_the_recovery_checkpoint_to_hyperv_online(tmp_path):
@@ -152,3 +154,12 @@ def test_vm_audit_of_a_folder_without_a_vm_is_a_one_line_error(tmp_path, bad):
 def test_audit_folder_api_matches_the_cli(tmp_path):
     folder, _manifest = build(tmp_path)
     assert audit_folder(str(folder)).to_json()["orphans"] == audit_json(folder)[1]["orphans"]
+
+
+def test_vm_audit_prints_the_live_audit_report_verbatim(tmp_path):
+    from vhdx_cli.hyperv import audit_text
+
+    folder, _manifest = build(tmp_path)
+    report = audit_folder(str(folder)).reports[0]
+    text = CliRunner().invoke(cli, ["vm", "audit", str(folder)]).output
+    assert text.startswith(audit_text(report) + "\n")

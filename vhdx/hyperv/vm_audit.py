@@ -8,11 +8,13 @@ numbers of each offline merge, from ``vhdx.merge(..., dry_run=True)``: nothing i
 
 from __future__ import annotations
 
+import dataclasses
+import ntpath
 import os
 from dataclasses import dataclass, field
 
 from vhdx.errors import VhdxError
-from vhdx.hyperv.audit import AuditReport, PlanStep, audit_vm, sh_quote
+from vhdx.hyperv.audit import AuditReport, PlanStep, audit_vm, ps_quote, sh_quote
 from vhdx.hyperv.models import ChainLayer, Checkpoint, CheckpointTree, DiskChain, DiskRef, VmDisks, VmInfo
 from vhdx.hyperv.vm import ChainInfo, Folder, VirtualMachine, load_folder, search_dirs_for
 from vhdx.merge_journal import JOURNAL_SUFFIX
@@ -82,7 +84,7 @@ def _owners(vm: VirtualMachine):
 def audit_folder(path: str, search_dirs=()) -> FolderAudit:
     """Read the VM folder at ``path`` and audit it (read-only)."""
     folder = load_folder(path, search_dirs)
-    reports = [audit_vm(*live_view(vm, folder.chains)) for vm in folder.vms]
+    reports = [_host_paths(audit_vm(*live_view(vm, folder.chains)), folder) for vm in folder.vms]
     result = FolderAudit(folder, reports)
     reached = {os.path.realpath(x["path"]) for c in folder.chains.values() for x in c.layers}
     for vm in folder.vms:
@@ -146,8 +148,10 @@ def _plan(audit: FolderAudit, search_dirs) -> list[dict]:
             merge = _parse_merge(step)
             if merge is not None:
                 entry.update(_dry_run(merge, search_dirs))
+                slot = step.title.split(": ", 1)[0]
+                target = _windows_path(audit.folder, report.vm.id, slot, merge[1])
                 entry["configuration_change"] = (
-                    f"point drive {step.title.split(': ', 1)[0]} of VM {report.vm.name!r} at {merge[1]} "
+                    f"point drive {slot} of VM {report.vm.name!r} at {target} "
                     "(Set-VMHardDiskDrive as above, or in Hyper-V Manager); vhdx never edits a .vmcx")
             steps.append(entry)
     for o in audit.orphans:
@@ -158,6 +162,29 @@ def _plan(audit: FolderAudit, search_dirs) -> list[dict]:
                                   "read depends on it. vhdx does not delete it for you.",
                           "space_freed": o["bytes"]})
     return steps
+
+
+def _host_paths(report: AuditReport, folder: Folder) -> AuditReport:
+    """The plan with Set-VMHardDiskDrive naming the target as the Hyper-V host does (a Windows path)."""
+    steps = []
+    for step in report.steps:
+        merge = _parse_merge(step)
+        if merge is not None:
+            target = _windows_path(folder, report.vm.id, step.title.split(": ", 1)[0], merge[1])
+            step = dataclasses.replace(step, commands=tuple(
+                c.replace(ps_quote(merge[1]), ps_quote(target)) if c.startswith("Set-VMHardDiskDrive") else c
+                for c in step.commands))
+        steps.append(step)
+    return dataclasses.replace(report, steps=tuple(steps))
+
+
+def _windows_path(folder: Folder, vm_id: str, slot: str, local: str) -> str:
+    """``local`` as the host names it: in the folder of the path the drive's configuration holds."""
+    vm = next((v for v in folder.vms if v.id == vm_id), None)
+    drive = next((d for d in (vm.drives if vm else []) if d.slot == slot and d.is_disk), None)
+    if drive is None:
+        return local
+    return ntpath.join(ntpath.dirname(drive.path), os.path.basename(local))
 
 
 def _parse_merge(step: PlanStep) -> tuple[str, str] | None:
