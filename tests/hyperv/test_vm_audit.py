@@ -163,3 +163,23 @@ def test_vm_audit_prints_the_live_audit_report_verbatim(tmp_path):
     report = audit_folder(str(folder)).reports[0]
     text = CliRunner().invoke(cli, ["vm", "audit", str(folder)]).output
     assert text.startswith(audit_text(report) + "\n")
+
+
+def test_layers_above_a_break_stay_in_their_chain_not_among_the_orphans(tmp_path):
+    folder, manifest = build(tmp_path)
+    (folder / "Virtual Hard Disks" / "web01.vhdx").unlink()
+    _code, report = audit_json(folder)
+    off_chain = [o["path"] for o in report["orphans"] if not o["on_chain"]]
+    assert off_chain == [str(folder / o["path"]) for o in manifest["orphans"] if not o["on_chain"]]
+    running = next(b for b in report["broken"] if b["owner"] == "web01")
+    assert "web01.vhdx" in running["error"]
+
+
+def test_a_folder_with_too_many_files_is_refused_with_a_one_line_error(tmp_path, monkeypatch):
+    import vhdx.hyperv.vm as vm_module
+
+    folder, _manifest = build(tmp_path)
+    monkeypatch.setattr(vm_module, "MAX_FOLDER_ENTRIES", 5)
+    result = CliRunner().invoke(cli, ["vm", "audit", str(folder)])
+    assert result.exit_code == 1 and "is this a VM folder?" in result.output
+    assert result.output.count("\n") == 1

@@ -37,6 +37,7 @@ DISK_SUFFIXES = (".vhdx", ".avhdx")
 CONFIG_DIR = "virtual machines"
 SNAPSHOT_DIR = "snapshots"
 FILETIME_EPOCH = dt.datetime(1601, 1, 1, tzinfo=dt.timezone.utc)
+MAX_FOLDER_ENTRIES = 100_000  # a VM folder holds dozens; walking a whole volume by mistake is refused
 
 
 def filetime(value) -> dt.datetime | None:
@@ -227,8 +228,14 @@ class FileIndex:
         self.root = os.path.realpath(root)
         self.search_dirs = [os.path.realpath(d) for d in search_dirs]
         self.by_name: dict[str, list[str]] = {}
+        seen = 0
         for folder, dirs, files in os.walk(self.root):
             dirs.sort()
+            seen += len(files) + len(dirs)
+            if seen > MAX_FOLDER_ENTRIES:
+                raise VhdxError(f"more than {MAX_FOLDER_ENTRIES} files under it: is this a VM folder? Give the "
+                                "VM's own folder (the one holding Virtual Machines and Virtual Hard Disks)",
+                                path=self.root)
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 if self.inside(path, self.root) and os.path.isfile(path):
@@ -326,20 +333,17 @@ def _is_config_file(path: str) -> bool:
     return path.lower().endswith((".vmcx", ".xml"))
 
 
-def find_configs(root: str) -> tuple[list[str], list[str]]:
-    """(VM configurations, checkpoint configurations) under ``root``, by the folder they sit in."""
+def find_configs(index: FileIndex) -> tuple[list[str], list[str]]:
+    """(VM configurations, checkpoint configurations) in the folder, by the folder they sit in."""
     vms, snaps = [], []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        kind = os.path.basename(folder).casefold()
-        for name in sorted(files):
-            if not _is_config_file(name):
-                continue
-            path = os.path.join(folder, name)
-            if kind == CONFIG_DIR:
-                vms.append(path)
-            elif kind == SNAPSHOT_DIR:
-                snaps.append(path)
+    for path in sorted(p for paths in index.by_name.values() for p in paths):
+        if not _is_config_file(path):
+            continue
+        kind = os.path.basename(os.path.dirname(path)).casefold()
+        if kind == CONFIG_DIR:
+            vms.append(path)
+        elif kind == SNAPSHOT_DIR:
+            snaps.append(path)
     return vms, snaps
 
 
@@ -368,13 +372,14 @@ def load_folder(path: str, search_dirs=()) -> Folder:
     if os.path.isfile(path):
         config_dir = os.path.dirname(path)
         root = os.path.dirname(config_dir) if os.path.basename(config_dir).casefold() == CONFIG_DIR else config_dir
-        vm_paths, snap_paths = [path], find_configs(root)[1]
+        index = FileIndex(root, search_dirs)
+        vm_paths, snap_paths = [path], find_configs(index)[1]
     elif os.path.isdir(path):
         root = path
-        vm_paths, snap_paths = find_configs(root)
+        index = FileIndex(root, search_dirs)
+        vm_paths, snap_paths = find_configs(index)
     else:
         raise VhdxError("no such file or folder", path=path)
-    index = FileIndex(root, search_dirs)
     unreadable: list[tuple[str, str]] = []
     vms = []
     for p in vm_paths:
@@ -447,16 +452,13 @@ def open_chain(local: str, search_dirs) -> ChainInfo:
     info = ChainInfo()
     try:
         with vhdx.open(local, search_dirs=search_dirs) as image:
-            for layer in image.layers:
-                info.layers.append(_layer_json(layer))
+            try:
+                image.layers  # noqa: B018 - opens every ancestor
+            except VhdxError as exc:
+                info.error = str(exc)  # the layers that did open are still this chain's
+            info.layers = [_layer_json(layer) for layer in image.layers_opened()]
     except VhdxError as exc:
         info.error = str(exc)
-        if not info.layers:  # still describe the file itself when only its parent is the problem
-            try:
-                with vhdx.open(local, orphan=True) as image:
-                    info.layers.append(_layer_json(image))
-            except VhdxError:
-                pass
     return info
 
 
