@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.support.hyperv_oracle import dissect_tree
 from vhdx.hyperv.config import read_config
+from vhdx.hyperv.config.writer import write_storage
 from vhdx.hyperv.vm import load_folder
 from vhdx_fixtures.vm_folder import build_vm_folder, load_vm_spec
 
@@ -94,3 +97,20 @@ def test_search_dir_is_used_for_a_disk_outside_the_vm_folder(tmp_path, vm_dir):
     drive = [d for d in vm.drives if d.slot == "SCSI 0:1"][0]
     assert Path(drive.local) == extra / "web01-data.vhdx"
     assert drive.found_by.startswith("by file name in")
+
+
+def test_a_checkpoint_of_a_vm_not_in_the_folder_is_reported_not_dropped(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    build_vm_folder(load_vm_spec("vm-checkpoints"), str(one))
+    spec = load_vm_spec("vm-checkpoints")
+    build_vm_folder(dataclasses.replace(spec, vm_id="0B0B0B0B-0000-4000-8000-000000000002", vm_name="db01"), str(two))
+    for config in (two / "Virtual Machines").glob("*.vmcx"):
+        shutil.copy(config, one / "Virtual Machines" / config.name)
+    stray = read_config(str(next((one / "Snapshots").glob("*.vmcx")))).root
+    stray["configuration"]["settings"]["global"]["logical_id"] = "0C0C0C0C-0000-4000-8000-000000000003"
+    path = one / "Snapshots" / "0D0D0D0D-0000-4000-8000-000000000004.vmcx"
+    write_storage(str(path), stray)
+    folder = load_folder(str(one))
+    assert sorted(v.name for v in folder.vms) == ["db01", "web01"]
+    assert [(p, "0C0C0C0C-0000-4000-8000-000000000003" in why) for p, why in folder.unreadable] == [(str(path), True)]
+    assert all(c.config_path != str(path) for v in folder.vms for c in v.checkpoints)

@@ -397,8 +397,11 @@ def load_folder(path: str, search_dirs=()) -> Folder:
             continue
         owner_id = str(config.get("configuration.settings.global.logical_id") or "").strip("{}").upper()
         owner = next((v for v in vms if v.id == owner_id), vms[0] if len(vms) == 1 else None)
-        if owner is not None:
-            owner.checkpoints.append(_checkpoint_from(config, index))
+        if owner is None:
+            unreadable.append((p, f"checkpoint of VM {owner_id or '(no settings.global.logical_id)'}, which has "
+                                  "no configuration in this folder"))
+            continue
+        owner.checkpoints.append(_checkpoint_from(config, index))
     chains = open_chains(vms, index)
     for vm in vms:
         derive_tree(vm, chains)
