@@ -183,3 +183,25 @@ def test_a_folder_with_too_many_files_is_refused_with_a_one_line_error(tmp_path,
     result = CliRunner().invoke(cli, ["vm", "audit", str(folder)])
     assert result.exit_code == 1 and "is this a VM folder?" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_the_planned_merge_runs_as_printed_and_the_target_then_reads_what_the_vm_saw(tmp_path):
+    import shlex
+
+    import vhdx
+
+    folder, manifest = build(tmp_path)
+    _code, report = audit_json(folder)
+    step = next(s for s in report["plan"] if "dry_run" in s)
+    dry, real = (shlex.split(c)[1:] for c in step["commands"][:2])
+    assert dry[-1] == "--dry-run" and dry[:-1] == real
+    running = str(folder / manifest["vm"]["running_disk"])
+    with vhdx.open(running) as image:
+        before = image.read(0, image.virtual_size)
+    assert CliRunner().invoke(cli, dry).exit_code == 0
+    assert Path(running).exists()  # the dry run wrote nothing
+    result = CliRunner().invoke(cli, real)
+    assert result.exit_code == 0, result.output
+    with vhdx.open(step["dry_run"]["destination"]) as image:
+        assert image.read(0, image.virtual_size) == before
+    assert not Path(running).exists()

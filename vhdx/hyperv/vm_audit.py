@@ -165,15 +165,22 @@ def _plan(audit: FolderAudit, search_dirs) -> list[dict]:
 
 
 def _host_paths(report: AuditReport, folder: Folder) -> AuditReport:
-    """The plan with Set-VMHardDiskDrive naming the target as the Hyper-V host does (a Windows path)."""
+    """The plan as run from this folder.
+
+    Each merge comes first as a dry run; Set-VMHardDiskDrive names the target as the host does (a Windows path).
+    """
     steps = []
     for step in report.steps:
         merge = _parse_merge(step)
         if merge is not None:
             target = _windows_path(folder, report.vm.id, step.title.split(": ", 1)[0], merge[1])
-            step = dataclasses.replace(step, commands=tuple(
-                c.replace(ps_quote(merge[1]), ps_quote(target)) if c.startswith("Set-VMHardDiskDrive") else c
-                for c in step.commands))
+            commands = []
+            for c in step.commands:
+                if c.startswith("vhdx merge "):
+                    commands.append(c + " --dry-run")  # check first; the next line does it
+                commands.append(c.replace(ps_quote(merge[1]), ps_quote(target))
+                                if c.startswith("Set-VMHardDiskDrive") else c)
+            step = dataclasses.replace(step, commands=tuple(commands))
         steps.append(step)
     return dataclasses.replace(report, steps=tuple(steps))
 
