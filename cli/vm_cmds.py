@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from vhdx_cli import render
@@ -28,8 +30,6 @@ def vm():
 @handle_errors
 def show(state, path, search_dirs, as_json):
     """Show the VM at PATH (a VM folder or a .vmcx/.xml file): generation, drives and the checkpoint tree."""
-    import os
-
     from vhdx.hyperv.config import read_config
     from vhdx.hyperv.vm import host_inventory, load_folder
 
@@ -54,7 +54,10 @@ def show(state, path, search_dirs, as_json):
         return
     folder = load_folder(path, search_dirs)
     if _wants_json(state, as_json):
-        render.emit_json({"root": folder.root, "vms": [v.to_json() for v in folder.vms],
+        from vhdx.hyperv.vm import layer_owners
+
+        render.emit_json({"root": folder.root,
+                          "vms": [{**v.to_json(), "layer_owners": layer_owners(v)} for v in folder.vms],
                           "chains": {p: vars(c) for p, c in folder.chains.items()},
                           "unreadable": [{"path": p, "error": e} for p, e in folder.unreadable]})
         return
@@ -74,7 +77,7 @@ def _when(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
 
 
-def _drive_lines(drive, folder, indent: str) -> list[str]:
+def _drive_lines(drive, folder, indent: str, owners: dict | None = None) -> list[str]:
     if not drive.is_disk:
         return [f"{indent}{drive.slot}  {drive.kind}  {drive.path or '(empty)'}"]
     if drive.local is None:
@@ -84,14 +87,18 @@ def _drive_lines(drive, folder, indent: str) -> list[str]:
     if chain is not None:
         for n, layer in enumerate(chain.layers):
             dirty = "  dirty log" if layer["dirty_log"] else ""
+            names = (owners or {}).get(os.path.realpath(layer["path"]), [])
+            owner = f"  <- {', '.join(names)}" if names else ("  <- no configuration names it" if n else "")
             lines.append(f"{indent}    {'layer' if n else 'file '} {render.human_size(layer['file_size']):>10}  "
-                         f"{layer['disk_type']:<12} {layer['path']}{dirty}")
+                         f"{layer['disk_type']:<12} {layer['path']}{owner}{dirty}")
         if chain.error:
             lines.append(f"{indent}    BROKEN CHAIN: {chain.error}")
     return lines
 
 
 def vm_text(v, folder) -> str:
+    from vhdx.hyperv.vm import layer_owners
+
     lines = [f"VM {v.name or '(no name)'}", f"  id: {v.id}",
              f"  generation: {v.generation or '?'}   configuration version: {v.version or '?'}   ({v.format})",
              f"  configuration: {v.config_path}", f"  created: {_when(v.created)}",
@@ -100,9 +107,10 @@ def vm_text(v, folder) -> str:
         lines.append(f"  notes: {v.notes}")
     if v.replayed_log_entries:
         lines.append(f"  configuration log: {v.replayed_log_entries} entries replayed in memory (file left as is)")
-    lines.append("  drives:")
+    lines.append("  drives (each layer with the checkpoint whose disk it is):")
+    owners = layer_owners(v)
     for d in v.drives:
-        lines += _drive_lines(d, folder, "    ")
+        lines += _drive_lines(d, folder, "    ", owners)
     for s in v.state_files:
         lines.append(f"  state file: {s.kind} {render.human_size(s.size)} {s.path}")
     lines.append(tree_text(v, folder))

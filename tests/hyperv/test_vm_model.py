@@ -114,3 +114,16 @@ def test_a_checkpoint_of_a_vm_not_in_the_folder_is_reported_not_dropped(tmp_path
     assert sorted(v.name for v in folder.vms) == ["db01", "web01"]
     assert [(p, "0C0C0C0C-0000-4000-8000-000000000003" in why) for p, why in folder.unreadable] == [(str(path), True)]
     assert all(c.config_path != str(path) for v in folder.vms for c in v.checkpoints)
+
+
+def test_vm_show_names_the_checkpoint_each_layer_of_the_running_chain_belongs_to(vm_dir, manifest):
+    from click.testing import CliRunner
+
+    from vhdx_cli.main import cli
+
+    text = CliRunner().invoke(cli, ["vm", "show", str(vm_dir)]).output
+    for c in manifest["checkpoints"]:
+        assert f"{vm_dir / c['disk']}  <- {c['name']}" in text
+    lost = next(o["path"] for o in manifest["orphans"] if o["on_chain"])
+    assert f"{vm_dir / lost}  <- no configuration names it" in text
+    assert f"{vm_dir / manifest['vm']['running_disk']}  <- Now" in text

@@ -498,6 +498,16 @@ def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def layer_owners(vm: VirtualMachine) -> dict[str, list[str]]:
+    """Real path of each disk file -> names of the checkpoints whose configuration names it ("Now": the VM)."""
+    owners: dict[str, list[str]] = {}
+    for name, drives in [("Now", vm.drives)] + [(c.name, c.drives) for c in vm.checkpoints]:
+        for d in drives:
+            if d.local:
+                owners.setdefault(os.path.realpath(d.local), []).append(name)
+    return owners
+
+
 def derive_tree(vm: VirtualMachine, chains: dict[str, ChainInfo]) -> None:
     """Parent of each checkpoint: the checkpoint whose disk is the nearest ancestor of one of its disks."""
 
