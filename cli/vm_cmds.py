@@ -176,6 +176,7 @@ def audit_text(result) -> str:
     lines = []
     for report in result.reports:
         lines.append(live_audit_text(report))  # the same rendering as `vhdx hyperv audit`
+    lines += [f"WARNING: {w}" for w in result.warnings]
     for o in result.orphans:
         where = "running chain" if o["on_chain"] else "no chain"
         lines.append(f"orphan ({where}) {render.human_size(o['bytes']):>10}  {o['path']}  ({o['why']})")

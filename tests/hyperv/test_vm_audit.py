@@ -205,3 +205,20 @@ def test_the_planned_merge_runs_as_printed_and_the_target_then_reads_what_the_vm
     with vhdx.open(step["dry_run"]["destination"]) as image:
         assert image.read(0, image.virtual_size) == before
     assert not Path(running).exists()
+
+
+def test_audit_warns_when_the_vm_holds_saved_memory_state(tmp_path):
+    from vhdx.hyperv.config.writer import build_storage
+
+    folder, manifest = build(tmp_path)
+    vmrs = folder / "Virtual Machines" / f"{manifest['vm']['id']}.vmrs"
+    vmrs.unlink()
+    vmrs.write_bytes(build_storage({"configuration": {"memory": {"data": bytes(2 << 20)}}}))
+    _code, report = audit_json(folder)
+    assert len(report["warnings"]) == 1 and "'web01' is saved, not off" in report["warnings"][0]
+    assert "WARNING: VM 'web01' is saved" in CliRunner().invoke(cli, ["vm", "audit", str(folder)]).output
+
+
+def test_audit_of_a_vm_without_saved_memory_has_no_warning(tmp_path):
+    folder, _manifest = build(tmp_path)
+    assert audit_json(folder)[1]["warnings"] == []

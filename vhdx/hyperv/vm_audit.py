@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 
 from vhdx.errors import VhdxError
 from vhdx.hyperv.audit import AuditReport, PlanStep, audit_vm, ps_quote, sh_quote
-from vhdx.hyperv.models import ChainLayer, Checkpoint, CheckpointTree, DiskChain, DiskRef, VmDisks, VmInfo
+from vhdx.hyperv.models import (
+    SAVED_STATE_MIN_BYTES,
+    ChainLayer,
+    Checkpoint,
+    CheckpointTree,
+    DiskChain,
+    DiskRef,
+    VmDisks,
+    VmInfo,
+)
 from vhdx.hyperv.vm import ChainInfo, Folder, VirtualMachine, load_folder, search_dirs_for
 from vhdx.merge_journal import JOURNAL_SUFFIX
 
@@ -35,6 +44,7 @@ class FolderAudit:
     dirty: list[dict] = field(default_factory=list)  # path, what
     interrupted_merges: list[str] = field(default_factory=list)
     plan: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -47,7 +57,7 @@ class FolderAudit:
         return {"root": self.folder.root, "vms": [v.to_json() for v in self.folder.vms],
                 "orphans": self.orphans, "orphan_bytes": sum(o["bytes"] for o in self.orphans),
                 "missing": self.missing, "broken": self.broken, "dirty": self.dirty,
-                "interrupted_merges": self.interrupted_merges, "plan": self.plan,
+                "interrupted_merges": self.interrupted_merges, "plan": self.plan, "warnings": self.warnings,
                 "unreadable_configurations": [{"path": p, "error": e} for p, e in self.folder.unreadable],
                 "layers": [r.to_json()["disks"] for r in self.reports]}
 
@@ -119,6 +129,13 @@ def audit_folder(path: str, search_dirs=()) -> FolderAudit:
                                    "parent": _parent_of(disk), "why": "no configuration reaches it"})
     result.interrupted_merges = sorted(p for name, paths in folder.index.by_name.items()
                                        if name.endswith(JOURNAL_SUFFIX) for p in paths)
+    for vm in folder.vms:
+        saved = sum(s.size for s in vm.state_files if s.kind in ("vmrs", "bin"))
+        if saved >= SAVED_STATE_MIN_BYTES:
+            # A saved VM's memory expects its disks as they are: never merge under it, and Stop-VM would discard it.
+            result.warnings.append(
+                f"VM {vm.name!r} is saved, not off ({saved} bytes of runtime state): start it and shut it down "
+                "cleanly before any offline step")
     result.plan = _plan(result, search_dirs_for(folder.index))
     return result
 
