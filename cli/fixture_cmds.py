@@ -26,7 +26,17 @@ def build_cmd(state: State, spec, outdir, name):
     from vhdx_fixtures.builder import build
     from vhdx_fixtures.faults import FaultError
     from vhdx_fixtures.spec import SpecError, load_spec, ready_spec
+    from vhdx_fixtures.vm_folder import build_vm_folder, load_vm_spec, vm_spec_names
 
+    if spec in vm_spec_names() and not os.path.exists(spec):  # a whole Hyper-V VM folder, not one chain
+        try:
+            manifest = build_vm_folder(load_vm_spec(spec), outdir)
+        except SpecError as exc:
+            fail(str(exc))
+        click.echo(json.dumps(manifest, indent=2) if state is not None and state.as_json
+                   else f"VM folder {outdir} (VM {manifest['vm']['name']}); manifest: "
+                        f"{os.path.join(outdir, 'manifest.json')}")
+        return
     try:
         chain = load_spec(spec, name) if os.path.exists(spec) or spec.endswith(".toml") else ready_spec(spec)
         if name and not os.path.exists(spec):
@@ -70,6 +80,11 @@ def list_cmd(state: State):
     click.echo("ready specs:")
     for n, s in specs:
         click.echo(f"  {n:34s} {s.description}")
+    from vhdx_fixtures.vm_folder import load_vm_spec, vm_spec_names
+
+    click.echo("VM folder specs:")
+    for n in vm_spec_names():
+        click.echo(f"  {n:34s} {load_vm_spec(n).description}")
     click.echo("faults:")
     for n, _summary, codes in describe():
         click.echo(f"  {n:34s} {'/'.join(codes)}")
