@@ -9,7 +9,7 @@ from xml.dom import minidom
 
 import pytest
 
-from tests.conftest import CORPUS
+from tests.support.corpus import CORPUS, corpus_file
 
 HYPERV_CONFIG = CORPUS / "hyperv-config"
 STORAGE_SAMPLES = ("test.vmcx", "EC04F346-DB96-4700-AF5B-77B3C56C38BD.vmcx", "data.vmcx", "test.VMRS")
@@ -17,10 +17,7 @@ XML_SAMPLES = ("B90AC31B-C6F8-479F-9B91-07B894A6A3F6.xml", "D351C151-DAC7-4042-B
 
 
 def sample(name: str) -> Path:
-    path = HYPERV_CONFIG / name
-    if not path.is_file():
-        pytest.skip(f"corpus sample {path} is absent")
-    return path
+    return corpus_file(f"hyperv-config/{name}")
 
 
 def dissect_tree(path) -> dict:
