@@ -169,6 +169,7 @@ cli.lazy_commands.update({
     "hyperv": "vhdx_cli.hyperv:hyperv",
     "bench": "vhdx_cli.bench_cmds:bench",
     "fixture": "vhdx_cli.fixture_cmds:fixture",
+    "scan": "vhdx_cli.scan_cmds:scan",
 })
 
 
