@@ -123,6 +123,8 @@ def summary_text(result: ScanResult) -> str:
               "SQLite database (tables disks, trees, vm_configs, meta).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Local worker processes (default: the cores).")
 @click.option("--scheduler", help="Run the probes on this Dask cluster (tcp://HOST:PORT; needs the [fleet] extra).")
+@click.option("--scheduler-timeout", type=click.FloatRange(min=0.1), default=fleet_executor.CONNECT_TIMEOUT,
+              show_default=True, help="Seconds to wait for the Dask scheduler to answer.")
 @click.option("--local-cluster", is_flag=True, help="Start a Dask cluster on 127.0.0.1 with --jobs workers.")
 @click.option("--check", "full_check", is_flag=True, help="Also run the full check of each disk (reads its BAT).")
 @click.option("--hash", "with_hash", is_flag=True, help="Also hash each file's bytes (SHA-256).")
@@ -130,8 +132,8 @@ def summary_text(result: ScanResult) -> str:
 @click.option("--progress/--no-progress", default=None, help="Disks/s and ETA on stderr (default: on a terminal).")
 @click.pass_context
 @handle_errors
-def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, local_cluster, full_check, with_hash,
-         follow_symlinks, progress):
+def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, scheduler_timeout, local_cluster, full_check,
+         with_hash, follow_symlinks, progress):
     """Find every VHDX/AVHDX under ROOTS, probe its headers, and report chains, trees and their problems.
 
     Exit 0 when nothing is wrong, 2 when a problem is found (orphan, broken or ambiguous linkage, dirty log,
@@ -146,7 +148,7 @@ def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, local_cluster, 
     with ExitStack() as stack:
         if local_cluster:
             scheduler = stack.enter_context(fleet_executor.local_cluster(jobs))
-        executor = stack.enter_context(fleet_executor.dask_executor(scheduler) if scheduler
+        executor = stack.enter_context(fleet_executor.dask_executor(scheduler, timeout=scheduler_timeout) if scheduler
                                         else fleet_executor.local_executor(jobs))
         result = run_scan(roots, executor, options=ProbeOptions(check=full_check, hash=with_hash),
                           follow_symlinks=follow_symlinks, progress=shown)

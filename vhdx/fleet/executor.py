@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
 
 from vhdx.errors import VhdxError
 
 LOOPBACK = "127.0.0.1"
-CONNECT_TIMEOUT = "10s"
+CONNECT_TIMEOUT = 10.0  # seconds
 
 
 class InlineExecutor(Executor):
@@ -39,6 +39,28 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
+class LocalPool(Executor):
+    """A process pool that starts afresh when a worker dies (killed, out of memory), as Dask replaces workers.
+
+    The tasks that were running in the broken pool fail with ``BrokenExecutor``; the scan submits them again.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self._pool = ProcessPoolExecutor(max_workers=jobs)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except BrokenExecutor:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ProcessPoolExecutor(max_workers=self.jobs)
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
 @contextmanager
 def local_executor(jobs: int | None = None) -> Iterator[Executor]:
     """``jobs`` worker processes (default: the usable cores); one job runs in this process."""
@@ -46,7 +68,7 @@ def local_executor(jobs: int | None = None) -> Iterator[Executor]:
     if jobs == 1:
         yield InlineExecutor()
         return
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with LocalPool(jobs) as pool:
         yield pool
 
 
@@ -72,11 +94,11 @@ def local_cluster(workers: int | None = None) -> Iterator[str]:
 
 
 @contextmanager
-def dask_executor(address: str) -> Iterator[Executor]:
+def dask_executor(address: str, *, timeout: float = CONNECT_TIMEOUT) -> Iterator[Executor]:
     """An executor whose tasks run on the Dask cluster at ``address`` (``tcp://HOST:PORT``)."""
     distributed = _distributed()
     try:
-        client = distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        client = distributed.Client(address, timeout=f"{timeout}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise VhdxError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     try:

@@ -135,7 +135,8 @@ def _resolve(node: DiskNode, by_guid: dict[str, list[DiskNode]], by_key: dict[st
             node.parent_status = "ambiguous"
             node.candidates = tuple(sorted(n.probe.path for n in found.values()))
         return
-    named = next((by_key[h] for h in hinted if h in by_key), None)
+    # A file that vanished during the scan is not there to be the parent: its children are orphans.
+    named = next((by_key[h] for h in hinted if h in by_key and not by_key[h].probe.vanished), None)
     if named is None:
         node.parent_status = "missing"
         node.parent = probe.parent_hints[0][1] if probe.parent_hints else None

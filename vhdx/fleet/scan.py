@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Executor, Future, wait
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, CancelledError, Executor, Future, wait
 from dataclasses import dataclass
 
 from vhdx.fleet.forest import Forest, assemble
 from vhdx.fleet.probe import BatchResult, DiskProbe, JournalProbe, ProbeOptions, probe_batch
 from vhdx.fleet.walk import BATCH_FILES, Batch, Walker, WalkReport
 
+RETRIES = 3  # resubmissions of a task whose local worker died (Dask's own default allows 3 too)
 MAX_IN_FLIGHT = 256  # tasks submitted ahead of the results: bounds client memory on huge estates
 
 # progress(disks probed, disks found so far, walk finished)
@@ -54,6 +55,14 @@ def scan(roots, executor: Executor, *, options: ProbeOptions = ProbeOptions(),  
             batch = pending.pop(future)
             try:
                 result = future.result()
+            except BrokenExecutor as exc:
+                # A local worker died under this task: submit it again to the renewed pool, a few times.
+                tries[batch] = tries.get(batch, 0) + 1
+                if tries[batch] <= RETRIES:
+                    submit(batch)
+                    continue
+                failed += 1
+                result = _failed_batch(batch, exc)
             except (Exception, CancelledError) as exc:  # noqa: BLE001 - the task's files get the reason
                 failed += 1
                 result = _failed_batch(batch, exc)
@@ -62,10 +71,15 @@ def scan(roots, executor: Executor, *, options: ProbeOptions = ProbeOptions(),  
         if progress is not None:
             progress(len(disks), found, walked)
 
+    tries: dict[Batch, int] = {}
+
+    def submit(batch: Batch) -> None:
+        pending[executor.submit(probe_batch, list(batch.disks), list(batch.journals), options)] = batch
+
     try:
         for batch in walker.batches():
             found += len(batch.disks)
-            pending[executor.submit(probe_batch, list(batch.disks), list(batch.journals), options)] = batch
+            submit(batch)
             if len(pending) >= max_in_flight:
                 collect(wait(pending, return_when=FIRST_COMPLETED).done)
         walked = True
