@@ -40,9 +40,11 @@ class ScanProgress:
         eta = f"ETA {(found - done) / rate:,.0f}s" if walked and rate else "walking"
         click.echo(f"\rscan: {done:,}/{found:,} disks {rate:,.0f} disks/s {eta} ", err=True, nl=False)
 
-    def finish(self) -> None:
+    def finish(self, disks: int) -> None:
         if self.enabled:
-            click.echo("", err=True)
+            seconds = time.monotonic() - self.start
+            click.echo(f"\rscan: {disks:,} disks in {seconds:,.1f} s ({disks / max(seconds, 1e-6):,.0f} disks/s)"
+                       + " " * 20, err=True)
 
 
 def _problem_marks(forest: Forest) -> dict[str, str]:
@@ -152,7 +154,7 @@ def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, scheduler_timeo
                                         else fleet_executor.local_executor(jobs))
         result = run_scan(roots, executor, options=ProbeOptions(check=full_check, hash=with_hash),
                           follow_symlinks=follow_symlinks, progress=shown)
-    shown.finish()
+    shown.finish(len(result.forest.nodes))
     if sqlite_db:
         output.write_sqlite(result, sqlite_db)
     if jsonl:

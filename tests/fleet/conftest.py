@@ -12,9 +12,9 @@ def estate(tmp_path_factory):
     return build_estate(str(tmp_path_factory.mktemp("estate") / "estate"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dask_address():
-    """A real Dask cluster (scheduler and two worker processes) on 127.0.0.1, closed after the module."""
+    """A real Dask cluster (scheduler and two worker processes) on 127.0.0.1, closed at the end of the session."""
     pytest.importorskip("distributed")
     from vhdx.fleet.executor import local_cluster
 

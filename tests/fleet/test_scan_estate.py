@@ -117,3 +117,33 @@ def test_unreachable_scheduler_is_one_line_exit_1(estate):
     run = CliRunner().invoke(cli, ["scan", "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "1", f"{estate.root}/vm010"])
     assert run.exit_code == 1
     assert run.output.startswith("vhdx: error: cannot reach the Dask scheduler") and run.output.count("\n") == 1
+
+
+def test_cli_check_and_hash_report_per_disk(estate):
+    folder = f"{estate.root}/vm003"  # holds the dirty disk
+    run = CliRunner().invoke(cli, ["scan", "--jobs", "1", "--check", "--hash", "--json", folder])
+    assert run.exit_code == 2, run.output
+    doc = json.loads(run.output)
+    checks = {d["path"]: d["check"] for d in doc["disks"]}
+    assert doc["summary"]["check_failed"] == estate.dirty
+    assert "LOG_DIRTY" in checks[estate.dirty[0]]["errors"]
+    assert {c["exit_code"] for p, c in checks.items() if p not in estate.dirty} == {0}
+    assert all(len(d["sha256"]) == 64 for d in doc["disks"])
+
+
+def test_cli_local_cluster_scans_on_loopback(estate):
+    pytest.importorskip("distributed")
+    run = CliRunner().invoke(cli, ["scan", "--local-cluster", "--jobs", "1", "--json", f"{estate.root}/vm001"])
+    assert run.exit_code == 2, run.output
+    assert json.loads(run.output)["summary"]["orphans"] == estate.orphans
+
+
+def test_cli_progress_shows_disks_per_second(estate):
+    run = CliRunner().invoke(cli, ["scan", "--jobs", "1", "--progress", f"{estate.root}/vm010"])
+    assert run.exit_code == 0
+    assert "disks/s" in run.stderr
+
+
+def test_scheduler_and_local_cluster_exclude_each_other(estate):
+    run = CliRunner().invoke(cli, ["scan", "--local-cluster", "--scheduler", "tcp://127.0.0.1:1", estate.root])
+    assert run.exit_code == 1 and "exclude each other" in run.output

@@ -86,7 +86,9 @@ def local_cluster(workers: int | None = None) -> Iterator[str]:
     distributed = _distributed()
     cluster = distributed.LocalCluster(
         n_workers=workers or default_jobs(), threads_per_worker=1, processes=True, host=LOOPBACK,
-        dashboard_address=None, worker_dashboard_address=None, silence_logs=logging.ERROR)
+        dashboard_address=None, worker_dashboard_address=None, silence_logs=logging.ERROR,
+        # The scheduler keeps a small HTTP server (health routes) even without a dashboard: loopback, any port.
+        scheduler_kwargs={"dashboard_address": f"{LOOPBACK}:0"})
     try:
         yield cluster.scheduler_address
     finally:
