@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.estate import build_estate
+from vhdx_fixtures.fleet import build_estate
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from tests.support.estate import make_dirty, write_disk
+from vhdx_fixtures.fleet import make_dirty, write_disk
 from vhdx.bat import Bat
 from vhdx.fleet.probe import VANISHED, ProbeOptions, kind_of, probe_batch, probe_disk
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.support import fault_executors
-from tests.support.estate import write_disk
+from vhdx_fixtures.fleet import write_disk
 from vhdx.fleet import output
 from vhdx.fleet.executor import dask_executor, local_executor
 from vhdx.fleet.probe import VANISHED

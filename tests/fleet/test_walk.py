@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 
-from tests.support.estate import write_disk
+from vhdx_fixtures.fleet import write_disk
 from vhdx.fleet.walk import Walker
 
 

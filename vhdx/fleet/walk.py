@@ -100,14 +100,15 @@ class Walker:
                     self.report.skipped_links.append(entry.path)
                     return
                 mode = os.stat(real).st_mode
-            else:
-                mode = entry.stat(follow_symlinks=False).st_mode
+                is_dir, is_file = stat.S_ISDIR(mode), stat.S_ISREG(mode)
+            else:  # the directory entry's type: no system call per file
+                is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
         except OSError:
             self.report.skipped_links.append(entry.path)
             return
-        if stat.S_ISDIR(mode):
+        if is_dir:
             subdirs.append(entry.path)
-        elif stat.S_ISREG(mode):
+        elif is_file:
             files.append(entry.path)
         else:
             self.report.special_files.append(entry.path)
