@@ -8,11 +8,12 @@ from contextlib import ExitStack
 
 import click
 
-from vhdx.fleet import output
 from vhdx.fleet import executor as fleet_executor
+from vhdx.fleet import output
 from vhdx.fleet.forest import Forest
 from vhdx.fleet.probe import ProbeOptions
-from vhdx.fleet.scan import ScanResult, scan as run_scan
+from vhdx.fleet.scan import ScanResult
+from vhdx.fleet.scan import scan as run_scan
 from vhdx_cli import render
 from vhdx_cli.common import handle_errors
 

@@ -5,9 +5,9 @@ import pickle
 
 import pytest
 
-from vhdx_fixtures.fleet import make_dirty, write_disk
 from vhdx.bat import Bat
 from vhdx.fleet.probe import VANISHED, ProbeOptions, kind_of, probe_batch, probe_disk
+from vhdx_fixtures.fleet import make_dirty, write_disk
 
 
 @pytest.fixture

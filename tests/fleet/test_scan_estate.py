@@ -114,7 +114,8 @@ def test_clean_folder_exits_0(estate):
 
 def test_unreachable_scheduler_is_one_line_exit_1(estate):
     pytest.importorskip("distributed")
-    run = CliRunner().invoke(cli, ["scan", "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "1", f"{estate.root}/vm010"])
+    run = CliRunner().invoke(cli, ["scan", "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "1",
+                                   f"{estate.root}/vm010"])
     assert run.exit_code == 1
     assert run.output.startswith("vhdx: error: cannot reach the Dask scheduler") and run.output.count("\n") == 1
 

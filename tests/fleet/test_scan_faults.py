@@ -11,11 +11,11 @@ import sys
 import pytest
 
 from tests.support import fault_executors
-from vhdx_fixtures.fleet import write_disk
 from vhdx.fleet import output
 from vhdx.fleet.executor import dask_executor, local_executor
 from vhdx.fleet.probe import VANISHED
 from vhdx.fleet.scan import scan
+from vhdx_fixtures.fleet import write_disk
 
 
 @pytest.fixture

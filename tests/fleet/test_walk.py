@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import os
 
-from vhdx_fixtures.fleet import write_disk
 from vhdx.fleet.walk import Walker
+from vhdx_fixtures.fleet import write_disk
 
 
 def walk(roots, **kwargs):

@@ -205,4 +205,5 @@ def probe_batch(disks: list[str], journals: list[str], options: ProbeOptions = P
     return out
 
 
-__all__ = ["BatchResult", "CheckSummary", "DiskProbe", "JournalProbe", "ProbeOptions", "kind_of", "probe_batch", "probe_disk", "probe_journal"]
+__all__ = ["BatchResult", "CheckSummary", "DiskProbe", "JournalProbe", "ProbeOptions", "kind_of", "probe_batch",
+           "probe_disk", "probe_journal"]
