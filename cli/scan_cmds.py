@@ -51,7 +51,7 @@ class ScanProgress:
 def _problem_marks(forest: Forest) -> dict[str, str]:
     marks = {}
     for path, node in forest.nodes.items():
-        found = [node.parent_status] if node.parent_status not in ("none", "ok", "unknown") else []
+        found = [node.parent_status] if node.parent_status not in ("none", "ok", "unknown", "outside") else []
         found += ["dirty log"] if node.probe.dirty_log else []
         found += [f"merge interrupted ({node.merge_interrupted})"] if node.merge_interrupted else []
         if node.probe.check is not None and node.probe.check.exit_code not in (0,):
@@ -96,6 +96,9 @@ def summary_text(result: ScanResult) -> str:
     for key, count in problems.items():
         extra = f", holding {render.human_size(s['orphan_bytes'])}" if key == "missing" else ""
         lines.append(f"  {LABELS[key]}: {count}{extra}")
+    if s["parent_outside_roots"]:
+        lines.append(f"  note: {len(s['parent_outside_roots'])} disks have their parent outside the roots "
+                     "(not verified; scan its folder too)")
     for path, reason in result.walk.unreadable_dirs:
         lines.append(f"  unreadable folder: {path} ({reason})")
     view = tree_view(result.forest)

@@ -97,3 +97,10 @@ def test_locator_naming_a_file_that_vanished_makes_an_orphan():
     gone = DiskProbe("/d/a.vhdx", error="vanished during the scan", vanished=True)
     forest = assemble([gone, child("/d/b.avhdx", G[2], G[1], ".\\a.vhdx")])
     assert forest.nodes["/d/b.avhdx"].parent_status == "missing"
+
+
+def test_parent_that_exists_outside_the_scan_is_not_an_orphan():
+    probe = DiskProbe("/d/b.avhdx", disk_type="differencing", data_write_guid=G[2], parent_linkages=(G[1],),
+                      parent_hints=(("relative_path", "..\\t\\a.vhdx"),), hints_present=("/t/a.vhdx",))
+    node = assemble([probe]).nodes["/d/b.avhdx"]
+    assert node.parent_status == "outside" and node.parent == "/t/a.vhdx"

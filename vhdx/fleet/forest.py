@@ -7,8 +7,9 @@ the child was made) from a missing parent (an orphan).
 
 Parent status of each disk: ``none`` (a base disk), ``ok``, ``missing`` (orphan), ``mismatch`` (broken
 linkage), ``ambiguous`` (several disks carry the GUID and no hint picks one), ``loop`` (the linkage leads back
-into the disk's own chain), ``parent_unreadable`` (the locator names a scanned file that could not be read) and
-``unknown`` (the disk itself could not be read).
+into the disk's own chain), ``parent_unreadable`` (the locator names a scanned file that could not be read),
+``unknown`` (the disk itself could not be read) and ``outside`` (not a problem: no scanned disk fits, but the
+file the locator names exists outside the scanned roots; its linkage is not verified).
 
 References: [MS-VHDX] §2.2.2 (DataWriteGuid), §2.6.2.6 (parent locator, linkage keys).
 """
@@ -16,12 +17,10 @@ References: [MS-VHDX] §2.2.2 (DataWriteGuid), §2.6.2.6 (parent locator, linkag
 from __future__ import annotations
 
 import os
-import types
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from vhdx.chain import parent_file_name, windows_path_candidates
-from vhdx.fleet.probe import DiskProbe, JournalProbe
+from vhdx.fleet.probe import DiskProbe, JournalProbe, hinted_paths
 
 PROBLEM_STATUSES = ("missing", "mismatch", "ambiguous", "loop", "parent_unreadable")
 DEEPEST_SHOWN = 5
@@ -100,25 +99,10 @@ class Forest:
         return sorted(leaves, key=lambda n: (-n.depth, n.probe.path))[:count]
 
 
-def _hinted_paths(probe: DiskProbe) -> list[str]:
-    """Files the locator names, translated for this host, then the parent's file name next to the child."""
-    child_dir = os.path.dirname(os.path.abspath(probe.path))
-    out = []
-    for key, value in probe.parent_hints:
-        try:
-            out.extend(windows_path_candidates(key, value, child_dir))
-        except ValueError:  # a NUL or other unusable text in a hostile locator
-            continue
-    name = parent_file_name(types.SimpleNamespace(paths=probe.parent_hints))
-    if name:
-        out.append(os.path.join(child_dir, name))
-    return [_key(p) for p in out]
-
-
 def _resolve(node: DiskNode, by_guid: dict[str, list[DiskNode]], by_key: dict[str, DiskNode]) -> None:
     probe = node.probe
     me = _key(probe.path)
-    hinted = [h for h in _hinted_paths(probe) if h != me]
+    hinted = [h for h in hinted_paths(probe.path, probe.parent_hints) if h != me]
     found: dict[str, DiskNode] = {}
     for guid in probe.parent_linkages:
         for cand in by_guid.get(guid, ()):
@@ -137,7 +121,10 @@ def _resolve(node: DiskNode, by_guid: dict[str, list[DiskNode]], by_key: dict[st
         return
     # A file that vanished during the scan is not there to be the parent: its children are orphans.
     named = next((by_key[h] for h in hinted if h in by_key and not by_key[h].probe.vanished), None)
-    if named is None:
+    present = [p for p in probe.hints_present if _key(p) != me and _key(p) not in by_key]
+    if named is None and present:
+        node.parent_status, node.parent = "outside", present[0]  # there, but not scanned: not an orphan
+    elif named is None:
         node.parent_status = "missing"
         node.parent = probe.parent_hints[0][1] if probe.parent_hints else None
     else:

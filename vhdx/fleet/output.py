@@ -5,7 +5,7 @@ Schema ``vhdx-scan`` version 1 (every JSON Lines record carries ``schema``, ``ve
 - ``disk``: path, type (dynamic/fixed/differencing, null when unreadable), virtual_size, file_size, allocated
   (bytes the file system holds), block_size, logical_sector_size, physical_sector_size, creator, disk_id,
   data_write_guid, parent_linkage (list), parent_locator (first locator path), parent (resolved path, or the
-  file the locator names), parent_status (none/ok/missing/mismatch/ambiguous/loop/parent_unreadable/unknown),
+  file the locator names), parent_status (none/ok/missing/mismatch/ambiguous/loop/parent_unreadable/unknown/outside),
   candidates, depth, tree, children, dirty_log, merge_interrupted (journal step or null), error, vanished,
   check (null, or exit_code/errors/warnings/leaked_bytes/problem), sha256.
 - ``tree``: root, root_status, disks, depth, total_size, leaves, branches.
@@ -86,6 +86,7 @@ def summary(result: ScanResult) -> dict:
         "ambiguous": paths(by_status["ambiguous"]),
         "loops": paths(by_status["loop"]),
         "parent_unreadable": paths(by_status["parent_unreadable"]),
+        "parent_outside_roots": paths(f.with_status("outside")),
         "dirty": paths(f.dirty),
         "unreadable": [{"path": n.probe.path, "error": n.probe.error, "vanished": n.probe.vanished}
                        for n in f.unreadable],

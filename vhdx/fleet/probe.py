@@ -11,9 +11,11 @@ References: [MS-VHDX] §2.2 (headers), §2.3 (log), §2.6.2.6 (parent locator).
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass, field, replace
 
 from vhdx import merge_journal
+from vhdx.chain import parent_file_name, windows_path_candidates
 from vhdx.errors import VhdxError
 from vhdx.image import read_structures
 
@@ -75,6 +77,7 @@ class DiskProbe:
     file_write_guid: str | None = None
     parent_linkages: tuple[str, ...] = ()
     parent_hints: tuple[tuple[str, str], ...] = ()  # locator (key, path) pairs, in the spec's order
+    hints_present: tuple[str, ...] = ()  # host paths of the files the locator names that exist (not opened)
     dirty_log: bool = False
     check: CheckSummary | None = None
     sha256: str | None = None
@@ -121,6 +124,35 @@ def error_text(exc: VhdxError) -> str:
     return exc.message
 
 
+def hinted_paths(path: str, hints) -> list[str]:
+    """Host paths a child's locator names, then its parent's file name next to the child.
+
+    Translated as when opening a chain, absolute and normalised, in the order a reader tries them.
+    """
+    child_dir = os.path.dirname(os.path.abspath(path))
+    out = []
+    for key, value in hints:
+        try:
+            out.extend(windows_path_candidates(key, value, child_dir))
+        except ValueError:  # unusable text in a hostile locator
+            continue
+    name = parent_file_name(types.SimpleNamespace(paths=hints))
+    if name:
+        out.append(os.path.join(child_dir, name))
+    return [os.path.normcase(os.path.abspath(p)) for p in dict.fromkeys(out)]
+
+
+def _present(paths: list[str]) -> tuple[str, ...]:
+    found = []
+    for path in paths:
+        try:
+            if os.path.isfile(path):
+                found.append(path)
+        except (OSError, ValueError):
+            continue
+    return tuple(found)
+
+
 def _failed(path: str, base: dict, message: str) -> DiskProbe:
     vanished = not os.path.lexists(path)
     return DiskProbe(path, **base, error=VANISHED if vanished else message, vanished=vanished)
@@ -142,6 +174,7 @@ def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe: 
         return _failed(path, base, error_text(exc))
     params = image.params
     locator = params.parent_locator
+    hints = tuple(locator.paths) if locator and params.has_parent else ()
     probe = DiskProbe(
         path, **base, disk_type=image.disk_type.label, virtual_size=params.virtual_size,
         block_size=params.block_size, logical_sector_size=params.logical_sector_size,
@@ -149,7 +182,7 @@ def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe: 
         disk_id=str(params.virtual_disk_id), data_write_guid=str(image.data_write_guid),
         file_write_guid=str(image.file_write_guid),
         parent_linkages=tuple(str(g) for g in locator.linkages) if locator and params.has_parent else (),
-        parent_hints=tuple(locator.paths) if locator and params.has_parent else (),
+        parent_hints=hints, hints_present=_present(hinted_paths(path, hints)) if hints else (),
         dirty_log=image.log.is_dirty)
     if options.check:
         probe = _with_check(probe)
@@ -205,5 +238,5 @@ def probe_batch(disks: list[str], journals: list[str], options: ProbeOptions = P
     return out
 
 
-__all__ = ["BatchResult", "CheckSummary", "DiskProbe", "JournalProbe", "ProbeOptions", "kind_of", "probe_batch",
-           "probe_disk", "probe_journal"]
+__all__ = ["BatchResult", "CheckSummary", "DiskProbe", "JournalProbe", "ProbeOptions", "hinted_paths", "kind_of",
+           "probe_batch", "probe_disk", "probe_journal"]
