@@ -48,10 +48,17 @@ class ScanProgress:
                        + " " * 20, err=True)
 
 
+PARENT_MARKS = {"missing": "orphan: parent {parent} not found", "mismatch": "broken: {parent} changed after this "
+                "disk was made", "ambiguous": "ambiguous parent", "loop": "parent loop",
+                "parent_unreadable": "parent {parent} unreadable"}
+LIST_SHOWN = 20  # VM configuration files listed in the text summary
+
+
 def _problem_marks(forest: Forest) -> dict[str, str]:
     marks = {}
     for path, node in forest.nodes.items():
-        found = [node.parent_status] if node.parent_status not in ("none", "ok", "unknown", "outside") else []
+        mark = PARENT_MARKS.get(node.parent_status)
+        found = [mark.format(parent=node.parent)] if mark else []
         found += ["dirty log"] if node.probe.dirty_log else []
         found += [f"merge interrupted ({node.merge_interrupted})"] if node.merge_interrupted else []
         if node.probe.check is not None and node.probe.check.exit_code not in (0,):
@@ -115,8 +122,11 @@ def summary_text(result: ScanResult) -> str:
     if s["deepest"]:
         lines.append("deepest chains: " + ", ".join(f"{d['path']} ({d['depth']})" for d in s["deepest"]))
     if result.walk.vm_configs:
-        lines.append("VM configuration files:")
-        lines.extend(f"  {p}" for p in sorted(result.walk.vm_configs))
+        configs = sorted(result.walk.vm_configs)
+        lines.append(f"VM configuration files ({len(configs)}):")
+        lines.extend(f"  {p}" for p in configs[:LIST_SHOWN])
+        if len(configs) > LIST_SHOWN:
+            lines.append(f"  ... and {len(configs) - LIST_SHOWN} more (see --json)")
     return "\n".join(lines)
 
 
