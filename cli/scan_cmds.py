@@ -106,6 +106,9 @@ def summary_text(result: ScanResult) -> str:
     if s["parent_outside_roots"]:
         lines.append(f"  note: {len(s['parent_outside_roots'])} disks have their parent outside the roots "
                      "(not verified; scan its folder too)")
+    if s["retried_tasks"] or s["failed_tasks"]:
+        lines.append(f"  probe tasks rerun after a worker died: {s['retried_tasks']}; tasks that failed (their disks "
+                     f"are listed as unreadable): {s['failed_tasks']}")
     for path, reason in result.walk.unreadable_dirs:
         lines.append(f"  unreadable folder: {path} ({reason})")
     view = tree_view(result.forest)

@@ -74,6 +74,7 @@ def test_killed_local_worker_is_replaced_and_its_task_rerun(small_tree, tmp_path
     assert os.path.exists(marker)  # a worker really died
     assert sorted(result.forest.nodes) == paths
     assert output.summary(result)["unreadable"] == [] and result.failed_tasks == 0
+    assert output.summary(result)["retried_tasks"] >= 1
 
 
 def test_killed_dask_worker_is_retried_by_dask(small_tree, dask_address, tmp_path_factory):

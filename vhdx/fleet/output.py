@@ -96,6 +96,7 @@ def summary(result: ScanResult) -> dict:
         "check_failed": paths(f.check_failed),
         "deepest": [{"path": n.probe.path, "depth": n.depth, "tree": n.tree} for n in f.deepest()],
         "failed_tasks": result.failed_tasks,
+        "retried_tasks": result.retried_tasks,
     }
 
 

@@ -30,6 +30,7 @@ class ScanResult:
     seconds: float
     failed_tasks: int
     options: ProbeOptions
+    retried_tasks: int = 0  # submitted again after their local worker died (Dask retries out of our sight)
 
 
 def _failed_batch(batch: Batch, exc: BaseException) -> BatchResult:
@@ -89,4 +90,5 @@ def scan(roots, executor: Executor, *, options: ProbeOptions = ProbeOptions(),  
         for future in pending:
             future.cancel()
     forest = assemble(disks, journals)
-    return ScanResult(list(walker.roots), forest, walker.report, time.monotonic() - began, failed, options)
+    return ScanResult(list(walker.roots), forest, walker.report, time.monotonic() - began, failed, options,
+                      sum(tries.values()))
