@@ -89,3 +89,13 @@ def test_killed_dask_worker_is_retried_by_dask(small_tree, dask_address, tmp_pat
     assert sorted(result.forest.nodes) == paths
     assert output.summary(result)["unreadable"] == [] and result.failed_tasks == 0
     assert output.summary(result)["orphans"] == []
+
+
+def test_file_that_kills_every_worker_costs_only_its_own_result(small_tree):
+    root, paths = small_tree
+    poison = str(root / "vm2" / "cp1.avhdx")
+    with local_executor(2) as executor:
+        result = scan([root], fault_executors.PoisonFile(executor, poison), batch_files=8)
+    unreadable = output.summary(result)["unreadable"]
+    assert [u["path"] for u in unreadable] == [poison] and "BrokenProcessPool" in unreadable[0]["error"]
+    assert sorted(result.forest.nodes) == paths and result.failed_tasks == 1

@@ -44,3 +44,20 @@ class DeleteBeforeProbe(Executor):
         if self.victim in args[0] and os.path.exists(self.victim):
             os.unlink(self.victim)
         return self.inner.submit(fn, *args, **kwargs)
+
+
+def kill_own_worker_if_holding(poison: str, fn, disks, *args):
+    """Run ``fn(disks, *args)`` unless ``poison`` is among the disks: then SIGKILL the worker, every time."""
+    if poison in disks:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fn(disks, *args)
+
+
+class PoisonFile(Executor):
+    """Every task that holds ``poison`` kills the worker process that runs it."""
+
+    def __init__(self, inner: Executor, poison: str) -> None:
+        self.inner, self.poison = inner, poison
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return self.inner.submit(kill_own_worker_if_holding, self.poison, fn, *args, **kwargs)

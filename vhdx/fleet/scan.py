@@ -1,7 +1,9 @@
 """The scan: walk the roots, probe every disk as tasks on an executor, collect as results arrive, assemble.
 
-A task that cannot deliver (its worker died more often than the scheduler retries, a pool broke) turns into
-error results for its files: the scan always finishes and reports every disk it found.
+A task whose worker dies is run again (Dask does that itself; a local pool is renewed and the task resubmitted);
+if workers keep dying on it, each of its files is probed alone, so one file that kills its worker (a crash, the
+OOM killer) costs only its own result. A task that cannot deliver turns into error results for its files: the
+scan always finishes and reports every disk it found.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def _failed_batch(batch: Batch, exc: BaseException) -> BatchResult:
                        [JournalProbe(p, error=reason) for p in batch.journals])
 
 
+def _worker_lost(exc: BaseException) -> bool:
+    """The task's process died (local pool broken, or Dask gave up after its own retries: KilledWorker)."""
+    return isinstance(exc, BrokenExecutor) or type(exc).__name__ == "KilledWorker"
+
+
+def _singles(batch: Batch) -> list[Batch]:
+    return ([Batch(batch.directory, (path,), ()) for path in batch.disks]
+            + [Batch(batch.directory, (), (path,)) for path in batch.journals])
+
+
 def scan(roots, executor: Executor, *, options: ProbeOptions = ProbeOptions(),  # noqa: B008 - frozen default
          follow_symlinks: bool = False, batch_files: int = BATCH_FILES, max_in_flight: int = MAX_IN_FLIGHT,
          progress: ProgressFn | None = None) -> ScanResult:
@@ -56,15 +68,18 @@ def scan(roots, executor: Executor, *, options: ProbeOptions = ProbeOptions(),  
             batch = pending.pop(future)
             try:
                 result = future.result()
-            except BrokenExecutor as exc:
-                # A local worker died under this task: submit it again to the renewed pool, a few times.
-                tries[batch] = tries.get(batch, 0) + 1
-                if tries[batch] <= RETRIES:
-                    submit(batch)
-                    continue
-                failed += 1
-                result = _failed_batch(batch, exc)
             except (Exception, CancelledError) as exc:  # noqa: BLE001 - the task's files get the reason
+                if _worker_lost(exc):
+                    if isinstance(exc, BrokenExecutor) and tries.get(batch, 0) < RETRIES:
+                        # A local worker died under this task: submit it again to the renewed pool.
+                        tries[batch] = tries.get(batch, 0) + 1
+                        submit(batch)
+                        continue
+                    if len(batch.disks) + len(batch.journals) > 1:
+                        # Workers keep dying on this task: one file may kill them; probe each file alone.
+                        for single in _singles(batch):
+                            submit(single)
+                        continue
                 failed += 1
                 result = _failed_batch(batch, exc)
             disks.extend(result.disks)
