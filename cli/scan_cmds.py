@@ -54,6 +54,11 @@ PARENT_MARKS = {"missing": "orphan: parent {parent} not found", "mismatch": "bro
 LIST_SHOWN = 20  # VM configuration files listed in the text summary
 
 
+def printable(text) -> str:
+    """Text with control characters escaped: a hostile file name or locator must not drive the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+
+
 def _problem_marks(forest: Forest) -> dict[str, str]:
     marks = {}
     for path, node in forest.nodes.items():
@@ -130,7 +135,7 @@ def summary_text(result: ScanResult) -> str:
         lines.extend(f"  {p}" for p in configs[:LIST_SHOWN])
         if len(configs) > LIST_SHOWN:
             lines.append(f"  ... and {len(configs) - LIST_SHOWN} more (see --json)")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 @click.command()

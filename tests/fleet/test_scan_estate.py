@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -172,3 +173,15 @@ def test_parent_outside_the_roots_is_noted_not_an_orphan(tmp_path):
     assert doc["summary"]["orphans"] == [] and doc["summary"]["parent_outside_roots"] == [child]
     text = CliRunner().invoke(cli, ["scan", "--jobs", "1", str(tmp_path / "vm")]).output
     assert "1 disks have their parent outside the roots" in text
+
+
+def test_text_escapes_control_characters_from_hostile_locators(tmp_path):
+    from vhdx_fixtures.fleet import write_disk
+
+    parent = str(tmp_path / "base\x1b[2J.vhdx")
+    write_disk(parent)
+    write_disk(str(tmp_path / "child.avhdx"), parent)
+    os.unlink(parent)
+    run = CliRunner().invoke(cli, ["scan", "--jobs", "1", str(tmp_path)])
+    assert run.exit_code == 2
+    assert "\x1b" not in run.output and "base\\x1b[2J.vhdx" in run.output
