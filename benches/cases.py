@@ -6,6 +6,7 @@ amount of data the job moves (for throughput columns), or None.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -317,3 +318,75 @@ def create_case(tmp: str, profile: Profile, disk_type: str) -> dict:
     ]
     desc = f"{disk_type} {size >> 20} MiB, 32 MiB blocks"
     return record(f"create {disk_type}", disk_type, desc, None, run_methods(methods, profile.repeats))
+
+
+# --- scan ---------------------------------------------------------------------------------------------------
+def read_first_mib(paths: list[str]) -> None:
+    """The floor of any per-disk probe: open each file and read its first MiB."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.pread(fd, MiB, 0)
+        finally:
+            os.close(fd)
+
+
+def evict(paths: list[str]) -> None:
+    """Drop these files' pages from the page cache (theirs only), so the next read comes from the storage."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def scan_case(tmp: str, profile: Profile) -> list[dict]:
+    """Probe a fleet of small disks against the floor of opening each file and reading its first MiB.
+
+    Warm page cache: ``--jobs 1``, ``--jobs 2`` and a local Dask cluster (2 workers, started before timing).
+    Cold (each file's pages dropped before every run, as on a share nothing has read yet): ``--jobs 1`` and
+    the floor.
+    """
+    from vhdx.fleet.executor import dask_executor, local_cluster, local_executor  # noqa: PLC0415
+    from vhdx.fleet.scan import scan  # noqa: PLC0415
+    from vhdx_fixtures.fleet import build_fleet  # noqa: PLC0415
+
+    folder = os.path.join(tmp, "fleet")
+    paths = build_fleet(folder, profile.scan_disks)
+    warm(paths)
+
+    def ours(run_scan):
+        def run():
+            result = run_scan()
+            assert len(result.forest.nodes) == len(paths) and not result.forest.unreadable
+
+        return run
+
+    def local(jobs):
+        def run_scan():
+            with local_executor(jobs) as executor:
+                return scan([folder], executor)
+
+        return ours(run_scan)
+
+    floor = Method("limit: open + read 1 MiB each", "limit", lambda: read_first_mib(paths))
+    methods = [Method("ours (--jobs 1)", "ours", local(1)), Method("ours (--jobs 2)", "ours-lib", local(2))]
+    with contextlib.ExitStack() as stack:
+        try:
+            executor = stack.enter_context(dask_executor(stack.enter_context(local_cluster(2))))
+        except Exception as exc:  # noqa: BLE001 - no Dask here: say so in the table
+            methods.append(Method("ours (local Dask, 2 workers)", "ours-lib",
+                                  missing=f"missing: {str(exc).splitlines()[0]}"))
+        else:
+            methods.append(Method("ours (local Dask, 2 workers)", "ours-lib", ours(lambda: scan([folder], executor))))
+        warm_outcomes = run_methods([*methods, floor], profile.repeats)
+    cold = [Method("ours (--jobs 1)", "ours", local(1), setup=lambda: evict(paths)),
+            Method(floor.name, "limit", floor.run, setup=lambda: evict(paths))]
+    cold_outcomes = run_methods(cold, profile.repeats)
+    shutil.rmtree(folder, ignore_errors=True)
+    desc = f"{len(paths):,} disks of 4 MiB virtual, chains of 5 in folders of 50, header-only probe"
+    return [record("scan (probe every disk)", f"fleet-{len(paths)} warm", desc, None, warm_outcomes),
+            record("scan (probe every disk)", f"fleet-{len(paths)} cold", desc + "; page cache dropped per run",
+                   None, cold_outcomes)]

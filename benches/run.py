@@ -18,9 +18,9 @@ from . import cases, report
 from .sizes import PROFILES
 from .workloads import build_all
 
-CASES = ("flatten", "reads", "merge", "info", "create")
+CASES = ("flatten", "reads", "merge", "info", "create", "scan")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
-         "info": ("sparse",), "create": ()}
+         "info": ("sparse",), "create": (), "scan": ()}
 
 
 def parse_args(argv):
@@ -83,6 +83,9 @@ def run(argv=None) -> dict:
             for disk_type in ("fixed", "dynamic"):
                 log(f"create {disk_type}", started)
                 records.append(cases.create_case(tmp, profile, disk_type))
+        if "scan" in only:
+            log(f"scan {profile.scan_disks} disks", started)
+            records += cases.scan_case(tmp, profile)
         results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
                    "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
                    "records": records}

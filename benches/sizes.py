@@ -27,6 +27,7 @@ class Profile:
         sparse_writes: 1 MiB blocks written across the sparse disk.
         create_size: virtual size for the create case (fixed and dynamic).
         merge_child_bytes: data written into the child of the dedicated merge chain (its parent: a quarter full).
+        scan_disks: small disks in the fleet scanned by the scan case (chains of 5 in folders of 50).
     """
 
     name: str
@@ -42,18 +43,21 @@ class Profile:
     sparse_writes: int
     create_size: int
     merge_child_bytes: int
+    scan_disks: int = 0
 
 
 TINY = Profile("tiny", repeats=1, dynamic_size=16 * MiB, chain_size=16 * MiB, chain_depths=(1, 2),
                random_writes=8, sequential_writes=(1, 2 * MiB), random_reads=16, sequential_read_bytes=4 * MiB,
-               sparse_size=1 * GiB, sparse_writes=2, create_size=64 * MiB, merge_child_bytes=8 * MiB)
+               sparse_size=1 * GiB, sparse_writes=2, create_size=64 * MiB, merge_child_bytes=8 * MiB,
+               scan_disks=100)
 QUICK = Profile("quick", repeats=3, dynamic_size=256 * MiB, chain_size=128 * MiB, chain_depths=(1, 4, 16),
                 random_writes=128, sequential_writes=(2, 4 * MiB), random_reads=200, sequential_read_bytes=64 * MiB,
-                sparse_size=64 * TiB, sparse_writes=4, create_size=4 * GiB, merge_child_bytes=256 * MiB)
+                sparse_size=64 * TiB, sparse_writes=4, create_size=4 * GiB, merge_child_bytes=256 * MiB,
+                scan_disks=300)
 FULL = Profile("full", repeats=5, dynamic_size=8 * GiB, chain_size=8 * GiB, chain_depths=(1, 4, 16),
                random_writes=4096, sequential_writes=(4, 64 * MiB), random_reads=4096,
                sequential_read_bytes=2 * GiB, sparse_size=64 * TiB, sparse_writes=64, create_size=32 * GiB,
-               merge_child_bytes=4 * GiB)
+               merge_child_bytes=4 * GiB, scan_disks=10_000)
 
 PROFILES = {p.name: p for p in (TINY, QUICK, FULL)}
 

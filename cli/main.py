@@ -170,6 +170,7 @@ cli.lazy_commands.update({
     "bench": "vhdx_cli.bench_cmds:bench",
     "fixture": "vhdx_cli.fixture_cmds:fixture",
     "vm": "vhdx_cli.vm_cmds:vm",
+    "scan": "vhdx_cli.scan_cmds:scan",
 })
 
 

@@ -66,3 +66,19 @@ def test_bench_cmd_measure_storage_reports_flatten_and_limit(tmp_path):
     assert rows["flatten chain to raw"].vs_raw_copy > 0
     assert "flatten chain to raw" in bench_text(result)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # starts a Dask cluster and times five methods: about 10-25 s
+def test_benches_scan_case_times_every_method_against_the_floor(tmp_path):
+    from dataclasses import replace
+
+    from benches import cases
+    from benches.sizes import TINY
+
+    records = cases.scan_case(str(tmp_path), replace(TINY, scan_disks=20))
+    assert [r["workload"] for r in records] == ["fleet-20 warm", "fleet-20 cold"]
+    for r in records:
+        by_role = {o.role: o for o in r["outcomes"]}
+        assert by_role["ours"].status == "ok" and by_role["limit"].status == "ok"
+        assert len(by_role["ours"].times) == TINY.repeats
+    assert not (tmp_path / "fleet").exists()

@@ -528,11 +528,22 @@ def read_disk_parameters(path) -> DiskParameters:
     For scanning folders of disks (which children point at which parent): a 64 TiB disk's BAT is hundreds of
     MiB, its metadata a few KiB.
     """
+    return read_structures(path).metadata.params
+
+
+def read_structures(path) -> VhdxImage:
+    """A file's identifier, headers, log state, regions and metadata, without its BAT; the file is closed again.
+
+    The result answers ``creator``, ``headers``, ``log``, ``regions``, ``metadata`` and the properties built on
+    them (``disk_type``, ``data_write_guid``...); anything that needs the BAT or the file fails.
+    """
     image = VhdxImage.__new__(VhdxImage)
     image.io = ImageIO.open(path)
     try:
         image._load(with_bat=False)
-        return image.metadata.params
+        image.options = _chain.OpenOptions(orphan=True)
+        image._parent = None
+        return image
     except VhdxError as exc:
         raise exc.with_path(image.io.path) from None
     finally:
