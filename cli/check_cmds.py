@@ -30,6 +30,9 @@ def report_lines(report, indent: str = "") -> list[str]:
             lines.append(f"{indent}  no corruption; {report.leaked_bytes} leaked bytes")
         else:
             lines.append(f"{indent}  no errors were found")
+        if report.free_bytes:
+            lines.append(f"{indent}  {report.free_bytes} bytes of free space between structures (not a leak; "
+                         "reclaimable by compaction, e.g. vhdx convert)")
     for parent in report.parents:
         lines.extend(report_lines(parent, indent + "  "))
     return lines

@@ -40,8 +40,11 @@ def info_text(info) -> str:
     if info.writer_active:
         lines.append("note: another process holds the writer lock; the image may be changing")
     lines.append("headers:")
+    current_seq = max((h.sequence_number for h in info.headers if h.current), default=None)
     for h in info.headers:
         mark = "current" if h.current else ("valid" if h.valid else f"INVALID: {h.problem}")
+        if h.valid and not h.current and current_seq is not None and h.sequence_number < current_seq:
+            mark += ", older copy (normal: header updates alternate between the two copies)"
         seq = f"seq {h.sequence_number}" if h.sequence_number is not None else ""
         lines.append(f"  header {h.slot} @ {h.offset:#x}: {mark} {seq}".rstrip())
     lines.append("region tables: " + ", ".join(
