@@ -18,6 +18,8 @@ def report_lines(report, indent: str = "") -> list[str]:
     if not report.checked:
         lines.append(f"{indent}  could not check: {report.error}")
     for f in report.findings:
+        if f.severity.value == "info":
+            continue  # normal states (an older header copy): `vhdx info` shows them, --json lists them
         where = "" if f.offset is None else f" @ {f.offset:#x}"
         fix = " [repairable]" if f.repairable else ""
         lines.append(f"{indent}  {f.severity.value:<7} {f.code} {f.structure}{where}: {f.message}{fix}")
@@ -56,7 +58,7 @@ def check(ctx, path, whole_chain, as_json):
 
 @click.command()
 @click.argument("path", type=EXISTING_FILE)
-@click.option("--dry-run", is_flag=True, help="Show what would be changed; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing (exit as the real run).")
 @click.option("--backup", type=click.Path(dir_okay=False), help="Copy PATH here (sparse) before changing it.")
 @click.option("--leaks", is_flag=True, help="Also truncate leaked space at the end of the file.")
 @click.option("--parent", type=EXISTING_FILE, help="Relink PATH to this parent (moved or replaced parent).")

@@ -98,8 +98,17 @@ def _write_pattern(image, offset: int, value: int, length: int) -> int:
 def discard(disk, offset, length):
     """Trim a range: whole blocks inside it read as zeros afterwards (like qemu-io discard)."""
     with vhdx.open(disk, writable=True) as image:
-        image.discard(offset, length)
-    click.echo(f"discarded {length} bytes at offset {offset}")
+        done = image.discard(offset, length)
+        fixed = image.params.leave_block_allocated and not image.has_parent
+        block_size = image.block_size
+    if fixed:
+        why = " (a fixed disk keeps its blocks allocated; nothing changed)"
+    elif not done:
+        why = f" (no whole block ({block_size} bytes) in the range was still mapped; nothing changed)"
+    else:
+        why = f" (whole blocks only; parts of the {length}-byte range in partial blocks are left as they are)" \
+            if done < length else ""
+    click.echo(f"discarded {done} bytes at offset {offset}{why}")
 
 
 @click.command(name="set-parent")

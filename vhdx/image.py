@@ -453,9 +453,9 @@ class VhdxImage:
         """Make a range read as zeros (whole blocks become ZERO where the disk type allows it)."""
         self.writer.write_zeros(offset, length)
 
-    def discard(self, offset: int, length: int) -> None:
-        """Trim whole blocks inside the range (they read as zeros); partial blocks are left as they are."""
-        self.writer.discard(offset, length)
+    def discard(self, offset: int, length: int) -> int:
+        """Trim whole blocks inside the range (they read as zeros); returns the bytes unmapped (see Writer.discard)."""
+        return self.writer.discard(offset, length)
 
     def flush(self) -> None:
         """Commit pending metadata through the log and flush the file."""

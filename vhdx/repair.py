@@ -479,10 +479,15 @@ class RepairResult:
 
     @property
     def exit_code(self) -> int:
-        """Dry run: as ``check``. Otherwise 0 no corruption left (leaks allowed), 2 corruption left, 1 unreadable."""
+        """0 no corruption left (leaks allowed), 2 corruption left, 1 unreadable; a dry run predicts the real run.
+
+        The prediction: what the plan refuses stays (2), everything else is fixed (0).
+        """
         report = self.after or self.before
-        if self.dry_run or report.exit_code == 1:
-            return report.exit_code
+        if report.exit_code == 1:
+            return 1
+        if self.dry_run:
+            return 2 if any(r.code != "LEAKED_SPACE" for r in self.plan.refusals) else 0
         return 2 if report.errors else 0
 
     def to_json(self) -> dict:
