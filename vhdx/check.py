@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -245,10 +245,22 @@ def check_image(source, chain: bool = False, *, parent: str | None = None, searc
     """
     options = CheckOptions(chain, os.fspath(parent) if parent else None,
                            tuple(os.fspath(d) for d in search_dirs), ignore_id_mismatch)
-    return _check_source(source, options, visited=())
+    # The chain is walked in a loop (a 1024-layer chain must not recurse), each file checked on its own.
+    reports: list[CheckReport] = []
+    visited: tuple = ()
+    while True:
+        report, parent_path, visited = _check_source(source, options, visited)
+        reports.append(report)
+        if parent_path is None:
+            break
+        source = parent_path
+        options = CheckOptions(True, None, options.search_dirs, options.ignore_id_mismatch)
+    top = reports[0]
+    return replace(top, parents=tuple(reports[1:])) if len(reports) > 1 else top
 
 
-def _check_source(source, options: CheckOptions, visited: tuple) -> CheckReport:
+def _check_source(source, options: CheckOptions, visited: tuple) -> tuple[CheckReport, str | None, tuple]:
+    """Check one file; returns its report, the parent to check next (``chain`` only) and the files seen so far."""
     owns = False
     if isinstance(source, ImageIO):
         io = source
@@ -259,13 +271,13 @@ def _check_source(source, options: CheckOptions, visited: tuple) -> CheckReport:
         try:
             io = ImageIO.open(path)
         except VhdxError as exc:
-            return CheckReport(path, (), checked=False, error=str(exc))
+            return CheckReport(path, (), checked=False, error=str(exc)), None, visited
         owns = True
     saved_overlay = io.overlay
     try:
         return _check_io(io, options, visited)
     except VhdxError as exc:  # an I/O error while reading: the file could not be checked
-        return CheckReport(io.path, (), checked=False, error=str(exc))
+        return CheckReport(io.path, (), checked=False, error=str(exc)), None, visited
     finally:
         if owns:
             io.close()
@@ -280,25 +292,26 @@ def _identity(io: ImageIO):
     return (st.st_dev, st.st_ino)
 
 
-def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> CheckReport:
+def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[CheckReport, str | None, tuple]:
     ctx = CheckContext(io, io.path)
     if not _check_identifier(ctx):
         return CheckReport(io.path, tuple(ctx.findings), checked=False, file_size=io.real_size,
-                           error=ctx.findings[-1].message)
-    parents: tuple[CheckReport, ...] = ()
+                           error=ctx.findings[-1].message), None, visited
+    parent_path = None
+    visited = (*visited, _identity(io))
     _check_headers(ctx)
     _check_log(ctx)
     _check_region_tables(ctx)
     _check_metadata(ctx)
     if ctx.params is not None and ctx.params.has_parent:
-        parents = _check_parent(ctx, options, (*visited, _identity(io)))
+        parent_path = _check_parent(ctx, options, visited)
     _check_bat(ctx)
     _check_leaks(ctx)
     for checker in EXTRA_CHECKERS:
         checker(ctx)
     ctx.summarise()
-    return CheckReport(io.path, tuple(ctx.findings), True, io.real_size, ctx.leaked_bytes, parents,
-                       free_bytes=ctx.free_bytes)
+    return CheckReport(io.path, tuple(ctx.findings), True, io.real_size, ctx.leaked_bytes,
+                       free_bytes=ctx.free_bytes), parent_path, visited
 
 
 # --- §2.2.1 file identifier ------------------------------------------------------------------------
@@ -666,10 +679,11 @@ def _probe_parent(path: str) -> _ParentProbe:
         io.close()
 
 
-def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> tuple[CheckReport, ...]:
+def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> str | None:
+    """Find and judge the parent; returns its path when the chain goes on being checked (``options.chain``)."""
     locator = ctx.locator
     if locator is None:
-        return ()
+        return None
     region = ctx.metadata_region
     entry = next(e for e in ctx.metadata_entries if e.item_id == c.PARENT_LOCATOR_GUID and not e.is_user)
     where = region.file_offset + entry.offset
@@ -689,7 +703,7 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
         if (st.st_dev, st.st_ino) in visited:
             ctx.add(Severity.ERROR, "CHAIN_LOOP", "Parent Locator", where,
                     f"the parent {cand.path} (from {cand.source}) is already part of this chain")
-            return ()
+            return None
         try:
             probe = _probe_parent(cand.path)
         except VhdxError as exc:
@@ -711,7 +725,7 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
         else:
             ctx.add(Severity.ERROR, "PARENT_NOT_FOUND", "Parent Locator", where,
                     f"no locator path leads to the parent; tried: {listing}", repairable=True)
-        return ()
+        return None
     cand, probe = found
     if probe.params.logical_sector_size != ctx.params.logical_sector_size:
         ctx.add(Severity.ERROR, "CHAIN_SECTOR_SIZE", "Logical Sector Size", where,
@@ -722,11 +736,13 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
                 f"the parent {cand.path} ({probe.params.virtual_size} bytes) is larger than this disk "
                 f"({ctx.params.virtual_size} bytes)")
     if not options.chain:
-        return ()
-    parent_options = CheckOptions(True, None, options.search_dirs, options.ignore_id_mismatch)
-    report = _check_source(cand.path, parent_options, visited)
-    return (CheckReport(report.path, report.findings, report.checked, report.file_size, report.leaked_bytes,
-                        (), report.error, report.free_bytes), *report.parents)
+        return None
+    limit = _chain.depth_limit()
+    if len(visited) >= limit:
+        ctx.add(Severity.ERROR, "CHAIN_TOO_DEEP", "Parent Locator", where,
+                f"{_chain.too_deep(limit).message}; the parent {cand.path} and its ancestors were not checked")
+        return None
+    return cand.path
 
 
 # --- §2.5 BAT --------------------------------------------------------------------------------------
