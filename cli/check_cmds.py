@@ -52,7 +52,7 @@ def check(ctx, path, whole_chain, as_json):
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
         render.emit_json(report.to_json())
     else:
-        click.echo("\n".join(report_lines(report)))
+        click.echo(render.printable_lines(report_lines(report)))
     ctx.exit(report.exit_code)
 
 
@@ -75,7 +75,7 @@ def repair(ctx, path, dry_run, backup, leaks, parent, ignore_id_mismatch, as_jso
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
         render.emit_json(result.to_json())
     else:
-        click.echo("\n".join(repair_lines(result)))
+        click.echo(render.printable_lines(repair_lines(result)))
     ctx.exit(result.exit_code)
 
 

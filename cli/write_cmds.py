@@ -126,7 +126,8 @@ def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
                           "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
                           "new": dict(result.new_entries)})
         return
-    click.echo(("would change" if dry_run else "changed") + f" parent locator of {child}:")
+    lines = [("would change" if dry_run else "changed") + f" parent locator of {child}:"]
     for key, value in result.new_entries:
         old = dict(result.old_entries).get(key)
-        click.echo(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
+        lines.append(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
+    click.echo(render.printable_lines(lines))

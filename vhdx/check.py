@@ -318,8 +318,9 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[Check
 def _check_identifier(ctx: CheckContext) -> bool:
     raw = ctx.io.read_at(0, len(c.FILE_SIGNATURE))
     if ctx.io.real_size < len(c.FILE_SIGNATURE) or raw != c.FILE_SIGNATURE:
+        # The bytes found are not quoted: they may be the start of any file (a locator can name /etc/shadow).
         ctx.add(Severity.ERROR, "NOT_VHDX", "File Type Identifier", 0,
-                f"the file starts with {raw!r}, not the 'vhdxfile' signature")
+                "not a VHDX file (it does not start with the 'vhdxfile' signature)")
         return False
     if ctx.io.real_size < c.HEADER_SECTION_SIZE:
         ctx.add(Severity.ERROR, "FILE_TRUNCATED", "Header section", ctx.io.real_size,
@@ -667,6 +668,8 @@ def _probe_parent(path: str) -> _ParentProbe:
     """Read just enough of a candidate parent to judge it: headers, (log), region table, metadata."""
     io = ImageIO.open(path)
     try:
+        if io.read_at(0, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
+            raise VhdxError("not a VHDX file (it does not start with the 'vhdxfile' signature)", path=path)
         headers = load_headers(io)
         h = headers.current
         log = read_log(io, h.log_offset, h.log_length, h.log_guid)

@@ -37,6 +37,12 @@ SMALL_READ = 1 << 20
 BITMAP_CACHE_CHUNKS = 32
 
 
+def _not_vhdx() -> FormatError:
+    # Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
+    return FormatError("not a VHDX file (it does not start with the 'vhdxfile' signature)",
+                       structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
+
+
 class VhdxImage:
     """One VHDX file, read-only by default; ``read`` and ``stream`` see the virtual disk through its chain."""
 
@@ -65,6 +71,8 @@ class VhdxImage:
     # --- loading ------------------------------------------------------------------------------------
     def _load(self, *, with_bat: bool = True) -> None:
         io = self.io
+        if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
+            raise _not_vhdx()
         try:
             ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
             self.creator: str = ident.creator.rstrip("\x00")
