@@ -151,6 +151,12 @@ def test_tail_shorter_than_a_block_is_free_space(tmp_path):
     assert report.free_bytes == 7 * MiB
 
 
+def test_qemu_fixed_disk_payload_space_is_neither_leaked_nor_free(tmp_path):
+    path = qemu_img_create(tmp_path / "q.vhdx", "fixed", "20M", "1M")
+    report = check_image(path)
+    assert (report.leaked_bytes, report.free_bytes) == (0, 4 * MiB)  # only QEMU's gap after the metadata
+
+
 def test_crash_leak_on_a_qemu_fixed_disk_is_found(tmp_path):
     path = qemu_img_create(tmp_path / "q.vhdx", "fixed", "20M", "1M")
     size = os.path.getsize(path)

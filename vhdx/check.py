@@ -942,6 +942,14 @@ class _BatScan:
 
 
 # --- leaks and free space --------------------------------------------------------------------------
+def _fixed_reserve(ctx: CheckContext) -> int:
+    """Bytes a fixed disk keeps for its blocks that have no file offset yet (QEMU writes them ZERO, offset 0)."""
+    g = ctx.geometry
+    if not ctx.params.leave_block_allocated or g.has_parent:
+        return 0
+    return min(max(0, g.data_blocks - ctx.placed_blocks) * g.block_size, g.virtual_size)
+
+
 def _leak_floor(ctx: CheckContext, last_ref: int) -> int:
     """Where a leak may start: past the last referenced byte and past the space writers legitimately keep.
 
@@ -953,11 +961,7 @@ def _leak_floor(ctx: CheckContext, last_ref: int) -> int:
     structures_end = max(hi for _name, _lo, hi in _structure_spans(ctx))
     if last_ref <= structures_end:  # no block after the structures: the writer's gap may follow them
         floor = structures_end + c.WRITER_LAYOUT_GAP
-    g = ctx.geometry
-    if ctx.params.leave_block_allocated and not g.has_parent:
-        unplaced = max(0, g.data_blocks - ctx.placed_blocks)
-        floor += min(unplaced * g.block_size, g.virtual_size)
-    return ceil_div(floor, c.ALIGNMENT) * c.ALIGNMENT
+    return ceil_div(floor + _fixed_reserve(ctx), c.ALIGNMENT) * c.ALIGNMENT
 
 
 def _check_leaks(ctx: CheckContext) -> None:
@@ -984,6 +988,7 @@ def _check_leaks(ctx: CheckContext) -> None:
         ctx.add(Severity.LEAK, "LEAKED_SPACE", "File", start,
                 f"{size - start} bytes at {start:#x}..{size:#x} at the end of the file are referenced by no "
                 "structure (a block allocation that did not complete)", repairable=True)
-    ctx.free_bytes = unreferenced - ctx.leaked_bytes
+    # A fixed disk's space kept for its unplaced blocks is payload, not free space.
+    ctx.free_bytes = max(0, unreferenced - ctx.leaked_bytes - _fixed_reserve(ctx))
 
 
