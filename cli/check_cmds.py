@@ -18,6 +18,8 @@ def report_lines(report, indent: str = "") -> list[str]:
     if not report.checked:
         lines.append(f"{indent}  could not check: {report.error}")
     for f in report.findings:
+        if f.severity.value == "info":
+            continue  # normal states (an older header copy): `vhdx info` shows them, --json lists them
         where = "" if f.offset is None else f" @ {f.offset:#x}"
         fix = " [repairable]" if f.repairable else ""
         lines.append(f"{indent}  {f.severity.value:<7} {f.code} {f.structure}{where}: {f.message}{fix}")
@@ -30,6 +32,9 @@ def report_lines(report, indent: str = "") -> list[str]:
             lines.append(f"{indent}  no corruption; {report.leaked_bytes} leaked bytes")
         else:
             lines.append(f"{indent}  no errors were found")
+        if report.free_bytes:
+            lines.append(f"{indent}  {report.free_bytes} bytes of free space between structures (not a leak; "
+                         "reclaimable by compaction, e.g. vhdx convert)")
     for parent in report.parents:
         lines.extend(report_lines(parent, indent + "  "))
     return lines
@@ -47,13 +52,13 @@ def check(ctx, path, whole_chain, as_json):
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
         render.emit_json(report.to_json())
     else:
-        click.echo("\n".join(report_lines(report)))
+        click.echo(render.printable_lines(report_lines(report)))
     ctx.exit(report.exit_code)
 
 
 @click.command()
 @click.argument("path", type=EXISTING_FILE)
-@click.option("--dry-run", is_flag=True, help="Show what would be changed; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing (exit as the real run).")
 @click.option("--backup", type=click.Path(dir_okay=False), help="Copy PATH here (sparse) before changing it.")
 @click.option("--leaks", is_flag=True, help="Also truncate leaked space at the end of the file.")
 @click.option("--parent", type=EXISTING_FILE, help="Relink PATH to this parent (moved or replaced parent).")
@@ -70,7 +75,7 @@ def repair(ctx, path, dry_run, backup, leaks, parent, ignore_id_mismatch, as_jso
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
         render.emit_json(result.to_json())
     else:
-        click.echo("\n".join(repair_lines(result)))
+        click.echo(render.printable_lines(repair_lines(result)))
     ctx.exit(result.exit_code)
 
 

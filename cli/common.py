@@ -11,6 +11,7 @@ import time
 import click
 
 from vhdx.errors import VhdxError
+from vhdx_cli.render import printable
 
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -54,7 +55,8 @@ class State:
 
 
 def fail(message: str, code: int = 1) -> None:
-    click.echo(f"vhdx: error: {message}", err=True)
+    # Messages quote paths and strings taken from files.
+    click.echo(f"vhdx: error: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -136,10 +138,10 @@ def warn_if_being_written(image) -> None:
     """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
     for layer in image.layers_opened():
         if layer.io.writer_lock_held():
-            click.echo(f"vhdx: warning: {layer.path} is open for writing by another process; "
+            click.echo(f"vhdx: warning: {printable(layer.path)} is open for writing by another process; "
                        "what is read may change while it is read", err=True)
         if layer.log.needs_replay:
-            click.echo(f"vhdx: warning: {layer.path} has a dirty log; reading it replayed in memory "
+            click.echo(f"vhdx: warning: {printable(layer.path)} has a dirty log; reading it replayed in memory "
                        "(the file is not changed)", err=True)
 
 

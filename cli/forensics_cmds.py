@@ -50,8 +50,8 @@ def diff(ctx, child, ancestor, sectors, algorithm, as_json, **chain_opts):
     if _wants_json(ctx, as_json):
         render.emit_json(result.to_json())
         return
-    click.echo(f"child: {result.child}")
-    click.echo(f"against: {result.ancestor or '(nothing: orphan or base disk)'}")
+    click.echo(f"child: {render.printable(result.child)}")
+    click.echo(f"against: {render.printable(result.ancestor or '(nothing: orphan or base disk)')}")
     click.echo(f"{len(result.extents)} extents, {render.human_size(result.written_bytes)} written "
                f"({result.granularity} granularity)")
     click.echo(f"{'Offset':<18}{'Length':<14}{'Layers':<8}new {algorithm} / old {algorithm}")
@@ -84,14 +84,15 @@ def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, **chain_opts):
         render.emit_json(result.to_json())
         return
     for algo, digest in result.digests.items():
-        click.echo(f"{algo}  {digest}  virtual disk of {result.path} ({result.virtual_size} bytes)")
+        click.echo(f"{algo}  {digest}  virtual disk of {render.printable(result.path)} ({result.virtual_size} bytes)")
     for i, piece in enumerate(result.pieces):
         offset = i * piece_size
         for algo, digest in piece.items():
             click.echo(f"piece {i} @ {offset:#x}: {algo}  {digest}")
     for layer in result.layers:
         for algo, digest in layer.digests.items():
-            click.echo(f"layer {layer.depth} file: {algo}  {digest}  {layer.path} ({layer.size} bytes)")
+            click.echo(f"layer {layer.depth} file: {algo}  {digest}  {render.printable(layer.path)} "
+                       f"({layer.size} bytes)")
     for start, length in result.absent:
         click.echo(f"absent (parent missing, hashed as zeros): {start:#x} length {length:#x}")
 
@@ -118,11 +119,12 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
         for region in report.regions:
             if not region.nonzero and not show_all:
                 continue
-            click.echo(f"  {region.category:<14}{region.start:#012x} +{region.length:#x}  {region.detail}")
+            click.echo(f"  {region.category:<14}{region.start:#012x} +{region.length:#x}  "
+                       f"{render.printable(region.detail)}")
             for start, length in region.nonzero:
                 click.echo(f"    non-zero {start:#012x} +{length:#x}")
         for name in report.extracted:
-            click.echo(f"  extracted {name}")
+            click.echo(f"  extracted {render.printable(name)}")
 
 
 @click.command()
@@ -151,7 +153,8 @@ def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
         render.emit_json({"uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
                           "virtual_size": size, "read_only": True, "command": argv})
     else:
-        click.echo(f"serving {layer_path} (layer {depth}, {size} bytes) read-only at {uri}; Ctrl-C stops", err=True)
+        click.echo(f"serving {render.printable(layer_path)} (layer {depth}, {size} bytes) read-only at {uri}; "
+                   "Ctrl-C stops", err=True)
     sys.stdout.flush()
     code = nbd.run_server(argv, unix)
     if code:
@@ -182,7 +185,7 @@ def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
                                   "layer_path": os.path.abspath(layer.path), "virtual_size": layer.virtual_size,
                                   "read_only": True})
             else:
-                click.echo(f"{file_path}: layer {depth} ({layer.path}) read-only; unmount with "
+                click.echo(f"{file_path}: layer {depth} ({render.printable(layer.path)}) read-only; unmount with "
                            f"'umount {mountpoint}'", err=True)
             sys.stdout.flush()
 

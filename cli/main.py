@@ -92,7 +92,7 @@ def map_(ctx, path, as_json, **chain_opts):
         try:
             extents, layers = image.extents(), image.layers
         except ChainError as exc:
-            click.echo(f"vhdx: warning: {exc}; mapping this layer alone", err=True)
+            click.echo(f"vhdx: warning: {render.printable(exc)}; mapping this layer alone", err=True)
             parent_missing, layers = True, [image]
             extents = image.extents(through_parents=False)
         rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing)

@@ -45,7 +45,7 @@ def merge(ctx, child, into, dry_run, verify, resume, keep, search_dirs, force, a
     if as_json or (ctx.obj is not None and getattr(ctx.obj, "as_json", False)):
         render.emit_json(result.to_json())
     else:
-        click.echo(merge_text(result))
+        click.echo(render.printable_lines(merge_text(result).split("\n")))
 
 
 def merge_text(result) -> str:

@@ -9,6 +9,26 @@ import click
 from vhdx.extents import ExtentKind
 
 
+def printable(text) -> str:
+    r"""Text for a terminal, where part of it came from a file (paths, locator keys, creator strings, messages).
+
+    Every character that is not printable (C0 and C1 controls such as ESC, CR, BEL and CSI, DEL, a newline,
+    bidi overrides) becomes a ``\xNN``/``\uNNNN`` escape, so a file cannot move the cursor, recolour, retitle or
+    fake lines of the output. Renderers pass each line they print through it (JSON output escapes on its own).
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else
+                   f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
+                   f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}" for ch in text)
+
+
+def printable_lines(lines) -> str:
+    """One output line per element, each escaped with ``printable``."""
+    return "\n".join(printable(line) for line in lines)
+
+
 def emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
@@ -40,8 +60,11 @@ def info_text(info) -> str:
     if info.writer_active:
         lines.append("note: another process holds the writer lock; the image may be changing")
     lines.append("headers:")
+    current_seq = max((h.sequence_number for h in info.headers if h.current), default=None)
     for h in info.headers:
         mark = "current" if h.current else ("valid" if h.valid else f"INVALID: {h.problem}")
+        if h.valid and not h.current and current_seq is not None and h.sequence_number < current_seq:
+            mark += ", older copy (normal: header updates alternate between the two copies)"
         seq = f"seq {h.sequence_number}" if h.sequence_number is not None else ""
         lines.append(f"  header {h.slot} @ {h.offset:#x}: {mark} {seq}".rstrip())
     lines.append("region tables: " + ", ".join(
@@ -81,7 +104,7 @@ def info_text(info) -> str:
         lines.append(f"parent: {status['path']} (found by {status['found_by']}, {link})")
     elif status:
         lines.append(f"parent: NOT AVAILABLE: {status['error']}")
-    return "\n".join(lines)
+    return printable_lines(lines)
 
 
 def chain_text(chain) -> str:
@@ -97,7 +120,7 @@ def chain_text(chain) -> str:
                      f"{layer.sequence_number}, data write guid {layer.data_write_guid}")
     if chain.error:
         lines.append(f"chain broken: {chain.error}")
-    return "\n".join(lines)
+    return printable_lines(lines)
 
 
 KIND_NAMES = {ExtentKind.DATA: "data", ExtentKind.ZERO: "zero", ExtentKind.ABSENT: "unallocated"}
@@ -123,4 +146,4 @@ def map_text(rows: list[dict]) -> str:
         mapped = f"{r['offset']:#x}" if r["offset"] is not None else "-"
         layer = str(r["layer"]) if r["layer"] is not None else "-"
         lines.append(f"{r['start']:<#18x}{r['length']:<#18x}{r['state']:<16}{mapped:<18}{layer:<6}{r['file'] or '-'}")
-    return "\n".join(lines)
+    return printable_lines(lines)

@@ -98,8 +98,17 @@ def _write_pattern(image, offset: int, value: int, length: int) -> int:
 def discard(disk, offset, length):
     """Trim a range: whole blocks inside it read as zeros afterwards (like qemu-io discard)."""
     with vhdx.open(disk, writable=True) as image:
-        image.discard(offset, length)
-    click.echo(f"discarded {length} bytes at offset {offset}")
+        done = image.discard(offset, length)
+        fixed = image.params.leave_block_allocated and not image.has_parent
+        block_size = image.block_size
+    if fixed:
+        why = " (a fixed disk keeps its blocks allocated; nothing changed)"
+    elif not done:
+        why = f" (no whole block ({block_size} bytes) in the range was still mapped; nothing changed)"
+    else:
+        why = f" (whole blocks only; parts of the {length}-byte range in partial blocks are left as they are)" \
+            if done < length else ""
+    click.echo(f"discarded {done} bytes at offset {offset}{why}")
 
 
 @click.command(name="set-parent")
@@ -117,7 +126,8 @@ def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
                           "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
                           "new": dict(result.new_entries)})
         return
-    click.echo(("would change" if dry_run else "changed") + f" parent locator of {child}:")
+    lines = [("would change" if dry_run else "changed") + f" parent locator of {child}:"]
     for key, value in result.new_entries:
         old = dict(result.old_entries).get(key)
-        click.echo(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
+        lines.append(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
+    click.echo(render.printable_lines(lines))

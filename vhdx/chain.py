@@ -6,6 +6,9 @@ last, next to the child. A candidate must be a regular file and its current Data
 parent_linkage or parent_linkage2; a name-only match (search directory, same folder) is accepted only when
 the GUID matches, even with ``ignore_id_mismatch``.
 
+Depth: a chain holds at most ``MAX_CHAIN_DEPTH`` files (the opened one and its ancestors). Every reader (through
+``OpenOptions``) and ``check --chain`` refuse a deeper chain with "deeper than N layers", never calling it a loop.
+
 References: [MS-VHDX] §2.6.2.6 (parent locator), §2.2.2 (DataWriteGuid).
 """
 
@@ -17,9 +20,23 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-from vhdx.errors import ChainLoopError, ParentMismatchError, ParentNotFoundError, VhdxError
+from vhdx.errors import ChainLoopError, ChainTooDeepError, ParentMismatchError, ParentNotFoundError, VhdxError
 
-MAX_CHAIN_DEPTH = 256
+# The one limit on chain depth (files, child included). Hyper-V allows 50 checkpoints per VM; this leaves room for
+# long-lived backup chains while bounding open files and the work of a walk. Walks are iterative, so the limit is
+# not tied to Python's recursion limit.
+MAX_CHAIN_DEPTH = 1024
+
+
+def depth_limit(max_depth: int | None = None) -> int:
+    """The depth limit in force: an explicit ``max_depth`` or ``MAX_CHAIN_DEPTH`` (read at call time)."""
+    return MAX_CHAIN_DEPTH if max_depth is None else max_depth
+
+
+def too_deep(limit: int, **kw) -> ChainTooDeepError:
+    """The error for a chain with more than ``limit`` files (one wording for every reader and check)."""
+    return ChainTooDeepError(f"the chain is deeper than {limit} layers (the limit is vhdx.chain.MAX_CHAIN_DEPTH)",
+                             **kw)
 
 
 @dataclass(frozen=True)
@@ -31,14 +48,18 @@ class OpenOptions:
         search_dirs: extra folders in which to look for parents by file name, at every level.
         ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the child's linkage.
         orphan: do not look for a parent at all; what the file does not hold reads as zeros.
-        max_depth: refuse chains deeper than this.
+        max_depth: refuse chains deeper than this (None: ``MAX_CHAIN_DEPTH``).
     """
 
     parent: str | None = None
     search_dirs: tuple[str, ...] = ()
     ignore_id_mismatch: bool = False
     orphan: bool = False
-    max_depth: int = MAX_CHAIN_DEPTH
+    max_depth: int | None = None
+
+    @property
+    def depth_limit(self) -> int:
+        return depth_limit(self.max_depth)
 
     def for_parent(self) -> OpenOptions:
         """Options passed one level up: the explicit parent applies to one level only."""
@@ -132,6 +153,8 @@ def locate_and_open_parent(child, options: OpenOptions, open_image):
             continue
         try:
             parent = open_image(cand.path, options.for_parent())
+        except ChainTooDeepError:
+            raise  # the chain goes on, but too far: not a problem of this candidate
         except ChainLoopError as exc:
             cand.outcome = "already in the chain (loop)"
             loops.append(exc)

@@ -7,7 +7,8 @@ at all (not a VHDX, I/O error) gives a report with ``checked = False``.
 Order: file identifier, both headers, the log (a replayable log is applied in memory, as a reader would see
 the file), both region tables, the metadata table and its items, the parent locator and the parent, the BAT
 (numpy, in windows of whole chunks so a 64 Mi-entry BAT needs bounded memory), overlaps (by sorting block
-offsets), and leaked space (a 1 MiB-granular map of the file minus every structure that references it).
+offsets), and unreferenced space (a 1 MiB-granular map of the file minus every structure that references it):
+free space between structures, or a leak when a tail of at least one block lies past everything referenced.
 Checks added by other modules run last (see ``register_checker``).
 
 References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (metadata, parent locator).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -75,7 +76,10 @@ class CheckReport:
         findings: every finding of this file, in the order the checks ran.
         checked: False when the file could not be checked at all (I/O error, not a VHDX).
         file_size: size of the file in bytes.
-        leaked_bytes: bytes of the file that no structure references.
+        leaked_bytes: unreferenced bytes at the end of the file, at least one block (what a crash during block
+            allocation leaves; exit 3, ``repair --leaks`` cuts them).
+        free_bytes: unreferenced bytes that are not a leak: gaps between structures and short tails (reclaimable
+            only by compaction, e.g. ``vhdx convert``).
         parents: reports of the parent, grandparent... (``chain=True`` only).
         error: why the file could not be checked (``checked`` False).
     """
@@ -87,6 +91,7 @@ class CheckReport:
     leaked_bytes: int = 0
     parents: tuple[CheckReport, ...] = ()
     error: str | None = None
+    free_bytes: int = 0
 
     @property
     def all_findings(self) -> tuple[Finding, ...]:
@@ -127,6 +132,7 @@ class CheckReport:
         return {
             "path": self.path, "checked": self.checked, "error": self.error, "exit_code": self.exit_code,
             "file_size": self.file_size, "leaked_bytes": self.leaked_bytes,
+            "free_bytes": self.free_bytes,
             "findings": [f.to_json() for f in self.findings],
             "parents": [r.to_json() for r in self.parents],
         }
@@ -153,6 +159,9 @@ class CheckContext:
     # 1 MiB granules of the file that some structure references (leak map), made on first use.
     space: np.ndarray | None = None
     leaked_bytes: int = 0
+    free_bytes: int = 0
+    # Payload blocks that own file space (present, or keeping the offset they had): fixed disks owe the rest.
+    placed_blocks: int = 0
     _counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -236,10 +245,22 @@ def check_image(source, chain: bool = False, *, parent: str | None = None, searc
     """
     options = CheckOptions(chain, os.fspath(parent) if parent else None,
                            tuple(os.fspath(d) for d in search_dirs), ignore_id_mismatch)
-    return _check_source(source, options, visited=())
+    # The chain is walked in a loop (a 1024-layer chain must not recurse), each file checked on its own.
+    reports: list[CheckReport] = []
+    visited: tuple = ()
+    while True:
+        report, parent_path, visited = _check_source(source, options, visited)
+        reports.append(report)
+        if parent_path is None:
+            break
+        source = parent_path
+        options = CheckOptions(True, None, options.search_dirs, options.ignore_id_mismatch)
+    top = reports[0]
+    return replace(top, parents=tuple(reports[1:])) if len(reports) > 1 else top
 
 
-def _check_source(source, options: CheckOptions, visited: tuple) -> CheckReport:
+def _check_source(source, options: CheckOptions, visited: tuple) -> tuple[CheckReport, str | None, tuple]:
+    """Check one file; returns its report, the parent to check next (``chain`` only) and the files seen so far."""
     owns = False
     if isinstance(source, ImageIO):
         io = source
@@ -250,13 +271,13 @@ def _check_source(source, options: CheckOptions, visited: tuple) -> CheckReport:
         try:
             io = ImageIO.open(path)
         except VhdxError as exc:
-            return CheckReport(path, (), checked=False, error=str(exc))
+            return CheckReport(path, (), checked=False, error=str(exc)), None, visited
         owns = True
     saved_overlay = io.overlay
     try:
         return _check_io(io, options, visited)
     except VhdxError as exc:  # an I/O error while reading: the file could not be checked
-        return CheckReport(io.path, (), checked=False, error=str(exc))
+        return CheckReport(io.path, (), checked=False, error=str(exc)), None, visited
     finally:
         if owns:
             io.close()
@@ -271,32 +292,35 @@ def _identity(io: ImageIO):
     return (st.st_dev, st.st_ino)
 
 
-def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> CheckReport:
+def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[CheckReport, str | None, tuple]:
     ctx = CheckContext(io, io.path)
     if not _check_identifier(ctx):
         return CheckReport(io.path, tuple(ctx.findings), checked=False, file_size=io.real_size,
-                           error=ctx.findings[-1].message)
-    parents: tuple[CheckReport, ...] = ()
+                           error=ctx.findings[-1].message), None, visited
+    parent_path = None
+    visited = (*visited, _identity(io))
     _check_headers(ctx)
     _check_log(ctx)
     _check_region_tables(ctx)
     _check_metadata(ctx)
     if ctx.params is not None and ctx.params.has_parent:
-        parents = _check_parent(ctx, options, (*visited, _identity(io)))
+        parent_path = _check_parent(ctx, options, visited)
     _check_bat(ctx)
     _check_leaks(ctx)
     for checker in EXTRA_CHECKERS:
         checker(ctx)
     ctx.summarise()
-    return CheckReport(io.path, tuple(ctx.findings), True, io.real_size, ctx.leaked_bytes, parents)
+    return CheckReport(io.path, tuple(ctx.findings), True, io.real_size, ctx.leaked_bytes,
+                       free_bytes=ctx.free_bytes), parent_path, visited
 
 
 # --- §2.2.1 file identifier ------------------------------------------------------------------------
 def _check_identifier(ctx: CheckContext) -> bool:
     raw = ctx.io.read_at(0, len(c.FILE_SIGNATURE))
     if ctx.io.real_size < len(c.FILE_SIGNATURE) or raw != c.FILE_SIGNATURE:
+        # The bytes found are not quoted: they may be the start of any file (a locator can name /etc/shadow).
         ctx.add(Severity.ERROR, "NOT_VHDX", "File Type Identifier", 0,
-                f"the file starts with {raw!r}, not the 'vhdxfile' signature")
+                "not a VHDX file (it does not start with the 'vhdxfile' signature)")
         return False
     if ctx.io.real_size < c.HEADER_SECTION_SIZE:
         ctx.add(Severity.ERROR, "FILE_TRUNCATED", "Header section", ctx.io.real_size,
@@ -349,9 +373,10 @@ def _check_headers(ctx: CheckContext) -> None:
             ctx.add(Severity.WARNING, "HEADER_SEQUENCE_TIE", other.name, other.offset,
                     f"both headers are identical with sequence number {current.header.sequence_number}")
         elif _header_content(other.header) != _header_content(current.header):
-            ctx.add(Severity.WARNING, "HEADER_STALE", other.name, other.offset,
-                    f"sequence number {other.header.sequence_number} is older than the current "
-                    f"{current.header.sequence_number} and its GUIDs or log fields differ", repairable=True)
+            # Normal: the update protocol writes the two copies alternately, so the other one is one step behind.
+            ctx.add(Severity.INFO, "HEADER_STALE", other.name, other.offset,
+                    f"the older copy (sequence number {other.header.sequence_number}, current "
+                    f"{current.header.sequence_number}), as every header update leaves it")
     h = current.header
     if h.log_length or h.log_guid != c.ZERO_GUID:
         if h.log_offset % c.ALIGNMENT or h.log_length % c.ALIGNMENT or h.log_offset < c.HEADER_SECTION_SIZE \
@@ -643,6 +668,8 @@ def _probe_parent(path: str) -> _ParentProbe:
     """Read just enough of a candidate parent to judge it: headers, (log), region table, metadata."""
     io = ImageIO.open(path)
     try:
+        if io.read_at(0, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
+            raise VhdxError("not a VHDX file (it does not start with the 'vhdxfile' signature)", path=path)
         headers = load_headers(io)
         h = headers.current
         log = read_log(io, h.log_offset, h.log_length, h.log_guid)
@@ -655,10 +682,11 @@ def _probe_parent(path: str) -> _ParentProbe:
         io.close()
 
 
-def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> tuple[CheckReport, ...]:
+def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> str | None:
+    """Find and judge the parent; returns its path when the chain goes on being checked (``options.chain``)."""
     locator = ctx.locator
     if locator is None:
-        return ()
+        return None
     region = ctx.metadata_region
     entry = next(e for e in ctx.metadata_entries if e.item_id == c.PARENT_LOCATOR_GUID and not e.is_user)
     where = region.file_offset + entry.offset
@@ -678,7 +706,7 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
         if (st.st_dev, st.st_ino) in visited:
             ctx.add(Severity.ERROR, "CHAIN_LOOP", "Parent Locator", where,
                     f"the parent {cand.path} (from {cand.source}) is already part of this chain")
-            return ()
+            return None
         try:
             probe = _probe_parent(cand.path)
         except VhdxError as exc:
@@ -700,7 +728,7 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
         else:
             ctx.add(Severity.ERROR, "PARENT_NOT_FOUND", "Parent Locator", where,
                     f"no locator path leads to the parent; tried: {listing}", repairable=True)
-        return ()
+        return None
     cand, probe = found
     if probe.params.logical_sector_size != ctx.params.logical_sector_size:
         ctx.add(Severity.ERROR, "CHAIN_SECTOR_SIZE", "Logical Sector Size", where,
@@ -711,11 +739,13 @@ def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> t
                 f"the parent {cand.path} ({probe.params.virtual_size} bytes) is larger than this disk "
                 f"({ctx.params.virtual_size} bytes)")
     if not options.chain:
-        return ()
-    parent_options = CheckOptions(True, None, options.search_dirs, options.ignore_id_mismatch)
-    report = _check_source(cand.path, parent_options, visited)
-    return (CheckReport(report.path, report.findings, report.checked, report.file_size, report.leaked_bytes,
-                        (), report.error), *report.parents)
+        return None
+    limit = _chain.depth_limit()
+    if len(visited) >= limit:
+        ctx.add(Severity.ERROR, "CHAIN_TOO_DEEP", "Parent Locator", where,
+                f"{_chain.too_deep(limit).message}; the parent {cand.path} and its ancestors were not checked")
+        return None
+    return cand.path
 
 
 # --- §2.5 BAT --------------------------------------------------------------------------------------
@@ -857,6 +887,7 @@ class _BatScan:
             keep_ok &= ~((offsets < s_hi) & (offsets + length > s_lo))
         ctx.reference_blocks(start_mb[keep_ok & is_sb], 1)
         ctx.reference_blocks(start_mb[keep_ok & ~is_sb], g.block_size // c.ALIGNMENT)
+        ctx.placed_blocks += int(np.count_nonzero(payload & ((inside & ~is_sb) | keep_ok)))
         if self.diff:
             partial = payload & (states == c.BatState.PARTIALLY_PRESENT)
             self.chunk_partial[(block[partial] // g.chunk_ratio)] = True
@@ -910,9 +941,37 @@ class _BatScan:
             owner[units] = idx
 
 
-# --- leaks -----------------------------------------------------------------------------------------
+# --- leaks and free space --------------------------------------------------------------------------
+def _fixed_reserve(ctx: CheckContext) -> int:
+    """Bytes a fixed disk keeps for its blocks that have no file offset yet (QEMU writes them ZERO, offset 0)."""
+    g = ctx.geometry
+    if not ctx.params.leave_block_allocated or g.has_parent:
+        return 0
+    return min(max(0, g.data_blocks - ctx.placed_blocks) * g.block_size, g.virtual_size)
+
+
+def _leak_floor(ctx: CheckContext, last_ref: int) -> int:
+    """Where a leak may start: past the last referenced byte and past the space writers legitimately keep.
+
+    QEMU leaves ``c.WRITER_LAYOUT_GAP`` after its structures before the first block, and a fixed disk whose
+    blocks have no file offset yet (QEMU writes them ZERO) keeps their space after that; neither is a leak,
+    and ``repair --leaks`` must never cut it.
+    """
+    floor = last_ref
+    structures_end = max(hi for _name, _lo, hi in _structure_spans(ctx))
+    if last_ref <= structures_end:  # no block after the structures: the writer's gap may follow them
+        floor = structures_end + c.WRITER_LAYOUT_GAP
+    return ceil_div(floor + _fixed_reserve(ctx), c.ALIGNMENT) * c.ALIGNMENT
+
+
 def _check_leaks(ctx: CheckContext) -> None:
-    """Space of the file (1 MiB granules) no structure references; only for files whose structures were read."""
+    """Unreferenced space (1 MiB granules): a tail of at least one block is a leak, the rest is free space.
+
+    A crash while a block is being allocated leaves the file grown by a block that no BAT entry names: that is
+    the leak (exit 3). Gaps between structures (QEMU leaves 4 MiB after its metadata, Windows leaves gaps,
+    blocks freed inside the file) and short tails (Disk2VHD leaves 512 bytes) are free space, reclaimable by
+    compaction only. Only files whose structures were read are examined.
+    """
     # Only a map of trusted structures tells leaks apart; errors that a repair cannot fix make it untrusted.
     if ctx.geometry is None or ctx.bat_region is None or any(
             f.severity == Severity.ERROR and not f.repairable for f in ctx.findings):
@@ -920,15 +979,16 @@ def _check_leaks(ctx: CheckContext) -> None:
     size = ctx.io.real_size
     if ctx.space is None or not len(ctx.space):
         return
-    free = ~ctx.space
-    if not free.any():
-        return
-    edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
-    run_lo, run_hi = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    for lo, hi in zip(run_lo.tolist(), run_hi.tolist(), strict=False):
-        start, stop = lo * c.ALIGNMENT, min(hi * c.ALIGNMENT, size)
-        ctx.leaked_bytes += stop - start
-        trailing = stop == size
+    used = np.flatnonzero(ctx.space)
+    last_ref = min(size, (int(used[-1]) + 1) * c.ALIGNMENT) if len(used) else 0
+    unreferenced = size - last_ref + int(np.count_nonzero(~ctx.space[: ceil_div(last_ref, c.ALIGNMENT)])) * c.ALIGNMENT
+    start = max(last_ref, _leak_floor(ctx, last_ref))
+    if size - start >= ctx.geometry.block_size:
+        ctx.leaked_bytes = size - start
         ctx.add(Severity.LEAK, "LEAKED_SPACE", "File", start,
-                f"{stop - start} bytes at {start:#x}..{stop:#x} are referenced by no structure"
-                + (" (at the end of the file)" if trailing else ""), repairable=trailing)
+                f"{size - start} bytes at {start:#x}..{size:#x} at the end of the file are referenced by no "
+                "structure (a block allocation that did not complete)", repairable=True)
+    # A fixed disk's space kept for its unplaced blocks is payload, not free space.
+    ctx.free_bytes = max(0, unreferenced - ctx.leaked_bytes - _fixed_reserve(ctx))
+
+

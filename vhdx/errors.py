@@ -84,7 +84,11 @@ class ParentMismatchError(ChainError):
 
 
 class ChainLoopError(ChainError):
-    """The chain refers back to a file already in it, or is absurdly deep."""
+    """The chain refers back to a file already in it."""
+
+
+class ChainTooDeepError(ChainError):
+    """The chain holds more files than ``vhdx.chain.MAX_CHAIN_DEPTH``."""
 
 
 class LockedError(VhdxError):

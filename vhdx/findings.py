@@ -87,5 +87,6 @@ CODES = {
     "LOG_TRUNCATED": "the file is shorter than the log's FlushedFileOffset",
     "LOG_TORN_ENTRY": "an entry with the current log GUID is incomplete or fails its checksum",
     "LEAKED_SPACE": "file space that no structure references",
+    "CHAIN_TOO_DEEP": "the chain holds more files than vhdx.chain.MAX_CHAIN_DEPTH",
     "MERGE_INTERRUPTED": "a merge into this disk was started and not finished",
 }

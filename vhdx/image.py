@@ -37,6 +37,12 @@ SMALL_READ = 1 << 20
 BITMAP_CACHE_CHUNKS = 32
 
 
+def _not_vhdx() -> FormatError:
+    # Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
+    return FormatError("not a VHDX file (it does not start with the 'vhdxfile' signature)",
+                       structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
+
+
 class VhdxImage:
     """One VHDX file, read-only by default; ``read`` and ``stream`` see the virtual disk through its chain."""
 
@@ -53,9 +59,8 @@ class VhdxImage:
             if self._identity is not None and self._identity in _lineage:
                 raise ChainLoopError("the chain refers back to this file (loop)", structure="Parent Locator")
             self._lineage = (*_lineage, self._identity)
-            if len(self._lineage) > self.options.max_depth:
-                raise ChainLoopError(f"chain deeper than {self.options.max_depth} layers",
-                                     structure="Parent Locator")
+            if len(self._lineage) > self.options.depth_limit:
+                raise _chain.too_deep(self.options.depth_limit, structure="Parent Locator")
         except VhdxError as exc:
             self.io.close()
             raise exc.with_path(self.io.path) from None
@@ -66,6 +71,8 @@ class VhdxImage:
     # --- loading ------------------------------------------------------------------------------------
     def _load(self, *, with_bat: bool = True) -> None:
         io = self.io
+        if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
+            raise _not_vhdx()
         try:
             ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
             self.creator: str = ident.creator.rstrip("\x00")
@@ -341,21 +348,27 @@ class VhdxImage:
         return coalesce(concat_sorted(parts)) if parts else Extents.empty()
 
     def _chain_extents(self, start: int, end: int) -> Extents:
-        ext = self.layer_extents(start, end)
-        absent = ext.kind == ExtentKind.ABSENT
-        if not absent.any():
-            return ext
-        parent = self.parent
-        if parent is None:
-            return ext
-        lo = int(ext.start[absent][0])
-        hi = min(int(ext.end[absent][-1]), parent.virtual_size)
-        if hi <= lo:
-            return ext
-        below = parent._chain_extents(lo, hi)
-        below = Extents(below.start, below.length, below.kind,
-                        np.where(below.layer >= 0, below.layer + 1, -1).astype(np.int16), below.file_offset)
-        return overlay(ext, below)
+        # Down the chain while a layer leaves runs absent, then overlaid back up: a loop, not one call per layer.
+        stack: list[Extents] = []
+        image, lo, hi = self, start, end
+        while True:
+            ext = image.layer_extents(lo, hi)
+            stack.append(ext)
+            absent = ext.kind == ExtentKind.ABSENT
+            parent = image.parent if absent.any() else None
+            if parent is None:
+                break
+            lo = int(ext.start[absent][0])
+            hi = min(int(ext.end[absent][-1]), parent.virtual_size)
+            if hi <= lo:
+                break
+            image = parent
+        below = stack.pop()
+        while stack:
+            below = Extents(below.start, below.length, below.kind,
+                            np.where(below.layer >= 0, below.layer + 1, -1).astype(np.int16), below.file_offset)
+            below = overlay(stack.pop(), below)
+        return below
 
     # --- reading ------------------------------------------------------------------------------------
     def readinto(self, offset: int, buf) -> int:
@@ -453,9 +466,9 @@ class VhdxImage:
         """Make a range read as zeros (whole blocks become ZERO where the disk type allows it)."""
         self.writer.write_zeros(offset, length)
 
-    def discard(self, offset: int, length: int) -> None:
-        """Trim whole blocks inside the range (they read as zeros); partial blocks are left as they are."""
-        self.writer.discard(offset, length)
+    def discard(self, offset: int, length: int) -> int:
+        """Trim whole blocks inside the range (they read as zeros); returns the bytes unmapped (see Writer.discard)."""
+        return self.writer.discard(offset, length)
 
     def flush(self) -> None:
         """Commit pending metadata through the log and flush the file."""
@@ -470,10 +483,13 @@ class VhdxImage:
                 self._writer.close()
         finally:
             self._writer = None
-            if self._parent is not None:
-                self._parent.close()
-                self._parent = None
+            parent, self._parent = self._parent, None
             self.io.close()
+            # Ancestors are closed in a loop: a 1024-layer chain must not recurse.
+            while parent is not None:
+                ancestor, parent._parent = parent._parent, None
+                parent.close()  # its own parent is detached: no recursion
+                parent = ancestor
 
     def __enter__(self) -> VhdxImage:
         return self

@@ -224,11 +224,7 @@ def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None 
             take(("LEAKED_SPACE",), "truncate_leak",
                  f"truncate the file to {f.offset:#x} ({f.message.split(' ')[0]} leaked bytes at its end)",
                  f.offset, str(f.offset))
-        for f in leak_findings:
-            if not f.repairable:
-                refusals.append(Refusal(f.code, f.structure, f.offset,
-                                        "leaked space inside the file stays (moving blocks is not done offline; "
-                                        "`vhdx convert` makes a compact copy)"))
+        for f in leak_findings:  # a leak is always a tail (space inside the file is free space, not a leak)
             handled.add(id(f))
     for f in findings:
         if id(f) in handled or f.severity not in (Severity.ERROR,) or f.structure == "summary":
@@ -479,10 +475,15 @@ class RepairResult:
 
     @property
     def exit_code(self) -> int:
-        """Dry run: as ``check``. Otherwise 0 no corruption left (leaks allowed), 2 corruption left, 1 unreadable."""
+        """0 no corruption left (leaks allowed), 2 corruption left, 1 unreadable; a dry run predicts the real run.
+
+        The prediction: what the plan refuses stays (2), everything else is fixed (0).
+        """
         report = self.after or self.before
-        if self.dry_run or report.exit_code == 1:
-            return report.exit_code
+        if report.exit_code == 1:
+            return 1
+        if self.dry_run:
+            return 2 if self.plan.refusals else 0
         return 2 if report.errors else 0
 
     def to_json(self) -> dict:

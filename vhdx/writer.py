@@ -360,21 +360,25 @@ class Writer:
             self.write(offset, bytes(n))
             offset, length = offset + n, length - n
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int) -> int:
         """Trim: blocks entirely inside the range become UNMAPPED (read as zeros); fixed disks ignore it.
 
         Partial blocks are left unchanged, as a discard is only a hint (qemu-io and guests expect the same).
+        Returns the virtual bytes whose blocks changed state (0 for a fixed disk or when no whole block is in range).
         """
         self._check_range(offset, length)
         g = self.image.geometry
         if self.image.params.leave_block_allocated and not g.has_parent:
-            return
+            return 0
         first, last = self._whole_blocks(offset, length)
-        if first >= last:
-            return
-        self.begin(changes_data=True)
         blocks = np.arange(first, last, dtype=np.int64)
+        blocks = blocks[self.image.bat.states[blocks] != c.BatState.UNMAPPED]
+        if not len(blocks):
+            return 0
+        self.begin(changes_data=True)
         self.set_payload(blocks, c.BatState.UNMAPPED, self.image.bat.offsets[blocks])
+        ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
+        return int((ends - blocks * g.block_size).sum())
 
     # --- metadata region ----------------------------------------------------------------------------
     def rewrite_metadata(self, items) -> None:

@@ -35,6 +35,9 @@ CREATOR_SIZE = 512
 
 # Every object after the header section sits on this alignment.
 ALIGNMENT = 1 * MiB
+# Space a writer may leave between its last structure and its first block (QEMU leaves 4 MiB after the
+# metadata region): free space, never a leak.
+WRITER_LAYOUT_GAP = 4 * MiB
 
 FILE_SIGNATURE = b"vhdxfile"
 HEADER_SIGNATURE = b"head"
