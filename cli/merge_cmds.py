@@ -27,7 +27,8 @@ def _progress(label: str):
 @click.option("--verify", is_flag=True, help="Compare the chain's view before with the merged view after, per block.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted merge of CHILD from its journal.")
 @click.option("--keep", is_flag=True, help="Rename the merged files to *.merged instead of deleting them.")
-@click.option("--search", "search_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+@click.option("--search-dir", "--search", "search_dirs", multiple=True,
+              type=click.Path(file_okay=False, exists=True),
               help="Also look here for parents and for other disks that depend on the destination (repeatable).")
 @click.option("--force", is_flag=True,
               help="Merge even though other disks depend on the destination (they will refuse to open afterwards).")

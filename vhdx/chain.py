@@ -32,6 +32,7 @@ class OpenOptions:
         ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the child's linkage.
         orphan: do not look for a parent at all; what the file does not hold reads as zeros.
         max_depth: refuse chains deeper than this.
+        force: let a writable open change the data of a disk that other disks depend on (they stop opening).
     """
 
     parent: str | None = None
@@ -39,6 +40,7 @@ class OpenOptions:
     ignore_id_mismatch: bool = False
     orphan: bool = False
     max_depth: int = MAX_CHAIN_DEPTH
+    force: bool = False
 
     def for_parent(self) -> OpenOptions:
         """Options passed one level up: the explicit parent applies to one level only."""

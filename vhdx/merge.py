@@ -785,7 +785,8 @@ def _merged_items(dest_items, child_items):
 
 
 def _open_writable(path: str, opener: Opener) -> VhdxImage:
-    return open_image(opener(path), orphan=True)
+    # force: the merge weighed the disks that depend on this one itself (_preflight).
+    return open_image(opener(path), orphan=True, force=True)
 
 
 def _set_locator(path: str, opener: Opener, make_entries) -> None:
