@@ -36,6 +36,17 @@ class MergedLayer:
 
     path: str
     data_write_guid: str
+    # The file as last seen under the merge's lock (None in older journals): any difference before it is
+    # deleted means a writer got past the lock, and the merge stops instead of losing that write.
+    file_write_guid: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def changes_since(self, now: MergedLayer, *, skip=()) -> list[str]:
+        """Names of the recorded properties ``now`` differs in (unrecorded ones and ``skip`` are not compared)."""
+        names = ("data_write_guid", "file_write_guid", "size", "mtime_ns")
+        return [n for n in names
+                if n not in skip and getattr(self, n) is not None and getattr(self, n) != getattr(now, n)]
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class MergeJournal:
     dependents: tuple[str, ...]  # children of the merged child, relinked to the destination at the end
     plan_digest: str
     keep: bool = False
+    previous_linkage2: str | None = None  # the accepting layer's parent_linkage2 before the merge (for --abort)
     state: str = "planned"
     version: int = JOURNAL_VERSION
     extra: dict = field(default_factory=dict)
@@ -81,14 +93,16 @@ class MergeJournal:
                 raise MergeError(f"unknown merge journal version {data.get('version')!r}", path=where)
             if data.get("state") not in STATES:
                 raise MergeError(f"unknown merge journal state {data.get('state')!r}", path=where)
-            layers = tuple(MergedLayer(str(x["path"]), str(x["data_write_guid"])) for x in data["layers"])
+            layers = tuple(MergedLayer(str(x["path"]), str(x["data_write_guid"]), x.get("file_write_guid"),
+                                       x.get("size"), x.get("mtime_ns")) for x in data["layers"])
             for key in ("destination_guid", "new_data_write_guid"):
                 uuid.UUID(data[key])
             return cls(child=str(data["child"]), destination=str(data["destination"]),
                        destination_guid=str(data["destination_guid"]),
                        new_data_write_guid=str(data["new_data_write_guid"]), layers=layers,
                        dependents=tuple(str(p) for p in data["dependents"]), plan_digest=str(data["plan_digest"]),
-                       keep=bool(data.get("keep", False)), state=str(data["state"]),
+                       keep=bool(data.get("keep", False)), previous_linkage2=data.get("previous_linkage2"),
+                       state=str(data["state"]),
                        extra=dict(data.get("extra") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise MergeError(f"malformed merge journal ({type(exc).__name__}: {exc})", path=where) from None
@@ -222,7 +236,8 @@ def report_interrupted_merge(ctx) -> None:
         return
     ctx.add(Severity.WARNING, "MERGE_INTERRUPTED", "merge journal", None,
             f"the merge of {journal.child} into this disk stopped at step '{journal.state}'; the chain still "
-            f"reads its original data; finish it with `vhdx merge --resume {journal.child}`")
+            f"reads its original data; finish it with `vhdx merge --resume {journal.child}` (or undo it with "
+            f"`vhdx merge --abort {journal.child}`)")
 
 
 def _register_check() -> None:
