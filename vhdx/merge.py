@@ -19,12 +19,14 @@ merge), §2.6.2.6.3 and note <12> (parent_linkage2), §2.2.2 (DataWriteGuid).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io as _io
 import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
@@ -541,7 +543,10 @@ PROGRESS_STEP = 64 * c.MiB
 def _copy(src: ImageIO, src_offset: int, dst: ImageIO, dst_offset: int, length: int, buf: bytearray) -> None:
     """Copy file bytes between images: in the kernel when the destination is a plain file descriptor."""
     if dst.fd is not None and type(dst).write_at is ImageIO.write_at:
-        copy_range(src, src_offset, dst.fd, dst_offset, length, buf)
+        try:
+            copy_range(src, src_offset, dst.fd, dst_offset, length, buf)
+        except VhdxError as exc:
+            raise exc.with_path(dst.path) from None
         return
     view = memoryview(buf)
     done = 0
@@ -680,6 +685,24 @@ class HeldFiles:
         for io in self._held.values():
             io.close()
         self._held.clear()
+
+
+def _out_of_space(exc: Exception) -> bool:
+    text = exc.message if isinstance(exc, VhdxError) else str(exc)
+    return any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+@contextmanager
+def _resume_hint_when_full(child: str, destination: str):
+    """ENOSPC in the middle of a merge: say which file and how to finish once there is room."""
+    try:
+        yield
+    except VhdxError as exc:
+        if not _out_of_space(exc):
+            raise
+        raise MergeError(f"no space left on the device while merging ({exc.message}); the chain still reads its "
+                         f"original data: free some space, then run `vhdx merge --resume {child}`",
+                         path=exc.path or destination) from None
 
 
 @dataclass(frozen=True)
@@ -1055,11 +1078,12 @@ def merge(child, into=None, *, dry_run: bool = False, verify: bool = False,
                              for path, layer in zip(merged, upper, strict=True)),
                 dependents=tuple(os.path.abspath(p) for p in dependents), plan_digest=plan.digest, keep=keep,
                 previous_linkage2=locator.get(c.PARENT_LINKAGE2_KEY))
-        # The plan and the intent are durable before the first byte of any disk changes.
-        mj.atomic_write(journal.plan_path, plan.to_bytes())
-        mj.write_journal(journal)
-        return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
-                    resumed=False, started=started, warnings=warnings)
+        with _resume_hint_when_full(child, journal.destination):
+            # The plan and the intent are durable before the first byte of any disk changes.
+            mj.atomic_write(journal.plan_path, plan.to_bytes())
+            mj.write_journal(journal)
+            return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
+                        resumed=False, started=started, warnings=warnings)
     finally:
         held.close()
 
@@ -1104,8 +1128,9 @@ def _resume(journal: mj.MergeJournal, *, search_dirs, verify, progress, opener, 
             if plan.digest != journal.plan_digest:
                 raise MergeError("the saved merge plan does not match the digest in the journal",
                                  path=journal.plan_path)
-        return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
-                    resumed=True, started=started)
+        with _resume_hint_when_full(journal.child, journal.destination):
+            return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
+                        resumed=True, started=started)
     finally:
         held.close()
 
