@@ -5,7 +5,10 @@ destination it computes every byte range to copy, every range to zero, every new
 value, and where new blocks go (appended at the end of the file in virtual order). ``apply_merge`` carries a
 plan out on the destination with ``copy_file_range``. ``merge`` adds the safety checks, the intent record
 (``merge_journal``), the DataWriteGuid hand-over of product note <12>, relinking of the merged child's own
-children, and the removal of the merged files.
+children, and the removal of the merged files. Every file it changes or deletes stays open under its exclusive
+writer lock from planning to the end (``HeldFiles``), and each merged file is checked unchanged right before it
+is deleted. ``abort_merge`` gives an interrupted merge up: a rollback before the destination's first change,
+else a list of what stays.
 
 Why the chain keeps reading the same bytes during a merge: the destination only changes at sectors that a
 layer above it defines (data or zeros), which those layers hide from every reader of the chain; and the
@@ -1163,6 +1166,9 @@ def abort_merge(child, *, search_dirs=(), opener: Opener | None = None) -> Abort
     if journal is None:
         raise MergeError("no interrupted merge of this disk was found (no *.merge-journal names it); nothing to "
                          "abort", path=child)
+    if not os.path.exists(journal.destination):
+        raise MergeError(f"the destination {journal.destination} of the interrupted merge is gone; nothing to roll "
+                         f"back (remove {journal.path} and {journal.plan_path} by hand)", path=child)
     held = HeldFiles(opener or _default_opener, journal.child)
     try:
         _hold_journal_files(held, journal)

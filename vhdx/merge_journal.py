@@ -9,7 +9,9 @@ the destination takes, the plan digest and the step reached; ``vhdx merge --resu
 
 Steps: ``planned`` (nothing or part of the destination changed) -> ``data_done`` (destination final) ->
 ``relinked`` (children of the merged child point at the destination) -> the record is removed after the
-merged files are deleted or renamed.
+merged files are deleted or renamed. Each merged layer is recorded with its GUIDs, size and mtime (taken under
+the merge's lock, again at ``data_done``) so that no file changed by another writer is ever deleted;
+``vhdx merge --abort`` removes the record, rolling the merge back while the destination is still untouched.
 
 References: [MS-VHDX] §2.6.2.6.3 and product note <12> (parent_linkage2 during a merge), §2.2.2 (DataWriteGuid).
 """
