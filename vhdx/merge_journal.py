@@ -149,6 +149,10 @@ def atomic_write(path: str, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
+        try:
+            os.unlink(tmp)  # no half-written temporary left behind (a full disk, a failed rename)
+        except OSError:
+            pass
         raise MergeError(f"cannot write: {exc.strerror}", path=path) from None
     fsync_dir(os.path.dirname(path))
 

@@ -75,3 +75,18 @@ def test_cli_enospc_during_a_merge_is_one_line_with_the_resume_hint(tmp_path, fu
     result = CliRunner().invoke(cli, ["merge", str(paths[0]), "--into", str(paths[2])])
     assert result.exit_code == 1 and "--resume" in result.output and str(paths[2]) in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_enospc_writing_the_merge_journal_leaves_no_temporary_and_says_resume(tmp_path, monkeypatch):
+    paths, model = chain(tmp_path)
+
+    def no_room(_fd, _data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", no_room)
+    with pytest.raises(MergeError, match=f"vhdx merge --resume {paths[0]}"):
+        vhdx.merge(paths[0], into=paths[2])
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.tmp")) and read_view(paths[0]) == bytes(model)
+    vhdx.merge(paths[0], into=paths[2], resume=True)  # nothing had begun: --resume simply merges
+    assert read_view(paths[2]) == bytes(model)
