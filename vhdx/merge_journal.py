@@ -18,6 +18,7 @@ References: [MS-VHDX] §2.6.2.6.3 and product note <12> (parent_linkage2 during 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -139,7 +140,11 @@ def atomic_write(path: str, data: bytes) -> None:
     """Write ``path`` so that a crash leaves either its old content or ``data`` (tmp, fsync, rename, fsync dir)."""
     tmp = path + ".tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # A stale or planted temporary goes first (unlinking a symlink leaves its target alone); then a file of
+        # our own, never through a symlink or a file someone else put there in between.
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -149,10 +154,11 @@ def atomic_write(path: str, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)  # no half-written temporary left behind (a full disk, a failed rename)
-        except OSError:
-            pass
+        if exc.errno != errno.EEXIST:  # (EEXIST: someone else's file appeared at the name; leave it)
+            try:
+                os.unlink(tmp)  # no half-written temporary left behind (a full disk, a failed rename)
+            except OSError:
+                pass
         raise MergeError(f"cannot write: {exc.strerror}", path=path) from None
     fsync_dir(os.path.dirname(path))
 
