@@ -25,27 +25,50 @@ def _progress(label: str):
               help="Ancestor to merge into (default: CHILD's parent), like Merge-VHD -DestinationPath.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (blocks, bytes, new space, final size); change nothing.")
 @click.option("--verify", is_flag=True, help="Compare the chain's view before with the merged view after, per block.")
-@click.option("--resume", is_flag=True, help="Finish an interrupted merge of CHILD from its journal.")
+@click.option("--resume", is_flag=True,
+              help="Finish an interrupted merge of CHILD from its journal (none begun: merge it now).")
+@click.option("--abort", is_flag=True,
+              help="Give up an interrupted merge of CHILD: roll it back, or say exactly what stays changed.")
 @click.option("--keep", is_flag=True, help="Rename the merged files to *.merged instead of deleting them.")
-@click.option("--search", "search_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+@click.option("--search-dir", "--search", "search_dirs", multiple=True,
+              type=click.Path(file_okay=False, exists=True),
               help="Also look here for parents and for other disks that depend on the destination (repeatable).")
 @click.option("--force", is_flag=True,
               help="Merge even though other disks depend on the destination (they will refuse to open afterwards).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_context
 @handle_errors
-def merge(ctx, child, into, dry_run, verify, resume, keep, search_dirs, force, as_json):
+def merge(ctx, child, into, dry_run, verify, resume, abort, keep, search_dirs, force, as_json):
     """Merge the differencing disk CHILD into its parent or --into an ancestor (like Merge-VHD), crash-safely."""
-    if resume and (dry_run or into):
-        raise click.UsageError("--resume takes the plan recorded by the interrupted merge (no --into/--dry-run)")
+    if resume and dry_run:
+        raise click.UsageError("--resume takes the plan recorded by the interrupted merge (no --dry-run)")
+    if abort and (resume or dry_run or into or verify or keep or force):
+        raise click.UsageError("--abort takes only CHILD (and --search-dir)")
+    json_out = as_json or (ctx.obj is not None and getattr(ctx.obj, "as_json", False))
+    if abort:
+        done = vhdx.abort_merge(child, search_dirs=search_dirs)
+        if json_out:
+            render.emit_json(done.to_json())
+        else:
+            click.echo(abort_text(done))
+        return
     bar, report = _progress("merge")
     result = vhdx.merge(child, into, dry_run=dry_run, verify=verify, progress=report, keep=keep,
                         search_dirs=search_dirs, force=force, resume=resume)
     bar.finish()
-    if as_json or (ctx.obj is not None and getattr(ctx.obj, "as_json", False)):
+    if json_out:
         render.emit_json(result.to_json())
     else:
         click.echo(render.printable_lines(merge_text(result).split("\n")))
+
+
+def abort_text(done) -> str:
+    if done.rolled_back:
+        return f"rolled back the merge of {done.child} into {done.destination}: every file is as before the merge"
+    lines = [f"gave up the merge of {done.child} into {done.destination} (it had reached step '{done.state}'; "
+             "past the point of no return, so not rolled back); what stays:"]
+    lines.extend(f"  {sentence}" for sentence in done.remains)
+    return "\n".join(lines)
 
 
 def merge_text(result) -> str:

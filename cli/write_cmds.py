@@ -38,6 +38,14 @@ def create(path, size, disk_type, block_size, logical_sector_size, physical_sect
     click.echo(f"created {path}")
 
 
+def dependents_options(func):
+    """--force and --search-dir: writing a disk that differencing disks depend on breaks them (as in Hyper-V)."""
+    func = click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+                        help="Also look here for disks that depend on DISK (repeatable).")(func)
+    return click.option("--force", is_flag=True,
+                        help="Write even though other disks depend on DISK (they will refuse to open).")(func)
+
+
 @click.command()
 @click.argument("disk", type=click.Path(exists=True, dir_okay=False))
 @click.option("--offset", type=SIZE, required=True, help="Virtual byte offset.")
@@ -45,8 +53,9 @@ def create(path, size, disk_type, block_size, logical_sector_size, physical_sect
 @click.option("--pattern", type=str, help="Byte value to repeat, e.g. 0xa5 (needs --length).")
 @click.option("--zero", is_flag=True, help="Write zeros (whole blocks become ZERO where the disk type allows).")
 @click.option("--length", type=SIZE, help="Bytes to write with --pattern or --zero.")
+@dependents_options
 @handle_errors
-def write(disk, offset, input_path, pattern, zero, length):
+def write(disk, offset, input_path, pattern, zero, length, force, search_dirs):
     """Write to DISK at --offset from --input, a repeated --pattern byte, or --zero (like qemu-io write)."""
     sources = [x for x in (input_path, pattern, zero or None) if x is not None]
     if len(sources) != 1:
@@ -60,7 +69,7 @@ def write(disk, offset, input_path, pattern, zero, length):
             value = -1
         if not 0 <= value <= 255:
             raise click.BadParameter(f"{pattern!r} is not a byte value (0..255 or 0x00..0xff)", param_hint="--pattern")
-    with vhdx.open(disk, writable=True) as image:
+    with vhdx.open(disk, writable=True, force=force, search_dirs=search_dirs) as image:
         if zero:
             image.write_zeros(offset, length)
             done = length
@@ -94,10 +103,11 @@ def _write_pattern(image, offset: int, value: int, length: int) -> int:
 @click.argument("disk", type=click.Path(exists=True, dir_okay=False))
 @click.option("--offset", type=SIZE, required=True)
 @click.option("--length", type=SIZE, required=True)
+@dependents_options
 @handle_errors
-def discard(disk, offset, length):
+def discard(disk, offset, length, force, search_dirs):
     """Trim a range: whole blocks inside it read as zeros afterwards (like qemu-io discard)."""
-    with vhdx.open(disk, writable=True) as image:
+    with vhdx.open(disk, writable=True, force=force, search_dirs=search_dirs) as image:
         done = image.discard(offset, length)
         fixed = image.params.leave_block_allocated and not image.has_parent
         block_size = image.block_size

@@ -317,7 +317,7 @@ def test_check_many_bad_entries_are_summed_up(tmp_path):
 def test_check_wrong_parent_linkage(tmp_path):
     base = make_dynamic(tmp_path / "base.vhdx")
     child = make_child(base, tmp_path / "child.avhdx")
-    with vhdx.open(base, writable=True) as image:  # a write gives the parent a new DataWriteGuid
+    with vhdx.open(base, writable=True, force=True) as image:  # a write gives the parent a new DataWriteGuid
         image.write(0, b"x" * 512)
     report = check_image(child)
     assert [f.code for f in report.errors] == ["PARENT_MISMATCH"]

@@ -278,10 +278,10 @@ def test_merge_refuses_when_free_space_is_short(tmp_path, monkeypatch):
         vhdx.merge(child)
 
 
-def test_merge_resume_without_a_journal_is_an_error(tmp_path):
-    paths, _ = build_chain(tmp_path, child_blocks=[2 * MiB], seed=1)
-    with pytest.raises(MergeError, match="no interrupted merge"):
-        vhdx.merge(paths[0], resume=True)
+def test_merge_resume_when_nothing_was_begun_runs_the_merge(tmp_path):
+    paths, model = build_chain(tmp_path, child_blocks=[2 * MiB], seed=1)
+    result = vhdx.merge(paths[0], resume=True)
+    assert not result.resumed and not paths[0].exists() and read_view(paths[1]) == bytes(model)
 
 
 # --- peers ---------------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_repair_parent_moved_with_parent_option(tmp_path):
 def test_repair_wrong_linkage_needs_ignore_id_mismatch(tmp_path):
     base = make_dynamic(tmp_path / "base.vhdx")
     child = make_child(base, tmp_path / "child.avhdx")
-    with vhdx.open(base, writable=True) as image:
+    with vhdx.open(base, writable=True, force=True) as image:  # forced: the child depends on it
         image.write(0, b"x" * 512)
     with pytest.raises(VhdxError):
         repair_image(child, parent=base)

@@ -11,6 +11,7 @@ from vhdx.errors import (
     ChainError,
     ChainLoopError,
     ChecksumError,
+    DependentsError,
     FormatError,
     InvalidRequestError,
     LockedError,
@@ -23,7 +24,7 @@ from vhdx.errors import (
 )
 from vhdx.format.constants import BatState, DiskType, SbState
 from vhdx.image import VhdxImage, VirtualDiskStream, open_image
-from vhdx.merge import MergeResult, merge
+from vhdx.merge import MergeResult, abort_merge, merge
 from vhdx.relink import set_parent
 
 # ``vhdx.create``, ``vhdx.merge`` and ``vhdx.set_parent`` are the functions (the documented API); their modules
@@ -36,6 +37,7 @@ __all__ = [
     "ChainError",
     "ChainLoopError",
     "ChecksumError",
+    "DependentsError",
     "DiskType",
     "FormatError",
     "InvalidRequestError",
@@ -54,6 +56,7 @@ __all__ = [
     "create",
     "flatten",
     "merge",
+    "abort_merge",
     "MergeResult",
     "set_parent",
 ]

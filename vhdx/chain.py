@@ -49,6 +49,7 @@ class OpenOptions:
         ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the child's linkage.
         orphan: do not look for a parent at all; what the file does not hold reads as zeros.
         max_depth: refuse chains deeper than this (None: ``MAX_CHAIN_DEPTH``).
+        force: let a writable open change the data of a disk that other disks depend on (they stop opening).
     """
 
     parent: str | None = None
@@ -56,6 +57,7 @@ class OpenOptions:
     ignore_id_mismatch: bool = False
     orphan: bool = False
     max_depth: int | None = None
+    force: bool = False
 
     @property
     def depth_limit(self) -> int:

@@ -95,6 +95,18 @@ class LockedError(VhdxError):
     """Another process holds the writer lock on the file."""
 
 
+class DependentsError(VhdxError):
+    """Writing would change the DataWriteGuid of a disk that differencing disks depend on (they would break).
+
+    Attributes:
+        dependents: paths of the disks that would no longer open.
+    """
+
+    def __init__(self, message: str, *, dependents=(), **kw) -> None:
+        super().__init__(message, **kw)
+        self.dependents = list(dependents)
+
+
 class InvalidRequestError(VhdxError):
     """A caller asked for something impossible (bad size, bad block size, out-of-range offset, ...)."""
 

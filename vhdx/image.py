@@ -567,7 +567,7 @@ def read_structures(path) -> VhdxImage:
 
 
 def open_image(source, *, writable: bool = False, parent: str | None = None, search_dirs=(),
-               ignore_id_mismatch: bool = False, orphan: bool = False) -> VhdxImage:
+               ignore_id_mismatch: bool = False, orphan: bool = False, force: bool = False) -> VhdxImage:
     """Open a VHDX/AVHDX file (read-only by default).
 
     Args:
@@ -577,10 +577,13 @@ def open_image(source, *, writable: bool = False, parent: str | None = None, sea
         search_dirs: folders to search for parents by file name.
         ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the linkage.
         orphan: read a differencing disk alone; what it does not hold reads as zeros.
+        force: write even though differencing disks (in this file's folder or ``search_dirs``) depend on it;
+            without it the first write that would change its data raises ``DependentsError``, as Hyper-V
+            refuses to open such a parent for writing.
     """
     options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
                                  search_dirs=tuple(os.fspath(d) for d in search_dirs),
-                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan)
+                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan, force=force)
     if isinstance(source, ImageIO):
         image_io = source
     elif isinstance(source, (str, bytes, os.PathLike)):

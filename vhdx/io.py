@@ -9,6 +9,7 @@ References: [MS-VHDX] §2.3.3 (in-memory replay of a log on read-only opens, pro
 from __future__ import annotations
 
 import bisect
+import copy
 import errno
 import fcntl
 import os
@@ -140,6 +141,17 @@ class ImageIO:
         if fd is not None:
             return cls(fd, None, path=name, writable=writable, owns=False)
         return cls(None, fileobj, path=name, writable=writable, owns=False)
+
+    def borrow(self) -> ImageIO:
+        """Another handle on this open file: same descriptor, so same locks; closing it leaves the file open.
+
+        A merge keeps every file it changes open (and locked) from planning to the end and opens images on
+        borrowed handles, since a second descriptor of its own would be refused the lock it holds.
+        """
+        twin = copy.copy(self)
+        twin._owns = False
+        twin.overlay = None
+        return twin
 
     def close(self) -> None:
         if self._owns and self._fd is not None:

@@ -5,7 +5,10 @@ destination it computes every byte range to copy, every range to zero, every new
 value, and where new blocks go (appended at the end of the file in virtual order). ``apply_merge`` carries a
 plan out on the destination with ``copy_file_range``. ``merge`` adds the safety checks, the intent record
 (``merge_journal``), the DataWriteGuid hand-over of product note <12>, relinking of the merged child's own
-children, and the removal of the merged files.
+children, and the removal of the merged files. Every file it changes or deletes stays open under its exclusive
+writer lock from planning to the end (``HeldFiles``), and each merged file is checked unchanged right before it
+is deleted. ``abort_merge`` gives an interrupted merge up: a rollback before the destination's first change,
+else a list of what stays.
 
 Why the chain keeps reading the same bytes during a merge: the destination only changes at sectors that a
 layer above it defines (data or zeros), which those layers hide from every reader of the chain; and the
@@ -19,23 +22,26 @@ merge), §2.6.2.6.3 and note <12> (parent_linkage2), §2.2.2 (DataWriteGuid).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io as _io
 import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import numpy as np
 
 from vhdx import merge_journal as mj
 from vhdx.bat import ceil_div
-from vhdx.errors import MergeError, UnsupportedError, VhdxError
+from vhdx.errors import LockedError, MergeError, UnsupportedError, VhdxError
 from vhdx.extents import ExtentKind, Extents, clip, coalesce, concat_sorted
 from vhdx.format import constants as c
 from vhdx.format.guid import format_guid_text
+from vhdx.header import load_headers
 from vhdx.image import VhdxImage, open_image, read_disk_parameters
 from vhdx.io import COPY_CHUNK, BackgroundFlush, ImageIO, copy_range
 
@@ -540,7 +546,10 @@ PROGRESS_STEP = 64 * c.MiB
 def _copy(src: ImageIO, src_offset: int, dst: ImageIO, dst_offset: int, length: int, buf: bytearray) -> None:
     """Copy file bytes between images: in the kernel when the destination is a plain file descriptor."""
     if dst.fd is not None and type(dst).write_at is ImageIO.write_at:
-        copy_range(src, src_offset, dst.fd, dst_offset, length, buf)
+        try:
+            copy_range(src, src_offset, dst.fd, dst_offset, length, buf)
+        except VhdxError as exc:
+            raise exc.with_path(dst.path) from None
         return
     view = memoryview(buf)
     done = 0
@@ -617,6 +626,86 @@ Opener = Callable[[str], ImageIO]
 
 def _default_opener(path: str) -> ImageIO:
     return ImageIO.open(path, writable=True)
+
+
+class HeldFiles:
+    """Every file a merge changes or deletes, kept open under its exclusive writer lock until the merge ends.
+
+    Images are opened on borrowed handles of these descriptors, so from planning to deletion no other writer
+    gets in, and a second merge of the same chain is refused when it asks for the lock.
+    """
+
+    def __init__(self, opener: Opener, child: str) -> None:
+        self._opener = opener
+        self.child = child
+        self._held: dict[str, ImageIO] = {}
+
+    def hold(self, path: str) -> None:
+        key = os.path.realpath(path)
+        if key in self._held:
+            return
+        try:
+            self._held[key] = self._opener(path)
+        except LockedError:
+            raise MergeError("in use by another process (a writer, or another merge of this chain); nothing was "
+                             "changed", path=path) from None
+
+    def holds(self, path: str) -> bool:
+        return os.path.realpath(path) in self._held
+
+    def open(self, path: str) -> ImageIO:
+        io = self._held.get(os.path.realpath(path))
+        return io.borrow() if io is not None else self._opener(path)
+
+    def snapshot(self, path: str) -> mj.MergedLayer:
+        """What a held file looks like now: its GUIDs, size and modification time."""
+        io = self._held[os.path.realpath(path)]
+        header = load_headers(io).current
+        st = os.fstat(io.fd) if io.fd is not None else None
+        return mj.MergedLayer(path, str(header.data_write_guid), str(header.file_write_guid), io.real_size,
+                              st.st_mtime_ns if st is not None else None)
+
+    def verify(self, recorded: mj.MergedLayer, *, skip=()) -> mj.MergedLayer:
+        """Stop unless ``recorded.path`` is still the held file, unchanged; returns its snapshot."""
+        io = self._held[os.path.realpath(recorded.path)]
+        try:
+            same = io.fd is None or os.path.samestat(os.stat(recorded.path), os.fstat(io.fd))
+        except OSError:
+            same = False
+        now = self.snapshot(recorded.path)
+        changed = recorded.changes_since(now, skip=skip)
+        if not same or changed:
+            labels = {"data_write_guid": "DataWriteGuid", "file_write_guid": "FileWriteGuid", "size": "size",
+                      "mtime_ns": "modification time"}
+            what = "replaced" if not same else "changed"
+            detail = f" ({', '.join(labels[n] for n in changed)} differ)" if same else ""
+            raise MergeError(f"{what} while the merge ran{detail}, by a writer that bypassed its lock; nothing was "
+                             "deleted and the chain keeps what was written; `vhdx merge --abort "
+                             f"{self.child}` gives the merge up", path=recorded.path)
+        return now
+
+    def close(self) -> None:
+        for io in self._held.values():
+            io.close()
+        self._held.clear()
+
+
+def _out_of_space(exc: Exception) -> bool:
+    text = exc.message if isinstance(exc, VhdxError) else str(exc)
+    return any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+@contextmanager
+def _resume_hint_when_full(child: str, destination: str):
+    """ENOSPC in the middle of a merge: say which file and how to finish once there is room."""
+    try:
+        yield
+    except VhdxError as exc:
+        if not _out_of_space(exc):
+            raise
+        raise MergeError(f"no space left on the device while merging ({exc.message}); the chain still reads its "
+                         f"original data: free some space, then run `vhdx merge --resume {child}`",
+                         path=exc.path or destination) from None
 
 
 @dataclass(frozen=True)
@@ -698,14 +787,18 @@ def find_dependents(folders, exclude: Sequence[str]) -> dict[uuid.UUID, list[str
     return found
 
 
-def _preflight(layers: Sequence[VhdxImage], k: int, search_dirs, force: bool) -> tuple[list[str], list[str]]:
-    """Refuse unsafe merges; returns (children of the merged child to relink, warnings)."""
+def _preflight(layers: Sequence[VhdxImage], k: int, search_dirs, force: bool,
+               probe_writers: bool = False) -> tuple[list[str], list[str]]:
+    """Refuse unsafe merges; returns (children of the merged child to relink, warnings).
+
+    ``probe_writers``: ask whether another process writes a layer (a dry run, which holds no lock itself).
+    """
     dest = layers[k]
     for layer in layers[: k + 1]:
         if layer.log.is_dirty:
             raise MergeError("the log holds updates not yet applied; run `vhdx repair` (or open it for writing) "
                              "first", path=layer.path, structure="Log")
-        if layer.io.writer_lock_held():
+        if probe_writers and layer.io.writer_lock_held():
             raise MergeError("another process has this file open for writing", path=layer.path)
         if layer.logical_sector_size != dest.logical_sector_size:
             raise MergeError(f"logical sector size {layer.logical_sector_size} differs from the destination's "
@@ -714,7 +807,8 @@ def _preflight(layers: Sequence[VhdxImage], k: int, search_dirs, force: bool) ->
         pending = mj.journal_for_destination(layer.path)
         if pending is not None:
             raise MergeError(f"an interrupted merge of {pending.child} into this disk is pending; finish it with "
-                             f"`vhdx merge --resume {pending.child}`", path=layer.path)
+                             f"`vhdx merge --resume {pending.child}` or undo it with `vhdx merge --abort "
+                             f"{pending.child}`", path=layer.path)
     if dest_kind_of(dest) == "fixed" and layers[0].virtual_size > dest.virtual_size:
         raise UnsupportedError("growing a fixed destination to the child's larger size is not supported",
                                path=dest.path)
@@ -785,7 +879,8 @@ def _merged_items(dest_items, child_items):
 
 
 def _open_writable(path: str, opener: Opener) -> VhdxImage:
-    return open_image(opener(path), orphan=True)
+    # force: the merge weighed the disks that depend on this one itself (_preflight).
+    return open_image(opener(path), orphan=True, force=True)
 
 
 def _set_locator(path: str, opener: Opener, make_entries) -> None:
@@ -863,8 +958,8 @@ def _check_chain_matches(journal: mj.MergeJournal, layers: Sequence[VhdxImage]) 
                          "replaced); the merge cannot continue", path=journal.child)
 
 
-def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verify: bool, progress, opener: Opener,
-         resumed: bool, started: float, warnings=()) -> MergeResult:
+def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verify: bool, progress,
+         held: HeldFiles, resumed: bool, started: float, warnings=()) -> MergeResult:
     from vhdx.metadata import read_items
 
     moved, verified = 0, None
@@ -873,10 +968,15 @@ def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verif
             layers = top.layers
             _check_chain_matches(journal, layers)
             k = len(journal.layers)
+            accepting = journal.layers[-1]
+            # A resumed merge may already have written the accepting layer's locator (FileWriteGuid, mtime).
+            expected = [held.verify(layer, skip=("file_write_guid", "mtime_ns") if resumed and layer is accepting
+                                    else ()) for layer in journal.layers]
             before = view_digests(top, plan.dest_block_size, plan.virtual_size) if verify else None
             child_items = read_items(top.io, top.metadata)
-            _accept_new_guid(journal.layers[-1].path, journal.new_guid, opener)
-            moved = _write_destination(journal, plan, [layer.io for layer in layers[:k]], child_items, opener,
+            _accept_new_guid(accepting.path, journal.new_guid, held.open)
+            expected[-1] = held.snapshot(accepting.path)
+            moved = _write_destination(journal, plan, [layer.io for layer in layers[:k]], child_items, held.open,
                                        progress)
         if verify:
             with open_image(journal.destination, search_dirs=search_dirs) as merged:
@@ -887,16 +987,20 @@ def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verif
                                  f"{int(bad[0])}); the merged files are left in place and the chain still reads "
                                  "the original data", path=journal.destination)
             verified = True
-        journal = journal.advanced("data_done")
+        # The layers were read during the data phase: they must still be what was merged.
+        expected = [held.verify(layer) for layer in expected]
+        journal = replace(journal, layers=tuple(expected)).advanced("data_done")
         mj.write_journal(journal)
     relinked = tuple(journal.dependents)
     if journal.state == "data_done":
         for path in journal.dependents:
-            _relink(path, journal.destination, journal.new_guid, opener)
+            _relink(path, journal.destination, journal.new_guid, held.open)
         journal = journal.advanced("relinked")
         mj.write_journal(journal)
     removed, kept = [], []
     for layer in journal.layers:
+        if held.holds(layer.path):  # gone already when a crash came after its deletion
+            held.verify(layer)  # right before it goes: a write that got past the lock must not be lost
         if journal.keep:
             mj.rename_file(layer.path, layer.path + mj.MERGED_SUFFIX)
             kept.append(layer.path + mj.MERGED_SUFFIX)
@@ -916,7 +1020,8 @@ def merge(child, into=None, *, dry_run: bool = False, verify: bool = False,
 
     Like ``Merge-VHD -Path child [-DestinationPath into]``: afterwards the destination reads what the child
     read, the child and the layers between are deleted (``keep``: renamed to ``*.merged``), and the child's own
-    children are relinked to the destination.
+    children are relinked to the destination. From planning to the end every file the merge changes or deletes
+    is held open under an exclusive writer lock, and each merged file is checked unchanged right before it goes.
 
     Args:
         child: the differencing disk to merge.
@@ -927,38 +1032,63 @@ def merge(child, into=None, *, dry_run: bool = False, verify: bool = False,
         keep: rename the merged files instead of deleting them.
         search_dirs: more folders to look in for parents and for disks that depend on the destination.
         force: merge even though other disks depend on the destination (they stop opening afterwards).
-        resume: finish an interrupted merge of ``child`` from its journal.
+        resume: finish an interrupted merge of ``child`` from its journal (none: merge it now).
         opener: opens a file for writing (default ``ImageIO.open(path, writable=True)``).
     """
     child = os.path.abspath(os.fspath(child))
     opener = opener or _default_opener
     started = time.monotonic()
     if resume:
-        return _resume(child, search_dirs=search_dirs, verify=verify, progress=progress, opener=opener,
-                       started=started)
-    with open_image(child, search_dirs=search_dirs) as top:
-        layers = top.layers
-        k = _destination_index(layers, into)
-        dependents, warnings = _preflight(layers, k, search_dirs, force)
-        upper, dest = layers[:k], layers[k]
-        plan = plan_merge([read_layer_arrays(layer) for layer in upper], read_dest_arrays(dest),
-                          virtual_size=top.virtual_size)
-        check_free_space(dest.path, plan)
-        merged = tuple(os.path.abspath(layer.path) for layer in upper)
-        if dry_run:
-            return MergeResult(child, os.path.abspath(dest.path), merged, True, plan.summary(),
-                               relinked=tuple(dependents), seconds=time.monotonic() - started,
-                               warnings=tuple(warnings))
-        journal = mj.MergeJournal(
-            child=child, destination=os.path.abspath(dest.path), destination_guid=str(dest.data_write_guid),
-            new_data_write_guid=str(uuid.uuid4()),
-            layers=tuple(mj.MergedLayer(p, str(layer.data_write_guid)) for p, layer in zip(merged, upper, strict=True)),
-            dependents=tuple(os.path.abspath(p) for p in dependents), plan_digest=plan.digest, keep=keep)
-    # The plan and the intent are durable before the first byte of any disk changes.
-    mj.atomic_write(journal.plan_path, plan.to_bytes())
-    mj.write_journal(journal)
-    return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, opener=opener,
-                resumed=False, started=started, warnings=warnings)
+        pending = find_interrupted(child, search_dirs)
+        if pending is not None:
+            if into is not None and not _same_file(os.fspath(into), pending.destination):
+                raise MergeError(f"the interrupted merge of this disk goes into {pending.destination}, not "
+                                 f"{os.fspath(into)}", path=child)
+            return _resume(pending, search_dirs=search_dirs, verify=verify, progress=progress, opener=opener,
+                           started=started)
+        # Nothing was begun: an ordinary merge.
+    held = HeldFiles(opener, child)
+    try:
+        if not dry_run:
+            with open_image(child, search_dirs=search_dirs) as top:
+                layers = top.layers
+                for layer in layers[: _destination_index(layers, into) + 1]:
+                    held.hold(layer.path)
+        # (Re)opened under the locks: what is planned now cannot change before the merge ends.
+        with open_image(child, search_dirs=search_dirs) as top:
+            layers = top.layers
+            k = _destination_index(layers, into)
+            if not dry_run and not all(held.holds(layer.path) for layer in layers[: k + 1]):
+                raise MergeError("the chain changed while the merge was starting; nothing was changed, try again",
+                                 path=child)
+            dependents, warnings = _preflight(layers, k, search_dirs, force, probe_writers=dry_run)
+            upper, dest = layers[:k], layers[k]
+            plan = plan_merge([read_layer_arrays(layer) for layer in upper], read_dest_arrays(dest),
+                              virtual_size=top.virtual_size)
+            check_free_space(dest.path, plan)
+            merged = tuple(os.path.abspath(layer.path) for layer in upper)
+            if dry_run:
+                return MergeResult(child, os.path.abspath(dest.path), merged, True, plan.summary(),
+                                   relinked=tuple(dependents), seconds=time.monotonic() - started,
+                                   warnings=tuple(warnings))
+            for path in dependents:  # relinked at the end
+                held.hold(path)
+            locator = dict(upper[-1].params.parent_locator.entries)
+            journal = mj.MergeJournal(
+                child=child, destination=os.path.abspath(dest.path), destination_guid=str(dest.data_write_guid),
+                new_data_write_guid=str(uuid.uuid4()),
+                layers=tuple(replace(held.snapshot(layer.path), path=path)
+                             for path, layer in zip(merged, upper, strict=True)),
+                dependents=tuple(os.path.abspath(p) for p in dependents), plan_digest=plan.digest, keep=keep,
+                previous_linkage2=locator.get(c.PARENT_LINKAGE2_KEY))
+        with _resume_hint_when_full(child, journal.destination):
+            # The plan and the intent are durable before the first byte of any disk changes.
+            mj.atomic_write(journal.plan_path, plan.to_bytes())
+            mj.write_journal(journal)
+            return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
+                        resumed=False, started=started, warnings=warnings)
+    finally:
+        held.close()
 
 
 def find_interrupted(child: str, search_dirs=()) -> mj.MergeJournal | None:
@@ -978,20 +1108,117 @@ def find_interrupted(child: str, search_dirs=()) -> mj.MergeJournal | None:
     return found[0] if found else None
 
 
-def _resume(child: str, *, search_dirs, verify, progress, opener, started) -> MergeResult:
+def _hold_journal_files(held: HeldFiles, journal: mj.MergeJournal) -> None:
+    """Lock what an interrupted merge still changes or deletes (files it already deleted are skipped)."""
+    for path in (journal.destination, *(layer.path for layer in journal.layers), *journal.dependents):
+        if os.path.exists(path):
+            held.hold(path)
+
+
+def _resume(journal: mj.MergeJournal, *, search_dirs, verify, progress, opener, started) -> MergeResult:
+    held = HeldFiles(opener, journal.child)
+    try:
+        _hold_journal_files(held, journal)
+        plan = None
+        if journal.state == "planned":
+            try:
+                with open(journal.plan_path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise MergeError(f"the saved merge plan is missing: {exc.strerror}; `vhdx merge --abort "
+                                 f"{journal.child}` gives the merge up", path=journal.plan_path) from None
+            plan = MergePlan.from_bytes(data, journal.plan_path)
+            if plan.digest != journal.plan_digest:
+                raise MergeError("the saved merge plan does not match the digest in the journal",
+                                 path=journal.plan_path)
+        with _resume_hint_when_full(journal.child, journal.destination):
+            return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
+                        resumed=True, started=started)
+    finally:
+        held.close()
+
+
+# --- giving an interrupted merge up --------------------------------------------------------------------
+@dataclass(frozen=True)
+class AbortResult:
+    """What ``abort`` did: a full rollback, or the merge given up with what it had already done."""
+
+    child: str
+    destination: str
+    state: str  # the journal's step when the merge stopped
+    rolled_back: bool  # True: every file is as before the merge
+    remains: tuple[str, ...]  # what stays changed, one sentence each (empty after a rollback)
+
+    def to_json(self) -> dict:
+        return {"child": self.child, "destination": self.destination, "state": self.state,
+                "rolled_back": self.rolled_back, "remains": list(self.remains)}
+
+
+def abort_merge(child, *, search_dirs=(), opener: Opener | None = None) -> AbortResult:
+    """Give up the interrupted merge of ``child`` (``vhdx merge --abort``); never deletes or loses data.
+
+    Before its point of no return (the destination's first change, when it takes its new DataWriteGuid) the
+    merge is rolled back entirely: the accepting layer's parent locator gets its former parent_linkage2 back.
+    Later, the journal is removed and what stays changed is listed; the chain reads the same in every case.
+    """
+    child = os.path.abspath(os.fspath(child))
     journal = find_interrupted(child, search_dirs)
     if journal is None:
-        raise MergeError("no interrupted merge of this disk was found (no *.merge-journal names it)", path=child)
-    plan = None
+        raise MergeError("no interrupted merge of this disk was found (no *.merge-journal names it); nothing to "
+                         "abort", path=child)
+    if not os.path.exists(journal.destination):
+        raise MergeError(f"the destination {journal.destination} of the interrupted merge is gone; nothing to roll "
+                         f"back (remove {journal.path} and {journal.plan_path} by hand)", path=child)
+    held = HeldFiles(opener or _default_opener, journal.child)
+    try:
+        _hold_journal_files(held, journal)
+        accepting = journal.layers[-1].path
+        dest_guid = held.snapshot(journal.destination).data_write_guid
+        untouched = journal.state == "planned" and dest_guid.lower() == journal.destination_guid.lower()
+        if untouched and os.path.exists(accepting):
+            _restore_linkage2(accepting, journal, held.open)
+        remains = () if untouched else _what_remains(journal)
+        mj.remove_journal(journal)
+    finally:
+        held.close()
+    return AbortResult(journal.child, journal.destination, journal.state, untouched, remains)
+
+
+def _restore_linkage2(path: str, journal: mj.MergeJournal, opener: Opener) -> None:
+    new = format_guid_text(journal.new_guid).lower()
+
+    def entries(_image, old):
+        if not any(k == c.PARENT_LINKAGE2_KEY and v.lower() == new for k, v in old):
+            return old
+        out = [(k, v) for k, v in old if k != c.PARENT_LINKAGE2_KEY]
+        if journal.previous_linkage2:
+            out.append((c.PARENT_LINKAGE2_KEY, journal.previous_linkage2))
+        return out
+
+    _set_locator(path, opener, entries)
+
+
+def _what_remains(journal: mj.MergeJournal) -> tuple[str, ...]:
+    dest, child = journal.destination, journal.child
+    present = [layer.path for layer in journal.layers if os.path.exists(layer.path)]
+    gone = [layer.path for layer in journal.layers if not os.path.exists(layer.path)]
+    out = []
     if journal.state == "planned":
-        try:
-            with open(journal.plan_path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise MergeError(f"the saved merge plan is missing: {exc.strerror}", path=journal.plan_path) from None
-        plan = MergePlan.from_bytes(data, journal.plan_path)
-        if plan.digest != journal.plan_digest:
-            raise MergeError("the saved merge plan does not match the digest in the journal",
-                             path=journal.plan_path)
-    return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, opener=opener,
-                resumed=True, started=started)
+        out.append(f"{dest} has its new DataWriteGuid {journal.new_data_write_guid} and part of the merged data, "
+                   f"only where {child} and the layers above it hide it: the chain reads as before, {dest} read "
+                   "alone is partly merged")
+        out.append(f"{journal.layers[-1].path} accepts that DataWriteGuid (parent_linkage2), so it still opens "
+                   f"on {dest}")
+        out.append(f"space the merge added to {dest} may show as leaked in `vhdx check` (`vhdx repair --leaks` "
+                   "reclaims it)")
+    else:
+        out.append(f"{dest} holds the whole merge: it reads what {child} read")
+        if present:
+            out.append(f"{', '.join(present)} are kept and read the same as before; nothing needs them any more")
+        if journal.state == "relinked" and journal.dependents:
+            out.append(f"{', '.join(journal.dependents)} already point at {dest}")
+    if gone:
+        out.append(f"{', '.join(gone)} were already deleted")
+    out.append(f"`vhdx merge {child}` merges afresh whenever wanted" if os.path.exists(child)
+               else f"{child} no longer exists")
+    return tuple(out)

@@ -9,13 +9,16 @@ the destination takes, the plan digest and the step reached; ``vhdx merge --resu
 
 Steps: ``planned`` (nothing or part of the destination changed) -> ``data_done`` (destination final) ->
 ``relinked`` (children of the merged child point at the destination) -> the record is removed after the
-merged files are deleted or renamed.
+merged files are deleted or renamed. Each merged layer is recorded with its GUIDs, size and mtime (taken under
+the merge's lock, again at ``data_done``) so that no file changed by another writer is ever deleted;
+``vhdx merge --abort`` removes the record, rolling the merge back while the destination is still untouched.
 
 References: [MS-VHDX] §2.6.2.6.3 and product note <12> (parent_linkage2 during a merge), §2.2.2 (DataWriteGuid).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -36,6 +39,17 @@ class MergedLayer:
 
     path: str
     data_write_guid: str
+    # The file as last seen under the merge's lock (None in older journals): any difference before it is
+    # deleted means a writer got past the lock, and the merge stops instead of losing that write.
+    file_write_guid: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    def changes_since(self, now: MergedLayer, *, skip=()) -> list[str]:
+        """Names of the recorded properties ``now`` differs in (unrecorded ones and ``skip`` are not compared)."""
+        names = ("data_write_guid", "file_write_guid", "size", "mtime_ns")
+        return [n for n in names
+                if n not in skip and getattr(self, n) is not None and getattr(self, n) != getattr(now, n)]
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class MergeJournal:
     dependents: tuple[str, ...]  # children of the merged child, relinked to the destination at the end
     plan_digest: str
     keep: bool = False
+    previous_linkage2: str | None = None  # the accepting layer's parent_linkage2 before the merge (for --abort)
     state: str = "planned"
     version: int = JOURNAL_VERSION
     extra: dict = field(default_factory=dict)
@@ -81,14 +96,16 @@ class MergeJournal:
                 raise MergeError(f"unknown merge journal version {data.get('version')!r}", path=where)
             if data.get("state") not in STATES:
                 raise MergeError(f"unknown merge journal state {data.get('state')!r}", path=where)
-            layers = tuple(MergedLayer(str(x["path"]), str(x["data_write_guid"])) for x in data["layers"])
+            layers = tuple(MergedLayer(str(x["path"]), str(x["data_write_guid"]), x.get("file_write_guid"),
+                                       x.get("size"), x.get("mtime_ns")) for x in data["layers"])
             for key in ("destination_guid", "new_data_write_guid"):
                 uuid.UUID(data[key])
             return cls(child=str(data["child"]), destination=str(data["destination"]),
                        destination_guid=str(data["destination_guid"]),
                        new_data_write_guid=str(data["new_data_write_guid"]), layers=layers,
                        dependents=tuple(str(p) for p in data["dependents"]), plan_digest=str(data["plan_digest"]),
-                       keep=bool(data.get("keep", False)), state=str(data["state"]),
+                       keep=bool(data.get("keep", False)), previous_linkage2=data.get("previous_linkage2"),
+                       state=str(data["state"]),
                        extra=dict(data.get("extra") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise MergeError(f"malformed merge journal ({type(exc).__name__}: {exc})", path=where) from None
@@ -123,7 +140,11 @@ def atomic_write(path: str, data: bytes) -> None:
     """Write ``path`` so that a crash leaves either its old content or ``data`` (tmp, fsync, rename, fsync dir)."""
     tmp = path + ".tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # A stale or planted temporary goes first (unlinking a symlink leaves its target alone); then a file of
+        # our own, never through a symlink or a file someone else put there in between.
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -133,6 +154,11 @@ def atomic_write(path: str, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
+        if exc.errno != errno.EEXIST:  # (EEXIST: someone else's file appeared at the name; leave it)
+            try:
+                os.unlink(tmp)  # no half-written temporary left behind (a full disk, a failed rename)
+            except OSError:
+                pass
         raise MergeError(f"cannot write: {exc.strerror}", path=path) from None
     fsync_dir(os.path.dirname(path))
 
@@ -222,7 +248,8 @@ def report_interrupted_merge(ctx) -> None:
         return
     ctx.add(Severity.WARNING, "MERGE_INTERRUPTED", "merge journal", None,
             f"the merge of {journal.child} into this disk stopped at step '{journal.state}'; the chain still "
-            f"reads its original data; finish it with `vhdx merge --resume {journal.child}`")
+            f"reads its original data; finish it with `vhdx merge --resume {journal.child}` (or undo it with "
+            f"`vhdx merge --abort {journal.child}`)")
 
 
 def _register_check() -> None:

@@ -17,6 +17,7 @@ References: [MS-VHDX] §2.2.2 (GUID rules), §2.3 (log), §2.4 (sector bitmap), 
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vhdx.bat import ceil_div
-from vhdx.errors import InvalidRequestError, VhdxError
+from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.header import HeaderSet, write_both_headers, write_header_update
 from vhdx.io import ImageIO, Overlay
@@ -72,6 +73,25 @@ def end_of_structures(image: VhdxImage) -> int:
     return ceil_div(max(ends), c.ALIGNMENT) * c.ALIGNMENT
 
 
+def refuse_if_dependents(image: VhdxImage) -> None:
+    """Like Hyper-V, refuse to change the data of a disk that differencing disks depend on.
+
+    The new DataWriteGuid would match no child's parent linkage, so they would refuse to open (and reading
+    them over the changed parent would be wrong anyway). Looks in the file's folder and the search folders.
+    """
+    from vhdx.merge import find_dependents  # the folder scan merge uses (metadata only)
+
+    path = image.path
+    if not os.path.isfile(path):
+        return  # a stream without a folder
+    folders = [os.path.dirname(os.path.abspath(path)), *image.options.search_dirs]
+    children = find_dependents(list(dict.fromkeys(folders)), [path]).get(image.data_write_guid, [])
+    if children:
+        raise DependentsError(f"{', '.join(children)} depend{'s' if len(children) == 1 else ''} on this disk and "
+                              "would no longer open after a write; writing it anyway needs force (--force)",
+                              path=path, dependents=children)
+
+
 class Writer:
     """Write state of one image opened for writing."""
 
@@ -102,6 +122,8 @@ class Writer:
         image = self.image
         if self.session_started and (self.data_guid_changed or not changes_data):
             return
+        if changes_data and not image.options.force:
+            refuse_if_dependents(image)
         current = image.headers.current
         fresh = (data_write_guid or self.new_guid()) if changes_data else current.data_write_guid
         new = replace(current, data_write_guid=fresh)
