@@ -169,6 +169,8 @@ cli.lazy_commands.update({
     "hyperv": "vhdx_cli.hyperv:hyperv",
     "bench": "vhdx_cli.bench_cmds:bench",
     "fixture": "vhdx_cli.fixture_cmds:fixture",
+    "resize": "vhdx_cli.resize_cmds:resize",
+    "compact": "vhdx_cli.resize_cmds:compact",
 })
 
 

@@ -341,7 +341,8 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
         dry_run: report what would be released, change nothing.
         force: compact a disk that other disks depend on (their data stays valid: the DataWriteGuid is kept).
         resume: finish an interrupted compaction (its mode comes from the record).
-        parent, search_dirs: how to find the parent chain of a differencing disk.
+        parent: the parent of a differencing disk, overriding its locator.
+        search_dirs: more folders to look for parents (and for children) in.
         opener: opens the file for writing (tests inject faults through it).
         progress: called with counts of work done.
     """

@@ -130,10 +130,12 @@ def _grow(image: VhdxImage, size: int, result: ResizeResult) -> None:
     old, bat = image.geometry, image.bat
     bs = old.block_size
     new = Geometry(size, bs, old.logical_sector_size, old.has_parent)
-    # Stale bytes past the old end in the old last block would read as data once the disk is larger.
+    # Stale bytes past the old end in the old last block would read as data once the disk is larger (only the
+    # part the new size shows; the rest stays past the end).
     last, tail = old.data_blocks - 1, old.virtual_size % bs
     if tail and bat.allocated_blocks()[last]:
-        image.io.write_at(int(bat.offsets[last]) + tail, bytes(bs - tail))
+        start = int(bat.offsets[last])
+        _zero_file_span(image, start + tail, start + min(bs, size - last * bs))
     entries = np.zeros(new.bat_entries, dtype=BAT_DTYPE)
     entries[: len(bat.entries)] = bat.entries
     region = image.regions.bat
