@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vhdx
+from tests.support.peers import need, read_with_pyvhdi
 from vhdx import layout_journal
 from vhdx.check import check_image
 from vhdx.compact import compact_image
@@ -339,3 +341,53 @@ def test_zero_scan_ignores_bytes_past_the_end_of_the_last_block(tmp_path):
         f.write(b"\xff" * 512)
     assert compact_image(path).zero_blocks_released == 1
     assert np.all(np.frombuffer(read_model_span(path, 3 * MiB + 512), dtype=np.uint8) == 0)
+
+
+# --- peers -------------------------------------------------------------------------------------------------
+def qemu(*args) -> bytes:
+    return subprocess.run(args, check=True, capture_output=True).stdout
+
+
+@pytest.mark.peer
+def test_qemu_img_checks_and_reads_resized_and_compacted_disks(tmp_path):
+    qemu_img = need("qemu-img")
+    path, model = make_disk(tmp_path, "dynamic", 16 * MiB, MiB, 512, [(0, 16 * MiB, 0x31), (3 * MiB, 2 * MiB, 0)])
+    with vhdx.open(path, writable=True) as disk:
+        disk.discard(8 * MiB, 2 * MiB)
+    model[8 * MiB : 10 * MiB] = bytes(2 * MiB)
+    for step in (lambda: resize_image(path, 40 * MiB), lambda: compact_image(path),
+                 lambda: resize_image(path, 11 * MiB + 512, force=True), lambda: compact_image(path)):
+        step()
+        qemu(qemu_img, "check", "-f", "vhdx", path)  # exit status 0: no errors, no leaks
+        raw = tmp_path / "out.raw"
+        qemu(qemu_img, "convert", "-f", "vhdx", "-O", "raw", path, str(raw))
+        with vhdx.open(path) as disk:
+            assert raw.read_bytes() == disk.read(0, disk.virtual_size)
+    assert raw.read_bytes() == bytes(model[: 11 * MiB + 512])
+
+
+@pytest.mark.peer
+def test_qemu_reads_a_disk_whose_bat_grew_in_place(tmp_path):
+    qemu_img, qemu_io = need("qemu-img"), need("qemu-io")
+    path, _ = make_disk(tmp_path, "dynamic", 8 * MiB, MiB, 512, [(0, 8 * MiB, 0x5A)])
+    resize_image(path, 200 * GiB)
+    qemu(qemu_img, "check", "-f", "vhdx", path)
+    out = qemu(qemu_io, "-f", "vhdx", "-r", "-c", "read -P 0x5a 0 8M", "-c", f"read -P 0 {200 * GiB - 8 * MiB} 8M",
+               path)
+    assert b"Pattern verification failed" not in out
+
+
+@pytest.mark.peer
+def test_libvhdi_reads_a_compacted_child_like_we_do(tmp_path):
+    base, _ = make_disk(tmp_path, "dynamic", 8 * MiB, MiB, 512, [(0, 3 * MiB, 0x77)])
+    child = str(tmp_path / "child.avhdx")
+    create(child, parent=base, block_size=MiB)
+    with vhdx.open(child, writable=True) as disk:
+        disk.write(0, bytes(MiB))
+        disk.write(4 * MiB, bytes(2 * MiB))
+        disk.write(7 * MiB, b"\x09" * MiB)
+        disk.discard(6 * MiB, MiB)
+    compact_image(child)
+    with vhdx.open(child) as disk:
+        ours = disk.read(0, disk.virtual_size)
+    assert read_with_pyvhdi([child, base], 8 * MiB) == ours

@@ -362,7 +362,7 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
             raise UnsupportedError("a fixed disk keeps every block allocated; make a dynamic copy with "
                                    "`vhdx convert --type dynamic` to reclaim space", path=image.path)
         warnings = []
-        deps = dependents_of(image)
+        deps = dependents_of(image, search_dirs)
         if deps and not journal:
             text = f"{', '.join(deps)} depend{'s' if len(deps) == 1 else ''} on this disk"
             if not force and not dry_run:
