@@ -19,6 +19,8 @@ def _mib(n: int | None) -> str:
 @click.option("-s", "--size", type=SIZE, help="New virtual size (K/M/G/T suffixes), a multiple of the sector size.")
 @click.option("--force", is_flag=True,
               help="Cut data past a smaller size; resize a disk that has children (they will no longer open).")
+@click.option("--to-minimum", is_flag=True,
+              help="Shrink to the end of the last partition (MBR/GPT; the GPT backup copy moves to the new end).")
 @click.option("--dry-run", is_flag=True, help="Say what would happen and change nothing.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted resize (its size comes from the record).")
 @click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(file_okay=False),
@@ -26,16 +28,17 @@ def _mib(n: int | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_context
 @handle_errors
-def resize(ctx, disk, size, force, dry_run, resume, search_dirs, as_json):
+def resize(ctx, disk, size, to_minimum, force, dry_run, resume, search_dirs, as_json):
     """Grow or shrink the virtual disk of DISK in place (like Resize-VHD), crash-safe."""
-    if (size is None) == (not resume):
-        raise click.UsageError("give --size, or --resume to finish an interrupted resize")
+    if sum([size is not None, to_minimum, resume]) != 1:
+        raise click.UsageError("give one of --size, --to-minimum, or --resume to finish an interrupted resize")
     as_json = as_json or (ctx.obj is not None and ctx.obj.as_json)
     if not as_json and not resume:
-        click.echo(f"{'would resize' if dry_run else 'resizing'} {disk} to {size} bytes")
+        target = "the end of its last partition" if to_minimum else f"{size} bytes"
+        click.echo(f"{'would resize' if dry_run else 'resizing'} {disk} to {target}")
     progress = Progress(1, "moved blocks")
-    result = resize_image(disk, size, force=force, dry_run=dry_run, resume=resume, search_dirs=search_dirs,
-                          progress=progress)
+    result = resize_image(disk, size, force=force, dry_run=dry_run, resume=resume, to_minimum=to_minimum,
+                          search_dirs=search_dirs, progress=progress)
     progress.finish()
     if as_json:
         render.emit_json({**result.to_json(), "dry_run": dry_run})
@@ -47,7 +50,8 @@ def resize(ctx, disk, size, force, dry_run, resume, search_dirs, as_json):
     if not dry_run:
         click.echo(f"file size {_mib(result.file_size_before)} -> {_mib(result.file_size_after)}; "
                    f"{result.blocks_moved} blocks moved" + ("; BAT moved to the end of the file"
-                                                            if result.bat_relocated else ""))
+                                                            if result.bat_relocated else "")
+                   + ("; GPT backup copy moved to the new end" if result.gpt_backup_moved else ""))
 
 
 @click.command()

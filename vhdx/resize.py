@@ -47,6 +47,7 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.image import VhdxImage
 from vhdx.metadata import read_items
+from vhdx.partitions import move_gpt_backup, read_partition_table
 from vhdx.region import build_region_table
 
 SCAN_STEP = 8 * c.MiB
@@ -63,6 +64,7 @@ class ResizeResult:
     blocks_moved: int = 0
     bat_relocated: bool = False
     bat_grown: bool = False
+    gpt_backup_moved: bool = False
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -77,11 +79,12 @@ def check_new_size(image: VhdxImage, size: int) -> None:
         raise InvalidRequestError(f"the new size {size} exceeds the VHDX maximum ({c.MAX_VIRTUAL_SIZE} bytes)")
 
 
-def nonzero_beyond(image: VhdxImage, size: int) -> tuple[int, int | None]:
-    """(bytes that are not zero past ``size``, first such virtual offset), reading only what the file holds."""
-    if size >= image.virtual_size:
+def nonzero_beyond(image: VhdxImage, size: int, stop: int | None = None) -> tuple[int, int | None]:
+    """(bytes that are not zero in [size, stop), first such virtual offset), reading only what the file holds."""
+    stop = image.virtual_size if stop is None else stop
+    if size >= stop:
         return 0, None
-    ext = image.extents(size, image.virtual_size, through_parents=False)
+    ext = image.extents(size, stop, through_parents=False)
     count, first = 0, None
     buf = np.empty(SCAN_STEP, dtype=np.uint8)
     for start, length, kind, _layer, file_offset in ext.rows():
@@ -95,6 +98,19 @@ def nonzero_beyond(image: VhdxImage, size: int) -> tuple[int, int | None]:
                 count += len(nz)
                 first = start + pos + int(nz[0]) if first is None else first
     return count, first
+
+
+def minimum_size(image: VhdxImage) -> tuple[int, int]:
+    """(smallest size keeping every partition and the GPT backup room, where the data scan past it stops).
+
+    The scan stops before the old backup GPT at the end of a GPT disk: that copy is rewritten at the new end.
+    """
+    table = read_partition_table(image)
+    if table.kind == "none":
+        raise InvalidRequestError("--to-minimum needs a partition table (MBR or GPT) on the virtual disk",
+                                  path=image.path)
+    size = min(max(table.minimum_size, image.logical_sector_size), image.virtual_size)
+    return size, image.virtual_size - table.gpt_backup_bytes
 
 
 def _stage_entries(image: VhdxImage, bat_offset: int, entries: np.ndarray, first: int) -> None:
@@ -222,7 +238,7 @@ def clear_unused_entries(image: VhdxImage, geometry: Geometry) -> None:
 
 
 def resize_image(path, size: int | None = None, *, force: bool = False, dry_run: bool = False,
-                 resume: bool = False, search_dirs=(), opener: Opener | None = None,
+                 resume: bool = False, to_minimum: bool = False, search_dirs=(), opener: Opener | None = None,
                  progress: Progress | None = None) -> ResizeResult:
     """Set the virtual size of a dynamic or fixed disk (see the module docstring).
 
@@ -232,6 +248,7 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
         force: cut data past a smaller size; resize a disk that has children (they will no longer open).
         dry_run: say what would happen, change nothing.
         resume: finish an interrupted resize.
+        to_minimum: shrink to the end of the last partition (MBR or GPT, plus room for the GPT backup copy).
         search_dirs: more folders to look for children in.
         opener: opens the file for writing (tests inject faults through it).
         progress: called with counts of blocks moved.
@@ -239,7 +256,7 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
     journal = pending_journal(path, resume, "resize") if not dry_run else None
     if journal is not None:
         size, force = journal.size, journal.force
-    if size is None:
+    if size is None and not to_minimum:
         raise InvalidRequestError("give the new size")
     if dry_run:
         from vhdx.image import open_image
@@ -251,6 +268,9 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
         if image.has_parent:
             raise UnsupportedError("a differencing disk cannot change size alone: its size must match its parent's "
                                    "(resize the base disk, then merge or recreate the checkpoints)", path=image.path)
+        scan_stop = None
+        if to_minimum:
+            size, scan_stop = minimum_size(image)
         check_new_size(image, size)
         result = ResizeResult(image.path, image.virtual_size, size, image.io.real_size, image.io.real_size)
         deps = dependents_of(image, search_dirs)
@@ -261,7 +281,7 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
                                           f"{'it' if len(deps) == 1 else 'they'} would no longer match "
                                           "(--force accepts that: they will refuse to open)", path=image.path)
             result.warnings.append(f"{text}; they will no longer open (size and DataWriteGuid changed)")
-        cut, first = nonzero_beyond(image, size)
+        cut, first = nonzero_beyond(image, size, scan_stop)
         if cut and not force:
             raise InvalidRequestError(f"{cut} bytes that are not zero lie past the new size (the first at virtual "
                                       f"offset {first}); --force cuts them", path=image.path)
@@ -280,6 +300,9 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
         if size < result.old_size or journal is not None:
             clear_unused_entries(image, image.geometry)  # a shrink interrupted before it cleared them
             result.blocks_moved += pack(image, progress)
+            finish_session(image)
+        if move_gpt_backup(image):
+            result.gpt_backup_moved = True
             finish_session(image)
         result.file_size_after = truncate_to_structures(image)
     lj.remove_journal(path)

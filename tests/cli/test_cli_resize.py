@@ -57,7 +57,7 @@ def test_cli_shrink_over_data_is_one_line_exit_1(tmp_path):
 def test_cli_resize_needs_size_or_resume(tmp_path):
     disk = make(tmp_path)
     result = run("resize", disk)
-    assert result.exit_code == 1 and "--resume" in result.output
+    assert result.exit_code == 1 and "--to-minimum" in result.output
 
 
 def test_cli_compact_reports_released_bytes_and_file_sizes(tmp_path):
