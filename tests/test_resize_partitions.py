@@ -94,3 +94,9 @@ def test_to_minimum_refuses_data_between_the_last_partition_and_the_end(tmp_path
         disk.write(40 * MiB, b"stray")
     with pytest.raises(InvalidRequestError, match="5 bytes that are not zero .* offset 41943040"):
         resize_image(path, to_minimum=True)
+
+
+def test_a_disk_shrunk_below_two_sectors_has_no_gpt_to_move(tmp_path):
+    path = str(tmp_path / "tiny.vhdx")
+    vhdx.create(path, 8 * MiB, block_size=MiB)
+    assert not resize_image(path, 512).gpt_backup_moved

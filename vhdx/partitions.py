@@ -50,6 +50,8 @@ def _gpt_entries_bytes(header) -> int:
 def read_gpt_header(image: VhdxImage, lba: int):
     lss = image.logical_sector_size
     raw = image.read(lba * lss, lss)
+    if len(raw) < lss:
+        return None  # a disk too small to hold one
     header = layouts.GptHeader.parse(raw)
     if header.signature != layouts.GPT_SIGNATURE:
         return None

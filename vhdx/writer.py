@@ -27,7 +27,7 @@ from vhdx.bat import ceil_div
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.header import HeaderSet, write_both_headers, write_header_update
-from vhdx.io import ImageIO, Overlay
+from vhdx.io import ImageIO, Overlay, copy_range
 from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors, plan_replay
 
 if TYPE_CHECKING:
@@ -420,13 +420,13 @@ class Writer:
         self.commit()
 
     def _copy_spans(self, sources: np.ndarray, targets: np.ndarray, length: int) -> None:
-        buf = bytearray(length)
-        view = memoryview(buf)
         for src, dst in zip(sources.tolist(), targets.tolist(), strict=True):
             # A short last block (the file ends inside it) copies what the file holds.
             n = max(0, min(length, self.io.real_size - src))
-            self.io.readinto_at(src, view[:n])
-            self.io.write_at(dst, view[:n])
+            if self.io.fd is not None:
+                copy_range(self.io, src, self.io.fd, dst, n)  # in the kernel where it can
+            else:
+                self.io.write_at(dst, self.io.read_at(src, n))
         self.io.flush()
 
     # --- metadata region ----------------------------------------------------------------------------
