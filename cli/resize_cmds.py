@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from vhdx.compact import MODES, compact_image
@@ -36,7 +38,7 @@ def resize(ctx, disk, size, to_minimum, force, dry_run, resume, search_dirs, as_
     if not as_json and not resume:
         target = "the end of its last partition" if to_minimum else f"{size} bytes"
         click.echo(f"{'would resize' if dry_run else 'resizing'} {disk} to {target}")
-    progress = Progress(1, "moved blocks")
+    progress = Progress(os.path.getsize(disk), "resize: bytes moved")
     result = resize_image(disk, size, force=force, dry_run=dry_run, resume=resume, to_minimum=to_minimum,
                           search_dirs=search_dirs, progress=progress)
     progress.finish()
@@ -72,7 +74,7 @@ def compact(ctx, disk, mode, dry_run, force, resume, parent, search_dirs, as_jso
     as_json = as_json or (ctx.obj is not None and ctx.obj.as_json)
     if not as_json:
         click.echo(f"{'would compact' if dry_run else 'compacting'} {disk} ({'resumed' if resume else mode})")
-    progress = Progress(1, "compact")
+    progress = Progress(os.path.getsize(disk), "compact: bytes scanned, then moved")
     result = compact_image(disk, mode, dry_run=dry_run, force=force, resume=resume, parent=parent,
                            search_dirs=search_dirs, progress=progress)
     progress.finish()

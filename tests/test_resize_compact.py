@@ -391,3 +391,13 @@ def test_libvhdi_reads_a_compacted_child_like_we_do(tmp_path):
     with vhdx.open(child) as disk:
         ours = disk.read(0, disk.virtual_size)
     assert read_with_pyvhdi([child, base], 8 * MiB) == ours
+
+
+def test_compact_reports_progress_in_bytes_scanned_then_moved(tmp_path):
+    path, _ = make_disk(tmp_path, "dynamic", 8 * MiB, MiB, 512, [(0, 8 * MiB, 1)])
+    with vhdx.open(path, writable=True) as disk:
+        disk.write(0, bytes(2 * MiB))
+    seen = []
+    result = compact_image(path, progress=seen.append)
+    assert seen[0] > 0 and 8 * MiB in seen  # the zero scan covered all 8 present blocks
+    assert seen[-1] == result.blocks_moved * MiB == 2 * MiB

@@ -161,11 +161,14 @@ def _moves(offsets: np.ndarray, slots: np.ndarray) -> int:
 
 
 def pack(image: VhdxImage, progress: Progress | None = None) -> int:
-    """Move payload blocks, then sector bitmap blocks, down into holes until none fits; returns the moves."""
+    """Move payload blocks, then sector bitmap blocks, down into holes until none fits; returns the moves.
+
+    ``progress`` is called with the bytes moved so far.
+    """
     writer = image.writer
     bat = image.bat
     bs = image.block_size
-    moved = 0
+    moved = moved_bytes = 0
     for size, items, offsets_of, move in (
         (bs, lambda: np.flatnonzero(bat.allocated_blocks()), lambda i: bat.offsets[i], writer.move_blocks),
         (c.SECTOR_BITMAP_BLOCK_SIZE, lambda: np.flatnonzero(bat.bitmap_states == c.SbState.PRESENT),
@@ -186,8 +189,9 @@ def pack(image: VhdxImage, progress: Progress | None = None) -> int:
                 j = min(i + per_commit, n)
                 move(ids[i:j], slots[i:j])
                 moved += j - i
+                moved_bytes += (j - i) * size
                 if progress:
-                    progress(moved)
+                    progress(moved_bytes)
     return moved
 
 
