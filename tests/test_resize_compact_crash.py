@@ -55,11 +55,40 @@ def compact_full(path, opener=None, resume=False):
     compact_image(path, "full", opener=opener, resume=resume)
 
 
-SCENARIOS = {"grow-past-bat": grow_past_bat, "shrink": shrink, "compact": compact_full}
+def fixed_disk(folder) -> str:
+    path = str(folder / "disk.vhdx")
+    create(path, 6 * MiB + 512, type="fixed", block_size=MiB)
+    with vhdx.open(path, writable=True) as disk:
+        disk.write(0, b"\x5f" * (6 * MiB + 512))
+    return path
 
 
-def count_operations(folder, action) -> int:
-    path = holey_disk(folder)
+def child_disk(folder) -> str:
+    """A differencing disk over a base with data: zero blocks over parent data stay, over parent zeros go."""
+    base = str(folder / "base.vhdx")
+    create(base, 8 * MiB, block_size=MiB)
+    with vhdx.open(base, writable=True) as disk:
+        disk.write(0, b"\x61" * (2 * MiB))
+    path = str(folder / "disk.vhdx")
+    create(path, parent=base, block_size=MiB)
+    with vhdx.open(path, writable=True) as disk:
+        for i in range(8):
+            disk.write(i * MiB, bytes(MiB) if i in (1, 3, 4) else bytes([i + 7]) * MiB)
+        disk.write(7 * MiB + 4096, b"\x01" * 512)
+    return path
+
+
+def grow_fixed(path, opener=None, resume=False):
+    resize_image(path, None if resume else 11 * MiB, opener=opener, resume=resume)
+
+
+SCENARIOS = {"grow-past-bat": (holey_disk, grow_past_bat), "shrink": (holey_disk, shrink),
+             "compact": (holey_disk, compact_full), "grow-fixed": (fixed_disk, grow_fixed),
+             "compact-child": (child_disk, compact_full)}
+
+
+def count_operations(folder, make, action) -> int:
+    path = make(folder)
     ios = []
 
     def opener(p):
@@ -73,17 +102,17 @@ def count_operations(folder, action) -> int:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_crash_at_every_operation_reads_old_or_new_and_resume_finishes(tmp_path, scenario):
-    action = SCENARIOS[scenario]
+    make, action = SCENARIOS[scenario]
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    count = count_operations(ref_dir, action)
+    count = count_operations(ref_dir, make, action)
     new = read_head(str(ref_dir / "disk.vhdx"))
     pristine_dir = tmp_path / "pristine"
     pristine_dir.mkdir()
-    old = read_head(holey_disk(pristine_dir))
+    old = read_head(make(pristine_dir))
     assert count > 5
     # A compaction reads the same bytes before and after; what changes is the file's size.
-    assert (old == new) == (scenario == "compact")
+    assert (old == new) == scenario.startswith("compact")
     new_file_size = os.path.getsize(ref_dir / "disk.vhdx")
     seen_new = set()
     for crash_at in range(count):
@@ -101,7 +130,7 @@ def test_crash_at_every_operation_reads_old_or_new_and_resume_finishes(tmp_path,
         action(path, resume=True)
         assert read_head(path) == new, f"resume after a crash at operation {crash_at}"
         assert os.path.getsize(path) == new_file_size
-        report = check_image(path)
+        report = check_image(path, chain=True)
         assert report.exit_code == 0, (crash_at, [str(f) for f in report.all_findings])
         assert not os.path.exists(layout_journal.journal_path(path))
         shutil.rmtree(work)
