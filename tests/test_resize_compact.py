@@ -401,3 +401,24 @@ def test_compact_reports_progress_in_bytes_scanned_then_moved(tmp_path):
     result = compact_image(path, progress=seen.append)
     assert seen[0] > 0 and 8 * MiB in seen  # the zero scan covered all 8 present blocks
     assert seen[-1] == result.blocks_moved * MiB == 2 * MiB
+
+
+@pytest.mark.peer
+def test_grow_a_qemu_disk_moves_the_metadata_region_that_follows_its_bat(tmp_path):
+    qemu_img, qemu_io = need("qemu-img"), need("qemu-io")
+    path = str(tmp_path / "q.vhdx")
+    qemu(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "64M")  # BAT at 2 MiB, metadata at 3
+    qemu(qemu_io, "-f", "vhdx", "-c", "write -P 0x6b 0 5M", "-c", "write -P 0x6c 60M 4M", path)
+    with vhdx.open(path) as disk:
+        expected = disk.read(0, 64 * MiB)
+    leaked = check_image(path).leaked_bytes  # QEMU leaves 4 MiB unreferenced after its first data block
+    result = resize_image(path, 200 * GiB)
+    assert result.bat_grown and result.metadata_moved and not result.bat_relocated
+    assert reads_zeros_past(path, 64 * MiB)
+    with vhdx.open(path) as disk:
+        assert disk.read(0, 64 * MiB) == expected and disk.virtual_size == 200 * GiB
+    report = check_image(path)
+    assert not report.errors and report.leaked_bytes == leaked, [str(f) for f in report.all_findings]
+    qemu(qemu_img, "check", "-f", "vhdx", path)
+    out = qemu(qemu_io, "-f", "vhdx", "-r", "-c", "read -P 0x6c 60M 4M", "-c", f"read -P 0 {100 * GiB} 1M", path)
+    assert b"Pattern verification failed" not in out

@@ -48,8 +48,13 @@ Progress = Callable[[int], None]
 
 
 # --- opening and refusing ------------------------------------------------------------------------------
-def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_dirs=()) -> VhdxImage:
-    """Open a disk for a layout change: writer lock first, then refuse a dirty log instead of replaying it."""
+def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_dirs=(),
+                    resume: bool = False) -> VhdxImage:
+    """Open a disk for a layout change: writer lock first, then refuse a dirty log instead of replaying it.
+
+    When resuming our own interrupted operation the log is ours: it is replayed, and space the operation had
+    appended but not yet referenced when it stopped is cut off the end of the file.
+    """
     io = opener(os.fspath(path)) if opener else ImageIO.open(path, writable=True)
     try:
         header = load_headers(io).current
@@ -57,7 +62,7 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
     except VhdxError as exc:
         io.close()
         raise exc.with_path(io.path) from None
-    if log.is_dirty:
+    if log.is_dirty and not resume:
         io.close()
         raise VhdxError("the log holds updates not yet applied; run `vhdx repair` first", structure="Log",
                         offset=header.log_offset, path=io.path)
@@ -65,7 +70,10 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
 
     options = OpenOptions(parent=os.fspath(parent) if parent else None,
                           search_dirs=tuple(os.fspath(d) for d in search_dirs))
-    return VhdxImage(io, options)
+    image = VhdxImage(io, options)
+    if resume:
+        truncate_to_structures(image)
+    return image
 
 
 def dependents_of(image: VhdxImage, search_dirs=()) -> list[str]:
@@ -360,7 +368,7 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
 
         image = open_image(path, parent=parent, search_dirs=search_dirs)
     else:
-        image = open_for_layout(path, opener, parent=parent, search_dirs=search_dirs)
+        image = open_for_layout(path, opener, parent=parent, search_dirs=search_dirs, resume=journal is not None)
     with image:
         if image.disk_type == c.DiskType.FIXED:
             raise UnsupportedError("a fixed disk keeps every block allocated; make a dynamic copy with "

@@ -64,6 +64,7 @@ class ResizeResult:
     blocks_moved: int = 0
     bat_relocated: bool = False
     bat_grown: bool = False
+    metadata_moved: bool = False
     gpt_backup_moved: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -152,14 +153,17 @@ def _grow(image: VhdxImage, size: int, result: ResizeResult) -> None:
     if tail and bat.allocated_blocks()[last]:
         start = int(bat.offsets[last])
         _zero_file_span(image, start + tail, start + min(bs, size - last * bs))
-    entries = np.zeros(new.bat_entries, dtype=BAT_DTYPE)
-    entries[: len(bat.entries)] = bat.entries
     region = image.regions.bat
     bat_offset, bat_length = region.file_offset, region.length
     need = ceil_div(new.bat_entries * c.BAT_ENTRY_SIZE, GRANULE) * GRANULE
     if need > region.length:
         result.bat_grown = True
         bat_offset, bat_length = _make_room_for_bat(image, need, result)
+        # That ended a session (structures moved): start the next one from the file as it is now.
+        writer, bat, region = image.writer, image.bat, image.regions.bat
+        writer.begin(changes_data=True)
+    entries = np.zeros(new.bat_entries, dtype=BAT_DTYPE)
+    entries[: len(bat.entries)] = bat.entries
     if image.params.leave_block_allocated:
         blocks = np.arange(old.data_blocks, new.data_blocks, dtype=np.int64)
         if len(blocks):
@@ -178,16 +182,28 @@ def _grow(image: VhdxImage, size: int, result: ResizeResult) -> None:
 
 
 def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tuple[int, int]:
-    """Where a BAT of ``need`` bytes goes: grown in place (blocks in the way moved out) or at the end of the file."""
+    """Where a BAT of ``need`` bytes goes: grown in place or, when the log is in the way, at the end of the file.
+
+    Growing in place moves what lies where the BAT grows to the end of the file: payload and sector bitmap blocks
+    (``move_blocks``), and the metadata region (QEMU puts it right after the BAT): copied, then the region tables
+    switched through the log. Ends the writer session (the caller starts a new one).
+    """
     writer, bat = image.writer, image.bat
-    region = image.regions.bat
+    region, meta = image.regions.bat, image.regions.metadata
     lo, hi = region.file_offset, region.file_offset + need
     header = image.headers.current
+
+    def in_the_way(start: int, length: int) -> bool:
+        return start < hi and lo < start + length
+
     fixed = [(header.log_offset, header.log_length), (0, c.HEADER_SECTION_SIZE)]
-    fixed += [(r.file_offset, r.length) for r in image.regions.entries if r.guid != c.BAT_REGION_GUID]
-    if any(start < hi and lo < start + length for start, length in fixed):
+    fixed += [(r.file_offset, r.length) for r in image.regions.entries if r.guid not in c.KNOWN_REGIONS]
+    if any(in_the_way(start, length) for start, length in fixed):
         result.bat_relocated = True
-        return writer.allocate(need), need
+        offset = writer.allocate(need)
+        writer.commit()
+        return offset, need
+    move_meta = in_the_way(meta.file_offset, meta.length)
     bs = image.block_size
     held = bat.allocated_blocks() | (np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0))
     in_way = held & (bat.offsets < hi) & (bat.offsets + bs > lo)
@@ -195,7 +211,8 @@ def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tup
                  & (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > lo))
     # The region takes all the space it frees, so no hole is left behind.
     end = max([hi, *(bat.offsets[in_way] + bs).tolist(),
-               *(bat.bitmap_offsets[sb_in_way] + c.SECTOR_BITMAP_BLOCK_SIZE).tolist()])
+               *(bat.bitmap_offsets[sb_in_way] + c.SECTOR_BITMAP_BLOCK_SIZE).tolist(),
+               meta.end if move_meta else hi])
     writer.reserve_until(end)
     blocks = np.flatnonzero(in_way & bat.allocated_blocks())
     if len(blocks):
@@ -209,7 +226,20 @@ def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tup
         writer.set_payload(kept[states == state], state, 0)
     writer.commit()
     result.blocks_moved += len(blocks) + len(chunks)
-    # The space is unreferenced now: clear it (old block bytes) before the BAT takes it.
+    if move_meta:
+        result.metadata_moved = True
+        new_meta = writer.allocate(meta.length)
+        image.io.write_at(new_meta, image.io.read_at(meta.file_offset, meta.length))  # fresh space: no log needed
+        writer._extend_file()
+        image.io.flush()  # the copy is durable before the region tables name it
+        entries = [replace(e, file_offset=new_meta) if e.guid == c.METADATA_REGION_GUID else e
+                   for e in image.regions.entries]
+        table = build_region_table(entries)
+        for offset in c.REGION_TABLE_OFFSETS:
+            writer.stage_changed(offset, table)
+        writer.commit()
+    finish_session(image)
+    # The space is unreferenced now: clear it (old block and metadata bytes) before the BAT takes it.
     if image.io.real_size < end:
         image.io.truncate(end)
     _zero_file_span(image, region.end, end)
@@ -263,7 +293,7 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
 
         image = open_image(path)
     else:
-        image = open_for_layout(path, opener)
+        image = open_for_layout(path, opener, resume=journal is not None)
     with image:
         if image.has_parent:
             raise UnsupportedError("a differencing disk cannot change size alone: its size must match its parent's "
