@@ -144,6 +144,34 @@ def test_compact_every_mode_reads_the_model(tmp_path_factory, sector, block, wri
     shutil.rmtree(folder)
 
 
+@given(sector=st.sampled_from([512, 4096]), block=st.sampled_from([MiB, 2 * MiB, 8 * MiB]),
+       base_writes=st.lists(write_st, max_size=4), child_writes=st.lists(write_st, max_size=4),
+       zeros=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 6)), max_size=3),
+       mode=st.sampled_from(["full", "prezeroed", "pretrimmed"]))
+def test_compact_differencing_child_reads_the_chain_model(tmp_path_factory, sector, block, base_writes, child_writes,
+                                                         zeros, mode):
+    folder = tmp_path_factory.mktemp("compact-child")
+    size = 24 * MiB
+    base, model = make_disk(folder, "dynamic", size, MiB, sector, base_writes)
+    child = str(folder / "child.avhdx")
+    create(child, parent=base, block_size=block)
+    with vhdx.open(child, writable=True) as disk:
+        for offset, length, value in child_writes:
+            length = min(length, size - offset)
+            disk.write(offset, bytes([value]) * length)
+            model[offset : offset + length] = bytes([value]) * length
+        for start_mib, length_mib in zeros:
+            start, length = start_mib * MiB, min(length_mib * MiB, size - start_mib * MiB)
+            disk.write(start, bytes(length))
+            model[start : start + length] = bytes(length)
+    result = compact_image(child, mode)
+    assert_reads(child, model)
+    report = check_image(child, chain=True)
+    assert report.exit_code == 0, [str(f) for f in report.all_findings]
+    assert os.path.getsize(child) == result.file_size_after
+    shutil.rmtree(folder)
+
+
 # --- specific behaviours ---------------------------------------------------------------------------------
 def test_grow_past_the_bat_region_moves_the_first_blocks_and_keeps_their_bytes(tmp_path):
     path, model = make_disk(tmp_path, "dynamic", 8 * MiB, MiB, 512, [(0, 8 * MiB, 0x5A)])
