@@ -107,23 +107,30 @@ def map_(ctx, path, as_json, **chain_opts):
               show_default=True, help="Format of DESTINATION.")
 @click.option("-f", "--source-format", "source_format", type=click.Choice(["vhdx", "raw"]),
               help="Format of SOURCE (default: vhdx if it starts with the VHDX signature, else raw).")
-@click.option("--type", "disk_type", type=click.Choice(["dynamic", "fixed"]), default="dynamic", show_default=True,
-              help="Type of a VHDX DESTINATION.")
+@click.option("--type", "disk_type", type=click.Choice(["dynamic", "fixed", "differencing"]), default="dynamic",
+              show_default=True, help="Type of a VHDX DESTINATION (differencing: a child of --parent holding only "
+              "the sectors that differ from it).")
+@click.option("--keep-id", is_flag=True, help="Give a VHDX DESTINATION the source's Virtual Disk ID (Convert-VHD).")
 @click.option("--block-size", type=SIZE, help="Block size of a VHDX DESTINATION (default 32M, or the source's).")
 @click.option("--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
 @click.option("--sync", is_flag=True, help="fsync DESTINATION before it takes its name (default: OS write-back).")
 @chain_options
 @click.pass_context
 @handle_errors
-def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, sync,
+def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
             **chain_opts):
     """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
 
-    To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated.
+    To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated. With
+    --type differencing, --parent names the new disk's parent (SOURCE's own parents are found by its locator).
     """
     if os.path.abspath(source) == os.path.abspath(destination):
         raise click.UsageError("SOURCE and DESTINATION are the same file")
     source_format = source_format or ("vhdx" if is_vhdx_file(source) else "raw")
+    if disk_type == "differencing" or keep_id:
+        _convert_type(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
+                      chain_opts)
+        return
     if source_format == "raw":
         if output_format != "vhdx":
             raise click.UsageError("a raw SOURCE converts to -O vhdx")
@@ -139,6 +146,31 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         else:
             flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                     sync=sync)
+        progress.finish()
+        warn_if_being_written(image)
+
+
+def _convert_type(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
+                  chain_opts) -> None:
+    """Convert-VHD's --type differencing and --keep-id (VHDX to VHDX only)."""
+    if output_format != "vhdx" or source_format != "vhdx":
+        raise click.UsageError("--type differencing and --keep-id convert a VHDX SOURCE to -O vhdx")
+    chain_opts = dict(chain_opts)
+    new_parent = None
+    if disk_type == "differencing":
+        new_parent, chain_opts["parent"] = chain_opts["parent"], None
+        if not new_parent:
+            raise click.UsageError("--type differencing needs --parent (the new disk's parent)")
+    with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
+        progress = Progress(image.virtual_size, "convert")
+        if new_parent:
+            from vhdx.convert_type import make_child
+
+            make_child(image, destination, new_parent, block_size=block_size, keep_id=keep_id, overwrite=force,
+                       progress=progress, sync=sync)
+        else:
+            flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
+                    sync=sync, keep_id=keep_id)
         progress.finish()
         warn_if_being_written(image)
 
@@ -171,6 +203,8 @@ cli.lazy_commands.update({
     "fixture": "vhdx_cli.fixture_cmds:fixture",
     "vm": "vhdx_cli.vm_cmds:vm",
     "scan": "vhdx_cli.scan_cmds:scan",
+    "resize": "vhdx_cli.resize_cmds:resize",
+    "compact": "vhdx_cli.resize_cmds:compact",
 })
 
 

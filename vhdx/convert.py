@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vhdx.create import create
+from vhdx.create import CreateIds, create
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind
 from vhdx.image import VhdxImage, open_image
@@ -115,8 +115,12 @@ def import_raw(source, destination, *, type: str = "dynamic", block_size: int | 
 
 
 def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
-            overwrite: bool = False, progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
-    """Write the whole chain seen through ``image`` as a new standalone disk; the chain is not touched."""
+            overwrite: bool = False, progress: Callable[[int], None] | None = None, sync: bool = False,
+            keep_id: bool = False) -> int:
+    """Write the whole chain seen through ``image`` as a new standalone disk; the chain is not touched.
+
+    ``keep_id`` gives the new disk the source's Virtual Disk ID (Convert-VHD keeps it; by default a new one).
+    """
     destination = os.fspath(destination)
     if any(os.path.abspath(layer.path) == os.path.abspath(destination) for layer in image.layers):
         raise InvalidRequestError("the destination is part of the chain")
@@ -131,5 +135,6 @@ def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size:
     return _build(destination, overwrite,
                   lambda tmp: create(tmp, image.virtual_size, type=type, block_size=block_size or image.block_size,
                                      logical_sector_size=image.logical_sector_size,
-                                     physical_sector_size=image.physical_sector_size, overwrite=True),
+                                     physical_sector_size=image.physical_sector_size, overwrite=True,
+                                     ids=CreateIds(disk_id=image.disk_id) if keep_id else None),
                   lambda target: _fill(target, ranges(), image.readinto, progress), sync)

@@ -28,7 +28,7 @@ from vhdx.bat import ceil_div
 from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.header import HeaderSet, write_both_headers, write_header_update
-from vhdx.io import ImageIO, Overlay
+from vhdx.io import ImageIO, Overlay, copy_range
 from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors, plan_replay
 
 if TYPE_CHECKING:
@@ -401,6 +401,59 @@ class Writer:
         self.set_payload(blocks, c.BatState.UNMAPPED, self.image.bat.offsets[blocks])
         ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
         return int((ends - blocks * g.block_size).sum())
+
+    # --- layout changes (resize, compact) -----------------------------------------------------------
+    def stage_changed(self, file_offset: int, data: bytes) -> None:
+        """Like ``stage``, but only the 4 KiB sectors whose bytes differ from what reads there now."""
+        first = file_offset // SECTOR * SECTOR
+        end = file_offset + len(data)
+        current = self.io.read_at(first, ceil_div(end, SECTOR) * SECTOR - first)
+        wanted = bytearray(current)
+        wanted[file_offset - first : end - first] = data
+        for off in range(0, len(wanted), SECTOR):
+            if wanted[off : off + SECTOR] != current[off : off + SECTOR]:
+                self.stage(first + off, bytes(wanted[off : off + SECTOR]))
+
+    def reserve_until(self, offset: int) -> None:
+        """Make later allocations start at or after ``offset`` (space a structure is about to take)."""
+        aligned = ceil_div(offset, c.ALIGNMENT) * c.ALIGNMENT
+        self._next_free = max(self._next_free or self._end_of_structures(), aligned)
+
+    def move_blocks(self, blocks, new_offsets) -> None:
+        """Copy payload blocks to free file space, flush, then switch their BAT entries there (committed).
+
+        The old space is neither changed nor reused before the commit is durable, so a crash leaves either the
+        old or the new mapping, both reading the same bytes.
+        """
+        bat = self.image.bat
+        blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
+        new_offsets = np.atleast_1d(np.asarray(new_offsets, dtype=np.int64))
+        self._copy_spans(bat.offsets[blocks], new_offsets, self.image.block_size)
+        states = bat.states[blocks]
+        for state in np.unique(states).tolist():
+            sel = states == state
+            self.set_payload(blocks[sel], state, new_offsets[sel])
+        self.commit()
+
+    def move_bitmaps(self, chunks, new_offsets) -> None:
+        """Like ``move_blocks`` for sector bitmap blocks."""
+        bat = self.image.bat
+        chunks = np.atleast_1d(np.asarray(chunks, dtype=np.int64))
+        new_offsets = np.atleast_1d(np.asarray(new_offsets, dtype=np.int64))
+        self._copy_spans(bat.bitmap_offsets[chunks], new_offsets, c.SECTOR_BITMAP_BLOCK_SIZE)
+        for chunk, offset in zip(chunks.tolist(), new_offsets.tolist(), strict=True):
+            self.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
+        self.commit()
+
+    def _copy_spans(self, sources: np.ndarray, targets: np.ndarray, length: int) -> None:
+        for src, dst in zip(sources.tolist(), targets.tolist(), strict=True):
+            # A short last block (the file ends inside it) copies what the file holds.
+            n = max(0, min(length, self.io.real_size - src))
+            if self.io.fd is not None:
+                copy_range(self.io, src, self.io.fd, dst, n)  # in the kernel where it can
+            else:
+                self.io.write_at(dst, self.io.read_at(src, n))
+        self.io.flush()
 
     # --- metadata region ----------------------------------------------------------------------------
     def rewrite_metadata(self, items) -> None:

@@ -1,0 +1,95 @@
+"""Convert-VHD to a differencing disk: a new child of a given parent holding only the sectors that differ from it.
+
+The source (any disk or chain) and the parent are compared sector by sector over every range where either of them
+holds data (elsewhere both read zeros); sectors that differ are written to the child, which reads the source's bytes
+through the parent afterwards. The child is built as ``<destination>.part`` and renamed at the end (as ``flatten``).
+
+References: [MS-VHDX] §2.4 (sector bitmaps of differencing disks), §2.6.2.6 (parent locator).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from vhdx.convert import _build, _true_runs
+from vhdx.create import CreateIds, create
+from vhdx.errors import InvalidRequestError
+from vhdx.extents import ExtentKind
+from vhdx.image import VhdxImage, open_image
+
+STEP = 8 * 1024 * 1024
+
+
+def data_runs(*images: VhdxImage) -> list[tuple[int, int]]:
+    """(start, end) of the merged ranges where any of ``images`` (through their chains) holds data."""
+    starts, ends = [], []
+    for image in images:
+        ext = image.extents()
+        data = ext.kind == ExtentKind.DATA
+        starts.append(ext.start[data])
+        ends.append(ext.end[data])
+    start, end = np.concatenate(starts), np.concatenate(ends)
+    if not len(start):
+        return []
+    order = np.argsort(start, kind="stable")
+    start, end = start[order], np.maximum.accumulate(end[order])
+    new_run = np.concatenate(([True], start[1:] > end[:-1]))
+    first = np.flatnonzero(new_run)
+    last = np.concatenate((first[1:], [len(start)])) - 1
+    return list(zip(start[first].tolist(), end[last].tolist(), strict=True))
+
+
+def differing_sectors(ours: np.ndarray, theirs: np.ndarray, sector: int) -> np.ndarray:
+    """Mask of the sectors (rows of ``sector`` bytes) in which the two buffers differ."""
+    return (ours.reshape(-1, sector) != theirs.reshape(-1, sector)).any(axis=1)
+
+
+def make_child(image: VhdxImage, destination, parent, *, block_size: int | None = None, keep_id: bool = False,
+               overwrite: bool = False, progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
+    """Write ``image``'s virtual disk as a new child of ``parent`` holding only what differs; returns bytes written.
+
+    ``keep_id`` gives the child the source's Virtual Disk ID (otherwise it takes the parent's, as Hyper-V does).
+    """
+    destination, parent = os.fspath(destination), os.fspath(parent)
+    if any(os.path.abspath(layer.path) == os.path.abspath(destination) for layer in image.layers):
+        raise InvalidRequestError("the destination is part of the source's chain")
+    if os.path.abspath(parent) == os.path.abspath(destination):
+        raise InvalidRequestError("the destination cannot be its own parent")
+    with open_image(parent) as base:
+        if base.logical_sector_size != image.logical_sector_size:
+            raise InvalidRequestError(f"the parent has {base.logical_sector_size}-byte sectors, the source "
+                                      f"{image.logical_sector_size}-byte ones: a child must match its parent")
+        if base.virtual_size > image.virtual_size:
+            raise InvalidRequestError(f"the parent ({base.virtual_size} bytes) is larger than the source "
+                                      f"({image.virtual_size}); a child cannot be smaller than its parent")
+    ids = CreateIds(disk_id=image.disk_id) if keep_id else None
+
+    def make(tmp: str) -> None:
+        create(tmp, image.virtual_size, parent=parent, block_size=block_size, ids=ids, overwrite=True)
+
+    def fill(target: VhdxImage) -> int:
+        base = target.parent
+        lss = image.logical_sector_size
+        ours, theirs = bytearray(STEP), bytearray(STEP)
+        written = 0
+        for start, end in data_runs(image, base):
+            for pos in range(start, end, STEP):
+                n = min(STEP, end - pos)
+                image.readinto(pos, memoryview(ours)[:n])
+                theirs_view = memoryview(theirs)[:n]
+                got = base.readinto(pos, theirs_view) if pos < base.virtual_size else 0
+                theirs_view[got:] = bytes(n - got)  # past the parent's end the child alone supplies bytes
+                mask = differing_sectors(np.frombuffer(ours, np.uint8)[:n], np.frombuffer(theirs, np.uint8)[:n],
+                                         lss)
+                cuts = np.arange(len(mask)) * lss
+                for lo, hi in _true_runs(mask, cuts, cuts + lss):
+                    target.write(pos + lo, memoryview(ours)[lo:hi])
+                    written += hi - lo
+                if progress:
+                    progress(pos + n)
+        return written
+
+    return _build(destination, overwrite, make, fill, sync)
