@@ -68,8 +68,10 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
                         offset=header.log_offset, path=io.path)
     from vhdx.chain import OpenOptions
 
+    # force: resize and compact look for dependents themselves (before any change, with their own wording), so
+    # the writer's first-write refusal must not fire again once the caller has accepted them.
     options = OpenOptions(parent=os.fspath(parent) if parent else None,
-                          search_dirs=tuple(os.fspath(d) for d in search_dirs))
+                          search_dirs=tuple(os.fspath(d) for d in search_dirs), force=True)
     image = VhdxImage(io, options)
     if resume:
         truncate_to_structures(image)
