@@ -136,11 +136,19 @@ def warn_if_being_written(image) -> None:
     """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
     for layer in image.layers_opened():
         if layer.io.writer_lock_held():
-            click.echo(f"vhdx: warning: {layer.path} is open for writing by another process; "
-                       "what is read may change while it is read", err=True)
+            warn_in_use(layer.path)
         if layer.log.needs_replay:
-            click.echo(f"vhdx: warning: {layer.path} has a dirty log; reading it replayed in memory "
-                       "(the file is not changed)", err=True)
+            warn_replayed(layer.path)
+
+
+def warn_in_use(path: str) -> None:
+    click.echo(f"vhdx: warning: {path} is open for writing by another process; "
+               "what is read may change while it is read", err=True)
+
+
+def warn_replayed(path: str) -> None:
+    click.echo(f"vhdx: warning: {path} has a dirty log; reading it replayed in memory "
+               "(the file is not changed)", err=True)
 
 
 class Progress:

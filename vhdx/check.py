@@ -153,6 +153,7 @@ class CheckContext:
     # 1 MiB granules of the file that some structure references (leak map), made on first use.
     space: np.ndarray | None = None
     leaked_bytes: int = 0
+    in_use: bool = False  # another process has the file open for writing (what it is changing may look odd)
     _counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -277,6 +278,10 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> CheckReport
         return CheckReport(io.path, tuple(ctx.findings), checked=False, file_size=io.real_size,
                            error=ctx.findings[-1].message)
     parents: tuple[CheckReport, ...] = ()
+    ctx.in_use = not io.writable and io.writer_lock_held()
+    if ctx.in_use:
+        ctx.add(Severity.WARNING, "IN_USE", "File", None,
+                "another process has the file open for writing; findings may be transient")
     _check_headers(ctx)
     _check_log(ctx)
     _check_region_tables(ctx)
@@ -395,10 +400,15 @@ def _check_log(ctx: CheckContext) -> None:
     if log.problem:
         ctx.add(Severity.ERROR, "LOG_TRUNCATED", "Log", where + head.log_offset, log.problem)
         return
-    ctx.add(Severity.ERROR, "LOG_DIRTY", "Log", where + log.sequence[0].log_offset,
-            f"{len(log.sequence)} log entr{'y' if len(log.sequence) == 1 else 'ies'} (sequence "
-            f"{log.sequence[0].sequence_number}..{head.sequence_number}) must be replayed; structures below are "
-            "checked as replayed", repairable=True)
+    entries = (f"{len(log.sequence)} log entr{'y' if len(log.sequence) == 1 else 'ies'} (sequence "
+               f"{log.sequence[0].sequence_number}..{head.sequence_number})")
+    if ctx.in_use:
+        # A live writer's log is how it works, not damage: it empties the log when it closes the file.
+        ctx.add(Severity.INFO, "LOG_IN_USE", "Log", where + log.sequence[0].log_offset,
+                f"{entries} of the process writing the file; replayed in memory to check the structures below")
+    else:
+        ctx.add(Severity.ERROR, "LOG_DIRTY", "Log", where + log.sequence[0].log_offset,
+                f"{entries} must be replayed; structures below are checked as replayed", repairable=True)
     ctx.io.overlay = overlay_for(plan_replay(log.sequence))
 
 

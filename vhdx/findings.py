@@ -88,4 +88,6 @@ CODES = {
     "LOG_TORN_ENTRY": "an entry with the current log GUID is incomplete or fails its checksum",
     "LEAKED_SPACE": "file space that no structure references",
     "MERGE_INTERRUPTED": "a merge into this disk was started and not finished",
+    "IN_USE": "another process has the file open for writing: findings may be transient",
+    "LOG_IN_USE": "the log of a writer at work (checked as replayed in memory; not corruption)",
 }
