@@ -108,6 +108,8 @@ def handle_errors(func):
             fail(" ".join(str(exc).split("\n")))
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        except MemoryError:
+            fail("out of memory (the request or the file asks for more than this machine can hold)")
         except KeyboardInterrupt:
             fail("interrupted", 130)
 

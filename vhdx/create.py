@@ -50,6 +50,14 @@ def locator_paths(child_path: str, parent_path: str) -> list[tuple[str, str]]:
     """relative_path and absolute_win32_path entries for a parent, as Hyper-V writes them."""
     child_dir = os.path.dirname(os.path.abspath(child_path))
     parent_abs = os.path.abspath(parent_path)
+    for path in (child_dir, parent_abs):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # The locator holds UTF-16 text; bytes that are not UTF-8 have no faithful spelling there.
+            raw = os.fsencode(path)
+            raise InvalidRequestError(f"the path {raw!r} is not valid UTF-8 and cannot be stored in a parent "
+                                      "locator; rename the file or folder") from None
     rel = os.path.relpath(parent_abs, child_dir).replace(os.sep, "\\")
     if not rel.startswith(".."):
         rel = ".\\" + rel
