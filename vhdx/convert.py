@@ -72,10 +72,11 @@ def _true_runs(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[t
 
 def _build(destination: output.Destination, params, fill, sync: bool = False) -> int:
     """Make a new disk with ``params`` in a temporary, ``fill`` it, and give it the destination's name."""
-    with output.staged(destination) as (tmp, fd):
+    with output.staged(destination) as (_tmp, fd):
         write_new_file(fd, destination.target, params, None, CreateIds(), DEFAULT_CREATOR, c.DEFAULT_LOG_SIZE)
-        # Opened through the descriptor we created, never by name again (the name could be swapped meanwhile).
-        with open_image(ImageIO(fd, None, path=tmp, writable=True, owns=False)) as target:
+        # Opened through the descriptor we created, never by name again (the name could be swapped meanwhile);
+        # errors name the destination, not the temporary the user never saw.
+        with open_image(ImageIO(fd, None, path=destination.target, writable=True, owns=False)) as target:
             # The temporary is thrown away if anything fails: no need to order writes with fsyncs.
             target.io.durable = False
             written = fill(target)

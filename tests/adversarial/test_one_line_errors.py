@@ -78,3 +78,19 @@ def test_a_full_disk_error_names_the_file(tmp_path):
     line = one_line("convert", disk, full, "-O", "raw", "--force")
     assert str(full) in line and "No space left on device" in line
     assert stat.S_ISCHR(os.lstat(full).st_mode)
+
+
+def test_a_full_disk_while_building_a_vhdx_names_the_destination_and_leaves_nothing(tmp_path, monkeypatch):
+    disk = tmp_path / "d.vhdx"
+    vhdx.create(disk, 4 * MiB)
+    with vhdx.open(disk, writable=True) as image:
+        image.write(0, b"\x01" * MiB)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    out = tmp_path / "out.vhdx"
+    line = one_line("convert", disk, out, "-O", "vhdx")
+    assert f"{out}:" in line and "No space left on device" in line
+    assert sorted(os.listdir(tmp_path)) == ["d.vhdx"]
