@@ -7,7 +7,7 @@ import click
 from vhdx.check import check_image
 from vhdx.repair import repair_image
 from vhdx_cli import render
-from vhdx_cli.common import handle_errors
+from vhdx_cli.common import handle_errors, warn_in_use, warn_replayed
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -53,6 +53,12 @@ def check(ctx, path, whole_chain, as_json):
         render.emit_json(report.to_json())
     else:
         click.echo(render.printable_lines(report_lines(report)))
+    for checked in (report, *report.parents):
+        codes = {f.code for f in checked.findings}
+        if "IN_USE" in codes:
+            warn_in_use(checked.path)
+        if codes & {"LOG_DIRTY", "LOG_IN_USE"}:
+            warn_replayed(checked.path)
     ctx.exit(report.exit_code)
 
 

@@ -110,6 +110,8 @@ def handle_errors(func):
             fail(" ".join(str(exc).split("\n")))
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        except MemoryError:
+            fail("out of memory (the request or the file asks for more than this machine can hold)")
         except KeyboardInterrupt:
             fail("interrupted", 130)
 
@@ -138,11 +140,19 @@ def warn_if_being_written(image) -> None:
     """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
     for layer in image.layers_opened():
         if layer.io.writer_lock_held():
-            click.echo(f"vhdx: warning: {printable(layer.path)} is open for writing by another process; "
-                       "what is read may change while it is read", err=True)
+            warn_in_use(layer.path)
         if layer.log.needs_replay:
-            click.echo(f"vhdx: warning: {printable(layer.path)} has a dirty log; reading it replayed in memory "
-                       "(the file is not changed)", err=True)
+            warn_replayed(layer.path)
+
+
+def warn_in_use(path: str) -> None:
+    click.echo(f"vhdx: warning: {printable(path)} is open for writing by another process; "
+               "what is read may change while it is read", err=True)
+
+
+def warn_replayed(path: str) -> None:
+    click.echo(f"vhdx: warning: {printable(path)} has a dirty log; reading it replayed in memory "
+               "(the file is not changed)", err=True)
 
 
 class Progress:

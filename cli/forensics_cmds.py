@@ -15,7 +15,7 @@ from vhdx.forensics.hashing import check_algorithms, hash_disk
 from vhdx.forensics.layers import find_layer
 from vhdx.forensics.slack import find_chain_slack
 from vhdx_cli import render
-from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs
+from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs, warn_if_being_written
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -47,6 +47,7 @@ def diff(ctx, child, ancestor, sectors, algorithm, as_json, **chain_opts):
     (algorithm,) = check_algorithms([algorithm])
     with vhdx.open(child, **open_kwargs(**chain_opts)) as image:
         result = diff_layers(image, ancestor, sectors=sectors, algorithm=algorithm)
+        warn_if_being_written(image)
     if _wants_json(ctx, as_json):
         render.emit_json(result.to_json())
         return
@@ -80,6 +81,7 @@ def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, **chain_opts):
         progress = Progress(image.virtual_size, "hash")
         result = hash_disk(image, algos, piece_size, layer_files=not no_layers, progress=progress)
         progress.finish()
+        warn_if_being_written(image)
     if _wants_json(ctx, as_json):
         render.emit_json(result.to_json())
         return
@@ -110,6 +112,7 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
     """Find space no structure references in PATH and its ancestors (only PATH with --orphan)."""
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         reports = find_chain_slack(image, extract_dir=extract_dir)
+        warn_if_being_written(image)
     if _wants_json(ctx, as_json):
         render.emit_json([r.to_json() for r in reports])
         return
@@ -147,6 +150,7 @@ def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
     with vhdx.open(chain, **opts) as image:
         depth = find_layer(image, at)
         layer_path, size = image.layers[depth].path, image.layers[depth].virtual_size
+        warn_if_being_written(image)
     argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):
@@ -178,6 +182,7 @@ def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
     with vhdx.open(chain, **open_kwargs(**chain_opts)) as image:
         depth = find_layer(image, at)
         layer = image.layers[depth]
+        warn_if_being_written(image)
 
         def ready(file_path: str) -> None:
             if _wants_json(ctx, as_json):

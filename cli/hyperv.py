@@ -42,6 +42,10 @@ class Connection:
         elif self.transport == "psrp":
             if not self.host:
                 raise click.UsageError("--transport psrp needs --host")
+            if not self.ssl and self.auth in ("basic", "certificate"):
+                # WSMan over HTTP can only be encrypted by negotiate, kerberos, ntlm or credssp.
+                raise click.UsageError(f"--auth {self.auth} needs --ssl (over --no-ssl nothing would encrypt the "
+                                       "session); use --ssl or --auth negotiate, kerberos, ntlm or credssp")
             transport = PsrpTransport(self.host, self.user, self.password, port=self.port, ssl=self.ssl,
                                       auth=self.auth, cert_validation=self.verify_cert,
                                       operation_timeout_s=max(1, int(self.timeout_s)))

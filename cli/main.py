@@ -73,6 +73,7 @@ def chain(ctx, path, as_json, **chain_opts):
     """List each layer from PATH down to its base disk, with linkage checks and a timeline."""
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         described = describe_chain(image)
+        warn_if_being_written(image)
     render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.chain_text(described))
     if described.error:
         raise SystemExit(1)

@@ -6,7 +6,7 @@ import click
 
 import vhdx
 from vhdx_cli import render
-from vhdx_cli.common import Progress, handle_errors
+from vhdx_cli.common import Progress, handle_errors, warn_if_being_written
 
 
 def _progress(label: str):
@@ -119,4 +119,5 @@ def flatten(child, out, disk_type, force, search_dirs, sync):
         bar = Progress(image.virtual_size, "flatten")
         written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
+        warn_if_being_written(image)
     click.echo(f"flattened {child} into {out} ({render.human_size(written)} of data)")

@@ -162,6 +162,7 @@ class CheckContext:
     free_bytes: int = 0
     # Payload blocks that own file space (present, or keeping the offset they had): fixed disks owe the rest.
     placed_blocks: int = 0
+    in_use: bool = False  # another process has the file open for writing (what it is changing may look odd)
     _counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -299,6 +300,10 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[Check
                            error=ctx.findings[-1].message), None, visited
     parent_path = None
     visited = (*visited, _identity(io))
+    ctx.in_use = not io.writable and io.writer_lock_held()
+    if ctx.in_use:
+        ctx.add(Severity.WARNING, "IN_USE", "File", None,
+                "another process has the file open for writing; findings may be transient")
     _check_headers(ctx)
     _check_log(ctx)
     _check_region_tables(ctx)
@@ -420,10 +425,15 @@ def _check_log(ctx: CheckContext) -> None:
     if log.problem:
         ctx.add(Severity.ERROR, "LOG_TRUNCATED", "Log", where + head.log_offset, log.problem)
         return
-    ctx.add(Severity.ERROR, "LOG_DIRTY", "Log", where + log.sequence[0].log_offset,
-            f"{len(log.sequence)} log entr{'y' if len(log.sequence) == 1 else 'ies'} (sequence "
-            f"{log.sequence[0].sequence_number}..{head.sequence_number}) must be replayed; structures below are "
-            "checked as replayed", repairable=True)
+    entries = (f"{len(log.sequence)} log entr{'y' if len(log.sequence) == 1 else 'ies'} (sequence "
+               f"{log.sequence[0].sequence_number}..{head.sequence_number})")
+    if ctx.in_use:
+        # A live writer's log is how it works, not damage: it empties the log when it closes the file.
+        ctx.add(Severity.INFO, "LOG_IN_USE", "Log", where + log.sequence[0].log_offset,
+                f"{entries} of the process writing the file; replayed in memory to check the structures below")
+    else:
+        ctx.add(Severity.ERROR, "LOG_DIRTY", "Log", where + log.sequence[0].log_offset,
+                f"{entries} must be replayed; structures below are checked as replayed", repairable=True)
     ctx.io.overlay = overlay_for(plan_replay(log.sequence))
 
 

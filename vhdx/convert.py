@@ -1,7 +1,8 @@
 """Making new standalone VHDX files from other data: a raw image, or a whole chain (flatten).
 
 Only runs that hold data are read; blocks that are all zeros are left unallocated in a dynamic target
-(fixed targets read zeros there already). The target is built as ``<path>.part`` and renamed at the end.
+(fixed targets read zeros there already). The target is built as an exclusive temporary and renamed at the end
+(see ``vhdx.output``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vhdx.create import CreateIds, create
+from vhdx import output
+from vhdx.create import DEFAULT_CREATOR, CreateIds, disk_parameters, write_new_file
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind
+from vhdx.format import constants as c
 from vhdx.image import VhdxImage, open_image
+from vhdx.io import ImageIO
 
 COPY_BLOCK = 8 * 1024 * 1024
 
@@ -66,25 +70,19 @@ def _true_runs(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[t
     return list(zip(starts[first].tolist(), ends[last].tolist(), strict=True))
 
 
-def _build(destination: str, overwrite: bool, make, fill, sync: bool = False) -> int:
-    if os.path.isdir(destination):
-        raise InvalidRequestError(f"{destination} is a directory")
-    if os.path.lexists(destination) and not overwrite:
-        raise InvalidRequestError(f"{destination} exists (use --force to overwrite)")
-    tmp = destination + ".part"
-    try:
-        make(tmp)
-        with open_image(tmp, writable=True) as target:
-            # The `.part` file is thrown away if anything fails: no need to order writes with fsyncs.
+def _build(destination: output.Destination, params, fill, sync: bool = False, ids: CreateIds | None = None) -> int:
+    """Make a new disk with ``params`` in a temporary, ``fill`` it, and give it the destination's name."""
+    with output.staged(destination) as (_tmp, fd):
+        write_new_file(fd, destination.target, params, None, ids or CreateIds(), DEFAULT_CREATOR,
+                       c.DEFAULT_LOG_SIZE)
+        # Opened through the descriptor we created, never by name again (the name could be swapped meanwhile);
+        # errors name the destination, not the temporary the user never saw.
+        with open_image(ImageIO(fd, None, path=destination.target, writable=True, owns=False)) as target:
+            # The temporary is thrown away if anything fails: no need to order writes with fsyncs.
             target.io.durable = False
             written = fill(target)
             target.io.durable = sync
             target.flush()
-        os.replace(tmp, destination)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return written
 
 
@@ -98,18 +96,20 @@ def import_raw(source, destination, *, type: str = "dynamic", block_size: int | 
     except OSError as exc:
         raise VhdxError(f"cannot open: {exc.strerror}", path=source) from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
 
         def readinto(offset, view):
             got = os.preadv(fd, [view], offset)
             if got < len(view):
                 view[got:] = bytes(len(view) - got)
 
-        return _build(destination, overwrite,
-                      lambda tmp: create(tmp, size, type=type, block_size=block_size,
-                                         logical_sector_size=logical_sector_size,
-                                         physical_sector_size=physical_sector_size, overwrite=True),
-                      lambda target: _fill(target, raw_data_ranges(fd, size), readinto, progress), sync)
+        if type not in ("dynamic", "fixed"):
+            raise InvalidRequestError("a raw image converts to a dynamic or fixed disk")
+        params = disk_parameters(size, type, block_size, logical_sector_size, physical_sector_size)
+        target = output.resolve(destination, overwrite=overwrite, sources=[(st.st_dev, st.st_ino)])
+        return _build(target, params, lambda image: _fill(image, raw_data_ranges(fd, size), readinto, progress),
+                      sync)
     finally:
         os.close(fd)
 
@@ -121,20 +121,16 @@ def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size:
 
     ``keep_id`` gives the new disk the source's Virtual Disk ID (Convert-VHD keeps it; by default a new one).
     """
-    destination = os.fspath(destination)
-    if any(os.path.abspath(layer.path) == os.path.abspath(destination) for layer in image.layers):
-        raise InvalidRequestError("the destination is part of the chain")
     if type not in ("dynamic", "fixed"):
         raise InvalidRequestError("flatten makes a dynamic or fixed disk")
+    params = disk_parameters(image.virtual_size, type, block_size or image.block_size, image.logical_sector_size,
+                             image.physical_sector_size)
+    target = output.resolve(destination, overwrite=overwrite, sources=output.chain_identities(image))
 
     def ranges():
         for start, length, kind, _layer, _fo in image.extents().rows():
             if kind == ExtentKind.DATA:
                 yield start, length
 
-    return _build(destination, overwrite,
-                  lambda tmp: create(tmp, image.virtual_size, type=type, block_size=block_size or image.block_size,
-                                     logical_sector_size=image.logical_sector_size,
-                                     physical_sector_size=image.physical_sector_size, overwrite=True,
-                                     ids=CreateIds(disk_id=image.disk_id) if keep_id else None),
-                  lambda target: _fill(target, ranges(), image.readinto, progress), sync)
+    ids = CreateIds(disk_id=image.disk_id) if keep_id else None
+    return _build(target, params, lambda new: _fill(new, ranges(), image.readinto, progress), sync, ids)

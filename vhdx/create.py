@@ -2,7 +2,8 @@
 
 Layout: header section (1 MiB), log at 1 MiB, metadata region after it (1 MiB), BAT after that (rounded up
 to 1 MiB), then payload blocks, every object 1 MiB aligned. Every check runs before the file is created;
-the file is built as ``<path>.part`` and renamed into place, so a failed create leaves nothing behind.
+the file is built as an exclusive temporary and renamed into place (``vhdx.output``), so a failed create
+leaves nothing behind.
 
 References: [MS-VHDX] §2.2 (header section), §2.5 (BAT), §2.6 (metadata), §2.6.2.6 (parent locator);
 Hyper-V defaults: 32 MiB blocks for dynamic/fixed disks, 2 MiB for checkpoints (.avhdx), 4 KiB physical sectors.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vhdx import output
 from vhdx.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
@@ -48,6 +50,14 @@ def locator_paths(child_path: str, parent_path: str) -> list[tuple[str, str]]:
     """relative_path and absolute_win32_path entries for a parent, as Hyper-V writes them."""
     child_dir = os.path.dirname(os.path.abspath(child_path))
     parent_abs = os.path.abspath(parent_path)
+    for path in (child_dir, parent_abs):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # The locator holds UTF-16 text; bytes that are not UTF-8 have no faithful spelling there.
+            raw = os.fsencode(path)
+            raise InvalidRequestError(f"the path {raw!r} is not valid UTF-8 and cannot be stored in a parent "
+                                      "locator; rename the file or folder") from None
     rel = os.path.relpath(parent_abs, child_dir).replace(os.sep, "\\")
     if not rel.startswith(".."):
         rel = ".\\" + rel
@@ -108,10 +118,7 @@ def create(
         raise InvalidRequestError(f"unknown disk type {type!r} (dynamic, fixed or differencing)")
     if type == "differencing" and parent is None:
         raise InvalidRequestError("a differencing disk needs a parent")
-    if os.path.isdir(path):
-        raise InvalidRequestError(f"{path} is a directory")
-    if os.path.lexists(path) and not overwrite:
-        raise InvalidRequestError(f"{path} exists (use --force to overwrite)")
+    destination = output.resolve(path, overwrite=overwrite)
     if log_size <= 0 or log_size % c.ALIGNMENT:
         raise InvalidRequestError(f"log size {log_size} is not a positive multiple of 1 MiB")
 
@@ -123,6 +130,8 @@ def create(
         if os.path.abspath(os.fspath(parent)) == os.path.abspath(path):
             raise InvalidRequestError("a disk cannot be its own parent")
         with open_image(parent, search_dirs=parent_search_dirs) as parent_image:
+            # The new file must not replace its parent or any ancestor (same inode, whatever the path).
+            output.resolve(path, overwrite=overwrite, sources=output.chain_identities(parent_image))
             p_logical = parent_image.logical_sector_size
             if logical_sector_size not in (None, p_logical):
                 raise InvalidRequestError(f"the parent has {p_logical}-byte logical sectors; a child must match")
@@ -136,20 +145,28 @@ def create(
         block_size = block_size or DIFFERENCING_BLOCK_SIZE
     if size is None:
         raise InvalidRequestError("a size is needed for a new base disk")
+    params = disk_parameters(size, type, block_size, logical_sector_size, physical_sector_size, disk_id)
+    with output.staged(destination) as (_tmp, fd):
+        write_new_file(fd, path, params, locator, ids, creator, log_size)
+    return path
+
+
+def disk_parameters(size: int, type: str, block_size: int | None, logical_sector_size: int | None,  # noqa: A002
+                    physical_sector_size: int | None, disk_id: uuid.UUID | None = None) -> DiskParameters:
+    """Parameters of a new disk, defaults filled in and checked (raises InvalidRequestError)."""
     block_size = block_size or c.DEFAULT_BLOCK_SIZE
     logical_sector_size = logical_sector_size or 512
     physical_sector_size = physical_sector_size or 4096
     validate_request(size, block_size, logical_sector_size, physical_sector_size)
-
-    params = DiskParameters(
+    return DiskParameters(
         block_size=block_size, leave_block_allocated=type == "fixed", has_parent=type == "differencing",
         virtual_size=size, virtual_disk_id=disk_id or uuid.uuid4(), logical_sector_size=logical_sector_size,
         physical_sector_size=physical_sector_size)
-    _write_new_file(path, params, locator, ids, creator, log_size)
-    return path
 
 
-def _write_new_file(path: str, params: DiskParameters, locator, ids: CreateIds, creator: str, log_size: int) -> None:
+def write_new_file(fd: int, path: str, params: DiskParameters, locator, ids: CreateIds, creator: str,
+                   log_size: int) -> None:
+    """Lay a new empty disk out in the empty file open as ``fd`` (``path`` names it in errors)."""
     geometry = Geometry(params.virtual_size, params.block_size, params.logical_sector_size, params.has_parent)
     log_offset = c.HEADER_SECTION_SIZE
     metadata_offset = log_offset + log_size
@@ -174,11 +191,6 @@ def _write_new_file(path: str, params: DiskParameters, locator, ids: CreateIds, 
                RegionEntry(c.METADATA_REGION_GUID, metadata_offset, metadata_length, True)]
     identifier = layouts.FileIdentifier.build({"creator": creator})
 
-    tmp = path + ".part"
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as exc:
-        raise VhdxError(f"cannot create: {exc.strerror}", path=path) from None
     try:
         os.ftruncate(fd, file_size)
         os.pwrite(fd, identifier, c.FILE_IDENTIFIER_OFFSET)
@@ -192,8 +204,4 @@ def _write_new_file(path: str, params: DiskParameters, locator, ids: CreateIds, 
         os.pwrite(fd, entries.tobytes(), bat_offset)
         os.fsync(fd)
     except OSError as exc:
-        os.close(fd)
-        os.unlink(tmp)
         raise VhdxError(f"cannot write: {exc.strerror}", path=path) from None
-    os.close(fd)
-    os.replace(tmp, path)

@@ -1,7 +1,8 @@
 """Flatten a virtual disk (its whole chain) into a raw image.
 
 Only runs that hold data are copied (``copy_file_range`` where possible); runs that read as zeros are left
-as holes in a sparse output file, so a 10 GiB disk with 20 MiB of data costs 20 MiB of I/O.
+as holes in a sparse output file, so a 10 GiB disk with 20 MiB of data costs 20 MiB of I/O. A device or FIFO
+is written in place, every byte in order (it is not known to read zeros where nothing is written).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from vhdx import output
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind
 from vhdx.image import VhdxImage
@@ -19,38 +21,71 @@ def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool
                progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
     """Write the virtual disk to ``out_path`` as a raw image; returns the bytes of data copied.
 
-    The file is written as ``<out_path>.part`` and renamed at the end, so an interrupted export never leaves
+    A regular file is written as a temporary and renamed at the end, so an interrupted export never leaves
     a complete-looking but partial image behind. ``sync`` makes it durable (fsync) before the rename; like
-    cp and qemu-img, the default leaves write-back to the OS.
+    cp and qemu-img, the default leaves write-back to the OS. See ``vhdx.output`` for what an output may be.
     """
-    out_path = os.fspath(out_path)
-    if os.path.exists(out_path) and not overwrite:
-        raise InvalidRequestError(f"{out_path} exists (use --force to overwrite)")
-    if os.path.exists(out_path) and os.path.isdir(out_path):
-        raise InvalidRequestError(f"{out_path} is a directory")
-    tmp = out_path + ".part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    destination = output.resolve(out_path, overwrite=overwrite, sources=output.chain_identities(image), raw=True)
+    if destination.in_place:
+        fd = output.open_in_place(destination)
+        try:
+            return _stream(image, fd, destination, progress, sync)
+        finally:
+            os.close(fd)
+    with output.staged(destination) as (_tmp, fd):
+        return _copy_sparse(image, fd, destination.target, progress, sync)
+
+
+def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> int:
     copied = 0
     try:
         os.ftruncate(fd, image.virtual_size)
-        layers = image.layers
-        buf = bytearray(COPY_CHUNK)
-        for start, length, kind, layer, file_offset in image.extents().rows():
-            if kind == ExtentKind.DATA:
-                copy_range(layers[layer].io, file_offset, fd, start, length, buf)
-                copied += length
-            if progress:
-                progress(start + length)
-        if sync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, out_path)
     except OSError as exc:
-        os.unlink(tmp)
-        raise VhdxError(f"cannot create {out_path}: {exc.strerror}") from None
+        raise VhdxError(f"cannot resize file: {exc.strerror}", path=path) from None
+    layers = image.layers
+    buf = bytearray(COPY_CHUNK)
+    for start, length, kind, layer, file_offset in image.extents().rows():
+        if kind == ExtentKind.DATA:
+            try:
+                copy_range(layers[layer].io, file_offset, fd, start, length, buf)
+            except VhdxError as exc:
+                raise exc.with_path(path) from None
+            copied += length
+        if progress:
+            progress(start + length)
+    if sync:
+        _fsync(fd, path)
     return copied
+
+
+def _stream(image: VhdxImage, fd: int, destination: output.Destination, progress, sync: bool) -> int:
+    """Write every byte of the virtual disk in order (devices and FIFOs); returns the bytes written."""
+    if destination.kind == output.BLOCK_DEVICE:
+        room = os.lseek(fd, 0, os.SEEK_END)
+        os.lseek(fd, 0, os.SEEK_SET)
+        if room < image.virtual_size:
+            raise InvalidRequestError(f"{destination.path} holds {room} bytes, the virtual disk {image.virtual_size}")
+    view = memoryview(bytearray(COPY_CHUNK))
+    pos = 0
+    while pos < image.virtual_size:
+        n = min(COPY_CHUNK, image.virtual_size - pos)
+        image.readinto(pos, view[:n])
+        done = 0
+        while done < n:
+            try:
+                done += os.write(fd, view[done:n])
+            except OSError as exc:
+                raise VhdxError(f"write failed: {exc.strerror}", path=destination.path, offset=pos + done) from None
+        pos += n
+        if progress:
+            progress(pos)
+    if sync and destination.kind == output.BLOCK_DEVICE:
+        _fsync(fd, destination.path)
+    return pos
+
+
+def _fsync(fd: int, path: str) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise VhdxError(f"flush failed: {exc.strerror}", path=path) from None

@@ -494,7 +494,14 @@ class VhdxImage:
     def __enter__(self) -> VhdxImage:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._writer is not None and not self.io.closed:
+            # A failed block must not commit half of its work: staged metadata is dropped, not written.
+            writer, self._writer = self._writer, None
+            try:
+                writer.abort()
+            except Exception:  # noqa: BLE001 - the file stays as a crash here would leave it; the first error wins
+                pass
         self.close()
 
     def __repr__(self) -> str:

@@ -111,6 +111,10 @@ class Writer:
         self.log_sequence = 0
         self.log_position = 0
         self._next_free: int | None = None
+        # The file size every committed structure lies within, and whether a commit is under way: what an
+        # abort may cut and whether the log may be marked empty (see ``abort``).
+        self._durable_end = self.io.real_size
+        self._committing = False
 
     # --- session and headers ------------------------------------------------------------------------
     def begin(self, changes_data: bool, data_write_guid: uuid.UUID | None = None) -> None:
@@ -180,6 +184,12 @@ class Writer:
     # --- commit -------------------------------------------------------------------------------------
     def commit(self) -> None:
         """Make every pending change durable through the log; a no-op (but a flush) when nothing is pending."""
+        self._committing = True
+        self._commit()
+        self._committing = False
+        self._durable_end = max(self._durable_end, self.io.real_size)
+
+    def _commit(self) -> None:
         self._extend_file()
         self.io.flush()  # payload first: metadata must never point at data that is not durable
         if not self.pending:
@@ -219,6 +229,23 @@ class Writer:
             self.io.write_at(write.file_offset, write.data)
         self.io.flush()
         self.log_position += length
+
+    def abort(self) -> None:
+        """Forget what is pending (a ``with`` block that raised): nothing staged since the last commit is written.
+
+        Payload written into new blocks since then is cut off again. When the failure struck inside a commit,
+        the file is left exactly as it is: its log holds what the next open replays.
+        """
+        self.overlay.drop_sectors(list(self.pending))
+        self.pending.clear()
+        if self._committing:
+            return
+        if self.io.real_size > self._durable_end:
+            self.io.truncate(self._durable_end)
+        if self.image.headers.current.log_guid != c.ZERO_GUID:
+            # Every committed entry was applied and flushed: the log holds nothing left to replay.
+            self.image.headers = write_both_headers(self.io, self.image.headers,
+                                                    replace(self.image.headers.current, log_guid=c.ZERO_GUID))
 
     def close(self) -> None:
         """Commit, then mark the log empty in both headers."""
@@ -457,13 +484,28 @@ class Writer:
 
     # --- metadata region ----------------------------------------------------------------------------
     def rewrite_metadata(self, items) -> None:
-        """Lay the metadata region out anew with ``items`` and stage the 4 KiB sectors that change."""
+        """Lay the metadata region out anew with ``items`` and stage the 4 KiB sectors that change.
+
+        The new region is read back before this returns; when it is refused (a malformed locator, say), the
+        sectors are unstaged again, so a rejected region is never committed.
+        """
         from vhdx.metadata import layout_metadata_region, load_metadata
 
         region = self.image.regions.metadata
         new = layout_metadata_region(items, region.length)
         old = self.io.read_at(region.file_offset, region.length)
-        for off in range(0, region.length, SECTOR):
-            if new[off : off + SECTOR] != old[off : off + SECTOR]:
-                self.stage(region.file_offset + off, new[off : off + SECTOR])
-        self.image.metadata = load_metadata(self.io, region)
+        changed = [off for off in range(0, region.length, SECTOR) if new[off : off + SECTOR] != old[off : off + SECTOR]]
+        before = {region.file_offset + off: self.pending.get(region.file_offset + off) for off in changed}
+        for off in changed:
+            self.stage(region.file_offset + off, new[off : off + SECTOR])
+        try:
+            self.image.metadata = load_metadata(self.io, region)
+        except BaseException:
+            for offset, sector in before.items():
+                if sector is None:
+                    self.pending.pop(offset, None)
+                    self.overlay.drop_sectors([offset])
+                else:
+                    self.pending[offset] = sector
+                    self.overlay.set_sector(offset, sector)
+            raise
