@@ -70,11 +70,13 @@ def _true_runs(mask: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[t
     return list(zip(starts[first].tolist(), ends[last].tolist(), strict=True))
 
 
-def _build(destination: output.Destination, params, fill, sync: bool = False, ids: CreateIds | None = None) -> int:
-    """Make a new disk with ``params`` in a temporary, ``fill`` it, and give it the destination's name."""
+def _build(destination: output.Destination, params, fill, sync: bool = False, locator=None) -> int:
+    """Make a new disk with ``params`` in a temporary, ``fill`` it, and give it the destination's name.
+
+    A differencing disk (``locator``) finds its parent from the destination's folder, where it will live.
+    """
     with output.staged(destination) as (_tmp, fd):
-        write_new_file(fd, destination.target, params, None, ids or CreateIds(), DEFAULT_CREATOR,
-                       c.DEFAULT_LOG_SIZE)
+        write_new_file(fd, destination.target, params, locator, CreateIds(), DEFAULT_CREATOR, c.DEFAULT_LOG_SIZE)
         # Opened through the descriptor we created, never by name again (the name could be swapped meanwhile);
         # errors name the destination, not the temporary the user never saw.
         with open_image(ImageIO(fd, None, path=destination.target, writable=True, owns=False)) as target:
@@ -124,7 +126,7 @@ def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size:
     if type not in ("dynamic", "fixed"):
         raise InvalidRequestError("flatten makes a dynamic or fixed disk")
     params = disk_parameters(image.virtual_size, type, block_size or image.block_size, image.logical_sector_size,
-                             image.physical_sector_size)
+                             image.physical_sector_size, image.disk_id if keep_id else None)
     target = output.resolve(destination, overwrite=overwrite, sources=output.chain_identities(image))
 
     def ranges():
@@ -132,5 +134,4 @@ def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size:
             if kind == ExtentKind.DATA:
                 yield start, length
 
-    ids = CreateIds(disk_id=image.disk_id) if keep_id else None
-    return _build(target, params, lambda new: _fill(new, ranges(), image.readinto, progress), sync, ids)
+    return _build(target, params, lambda new: _fill(new, ranges(), image.readinto, progress), sync)

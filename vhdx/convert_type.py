@@ -2,7 +2,7 @@
 
 The source (any disk or chain) and the parent are compared sector by sector over every range where either of them
 holds data (elsewhere both read zeros); sectors that differ are written to the child, which reads the source's bytes
-through the parent afterwards. The child is built as ``<destination>.part`` and renamed at the end (as ``flatten``).
+through the parent afterwards. The child is built in a temporary and renamed at the end (as ``flatten``).
 
 References: [MS-VHDX] §2.4 (sector bitmaps of differencing disks), §2.6.2.6 (parent locator).
 """
@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vhdx import output
 from vhdx.convert import _build, _true_runs
-from vhdx.create import CreateIds, create
+from vhdx.create import DIFFERENCING_BLOCK_SIZE, disk_parameters, parent_locator_entries
 from vhdx.errors import InvalidRequestError
 from vhdx.extents import ExtentKind
 from vhdx.image import VhdxImage, open_image
@@ -54,10 +55,6 @@ def make_child(image: VhdxImage, destination, parent, *, block_size: int | None 
     ``keep_id`` gives the child the source's Virtual Disk ID (otherwise it takes the parent's, as Hyper-V does).
     """
     destination, parent = os.fspath(destination), os.fspath(parent)
-    if any(os.path.abspath(layer.path) == os.path.abspath(destination) for layer in image.layers):
-        raise InvalidRequestError("the destination is part of the source's chain")
-    if os.path.abspath(parent) == os.path.abspath(destination):
-        raise InvalidRequestError("the destination cannot be its own parent")
     with open_image(parent) as base:
         if base.logical_sector_size != image.logical_sector_size:
             raise InvalidRequestError(f"the parent has {base.logical_sector_size}-byte sectors, the source "
@@ -65,10 +62,13 @@ def make_child(image: VhdxImage, destination, parent, *, block_size: int | None 
         if base.virtual_size > image.virtual_size:
             raise InvalidRequestError(f"the parent ({base.virtual_size} bytes) is larger than the source "
                                       f"({image.virtual_size}); a child cannot be smaller than its parent")
-    ids = CreateIds(disk_id=image.disk_id) if keep_id else None
-
-    def make(tmp: str) -> None:
-        create(tmp, image.virtual_size, parent=parent, block_size=block_size, ids=ids, overwrite=True)
+        # Neither a layer of the source nor the new parent's chain may be replaced by the child (same inode).
+        target = output.resolve(destination, overwrite=overwrite,
+                                sources=[*output.chain_identities(image), *output.chain_identities(base)])
+        params = disk_parameters(image.virtual_size, "differencing", block_size or DIFFERENCING_BLOCK_SIZE,
+                                 base.logical_sector_size, base.physical_sector_size,
+                                 image.disk_id if keep_id else base.disk_id)
+        locator = parent_locator_entries(target.target, parent, base.data_write_guid)
 
     def fill(target: VhdxImage) -> int:
         base = target.parent
@@ -92,4 +92,4 @@ def make_child(image: VhdxImage, destination, parent, *, block_size: int | None 
                     progress(pos + n)
         return written
 
-    return _build(destination, overwrite, make, fill, sync)
+    return _build(target, params, fill, sync, locator=locator)
