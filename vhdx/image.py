@@ -24,7 +24,7 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.header import HeaderSet, load_headers
 from vhdx.io import ImageIO
-from vhdx.log import LogState, overlay_for, plan_replay, read_log
+from vhdx.log import LogState, overlay_for, read_log
 from vhdx.metadata import DiskParameters, Metadata, load_metadata
 from vhdx.region import RegionTable, load_region_table
 from vhdx.writer import Writer, replay_log_on_disk
@@ -79,14 +79,15 @@ class VhdxImage:
         header = self.headers.current
         self.log: LogState = read_log(io, header.log_offset, header.log_length, header.log_guid)
         if self.log.needs_replay:
-            if self.log.problem:
-                raise FormatError(self.log.problem, structure="Log", offset=header.log_offset)
+            refusal = self.log.refusal()
+            if refusal is not None:
+                raise refusal
             if io.writable:
                 self.headers = replay_log_on_disk(io, self.headers, self.log)
                 self.log = LogState(header.log_offset, header.log_length, c.ZERO_GUID)
             else:
                 # Read-only view of the replay: structures are read as if the log had been applied.
-                io.overlay = overlay_for(plan_replay(self.log.sequence))
+                io.overlay = overlay_for(self.log.plan)
         # A dirty log without any valid entry holds nothing that was applied (entries are durable before
         # their sectors are written), so the file reads correctly as it is; `check` reports it.
         self.regions: RegionTable = load_region_table(io, header.log_offset, header.log_length)
