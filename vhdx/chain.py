@@ -32,6 +32,8 @@ class OpenOptions:
         ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the child's linkage.
         orphan: do not look for a parent at all; what the file does not hold reads as zeros.
         max_depth: refuse chains deeper than this.
+        salvage: read payload missing from a truncated file as zeros (listed in ``VhdxImage.invented``) instead
+            of refusing the file.
     """
 
     parent: str | None = None
@@ -39,10 +41,11 @@ class OpenOptions:
     ignore_id_mismatch: bool = False
     orphan: bool = False
     max_depth: int = MAX_CHAIN_DEPTH
+    salvage: bool = False
 
     def for_parent(self) -> OpenOptions:
         """Options passed one level up: the explicit parent applies to one level only."""
-        return OpenOptions(None, self.search_dirs, self.ignore_id_mismatch, False, self.max_depth)
+        return OpenOptions(None, self.search_dirs, self.ignore_id_mismatch, False, self.max_depth, self.salvage)
 
 
 @dataclass

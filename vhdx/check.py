@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vhdx import chain as _chain
-from vhdx.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
 from vhdx.errors import VhdxError
 from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
@@ -818,9 +818,9 @@ class _BatScan:
         kept = payload & np.isin(states, _KEEPING_STATES) & (offsets > 0)
         if not self.diff:
             kept |= is_sb & (states != c.SbState.NOT_PRESENT) & (offsets > 0)
-        # The last payload block may end past the end of the file when it is short (old QEMU files).
-        beyond = owned & (offsets + needed > self.size) & ~(~is_sb & (block == g.data_blocks - 1)
-                                                              & (offsets < self.size))
+        # Only what lies beyond the virtual disk's end may be missing from the file (one rule with the reader).
+        beyond = owned & np.where(is_sb, offsets + needed > self.size,
+                                  payload_missing_bytes(g, block, offsets, self.size) > 0)
         end = np.minimum(offsets + length, self.size)
         self._report(beyond, index, Severity.ERROR, "BAT_BEYOND_EOF",
                      lambda i: f"block at {offsets[i]:#x} length {needed[i]:#x} ends past the end of the file "

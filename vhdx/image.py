@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 
 from vhdx import chain as _chain
-from vhdx.bat import Bat, Geometry, entry_offsets
+from vhdx.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.format import constants as c
@@ -47,6 +47,7 @@ class VhdxImage:
         self._parent_source: str | None = None
         self._writer: Writer | None = None
         self._bitmap_cache: dict[int, np.ndarray] = {}
+        self.invented: tuple[tuple[int, int], ...] = ()  # (virtual offset, length) read as zeros by --salvage
         try:
             self._load()
             self._identity = self._file_identity()
@@ -119,15 +120,20 @@ class VhdxImage:
         inside_header = offsets < c.HEADER_SECTION_SIZE
         if inside_header.any():
             self._raise_first(flagged(inside_header), "payload", lambda s: "block lies inside the header section")
-        # A block must lie inside the file; the last block may be short (old QEMU wrote such files).
+        # A block's virtual disk data must lie inside the file (one rule with check: bat.payload_missing_bytes).
         size = self.io.size
-        last_block = g.data_blocks - 1
-        is_last = present == last_block
-        ends = offsets + np.where(is_last, g.virtual_size - last_block * g.block_size, g.block_size)
-        beyond = (ends > size) & ~(is_last & (offsets < size))
-        if beyond.any():
+        missing = payload_missing_bytes(g, present, offsets, size)
+        beyond = missing > 0
+        self.invented = ()
+        if beyond.any() and self.options.salvage:
+            # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
+            blocks, lost = present[beyond], missing[beyond]
+            ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
+            self.invented = tuple(zip((ends - lost).tolist(), lost.tolist()))
+        elif beyond.any():
             self._raise_first(flagged(beyond), "payload",
-                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated?")
+                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated? "
+                                        "(--salvage reads the missing bytes as zeros)")
         if g.has_parent:
             partial = states == c.BatState.PARTIALLY_PRESENT
             chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
@@ -541,7 +547,7 @@ def read_disk_parameters(path) -> DiskParameters:
 
 
 def open_image(source, *, writable: bool = False, parent: str | None = None, search_dirs=(),
-               ignore_id_mismatch: bool = False, orphan: bool = False) -> VhdxImage:
+               ignore_id_mismatch: bool = False, orphan: bool = False, salvage: bool = False) -> VhdxImage:
     """Open a VHDX/AVHDX file (read-only by default).
 
     Args:
@@ -551,10 +557,14 @@ def open_image(source, *, writable: bool = False, parent: str | None = None, sea
         search_dirs: folders to search for parents by file name.
         ignore_id_mismatch: accept a parent whose DataWriteGuid does not match the linkage.
         orphan: read a differencing disk alone; what it does not hold reads as zeros.
+        salvage: read payload a truncated file lacks as zeros instead of refusing it; each layer's ``invented``
+            lists the virtual ranges so filled (read-only opens only).
     """
+    if salvage and writable:
+        raise InvalidRequestError("--salvage is for reading; a truncated file is not opened for writing")
     options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
                                  search_dirs=tuple(os.fspath(d) for d in search_dirs),
-                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan)
+                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan, salvage=salvage)
     if isinstance(source, ImageIO):
         image_io = source
     elif isinstance(source, (str, bytes, os.PathLike)):
