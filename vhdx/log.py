@@ -23,7 +23,7 @@ from vhdx.bat import Geometry
 from vhdx.errors import FormatError, VhdxError
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
-from vhdx.io import ImageIO, Overlay, parse_bytes
+from vhdx.io import ImageIO, Overlay
 from vhdx.metadata import load_metadata
 from vhdx.region import load_region_table
 
@@ -46,8 +46,6 @@ class ZeroWrite:
 
 # Largest read made at once while scanning or replaying: memory stays bounded whatever the log's length.
 CHUNK = 1 << 20
-_DESCRIPTOR = np.dtype([("signature", "S4"), ("low", "<u4"), ("middle", "<u8"), ("file_offset", "<u8"),
-                        ("sequence_number", "<u8")])  # zero: low=reserved, middle=ZeroLength; data: trailing, leading
 
 
 @dataclass(frozen=True)
@@ -92,10 +90,16 @@ class LogReader:
 
     def __init__(self, io: ImageIO, log_offset: int, log_length: int) -> None:
         self.io, self.log_offset, self.size = io, log_offset, log_length
+        self._window: tuple[int, bytes] = (-1, b"")  # the last CHUNK-aligned piece read: small reads reuse it
 
     def read(self, start: int, length: int) -> bytes:
         """``length`` bytes from log position ``start``, wrapping around the end of the log."""
         start %= self.size
+        base = start - start % CHUNK
+        if start + length <= min(base + CHUNK, self.size):
+            if self._window[0] != base:
+                self._window = (base, self.io.read_file_at(self.log_offset + base, min(CHUNK, self.size - base)))
+            return self._window[1][start - base : start - base + length]
         first = min(length, self.size - start)
         data = self.io.read_file_at(self.log_offset + start, first)
         if first < length:
@@ -118,7 +122,7 @@ def _descriptor_chunks(reader: LogReader, entry_pos: int, count: int):
         n = min(step, count - done)
         raw = reader.read(entry_pos + c.LOG_ENTRY_HEADER_SIZE + done * c.LOG_DESCRIPTOR_SIZE,
                           n * c.LOG_DESCRIPTOR_SIZE)
-        yield done, np.frombuffer(raw, dtype=_DESCRIPTOR)
+        yield done, np.frombuffer(raw, dtype=layouts.LOG_DESCRIPTOR_DTYPE)
         done += n
         step = min(step * 2, CHUNK // c.LOG_DESCRIPTOR_SIZE)
 
@@ -168,22 +172,21 @@ def parse_entry(reader: LogReader, log_offset: int, log_guid: uuid.UUID) -> LogE
     """
     size = reader.size
     head_raw = reader.read(log_offset, c.LOG_ENTRY_HEADER_SIZE)
-    if head_raw[:4] != c.LOG_ENTRY_SIGNATURE:
+    if head_raw[:4] != c.LOG_ENTRY_SIGNATURE or head_raw[32:48] != log_guid.bytes_le:
         return None
-    head = parse_bytes(layouts.LogEntryHeader, head_raw)
-    length = head.entry_length
-    if length == 0 or length % SECTOR or length > size or head.tail % SECTOR or head.tail >= size:
+    head = np.frombuffer(head_raw, dtype=layouts.LOG_ENTRY_HEADER_DTYPE)[0]
+    length, tail, sequence = int(head["entry_length"]), int(head["tail"]), int(head["sequence_number"])
+    count = int(head["descriptor_count"])
+    if length == 0 or length % SECTOR or length > size or tail % SECTOR or tail >= size or sequence == 0:
         return None
-    if head.sequence_number == 0 or head.log_guid != log_guid:
-        return None
-    desc_sectors = descriptor_sectors(head.descriptor_count)
+    desc_sectors = descriptor_sectors(count)
     if desc_sectors * SECTOR > length:
         return None
     data_count = 0
-    for _, d in _descriptor_chunks(reader, log_offset, head.descriptor_count):
+    for _, d in _descriptor_chunks(reader, log_offset, count):
         is_zero = d["signature"] == c.ZERO_DESCRIPTOR_SIGNATURE
         is_data = d["signature"] == c.DATA_DESCRIPTOR_SIGNATURE
-        if not (is_zero | is_data).all() or (d["sequence_number"] != head.sequence_number).any() \
+        if not (is_zero | is_data).all() or (d["sequence_number"] != sequence).any() \
                 or (d["file_offset"] % SECTOR).any() or (d["middle"][is_zero] % SECTOR).any():
             return None
         data_count += int(is_data.sum())
@@ -191,12 +194,12 @@ def parse_entry(reader: LogReader, log_offset: int, log_guid: uuid.UUID) -> LogE
             return None
     if (desc_sectors + data_count) * SECTOR != length:
         return None
-    if not _data_sectors_ok(reader, log_offset + desc_sectors * SECTOR, data_count, head.sequence_number):
+    if not _data_sectors_ok(reader, log_offset + desc_sectors * SECTOR, data_count, sequence):
         return None
-    if not _entry_checksum_ok(reader, log_offset, length, head.checksum):
+    if not _entry_checksum_ok(reader, log_offset, length, int(head["checksum"])):
         return None
-    return LogEntry(log_offset, head.sequence_number, head.tail, length, head.flushed_file_offset,
-                    head.last_file_offset, head.log_guid, head.descriptor_count, data_count)
+    return LogEntry(log_offset, sequence, tail, length, int(head["flushed_file_offset"]),
+                    int(head["last_file_offset"]), log_guid, count, data_count)
 
 
 def _signed_slots(reader: LogReader, log_guid: uuid.UUID) -> list[int]:

@@ -206,3 +206,20 @@ def test_sparse_four_gibibyte_log_is_scanned_in_bounded_memory(tmp_path):
         io.close()
     assert len(log.sequence) == 1
     assert peak < 64 * MiB  # the old scan held the whole log and a copy: 8.2 GiB RSS
+
+
+@pytest.mark.parametrize("hostile", ["child", "parent"])
+def test_merge_refuses_an_invalid_log_in_either_layer_and_changes_nothing(tmp_path, hostile):
+    from vhdx.create import create
+
+    parent = small_disk(tmp_path / "parent.vhdx")
+    child = tmp_path / "child.avhdx"
+    create(child, parent=parent)
+    with vhdx.open(child, writable=True) as image:
+        image.write(0, b"\x22" * SECTOR)
+    plant_log(child if hostile == "child" else parent, [(0, [DataWrite(0, bytes(SECTOR))])])
+    before = {p: _snapshot(p) for p in (parent, child)}
+    result = CliRunner().invoke(cli, ["merge", str(child)])
+    assert result.exit_code != 0 and "invalid log" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert {p: _snapshot(p) for p in (parent, child)} == before
