@@ -12,6 +12,8 @@ References: [MS-VHDX] §2.3 (log), §2.3.1 (entry, descriptors, data sector), §
 
 from __future__ import annotations
 
+import errno
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -207,13 +209,31 @@ def _signed_slots(reader: LogReader, log_guid: uuid.UUID) -> list[int]:
     sig = np.frombuffer(c.LOG_ENTRY_SIGNATURE, np.uint8)
     guid = np.frombuffer(log_guid.bytes_le, np.uint8)
     slots: list[int] = []
-    for start in range(0, reader.size, CHUNK):
+    start = _data_at_or_after(reader, 0)
+    while start < reader.size:
         n = min(CHUNK, reader.size - start)
         raw = np.frombuffer(reader.read(start, n), dtype=np.uint8)
         sectors = raw[: n // SECTOR * SECTOR].reshape(-1, SECTOR)
         hit = (sectors[:, :4] == sig).all(axis=1) & (sectors[:, 32:48] == guid).all(axis=1)
         slots.extend((start + np.flatnonzero(hit) * SECTOR).tolist())
+        start = _data_at_or_after(reader, start + n)
     return slots
+
+
+def _data_at_or_after(reader: LogReader, start: int) -> int:
+    """The first 4 KiB slot at or after ``start`` the file holds data for: holes read as zeros and hold no entry.
+
+    Skipping them with SEEK_DATA makes a sparse 4 GiB log cost what its entries cost. Without SEEK_DATA (or a
+    real descriptor) every slot is scanned.
+    """
+    fd = reader.io.fd
+    if start >= reader.size or fd is None or not hasattr(os, "SEEK_DATA"):
+        return start
+    try:
+        found = os.lseek(fd, reader.log_offset + start, os.SEEK_DATA) - reader.log_offset
+    except OSError as exc:
+        return reader.size if exc.errno == errno.ENXIO else start  # ENXIO: nothing but a hole follows
+    return max(start, found // SECTOR * SECTOR)
 
 
 def find_active_sequence(entries: dict[int, LogEntry], size: int) -> tuple[LogEntry, ...]:

@@ -223,3 +223,24 @@ def test_merge_refuses_an_invalid_log_in_either_layer_and_changes_nothing(tmp_pa
     assert result.exit_code != 0 and "invalid log" in result.output, result.output
     assert "Traceback" not in result.output
     assert {p: _snapshot(p) for p in (parent, child)} == before
+
+
+def test_dense_log_is_read_in_bounded_pieces(tmp_path):
+    # No holes to skip: 64 MiB of junk around one entry must still be read a piece at a time.
+    path = small_disk(tmp_path / "dense.vhdx", log_size=64 * MiB)
+    with open(path, "r+b") as f:
+        f.seek(MiB)
+        for _ in range(64):
+            f.write(b"\xab" * MiB)
+    plant_log(path, [(32 * MiB, [])])
+    io = ImageIO.open(path)
+    tracemalloc.start()
+    try:
+        h = load_headers(io).current
+        log = read_log(io, h.log_offset, h.log_length, h.log_guid)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        io.close()
+    assert [e.log_offset for e in log.sequence] == [32 * MiB]
+    assert peak < 16 * MiB  # the old scan read the whole 64 MiB log at once
