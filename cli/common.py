@@ -136,6 +136,21 @@ def open_kwargs(parent, search_dirs, ignore_id_mismatch, orphan) -> dict:
             "orphan": orphan}
 
 
+def salvage_option(func):
+    """--salvage: read payload a truncated file lacks as zeros (default: refuse), listing what was invented."""
+    return click.option("--salvage", is_flag=True,
+                        help="Read payload missing from a truncated file as zeros instead of refusing it; every "
+                             "range so invented is listed on stderr.")(func)
+
+
+def report_invented(image) -> None:
+    """List, on stderr, every virtual range that --salvage filled with zeros, layer by layer."""
+    for layer in image.layers_opened():
+        for start, length in layer.invented:
+            click.echo(f"vhdx: salvage: {layer.path}: virtual {start:#x} length {length:#x} is missing from the "
+                       "file (truncated); read as zeros", err=True)
+
+
 def warn_if_being_written(image) -> None:
     """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
     for layer in image.layers_opened():

@@ -15,7 +15,16 @@ from vhdx.forensics.hashing import check_algorithms, hash_disk
 from vhdx.forensics.layers import find_layer
 from vhdx.forensics.slack import find_chain_slack
 from vhdx_cli import render
-from vhdx_cli.common import SIZE, Progress, chain_options, handle_errors, open_kwargs, warn_if_being_written
+from vhdx_cli.common import (
+    SIZE,
+    Progress,
+    chain_options,
+    handle_errors,
+    open_kwargs,
+    report_invented,
+    salvage_option,
+    warn_if_being_written,
+)
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -39,15 +48,17 @@ def _layer_option(func):
 @click.option("--sectors", is_flag=True, help="Sector granularity from the sector bitmaps (default: whole blocks).")
 @click.option("--algo", "algorithm", default="sha256", show_default=True, help="Hash of each extent's content.")
 @chain_options
+@salvage_option
 @_json_option
 @click.pass_context
 @handle_errors
-def diff(ctx, child, ancestor, sectors, algorithm, as_json, **chain_opts):
+def diff(ctx, child, ancestor, sectors, algorithm, as_json, salvage, **chain_opts):
     """Show the virtual ranges the layers from CHILD down to ANCESTOR wrote, with hashes of new and old content."""
     (algorithm,) = check_algorithms([algorithm])
-    with vhdx.open(child, **open_kwargs(**chain_opts)) as image:
+    with vhdx.open(child, **open_kwargs(**chain_opts), salvage=salvage) as image:
         result = diff_layers(image, ancestor, sectors=sectors, algorithm=algorithm)
         warn_if_being_written(image)
+        report_invented(image)
     if _wants_json(ctx, as_json):
         render.emit_json(result.to_json())
         return
@@ -71,17 +82,19 @@ def diff(ctx, child, ancestor, sectors, algorithm, as_json, **chain_opts):
 @click.option("--piece-size", type=SIZE, help="Also hash every piece of this size (e.g. 1M, 1G).")
 @click.option("--no-layers", is_flag=True, help="Skip hashing each layer file.")
 @chain_options
+@salvage_option
 @_json_option
 @click.pass_context
 @handle_errors
-def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, **chain_opts):
+def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, salvage, **chain_opts):
     """Hash the virtual disk of PATH through its chain (= hash of the flattened raw image) and each layer file."""
     algos = check_algorithms(algorithms.split(","))
-    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
+    with vhdx.open(path, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "hash")
         result = hash_disk(image, algos, piece_size, layer_files=not no_layers, progress=progress)
         progress.finish()
         warn_if_being_written(image)
+        report_invented(image)
     if _wants_json(ctx, as_json):
         render.emit_json(result.to_json())
         return
@@ -136,21 +149,23 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
 @click.option("--port", type=click.IntRange(1, 65535), help=f"TCP port on 127.0.0.1 (default {nbd.DEFAULT_PORT}).")
 @click.option("--unix", "unix", type=click.Path(dir_okay=False), help="Serve on this Unix socket instead of TCP.")
 @chain_options
+@salvage_option
 @_json_option
 @click.pass_context
 @handle_errors
-def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
+def serve(ctx, chain, at, port, unix, as_json, salvage, **chain_opts):
     """Export the virtual disk (at any layer) read-only over NBD with nbdkit, until interrupted."""
     if port is not None and unix is not None:
         raise click.UsageError("give --port or --unix, not both")
     if unix is not None and os.path.exists(unix):
         raise InvalidRequestError(f"{unix} exists")
     exe = nbd.check_nbdkit()
-    opts = open_kwargs(**chain_opts)
+    opts = {**open_kwargs(**chain_opts), "salvage": salvage}
     with vhdx.open(chain, **opts) as image:
         depth = find_layer(image, at)
         layer_path, size = image.layers[depth].path, image.layers[depth].virtual_size
         warn_if_being_written(image)
+        report_invented(image)
     argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):

@@ -21,6 +21,8 @@ from vhdx_cli.common import (
     chain_options,
     handle_errors,
     open_kwargs,
+    report_invented,
+    salvage_option,
     warn_if_being_written,
 )
 
@@ -116,10 +118,11 @@ def map_(ctx, path, as_json, **chain_opts):
 @click.option("--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
 @click.option("--sync", is_flag=True, help="fsync DESTINATION before it takes its name (default: OS write-back).")
 @chain_options
+@salvage_option
 @click.pass_context
 @handle_errors
 def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
-            **chain_opts):
+            salvage, **chain_opts):
     """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
 
     To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated. With
@@ -140,7 +143,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
                    sync=sync)
         progress.finish()
         return
-    with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
+    with vhdx.open(source, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "convert")
         if output_format == "raw":
             export_raw(image, destination, overwrite=force, progress=progress, sync=sync)
@@ -148,6 +151,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
             flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                     sync=sync)
         progress.finish()
+        report_invented(image)
         warn_if_being_written(image)
 
 

@@ -82,6 +82,19 @@ class Geometry:
         return chunk * (self.chunk_ratio + 1) + self.chunk_ratio
 
 
+def payload_missing_bytes(geometry: Geometry, blocks: np.ndarray, offsets: np.ndarray, file_size: int) -> np.ndarray:
+    """Bytes of each payload block's virtual disk data that lie past the end of the file (0: all there).
+
+    The one rule for truncated payload, used by the reader and by check (QEMU's rule): only what lies beyond the
+    virtual disk's end may be missing, i.e. the tail of the last block of a disk whose size is not a multiple of
+    the block size. Anything else is data the file should hold and does not (``BAT_BEYOND_EOF``).
+    """
+    blocks = np.asarray(blocks, dtype=np.int64)
+    last = geometry.data_blocks - 1
+    needed = np.where(blocks == last, geometry.virtual_size - last * geometry.block_size, geometry.block_size)
+    return np.clip(np.asarray(offsets, dtype=np.int64) + needed - file_size, 0, needed)
+
+
 def entry_states(entries: np.ndarray) -> np.ndarray:
     """State field (bits 0..2) of each BAT entry."""
     # The state lives in the lowest byte, the first of each little-endian entry: read only those bytes

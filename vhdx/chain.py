@@ -50,6 +50,8 @@ class OpenOptions:
         orphan: do not look for a parent at all; what the file does not hold reads as zeros.
         max_depth: refuse chains deeper than this (None: ``MAX_CHAIN_DEPTH``).
         force: let a writable open change the data of a disk that other disks depend on (they stop opening).
+        salvage: read payload missing from a truncated file as zeros (listed in ``VhdxImage.invented``) instead
+            of refusing the file.
     """
 
     parent: str | None = None
@@ -58,6 +60,7 @@ class OpenOptions:
     orphan: bool = False
     max_depth: int | None = None
     force: bool = False
+    salvage: bool = False
 
     @property
     def depth_limit(self) -> int:
@@ -65,7 +68,8 @@ class OpenOptions:
 
     def for_parent(self) -> OpenOptions:
         """Options passed one level up: the explicit parent applies to one level only."""
-        return OpenOptions(None, self.search_dirs, self.ignore_id_mismatch, False, self.max_depth)
+        return OpenOptions(search_dirs=self.search_dirs, ignore_id_mismatch=self.ignore_id_mismatch,
+                           max_depth=self.max_depth, salvage=self.salvage)
 
 
 @dataclass

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from vhdx import chain as _chain
-from vhdx.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
 from vhdx.errors import VhdxError
 from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
 from vhdx.io import ImageIO, parse_bytes
-from vhdx.log import LogState, overlay_for, parse_entry, plan_replay, read_log
+from vhdx.log import LogState, overlay_for, read_log
 from vhdx.metadata import (
     ITEM_LAYOUTS,
     KNOWN_ITEMS,
@@ -413,15 +413,20 @@ def _check_log(ctx: CheckContext) -> None:
         ctx.add(Severity.ERROR, "LOG_NO_VALID_SEQUENCE", "Log", where, f"log cannot be read: {exc.message}")
         return
     ctx.log = log
-    active = {e.log_offset for e in log.sequence}
-    raw = ctx.io.read_at(h.log_offset, h.log_length)
-    _report_torn_entries(ctx, raw, h.log_guid, active)
+    for pos in log.torn:
+        ctx.add(Severity.WARNING, "LOG_TORN_ENTRY", "Log entry", h.log_offset + pos,
+                "an entry with the current log GUID is incomplete or fails its checksum (never applied)",
+                repairable=True)
     if not log.sequence:
         ctx.add(Severity.WARNING, "LOG_NO_VALID_SEQUENCE", "Log", where,
                 f"the header names log GUID {h.log_guid} but no complete log sequence exists (nothing to replay)",
                 repairable=True)
         return
     head = log.sequence[-1]
+    if log.violation is not None:
+        ctx.add(Severity.ERROR, "LOG_INVALID", "Log entry", log.violation.entry_offset,
+                f"{log.violation.message}; the log is not replayed (not even in memory) and no repair replays it")
+        return
     if log.problem:
         ctx.add(Severity.ERROR, "LOG_TRUNCATED", "Log", where + head.log_offset, log.problem)
         return
@@ -434,27 +439,7 @@ def _check_log(ctx: CheckContext) -> None:
     else:
         ctx.add(Severity.ERROR, "LOG_DIRTY", "Log", where + log.sequence[0].log_offset,
                 f"{entries} must be replayed; structures below are checked as replayed", repairable=True)
-    ctx.io.overlay = overlay_for(plan_replay(log.sequence))
-
-
-def _report_torn_entries(ctx: CheckContext, raw: bytes, log_guid: uuid.UUID, active: set[int]) -> None:
-    """Entries carrying the current log GUID that are incomplete or fail their checksum."""
-    guid = log_guid.bytes_le
-    view = np.frombuffer(raw[: len(raw) // c.LOG_SECTOR_SIZE * c.LOG_SECTOR_SIZE], dtype=np.uint8)
-    sectors = view.reshape(-1, c.LOG_SECTOR_SIZE)
-    signed = np.flatnonzero((sectors[:, :4] == np.frombuffer(c.LOG_ENTRY_SIGNATURE, np.uint8)).all(axis=1))
-    for slot in signed.tolist():
-        pos = slot * c.LOG_SECTOR_SIZE
-        if pos in active or raw[pos + 32 : pos + 48] != guid:
-            continue
-        try:
-            entry = parse_entry(raw, pos, log_guid)
-        except VhdxError:
-            entry = None
-        if entry is None:
-            ctx.add(Severity.WARNING, "LOG_TORN_ENTRY", "Log entry", ctx.header.log_offset + pos,
-                    "an entry with the current log GUID is incomplete or fails its checksum (never applied)",
-                    repairable=True)
+    ctx.io.overlay = overlay_for(log.plan)
 
 
 # --- §2.2.3 region tables --------------------------------------------------------------------------
@@ -683,8 +668,8 @@ def _probe_parent(path: str) -> _ParentProbe:
         headers = load_headers(io)
         h = headers.current
         log = read_log(io, h.log_offset, h.log_length, h.log_guid)
-        if log.needs_replay and not log.problem:
-            io.overlay = overlay_for(plan_replay(log.sequence))
+        if log.needs_replay and log.refusal() is None:
+            io.overlay = overlay_for(log.plan)
         regions = load_region_table(io, h.log_offset, h.log_length)
         metadata = load_metadata(io, regions.metadata)
         return _ParentProbe(h.data_write_guid, metadata.params, _identity(io))
@@ -873,9 +858,9 @@ class _BatScan:
         kept = payload & np.isin(states, _KEEPING_STATES) & (offsets > 0)
         if not self.diff:
             kept |= is_sb & (states != c.SbState.NOT_PRESENT) & (offsets > 0)
-        # The last payload block may end past the end of the file when it is short (old QEMU files).
-        beyond = owned & (offsets + needed > self.size) & ~(~is_sb & (block == g.data_blocks - 1)
-                                                              & (offsets < self.size))
+        # Only what lies beyond the virtual disk's end may be missing from the file (one rule with the reader).
+        beyond = owned & np.where(is_sb, offsets + needed > self.size,
+                                  payload_missing_bytes(g, block, offsets, self.size) > 0)
         end = np.minimum(offsets + length, self.size)
         self._report(beyond, index, Severity.ERROR, "BAT_BEYOND_EOF",
                      lambda i: f"block at {offsets[i]:#x} length {needed[i]:#x} ends past the end of the file "

@@ -85,6 +85,7 @@ CODES = {
     "LOG_DIRTY": "the log holds entries that must be replayed",
     "LOG_NO_VALID_SEQUENCE": "the header names a log GUID but no valid log sequence exists",
     "LOG_TRUNCATED": "the file is shorter than the log's FlushedFileOffset",
+    "LOG_INVALID": "a log entry writes where no log may (header section, the log itself, past a sane end)",
     "LOG_TORN_ENTRY": "an entry with the current log GUID is incomplete or fails its checksum",
     "LEAKED_SPACE": "file space that no structure references",
     "CHAIN_TOO_DEEP": "the chain holds more files than vhdx.chain.MAX_CHAIN_DEPTH",

@@ -17,14 +17,14 @@ from functools import cached_property
 import numpy as np
 
 from vhdx import chain as _chain
-from vhdx.bat import Bat, Geometry, entry_offsets
+from vhdx.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.header import HeaderSet, load_headers
 from vhdx.io import ImageIO
-from vhdx.log import LogState, overlay_for, plan_replay, read_log
+from vhdx.log import LogState, overlay_for, read_log
 from vhdx.metadata import DiskParameters, Metadata, load_metadata
 from vhdx.region import RegionTable, load_region_table
 from vhdx.writer import Writer, replay_log_on_disk
@@ -53,6 +53,7 @@ class VhdxImage:
         self._parent_source: str | None = None
         self._writer: Writer | None = None
         self._bitmap_cache: dict[int, np.ndarray] = {}
+        self.invented: tuple[tuple[int, int], ...] = ()  # (virtual offset, length) read as zeros by --salvage
         try:
             self._load()
             self._identity = self._file_identity()
@@ -86,14 +87,15 @@ class VhdxImage:
         header = self.headers.current
         self.log: LogState = read_log(io, header.log_offset, header.log_length, header.log_guid)
         if self.log.needs_replay:
-            if self.log.problem:
-                raise FormatError(self.log.problem, structure="Log", offset=header.log_offset)
+            refusal = self.log.refusal()
+            if refusal is not None:
+                raise refusal
             if io.writable:
                 self.headers = replay_log_on_disk(io, self.headers, self.log)
                 self.log = LogState(header.log_offset, header.log_length, c.ZERO_GUID)
             else:
                 # Read-only view of the replay: structures are read as if the log had been applied.
-                io.overlay = overlay_for(plan_replay(self.log.sequence))
+                io.overlay = overlay_for(self.log.plan)
         # A dirty log without any valid entry holds nothing that was applied (entries are durable before
         # their sectors are written), so the file reads correctly as it is; `check` reports it.
         self.regions: RegionTable = load_region_table(io, header.log_offset, header.log_length)
@@ -125,15 +127,20 @@ class VhdxImage:
         inside_header = offsets < c.HEADER_SECTION_SIZE
         if inside_header.any():
             self._raise_first(flagged(inside_header), "payload", lambda s: "block lies inside the header section")
-        # A block must lie inside the file; the last block may be short (old QEMU wrote such files).
+        # A block's virtual disk data must lie inside the file (one rule with check: bat.payload_missing_bytes).
         size = self.io.size
-        last_block = g.data_blocks - 1
-        is_last = present == last_block
-        ends = offsets + np.where(is_last, g.virtual_size - last_block * g.block_size, g.block_size)
-        beyond = (ends > size) & ~(is_last & (offsets < size))
-        if beyond.any():
+        missing = payload_missing_bytes(g, present, offsets, size)
+        beyond = missing > 0
+        self.invented = ()
+        if beyond.any() and self.options.salvage:
+            # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
+            blocks, lost = present[beyond], missing[beyond]
+            ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
+            self.invented = tuple(zip((ends - lost).tolist(), lost.tolist()))
+        elif beyond.any():
             self._raise_first(flagged(beyond), "payload",
-                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated?")
+                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated? "
+                                        "(--salvage reads the missing bytes as zeros)")
         if g.has_parent:
             partial = states == c.BatState.PARTIALLY_PRESENT
             chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
@@ -574,7 +581,8 @@ def read_structures(path) -> VhdxImage:
 
 
 def open_image(source, *, writable: bool = False, parent: str | None = None, search_dirs=(),
-               ignore_id_mismatch: bool = False, orphan: bool = False, force: bool = False) -> VhdxImage:
+               ignore_id_mismatch: bool = False, orphan: bool = False, force: bool = False,
+               salvage: bool = False) -> VhdxImage:
     """Open a VHDX/AVHDX file (read-only by default).
 
     Args:
@@ -587,10 +595,15 @@ def open_image(source, *, writable: bool = False, parent: str | None = None, sea
         force: write even though differencing disks (in this file's folder or ``search_dirs``) depend on it;
             without it the first write that would change its data raises ``DependentsError``, as Hyper-V
             refuses to open such a parent for writing.
+        salvage: read payload a truncated file lacks as zeros instead of refusing it; each layer's ``invented``
+            lists the virtual ranges so filled (read-only opens only).
     """
+    if salvage and writable:
+        raise InvalidRequestError("--salvage is for reading; a truncated file is not opened for writing")
     options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
                                  search_dirs=tuple(os.fspath(d) for d in search_dirs),
-                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan, force=force)
+                                 ignore_id_mismatch=ignore_id_mismatch, orphan=orphan, force=force,
+                                 salvage=salvage)
     if isinstance(source, ImageIO):
         image_io = source
     elif isinstance(source, (str, bytes, os.PathLike)):

@@ -70,7 +70,7 @@ class Overlay:
             lo, hi = max(offset, zoff), min(end, zoff + zlen)
             if lo < hi:
                 buf[lo - offset : hi - offset] = bytes(hi - lo)
-        sector = len(next(iter(self.sectors.values()))) if self.sectors else 4096
+        sector = 4096  # every image is one 4 KiB sector (log sectors and a writer's staged sectors alike)
         start = bisect.bisect_left(self._keys, offset - sector + 1)
         for key in self._keys[start:]:
             if key >= end:
@@ -221,6 +221,13 @@ class ImageIO:
         """Read ``length`` bytes at ``offset``; what lies past the end of file reads as zero."""
         buf = bytearray(length)
         self.readinto_at(offset, buf)
+        return bytes(buf)
+
+    def read_file_at(self, offset: int, length: int) -> bytes:
+        """The file's own bytes, without the overlay (the log an overlay is read from); zeros past the end."""
+        buf = bytearray(length)
+        if 0 <= offset < self.real_size:
+            self._pread_into(offset, memoryview(buf))
         return bytes(buf)
 
     def read_exact_at(self, offset: int, length: int, structure: str) -> bytes:

@@ -45,6 +45,7 @@ UNREPAIRABLE = {
     "HEADER_NO_CURRENT": "no header copy is usable to restore the other from",
     "HEADER_LOG_PLACEMENT": "the current header's log fields are wrong and no copy holds better ones",
     "LOG_TRUNCATED": "the file is shorter than the log says it was; replaying would write into missing space",
+    "LOG_INVALID": "the log asks for writes no log may make; replaying it would damage the file",
     "BAT_BEYOND_EOF": "the block's data is not in the file; dropping the entry would lose the reference",
     "BAT_OVERLAP": "two blocks claim the same space and at most one holds the right data",
     "BAT_OVERLAPS_STRUCTURE": "the block lies on top of another structure; its data cannot be trusted",
@@ -132,7 +133,8 @@ def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None 
 
     if not report.checked:
         return RepairPlan(report.path, (), (Refusal("NOT_VHDX", "File", 0, report.error or UNREPAIRABLE["NOT_VHDX"]),))
-    blocking = [f for f in findings if f.code in ("HEADER_NO_CURRENT", "LOG_TRUNCATED", "HEADER_LOG_PLACEMENT")]
+    blocking = [f for f in findings if f.code in ("HEADER_NO_CURRENT", "LOG_TRUNCATED", "LOG_INVALID",
+                                                  "HEADER_LOG_PLACEMENT")]
     if blocking:
         refusals = [Refusal(f.code, f.structure, f.offset, UNREPAIRABLE[f.code] + "; nothing was changed")
                     for f in blocking]
@@ -278,9 +280,10 @@ def _replay_log(io: ImageIO) -> list[str]:
     log = read_log(io, h.log_offset, h.log_length, h.log_guid)
     if not log.needs_replay:
         return ["log: nothing to replay any more (already replayed)"]
-    if log.problem:
-        raise VhdxError(log.problem, structure="Log", offset=h.log_offset, path=io.path)
-    sectors = sum(len(e.writes) for e in log.sequence)
+    refusal = log.refusal(io.path)
+    if refusal is not None:
+        raise refusal
+    sectors = sum(e.descriptor_count for e in log.sequence)
     first, last = log.sequence[0].sequence_number, log.sequence[-1].sequence_number
     headers = replay_log_on_disk(io, headers, log)
     return [f"log: replayed {len(log.sequence)} entries (sequence {first}..{last}, {sectors} writes) into the file",

@@ -29,7 +29,7 @@ from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.header import HeaderSet, write_both_headers, write_header_update
 from vhdx.io import ImageIO, Overlay, copy_range
-from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors, plan_replay
+from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,9 +44,12 @@ def replay_log_on_disk(io: ImageIO, headers: HeaderSet, log: LogState) -> Header
 
     The header gets a new FileWriteGuid before the first replayed byte is written, as §2.2.2 requires.
     """
+    refusal = log.refusal(io.path)
+    if refusal is not None:  # validated before the first byte changes: a hostile log writes nothing
+        raise refusal
     current = headers.current
     headers = write_header_update(io, headers, replace(current, file_write_guid=uuid.uuid4()))
-    apply_replay(io, plan_replay(log.sequence))
+    apply_replay(io, log.plan)
     return write_both_headers(io, headers, replace(headers.current, log_guid=c.ZERO_GUID))
 
 

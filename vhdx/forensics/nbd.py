@@ -46,7 +46,7 @@ def config(key: str, value: str) -> None:
         _config["parent"] = value
     elif key == "search_dir":
         _config["search_dirs"].append(value)
-    elif key in ("orphan", "ignore_id_mismatch"):
+    elif key in ("orphan", "ignore_id_mismatch", "salvage"):
         _config[key] = value.lower() in ("1", "true", "yes", "on")
     else:
         raise RuntimeError(f"unknown parameter {key!r}")
@@ -74,7 +74,8 @@ def open(readonly: bool) -> _Export:  # noqa: A001 - the callback name nbdkit lo
     import vhdx  # noqa: PLC0415 - only importable once config() has extended sys.path
 
     top = vhdx.open(_config["file"], parent=_config.get("parent"), search_dirs=_config["search_dirs"],
-                    ignore_id_mismatch=_config.get("ignore_id_mismatch", False), orphan=_config.get("orphan", False))
+                    ignore_id_mismatch=_config.get("ignore_id_mismatch", False), orphan=_config.get("orphan", False),
+                    salvage=_config.get("salvage", False))
     try:
         layers = top.layers
         at = _config["at"]
@@ -153,7 +154,7 @@ def check_nbdkit() -> str:
 
 def nbdkit_command(exe: str, path: str, *, at: int = 0, port: int | None = None, unix: str | None = None,
                    parent: str | None = None, search_dirs=(), ignore_id_mismatch: bool = False,
-                   orphan: bool = False) -> list[str]:
+                   orphan: bool = False, salvage: bool = False) -> list[str]:
     """The nbdkit command line: foreground, read-only, loopback TCP (default port 10809) or a Unix socket."""
     argv = [exe, "--foreground", "--readonly"]
     if unix is not None:
@@ -170,6 +171,8 @@ def nbdkit_command(exe: str, path: str, *, at: int = 0, port: int | None = None,
         argv.append("ignore_id_mismatch=1")
     if orphan:
         argv.append("orphan=1")
+    if salvage:
+        argv.append("salvage=1")
     return argv
 
 
