@@ -292,11 +292,22 @@ def _align(n: int) -> int:
     return -(-n // c.ALIGNMENT) * c.ALIGNMENT
 
 
-def target_problem(offset: int, length: int, bounds: LogBounds) -> str | None:
-    """Why a log may not write ``length`` bytes at ``offset`` (None when it may): the one rule for targets."""
+def _in_region_tables(offset: int, end: int) -> bool:
+    first, last = c.REGION_TABLE_OFFSETS[0], c.REGION_TABLE_OFFSETS[-1] + c.REGION_TABLE_SIZE
+    return first <= offset and end <= last
+
+
+def target_problem(offset: int, length: int, bounds: LogBounds, *, data: bool = True) -> str | None:
+    """Why a log may not write ``length`` bytes at ``offset`` (None when it may): the one rule for targets.
+
+    The header section is never logged (the headers have their own two-copy update), except the region tables:
+    [MS-VHDX] 2.2.3 has region table updates go through the log, as sector images. Such images must leave a
+    valid table (``region_table_problem``, checked once the whole sequence is folded); zero ranges never may.
+    """
     end = offset + length
-    if offset < c.HEADER_SECTION_SIZE:
-        return f"targets {offset:#x}, inside the header section (headers and region tables are never logged)"
+    if offset < c.HEADER_SECTION_SIZE and not (data and _in_region_tables(offset, end)):
+        return (f"targets {offset:#x}, inside the header section (only region tables may be logged there, as "
+                "whole valid tables)")
     if offset < bounds.log_offset + bounds.log_length and bounds.log_offset < end:
         return f"targets {offset:#x}+{length:#x}, inside the log itself"
     if end > bounds.end:
@@ -364,7 +375,7 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
             lengths = np.where(is_data, SECTOR, d["middle"]).astype(object)
             for i, (is_d, offset, length) in enumerate(zip(is_data.tolist(), d["file_offset"].tolist(),
                                                            lengths.tolist())):
-                problem = target_problem(offset, length, bounds)
+                problem = target_problem(offset, length, bounds, data=is_d)
                 if problem:
                     kind = "data" if is_d else "zero"
                     return plan, LogViolation(where, f"log entry {entry.sequence_number}, {kind} descriptor "
@@ -390,6 +401,21 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
                    max((o + n for o, n in plan.zeros), default=0))
         plan.min_file_size = _align(last)
     return plan, None
+
+
+def region_table_problem(io: ImageIO, plan: ReplayPlan) -> str | None:
+    """Why the replayed region tables would be broken (None when each table the plan touches stays valid)."""
+    for table_offset in c.REGION_TABLE_OFFSETS:
+        touched = [t for t in plan.sources if table_offset <= t < table_offset + c.REGION_TABLE_SIZE]
+        if not touched:
+            continue
+        table = bytearray(io.read_file_at(table_offset, c.REGION_TABLE_SIZE))
+        for target in touched:
+            table[target - table_offset : target - table_offset + SECTOR] = plan.sector(target)
+        if table[:4] != c.REGION_TABLE_SIGNATURE or not checksum.verify(table, c.REGION_TABLE_CHECKSUM_OFFSET):
+            return (f"rewrites the region table at {table_offset:#x} into one that fails its signature or "
+                    "checksum")
+    return None
 
 
 def _hidden_by_later_zeros(order: dict[int, int], zeros: list[tuple[int, int, int]]) -> list[int]:
@@ -489,6 +515,8 @@ def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID)
                         torn=torn_slots)
     head = sequence[-1]
     plan, violation = plan_replay(reader, sequence, log_bounds(io, log_offset, log_length))
+    if violation is None and (problem := region_table_problem(io, plan)):
+        violation = LogViolation(log_offset + head.log_offset, f"log entry {head.sequence_number}: {problem}")
     if violation is not None:
         return LogState(log_offset, log_length, log_guid, sequence, violation=violation, torn=torn_slots)
     if io.real_size < head.flushed_file_offset:

@@ -1,7 +1,7 @@
 """Hostile logs (issue 12, items 7 and 8): a log is validated before any replay and scanned in linear time.
 
 Each entry here carries a valid checksum, so only the rules about what a log may change stop it: never the
-header section (headers, region tables), never the log itself, never past the largest file the layout can
+header section except whole valid region tables ([MS-VHDX] 2.2.3 logs region table updates), never the log itself, never past the largest file the layout can
 need. A violating log is ``LOG_INVALID`` (not repairable), and open, write, merge and repair all refuse it
 without writing a byte. Scanning is linear in the entries and reads the log in bounded pieces.
 """
@@ -21,6 +21,8 @@ import vhdx
 from tests.support.hostile_logs import MiB, chain_of_empty_entries, layout_of, plant_log, small_disk
 from vhdx.check import check_image
 from vhdx.errors import FormatError
+from vhdx.format import checksum
+from vhdx.format import constants as c
 from vhdx.header import load_headers
 from vhdx.io import ImageIO
 from vhdx.log import SECTOR, DataWrite, ZeroWrite, read_log
@@ -69,6 +71,34 @@ def test_repair_refuses_a_log_writing_the_header_section_and_changes_nothing(dis
 @pytest.mark.parametrize("target", [64 * 1024, 192 * 1024, 256 * 1024], ids=["header1", "region1", "region2"])
 def test_log_writing_a_header_or_region_table_is_invalid(disk, target):
     plant_log(disk, [(0, [DataWrite(target, bytes(SECTOR))])])
+    assert _log_invalid(disk)[1]
+
+
+def test_log_rewriting_the_region_tables_into_valid_ones_is_replayed(disk):
+    # Spec 2.2.3: region table updates go through the log (a resize that moves the BAT or metadata does this),
+    # both copies alike. The table's CRC covers all 64 KiB, so the new first sector carries a restamped CRC.
+    raw = disk.read_bytes()
+    whole = bytearray(raw[192 * 1024 : 256 * 1024])
+    whole[16 + 28] ^= 1  # the first entry's Required flag
+    checksum.stamp(whole, c.REGION_TABLE_CHECKSUM_OFFSET)
+    new_sector = bytes(whole[:SECTOR])
+    plant_log(disk, [(0, [DataWrite(table, new_sector) for table in c.REGION_TABLE_OFFSETS])])
+    report, invalid = _log_invalid(disk)
+    assert not invalid and report.find("LOG_DIRTY")
+    repair_image(disk)
+    raw = disk.read_bytes()
+    assert [raw[t : t + SECTOR] for t in c.REGION_TABLE_OFFSETS] == [new_sector, new_sector]
+    assert check_image(disk).exit_code == 0
+
+
+def test_log_rewriting_a_region_table_into_a_broken_one_is_invalid(disk):
+    plant_log(disk, [(0, [DataWrite(192 * 1024, b"regi" + bytes(SECTOR - 4))])])
+    invalid = _log_invalid(disk)[1]
+    assert invalid and "fails its signature or checksum" in invalid[0].message
+
+
+def test_log_zeroing_a_region_table_is_invalid(disk):
+    plant_log(disk, [(0, [ZeroWrite(192 * 1024, SECTOR)])])
     assert _log_invalid(disk)[1]
 
 
