@@ -29,6 +29,7 @@ from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
+from vhdx.image import foreign_file_reason
 from vhdx.io import ImageIO, parse_bytes
 from vhdx.log import LogState, overlay_for, parse_entry, plan_replay, read_log
 from vhdx.metadata import (
@@ -296,7 +297,7 @@ def _check_identifier(ctx: CheckContext) -> bool:
     raw = ctx.io.read_at(0, len(c.FILE_SIGNATURE))
     if ctx.io.real_size < len(c.FILE_SIGNATURE) or raw != c.FILE_SIGNATURE:
         ctx.add(Severity.ERROR, "NOT_VHDX", "File Type Identifier", 0,
-                f"the file starts with {raw!r}, not the 'vhdxfile' signature")
+                foreign_file_reason(ctx.io) or f"the file starts with {raw!r}, not the 'vhdxfile' signature")
         return False
     if ctx.io.real_size < c.HEADER_SECTION_SIZE:
         ctx.add(Severity.ERROR, "FILE_TRUNCATED", "Header section", ctx.io.real_size,

@@ -21,7 +21,7 @@ from vhdx.bat import Bat, Geometry, entry_offsets
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.format import constants as c
-from vhdx.format import layouts
+from vhdx.format import foreign, layouts
 from vhdx.header import HeaderSet, load_headers
 from vhdx.io import ImageIO
 from vhdx.log import LogState, overlay_for, plan_replay, read_log
@@ -35,6 +35,23 @@ WINDOW_BLOCKS = 1 << 18
 SMALL_READ = 1 << 20
 # Sector bitmap blocks (1 MiB each) kept per read-only file.
 BITMAP_CACHE_CHUNKS = 32
+
+
+def foreign_file_reason(io: ImageIO) -> str | None:
+    """'empty file ...' or 'this is a VHD (v1) disk ...' for a file that is not VHDX; None when we cannot tell."""
+    size = io.real_size
+    if size == 0:
+        return "empty file (0 bytes), not VHDX"
+    tail_at = max(size - foreign.TAIL_BYTES, 0)
+    name = foreign.foreign_format(io.read_at(0, foreign.HEAD_BYTES), io.read_at(tail_at, size - tail_at))
+    return f"this is {name}, not VHDX" if name else None
+
+
+def _raise_if_not_vhdx(io: ImageIO) -> None:
+    """Name an empty file or another disk format (VHD, qcow2, ...) instead of calling it a malformed VHDX."""
+    reason = foreign_file_reason(io)
+    if reason:
+        raise FormatError(reason, structure="File Type Identifier", offset=0)
 
 
 class VhdxImage:
@@ -71,6 +88,7 @@ class VhdxImage:
             self.creator: str = ident.creator.rstrip("\x00")
         except FormatError:
             if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
+                _raise_if_not_vhdx(io)
                 raise
             # The creator is diagnostic only: text that does not decode must not make the file unreadable.
             raw = io.read_at(c.FILE_IDENTIFIER_OFFSET + len(c.FILE_SIGNATURE), c.CREATOR_SIZE)
