@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import re
 import sys
 import time
@@ -53,6 +54,20 @@ class State:
         self.verbose = verbose
 
 
+# What the shell reports for a tool stopped by SIGPIPE (qemu-img, cat): `vhdx map X | head` ends like them.
+BROKEN_PIPE_EXIT = 128 + 13
+
+
+def exit_on_broken_pipe() -> None:
+    """The reader of stdout has gone (``| head``): stop quietly, without a traceback or an error line."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    except (OSError, ValueError):
+        pass
+    sys.exit(BROKEN_PIPE_EXIT)
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"vhdx: error: {message}", err=True)
     sys.exit(code)
@@ -93,6 +108,8 @@ class OneLineErrorGroup(click.Group):
             fail(" ".join(exc.format_message().split()), 1)
         except click.Abort:
             fail("aborted", 1)
+        except BrokenPipeError:
+            exit_on_broken_pipe()
         # Without standalone mode click returns the exit code of ``ctx.exit`` (e.g. after --help) instead of exiting.
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -106,6 +123,8 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except VhdxError as exc:
             fail(" ".join(str(exc).split("\n")))
+        except BrokenPipeError:
+            exit_on_broken_pipe()
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
         except KeyboardInterrupt:

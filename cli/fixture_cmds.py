@@ -39,7 +39,13 @@ def build_cmd(state: State, spec, outdir, name):
         return
     for layer in result.manifest["layers"]:
         codes = ",".join(f["code"] for f in layer["check"]) or "clean"
-        digest = layer["flat_sha256"] or layer["windows_sha256"] or "-"
+        # Name what the digest is of: the whole flattened disk, or (above 1 GiB) only the written windows.
+        if layer["flat_sha256"]:
+            digest = f"flattened sha256 {layer['flat_sha256']}"
+        elif layer["windows_sha256"]:
+            digest = f"flattened sha256 of the written windows {layer['windows_sha256']}"
+        else:
+            digest = "flattened sha256 -"
         click.echo(f"{os.path.join(outdir, layer['path'])}  {digest}  {codes}")
     click.echo(f"manifest: {os.path.join(outdir, 'manifest.json')}")
 

@@ -59,8 +59,8 @@ def diff(ctx, child, ancestor, sectors, algorithm, as_json, **chain_opts):
         layers = ",".join(map(str, e.layers))
         click.echo(f"{e.start:<#18x}{e.length:<#14x}{layers:<8}{e.new_digest}")
         click.echo(f"{'':<40}{e.old_digest or '-'}")
-    for start, length in result.absent:
-        click.echo(f"absent (parent missing, reads as zeros): {start:#x} length {length:#x}")
+    if result.absent:
+        click.echo(render.absent_summary(result.absent, "reads as zeros"))
 
 
 @click.command(name="hash")
@@ -92,8 +92,8 @@ def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, **chain_opts):
     for layer in result.layers:
         for algo, digest in layer.digests.items():
             click.echo(f"layer {layer.depth} file: {algo}  {digest}  {layer.path} ({layer.size} bytes)")
-    for start, length in result.absent:
-        click.echo(f"absent (parent missing, hashed as zeros): {start:#x} length {length:#x}")
+    if result.absent:
+        click.echo(render.absent_summary(result.absent, "hashed as zeros"))
 
 
 @click.command()

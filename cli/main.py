@@ -95,7 +95,8 @@ def map_(ctx, path, as_json, **chain_opts):
             click.echo(f"vhdx: warning: {exc}; mapping this layer alone", err=True)
             parent_missing, layers = True, [image]
             extents = image.extents(through_parents=False)
-        rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing)
+        rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing,
+                               [(layer.bat.states, layer.geometry.block_size) for layer in layers])
         warn_if_being_written(image)
     render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))
 

@@ -7,6 +7,8 @@ import json
 import click
 
 from vhdx.extents import ExtentKind
+from vhdx.format.constants import BatState
+from vhdx.zero_runs import split_by_state
 
 
 def emit_json(data) -> None:
@@ -16,7 +18,7 @@ def emit_json(data) -> None:
 def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"  # 32 MiB, 1.5 GiB
         n /= 1024
     return str(n)
 
@@ -29,7 +31,7 @@ def info_text(info) -> str:
         f"virtual size: {human_size(info.virtual_size)} ({info.virtual_size} bytes)",
         f"file size: {human_size(info.file_size)} ({info.file_size} bytes)",
         f"allocated: {human_size(info.allocated_bytes)} ({info.allocated_bytes} bytes)",
-        f"block size: {info.block_size}",
+        f"block size: {human_size(info.block_size)} ({info.block_size} bytes)",
         f"logical sector size: {info.logical_sector_size}",
         f"physical sector size: {info.physical_sector_size}",
         f"disk id: {info.disk_id}",
@@ -103,17 +105,28 @@ def chain_text(chain) -> str:
 KIND_NAMES = {ExtentKind.DATA: "data", ExtentKind.ZERO: "zero", ExtentKind.ABSENT: "unallocated"}
 
 
-def map_rows(extents, layer_paths: list[str], parent_missing: bool) -> list[dict]:
+# Zero-reading BAT states named apart in `map` (a trimmed block is not a zeroed one).
+ZERO_STATE_NAMES = {BatState.ZERO: "zero", BatState.UNMAPPED: "unmapped", BatState.UNMAPPED_V095: "unmapped",
+                    BatState.UNDEFINED: "undefined"}
+
+
+def map_rows(extents, layer_paths: list[str], parent_missing: bool, layer_states=None) -> list[dict]:
+    """Rows of `map`; LAYER_STATES (per layer: BAT states, block size) splits zero runs by their block state."""
     rows = []
     for start, length, kind, layer, file_offset in extents.rows():
         name = KIND_NAMES[ExtentKind(kind)]
         if kind == ExtentKind.ABSENT and parent_missing:
             name = "parent-missing"
-        rows.append({
-            "start": start, "length": length, "state": name, "layer": layer if layer >= 0 else None,
-            "file": layer_paths[layer] if layer >= 0 else None,
-            "offset": file_offset if kind == ExtentKind.DATA else None,
-        })
+        pieces = [(start, length, None)]
+        if kind == ExtentKind.ZERO and layer_states is not None and layer >= 0:
+            pieces = split_by_state(start, length, *layer_states[layer])
+        for piece_start, piece_length, state in pieces:
+            rows.append({
+                "start": piece_start, "length": piece_length,
+                "state": name if state is None else ZERO_STATE_NAMES.get(state, name),
+                "layer": layer if layer >= 0 else None, "file": layer_paths[layer] if layer >= 0 else None,
+                "offset": file_offset if kind == ExtentKind.DATA else None,
+            })
     return rows
 
 
@@ -124,3 +137,12 @@ def map_text(rows: list[dict]) -> str:
         layer = str(r["layer"]) if r["layer"] is not None else "-"
         lines.append(f"{r['start']:<#18x}{r['length']:<#18x}{r['state']:<16}{mapped:<18}{layer:<6}{r['file'] or '-'}")
     return "\n".join(lines)
+
+
+def absent_summary(absent, how: str) -> str:
+    """One line for the ranges a lost parent would supply (hundreds on a real disk; --json lists each)."""
+    total = sum(length for _, length in absent)
+    first, (last_start, last_length) = absent[0][0], absent[-1]
+    ranges = f"{len(absent)} range{'s' if len(absent) != 1 else ''}"
+    return (f"absent (parent missing, {how}): {ranges}, {human_size(total)} ({total} bytes) between "
+            f"{first:#x} and {last_start + last_length:#x}; --json lists each")
