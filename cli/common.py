@@ -49,9 +49,46 @@ SIZE = SizeType()
 class State:
     """Options shared by every command (the click context object)."""
 
-    def __init__(self, as_json: bool = False, verbose: bool = False) -> None:
+    def __init__(self, as_json: bool = False, verbose: bool = False, progress: bool = False,
+                 quiet: bool = False) -> None:
         self.as_json = as_json
         self.verbose = verbose
+        self.progress = progress  # -p: progress bars even when stderr is not a terminal (into logs)
+        self.quiet = quiet  # -q: no progress bars, no warnings; results and errors still print
+
+
+def current_state() -> State:
+    """The State of the running command line (a default one outside click)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return State()
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+# Flags every command also takes after its name (`vhdx info X -v`), as qemu-img users type them.
+SHARED_FLAGS = (("verbose", "-v", "--verbose", "More detail."),
+                ("progress", "-p", "--progress", "Show progress bars even when stderr is not a terminal."),
+                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."))
+
+
+def _set_shared_flag(ctx, param, value) -> None:
+    if value:
+        setattr(current_state(), param.name.removeprefix("shared_"), True)
+
+
+def add_shared_flags(command: click.Command) -> click.Command:
+    """Give COMMAND the global -v/-p/-q too, unless it already uses the name or letter for something else."""
+    taken = {opt for param in command.params for opt in getattr(param, "opts", ())}
+    for name, short, long, help_text in SHARED_FLAGS:
+        opts = [o for o in (short, long) if o not in taken]
+        if long in taken or not opts or any(p.name == f"shared_{name}" for p in command.params):
+            continue
+        command.params.append(click.Option(opts, f"shared_{name}", is_flag=True, expose_value=False,
+                                           callback=_set_shared_flag, help=help_text))
+    return command
 
 
 # What the shell reports for a tool stopped by SIGPIPE (qemu-img, cat): `vhdx map X | head` ends like them.
@@ -94,6 +131,8 @@ class OneLineErrorGroup(click.Group):
             module_name, attribute = self.lazy_commands[name].split(":")
             command = getattr(importlib.import_module(module_name), attribute)
             self.add_command(command, name)
+        if command is not None and not isinstance(command, click.Group):
+            add_shared_flags(command)
         return command
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
@@ -153,6 +192,8 @@ def open_kwargs(parent, search_dirs, ignore_id_mismatch, orphan) -> dict:
 
 def warn_if_being_written(image) -> None:
     """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
+    if current_state().quiet:
+        return
     for layer in image.layers_opened():
         if layer.io.writer_lock_held():
             click.echo(f"vhdx: warning: {layer.path} is open for writing by another process; "
@@ -163,12 +204,15 @@ def warn_if_being_written(image) -> None:
 
 
 class Progress:
-    """Bytes done, rate and ETA on stderr, only when stderr is a terminal."""
+    """Bytes done, rate and ETA on stderr: when stderr is a terminal or with -p, never with -q."""
 
     def __init__(self, total: int, label: str, enabled: bool | None = None) -> None:
         self.total = max(total, 1)
         self.label = label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        if enabled is None:
+            state = current_state()
+            enabled = not state.quiet and (state.progress or sys.stderr.isatty())
+        self.enabled = enabled
         self.start = time.monotonic()
         self._last = 0.0
 

@@ -9,7 +9,7 @@ import click
 import vhdx
 from vhdx.convert import flatten, import_raw
 from vhdx.errors import ChainError
-from vhdx.export import export_raw
+from vhdx.export import export_raw, stream_raw
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image, describe_parent
 from vhdx_cli import render
@@ -31,10 +31,12 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 @click.version_option(package_name="vhdx-chain")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (same as the per-command flag).")
 @click.option("-v", "--verbose", is_flag=True, help="More detail.")
+@click.option("-p", "--progress", is_flag=True, help="Show progress bars even when stderr is not a terminal.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no warnings (errors still print).")
 @click.pass_context
-def cli(ctx, as_json, verbose):
+def cli(ctx, as_json, verbose, progress, quiet):
     """Read, check, repair and merge VHDX/AVHDX disks and Hyper-V checkpoint chains."""
-    ctx.obj = State(as_json, verbose)
+    ctx.obj = State(as_json, verbose, progress, quiet)
 
 
 def json_option(func):
@@ -120,10 +122,14 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
             **chain_opts):
     """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
 
-    To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated.
+    To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated. DESTINATION
+    "-" writes the raw disk to stdout.
     """
     if os.path.abspath(source) == os.path.abspath(destination):
         raise click.UsageError("SOURCE and DESTINATION are the same file")
+    if destination == "-":
+        _convert_to_stdout(source, output_format, chain_opts)
+        return
     source_format = source_format or ("vhdx" if is_vhdx_file(source) else "raw")
     if source_format == "raw":
         if output_format != "vhdx":
@@ -140,6 +146,20 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         else:
             flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                     sync=sync)
+        progress.finish()
+        warn_if_being_written(image)
+
+
+def _convert_to_stdout(source: str, output_format: str, chain_opts: dict) -> None:
+    """``convert SRC -``: the raw virtual disk on stdout, for pipes (dd, ssh, hashers)."""
+    if output_format != "raw":
+        raise click.UsageError("only -O raw can go to stdout (a VHDX is written with seeks)")
+    out = click.get_binary_stream("stdout")
+    if out.isatty():
+        raise click.UsageError("refusing to write a disk image to a terminal; redirect stdout")
+    with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
+        progress = Progress(image.virtual_size, "convert")
+        stream_raw(image, out, progress=progress)
         progress.finish()
         warn_if_being_written(image)
 

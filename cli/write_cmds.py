@@ -9,6 +9,7 @@ import click
 import vhdx
 from vhdx.create import create as create_disk
 from vhdx.errors import InvalidRequestError
+from vhdx.format.foreign import FOREIGN_EXTENSIONS
 from vhdx.relink import set_parent as relink
 from vhdx_cli import render
 from vhdx_cli.common import SIZE, handle_errors
@@ -23,10 +24,14 @@ from vhdx_cli.common import SIZE, handle_errors
 @click.option("--logical-sector-size", type=click.Choice(["512", "4096"]), help="Default 512 (a child: parent's).")
 @click.option("--physical-sector-size", type=click.Choice(["512", "4096"]), help="Default 4096 (a child: parent's).")
 @click.option("--parent", type=click.Path(exists=True, dir_okay=False), help="Parent of a differencing disk.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file; allow a name like .vhd or .qcow2.")
 @handle_errors
 def create(path, size, disk_type, block_size, logical_sector_size, physical_sector_size, parent, force):
     """Create a VHDX/AVHDX file (like New-VHD / qemu-img create)."""
+    promised = FOREIGN_EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if promised and not force:
+        raise click.UsageError(f"{path}: the name promises a {promised} disk, but create writes VHDX; name it "
+                               ".vhdx or .avhdx, or pass --force to keep this name")
     if disk_type == "differencing" and not parent:
         raise click.UsageError("--type differencing needs --parent")
     if disk_type in ("dynamic", "fixed") and parent:

@@ -54,3 +54,21 @@ def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool
         os.unlink(tmp)
         raise VhdxError(f"cannot create {out_path}: {exc.strerror}") from None
     return copied
+
+
+def stream_raw(image: VhdxImage, out, *, progress: Callable[[int], None] | None = None) -> int:
+    """Write the whole virtual disk, zeros included, to the binary stream OUT (a pipe: no holes, no seeking).
+
+    Returns the bytes written (the virtual size).
+    """
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while offset < image.virtual_size:
+        n = image.readinto(offset, view[: min(COPY_CHUNK, image.virtual_size - offset)])
+        out.write(view[:n])
+        offset += n
+        if progress:
+            progress(offset)
+    out.flush()
+    return offset

@@ -35,3 +35,9 @@ def foreign_format(head: bytes, tail: bytes) -> str | None:
         if head[offset:offset + len(magic)] == magic:
             return name
     return None
+
+# File name extensions that promise another format: a VHDX under one of these names misleads Hyper-V and qemu-img.
+FOREIGN_EXTENSIONS = {
+    ".vhd": "VHD (v1)", ".qcow2": "qcow2", ".qcow": "qcow", ".qed": "QED", ".vmdk": "VMDK", ".vdi": "VDI",
+    ".img": "raw", ".raw": "raw", ".iso": "ISO 9660",
+}
