@@ -36,17 +36,23 @@ def _layer_option(func):
 @click.command()
 @click.argument("child", type=EXISTING_FILE)
 @click.option("--against", "ancestor", type=EXISTING_FILE, help="Ancestor to compare with (default: the parent).")
-@click.option("--sectors", is_flag=True, help="Sector granularity from the sector bitmaps (default: whole blocks).")
+@click.option("--blocks", is_flag=True, help="Whole payload blocks (what each layer allocated), not exact sectors.")
+@click.option("--sectors", is_flag=True, hidden=True, help="Sector granularity (the default; kept for scripts).")
 @click.option("--algo", "algorithm", default="sha256", show_default=True, help="Hash of each extent's content.")
 @chain_options
 @_json_option
 @click.pass_context
 @handle_errors
-def diff(ctx, child, ancestor, sectors, algorithm, as_json, **chain_opts):
-    """Show the virtual ranges the layers from CHILD down to ANCESTOR wrote, with hashes of new and old content."""
+def diff(ctx, child, ancestor, blocks, sectors, algorithm, as_json, **chain_opts):
+    """Show the virtual ranges the layers from CHILD down to ANCESTOR wrote, with hashes of new and old content.
+
+    Sector-exact by default (from the sector bitmaps); --blocks reports whole payload blocks.
+    """
+    if blocks and sectors:
+        raise click.UsageError("--blocks and --sectors exclude each other")
     (algorithm,) = check_algorithms([algorithm])
     with vhdx.open(child, **open_kwargs(**chain_opts)) as image:
-        result = diff_layers(image, ancestor, sectors=sectors, algorithm=algorithm)
+        result = diff_layers(image, ancestor, sectors=not blocks, algorithm=algorithm)
     if _wants_json(ctx, as_json):
         render.emit_json(result.to_json())
         return

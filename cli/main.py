@@ -181,6 +181,7 @@ cli.lazy_commands.update({
     "check": "vhdx_cli.check_cmds:check",
     "repair": "vhdx_cli.check_cmds:repair",
     "diff": "vhdx_cli.forensics_cmds:diff",
+    "compare": "vhdx_cli.compare_cmds:compare",
     "hash": "vhdx_cli.forensics_cmds:hash_",
     "slack": "vhdx_cli.forensics_cmds:slack",
     "serve": "vhdx_cli.forensics_cmds:serve",
