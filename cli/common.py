@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import re
 import sys
@@ -105,7 +106,27 @@ def exit_on_broken_pipe() -> None:
     sys.exit(BROKEN_PIPE_EXIT)
 
 
-def fail(message: str, code: int = 1) -> None:
+# Version of every --json document (and of the error document below); bump it when a field changes meaning.
+SCHEMA_VERSION = 1
+# Set by the command line's entry point: --json anywhere in the arguments (usage errors come before any context).
+_json_in_args = False
+
+
+def json_wanted() -> bool:
+    """Whether the running command was asked for JSON (global or per-command --json)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.params.get("as_json") or current_state().as_json):
+        return True
+    return _json_in_args
+
+
+def fail(message: str, code: int = 1, error: VhdxError | None = None) -> None:
+    """One line on stderr and exit CODE; in --json mode also the error as JSON on stdout (same exit code)."""
+    if json_wanted():
+        details = {"message": message, "exit_code": code}
+        if error is not None:
+            details.update(structure=error.structure, offset=error.offset, path=error.path)
+        click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "error": details}, indent=2))
     click.echo(f"vhdx: error: {message}", err=True)
     sys.exit(code)
 
@@ -135,11 +156,13 @@ class OneLineErrorGroup(click.Group):
             add_shared_flags(command)
         return command
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
+        global _json_in_args
+        _json_in_args = "--json" in (sys.argv[1:] if args is None else list(args))
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, *rest, standalone_mode=False, **kwargs)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, *rest, standalone_mode=False, **kwargs)
         except click.ClickException as exc:
             if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                 exc.show()  # bare ``vhdx``: the help text is the message
@@ -161,7 +184,7 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")))
+            fail(" ".join(str(exc).split("\n")), error=exc)
         except BrokenPipeError:
             exit_on_broken_pipe()
         except OSError as exc:

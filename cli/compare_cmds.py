@@ -24,7 +24,7 @@ def _errors_exit_2(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")), COULD_NOT_COMPARE)
+            fail(" ".join(str(exc).split("\n")), COULD_NOT_COMPARE, error=exc)
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", COULD_NOT_COMPARE)
 

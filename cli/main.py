@@ -62,7 +62,10 @@ def info(ctx, path, as_json, **chain_opts):
         described = describe_image(image)
         described.parent_status = describe_parent(image)
         warn_if_being_written(image)
-    render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.info_text(described))
+    if wants_json(ctx, as_json):
+        render.emit_json(render.with_absolute_path(described.to_json(), path))
+    else:
+        click.echo(render.info_text(described))
 
 
 @cli.command()
@@ -97,7 +100,7 @@ def map_(ctx, path, as_json, **chain_opts):
             click.echo(f"vhdx: warning: {exc}; mapping this layer alone", err=True)
             parent_missing, layers = True, [image]
             extents = image.extents(through_parents=False)
-        rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing,
+        rows = render.map_rows(extents, [os.path.abspath(layer.path) for layer in layers], parent_missing,
                                [(layer.bat.states, layer.geometry.block_size) for layer in layers])
         warn_if_being_written(image)
     render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))

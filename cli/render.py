@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from vhdx.extents import ExtentKind
 from vhdx.format.constants import BatState
 from vhdx.zero_runs import split_by_state
+from vhdx_cli.common import SCHEMA_VERSION
 
 
 def emit_json(data) -> None:
+    """Print a --json document; an object carries the schema_version its schema names (vhdx_cli.json_schemas)."""
+    if isinstance(data, dict) and "schema_version" not in data:
+        data = {"schema_version": SCHEMA_VERSION, **data}
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def with_absolute_path(data: dict, given: str) -> dict:
+    """DATA with "path" absolute and "path_given" the name as typed (scripts join documents on the path)."""
+    return {**data, "path": os.path.abspath(given), "path_given": given}
 
 
 def human_size(n: int) -> str:
