@@ -72,7 +72,8 @@ def current_state() -> State:
 # Flags every command also takes after its name (`vhdx info X -v`), as qemu-img users type them.
 SHARED_FLAGS = (("verbose", "-v", "--verbose", "More detail."),
                 ("progress", "-p", "--progress", "Show progress bars even when stderr is not a terminal."),
-                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."))
+                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."),
+                ("as_json", None, "--json", "Machine-readable JSON output (same as the global flag)."))
 
 
 def _set_shared_flag(ctx, param, value) -> None:
@@ -84,7 +85,7 @@ def add_shared_flags(command: click.Command) -> click.Command:
     """Give COMMAND the global -v/-p/-q too, unless it already uses the name or letter for something else."""
     taken = {opt for param in command.params for opt in getattr(param, "opts", ())}
     for name, short, long, help_text in SHARED_FLAGS:
-        opts = [o for o in (short, long) if o not in taken]
+        opts = [o for o in (short, long) if o and o not in taken]
         if long in taken or not opts or any(p.name == f"shared_{name}" for p in command.params):
             continue
         command.params.append(click.Option(opts, f"shared_{name}", is_flag=True, expose_value=False,

@@ -95,6 +95,16 @@ COMPARE = document({
     "size_mismatch": BOOL, "first_mismatch": OPT_UINT, "extents": array(RANGE),
 })
 
+CREATE = document({"path": ABS_PATH, "path_given": STR, "disk_type": {"enum": ["fixed", "dynamic", "differencing"]},
+                   "virtual_size": UINT, "block_size": UINT, "parent": OPT_ABS_PATH})
+WRITE = document({"path": ABS_PATH, "path_given": STR, "offset": UINT, "length": UINT})
+DISCARD = WRITE
+CONVERT = document({"source": ABS_PATH, "destination": ABS_PATH, "destination_given": STR,
+                    "source_format": {"enum": ["vhdx", "raw"]}, "output_format": {"enum": ["vhdx", "raw"]},
+                    "destination_size": UINT})
+FLATTEN = document({"child": ABS_PATH, "out": ABS_PATH, "out_given": STR, "data_bytes": UINT})
+
 # Command name -> schema of its --json output.
 SCHEMAS = {"info": INFO, "chain": CHAIN, "map": MAP, "check": CHECK, "hash": HASH, "diff": DIFF,
-           "compare": COMPARE, "error": ERROR}
+           "compare": COMPARE, "create": CREATE, "write": WRITE, "discard": DISCARD, "convert": CONVERT,
+           "flatten": FLATTEN, "error": ERROR}

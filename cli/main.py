@@ -20,6 +20,7 @@ from vhdx_cli.common import (
     State,
     chain_options,
     handle_errors,
+    json_wanted,
     open_kwargs,
     warn_if_being_written,
 )
@@ -141,6 +142,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                    sync=sync)
         progress.finish()
+        _convert_json(source, destination, source_format, output_format)
         return
     with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
         progress = Progress(image.virtual_size, "convert")
@@ -151,6 +153,15 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
                     sync=sync)
         progress.finish()
         warn_if_being_written(image)
+    _convert_json(source, destination, source_format, output_format)
+
+
+def _convert_json(source: str, destination: str, source_format: str, output_format: str) -> None:
+    """What convert wrote, in --json mode (otherwise it prints nothing, as qemu-img does)."""
+    if json_wanted():
+        render.emit_json({"source": os.path.abspath(source), "destination": os.path.abspath(destination),
+                          "destination_given": destination, "source_format": source_format,
+                          "output_format": output_format, "destination_size": os.path.getsize(destination)})
 
 
 def _convert_to_stdout(source: str, output_format: str, chain_opts: dict) -> None:

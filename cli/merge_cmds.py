@@ -102,4 +102,5 @@ def flatten(child, out, disk_type, force, search_dirs, sync):
         bar = Progress(image.virtual_size, "flatten")
         written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
-    click.echo(f"flattened {child} into {out} ({render.human_size(written)} of data)")
+    render.report({"child": os.path.abspath(child), "out": os.path.abspath(out), "out_given": out,
+                   "data_bytes": written}, f"flattened {child} into {out} ({render.human_size(written)} of data)")

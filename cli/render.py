@@ -10,7 +10,7 @@ import click
 from vhdx.extents import ExtentKind
 from vhdx.format.constants import BatState
 from vhdx.zero_runs import split_by_state
-from vhdx_cli.common import SCHEMA_VERSION
+from vhdx_cli.common import SCHEMA_VERSION, json_wanted
 
 
 def emit_json(data) -> None:
@@ -18,6 +18,11 @@ def emit_json(data) -> None:
     if isinstance(data, dict) and "schema_version" not in data:
         data = {"schema_version": SCHEMA_VERSION, **data}
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def report(data: dict, text: str) -> None:
+    """The result of a command: DATA as JSON in --json mode, else TEXT."""
+    emit_json(data) if json_wanted() else click.echo(text)
 
 
 def with_absolute_path(data: dict, given: str) -> dict:

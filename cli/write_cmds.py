@@ -12,7 +12,7 @@ from vhdx.errors import InvalidRequestError
 from vhdx.format.foreign import FOREIGN_EXTENSIONS
 from vhdx.relink import set_parent as relink
 from vhdx_cli import render
-from vhdx_cli.common import SIZE, handle_errors
+from vhdx_cli.common import SIZE, handle_errors, json_wanted
 
 
 @click.command()
@@ -40,7 +40,11 @@ def create(path, size, disk_type, block_size, logical_sector_size, physical_sect
                 logical_sector_size=int(logical_sector_size) if logical_sector_size else None,
                 physical_sector_size=int(physical_sector_size) if physical_sector_size else None,
                 parent=parent, overwrite=force)
-    click.echo(f"created {path}")
+    with vhdx.open(path) as image:
+        data = {"path": os.path.abspath(path), "path_given": path, "disk_type": image.disk_type.label,
+                "virtual_size": image.virtual_size, "block_size": image.block_size,
+                "parent": os.path.abspath(parent) if parent else None}
+    render.report(data, f"created {path}")
 
 
 @click.command()
@@ -73,7 +77,8 @@ def write(disk, offset, input_path, pattern, zero, length):
             done = _write_file(image, offset, input_path)
         else:
             done = _write_pattern(image, offset, value, length)
-    click.echo(f"wrote {done} bytes at offset {offset}")
+    render.report({"path": os.path.abspath(disk), "path_given": disk, "offset": offset, "length": done},
+                  f"wrote {done} bytes at offset {offset}")
 
 
 def _write_file(image, offset: int, path: str) -> int:
@@ -104,7 +109,8 @@ def discard(disk, offset, length):
     """Trim a range: whole blocks inside it read as zeros afterwards (like qemu-io discard)."""
     with vhdx.open(disk, writable=True) as image:
         image.discard(offset, length)
-    click.echo(f"discarded {length} bytes at offset {offset}")
+    render.report({"path": os.path.abspath(disk), "path_given": disk, "offset": offset, "length": length},
+                  f"discarded {length} bytes at offset {offset}")
 
 
 @click.command(name="set-parent")
@@ -117,7 +123,7 @@ def discard(disk, offset, length):
 def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
     """Point CHILD at PARENT (like Set-VHD -ParentPath [-IgnoreIdMismatch])."""
     result = relink(child, parent, ignore_id_mismatch=ignore_id_mismatch, dry_run=dry_run)
-    if as_json:
+    if as_json or json_wanted():
         render.emit_json({"child": result.child, "parent": result.parent, "dry_run": dry_run,
                           "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
                           "new": dict(result.new_entries)})

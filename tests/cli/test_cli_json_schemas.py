@@ -71,3 +71,24 @@ def test_a_schema_rejects_a_relative_path():
         jsonschema.validate({"schema_version": 1, "a": "rel.vhdx", "b": "/x", "size_a": 1, "size_b": 1,
                              "strict": False, "identical": True, "size_mismatch": False, "first_mismatch": None,
                              "extents": []}, SCHEMAS["compare"])
+
+
+@pytest.mark.parametrize("where", ["global", "command"])
+def test_writing_commands_answer_in_json_too(tmp_path, where):
+    def run_json(*args):
+        args = ["--json", *args] if where == "global" else [*args, "--json"]
+        return json_of(*args)
+
+    disk, raw, flat = tmp_path / "d.vhdx", tmp_path / "d.raw", tmp_path / "f.vhdx"
+    created = run_json("create", disk, "--size", "4M", "--block-size", "1M")
+    jsonschema.validate(created, SCHEMAS["create"])
+    assert created["virtual_size"] == 4 * MiB and created["disk_type"] == "dynamic"
+    jsonschema.validate(run_json("write", disk, "--offset", "0", "--pattern", "0x33", "--length", "4096"),
+                        SCHEMAS["write"])
+    jsonschema.validate(run_json("discard", disk, "--offset", "1M", "--length", "1M"), SCHEMAS["discard"])
+    converted = run_json("convert", disk, raw)
+    jsonschema.validate(converted, SCHEMAS["convert"])
+    assert converted["destination_size"] == 4 * MiB
+    child = tmp_path / "c.avhdx"
+    run_json("create", child, "--parent", disk)
+    jsonschema.validate(run_json("flatten", child, flat), SCHEMAS["flatten"])
