@@ -75,13 +75,19 @@ def diff(ctx, child, ancestor, blocks, sectors, algorithm, as_json, **chain_opts
               help="Comma-separated algorithms, e.g. sha256,md5,sha1 (all computed in one pass).")
 @click.option("--piece-size", type=SIZE, help="Also hash every piece of this size (e.g. 1M, 1G).")
 @click.option("--no-layers", is_flag=True, help="Skip hashing each layer file.")
+@click.option("--partition", type=click.IntRange(min=1), help="Hash only partition N (see `vhdx partitions`).")
 @chain_options
 @_json_option
 @click.pass_context
 @handle_errors
-def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, **chain_opts):
+def hash_(ctx, path, algorithms, piece_size, no_layers, partition, as_json, **chain_opts):
     """Hash the virtual disk of PATH through its chain (= hash of the flattened raw image) and each layer file."""
     algos = check_algorithms(algorithms.split(","))
+    if partition is not None:
+        from vhdx_cli.partition_cmds import hash_partition
+
+        with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
+            return hash_partition(image, partition, algorithms)
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         progress = Progress(image.virtual_size, "hash")
         result = hash_disk(image, algos, piece_size, layer_files=not no_layers, progress=progress)

@@ -104,7 +104,12 @@ CONVERT = document({"source": ABS_PATH, "destination": ABS_PATH, "destination_gi
                     "destination_size": UINT})
 FLATTEN = document({"child": ABS_PATH, "out": ABS_PATH, "out_given": STR, "data_bytes": UINT})
 
+PARTITIONS = document({"path": ABS_PATH, "path_given": STR, "scheme": {"enum": ["mbr", "gpt", None]},
+                       "partitions": array(obj({"number": {"type": "integer", "minimum": 1},
+                                                "scheme": {"enum": ["mbr", "gpt"]}, "start": UINT, "length": UINT,
+                                                "type": STR, "bootable": BOOL}, {"name": OPT_STR, "guid": OPT_STR}))})
+
 # Command name -> schema of its --json output.
 SCHEMAS = {"info": INFO, "chain": CHAIN, "map": MAP, "check": CHECK, "hash": HASH, "diff": DIFF,
            "compare": COMPARE, "create": CREATE, "write": WRITE, "discard": DISCARD, "convert": CONVERT,
-           "flatten": FLATTEN, "error": ERROR}
+           "flatten": FLATTEN, "partitions": PARTITIONS, "error": ERROR}

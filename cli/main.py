@@ -196,6 +196,7 @@ cli.lazy_commands.update({
     "repair": "vhdx_cli.check_cmds:repair",
     "diff": "vhdx_cli.forensics_cmds:diff",
     "compare": "vhdx_cli.compare_cmds:compare",
+    "partitions": "vhdx_cli.partition_cmds:partitions",
     "hash": "vhdx_cli.forensics_cmds:hash_",
     "slack": "vhdx_cli.forensics_cmds:slack",
     "serve": "vhdx_cli.forensics_cmds:serve",

@@ -1,0 +1,142 @@
+"""The MBR or GPT partitions of a virtual disk, read through its chain (like ``fdisk -l`` on the flat image).
+
+GPT is chosen when the MBR is protective (type 0xEE); its header CRC is checked and the backup header (last
+LBA) is used when the primary one fails. MBR extended partitions are followed through their EBR chain;
+logical partitions are numbered from 5, as Linux does. A disk without a partition table has no partitions.
+
+References: UEFI Specification 2.10 §5.2-§5.3.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from construct import ConstructError
+
+from vhdx.errors import FormatError, InvalidRequestError
+from vhdx.format import partition_table as pt
+
+MAX_LOGICAL = 128  # EBR chain length bound: a looping chain must not hang the reader
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int  # as Linux numbers them: GPT 1.., MBR primary 1-4, logical 5..
+    scheme: str  # "mbr" or "gpt"
+    start: int  # byte offset in the virtual disk
+    length: int  # bytes
+    type: str  # MBR type byte as "0x83", or the GPT type GUID
+    name: str | None = None  # GPT partition name
+    guid: str | None = None  # GPT unique partition GUID
+    bootable: bool = False  # MBR active flag
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+Reader = Callable[[int, int], bytes]  # (offset, length) -> bytes of the virtual disk
+
+
+def read_partitions(read: Reader, disk_size: int, sector_size: int) -> list[Partition]:
+    """Every partition of the disk READ gives (``disk_size`` bytes, LBAs of ``sector_size`` bytes)."""
+    if disk_size < 2 * sector_size:
+        return []
+    mbr = pt.Mbr.parse(read(0, 512))
+    if mbr.signature != pt.MBR_SIGNATURE:
+        return []
+    if any(e.type == pt.GPT_PROTECTIVE_TYPE for e in mbr.entries):
+        return _gpt(read, disk_size, sector_size)
+    return _mbr(read, mbr, disk_size, sector_size)
+
+
+def _check_bounds(part: Partition, disk_size: int, structure: str, offset: int) -> Partition:
+    if part.length <= 0 or part.start + part.length > disk_size:
+        raise FormatError(f"partition {part.number} ({part.start:#x}, {part.length} bytes) lies outside the "
+                          f"{disk_size}-byte virtual disk", structure=structure, offset=offset)
+    return part
+
+
+def _mbr(read: Reader, mbr, disk_size: int, ss: int) -> list[Partition]:
+    parts = []
+    for i, e in enumerate(mbr.entries):
+        if e.type == 0 or e.sectors == 0:
+            continue
+        at = pt.MBR_ENTRIES_OFFSET + 16 * i
+        parts.append(_check_bounds(Partition(i + 1, "mbr", e.lba_first * ss, e.sectors * ss, f"{e.type:#04x}",
+                                             bootable=e.status == 0x80), disk_size, f"MBR entry {i + 1}", at))
+        if e.type in pt.MBR_EXTENDED_TYPES:
+            parts.extend(_logical(read, e.lba_first, disk_size, ss))
+    return parts
+
+
+def _logical(read: Reader, extended_lba: int, disk_size: int, ss: int) -> list[Partition]:
+    parts, ebr_lba, seen = [], extended_lba, set()
+    while ebr_lba not in seen and len(parts) < MAX_LOGICAL and (ebr_lba + 1) * ss <= disk_size:
+        seen.add(ebr_lba)
+        ebr = pt.Mbr.parse(read(ebr_lba * ss, 512))
+        if ebr.signature != pt.MBR_SIGNATURE:
+            raise FormatError("extended boot record without the 0x55AA signature", structure="EBR",
+                              offset=ebr_lba * ss)
+        this, nxt = ebr.entries[0], ebr.entries[1]
+        if this.type != 0 and this.sectors != 0:
+            number = 5 + len(parts)
+            parts.append(_check_bounds(Partition(number, "mbr", (ebr_lba + this.lba_first) * ss, this.sectors * ss,
+                                                 f"{this.type:#04x}", bootable=this.status == 0x80), disk_size,
+                                       f"EBR of partition {number}", ebr_lba * ss + pt.MBR_ENTRIES_OFFSET))
+        if nxt.type not in pt.MBR_EXTENDED_TYPES or nxt.lba_first == 0:
+            break
+        ebr_lba = extended_lba + nxt.lba_first
+    return parts
+
+
+def _gpt_header(read: Reader, lba: int, ss: int):
+    raw = read(lba * ss, ss)
+    try:
+        header = pt.GptHeader.parse(raw)
+    except ConstructError:
+        return None
+    if not 92 <= header.header_size <= ss:
+        return None
+    body = bytearray(raw[:header.header_size])
+    body[16:20] = bytes(4)
+    return header if zlib.crc32(body) == header.header_crc32 else None
+
+
+def _gpt(read: Reader, disk_size: int, ss: int) -> list[Partition]:
+    header = _gpt_header(read, 1, ss) or _gpt_header(read, disk_size // ss - 1, ss)
+    if header is None:
+        raise FormatError("neither the primary nor the backup GPT header is valid (signature or CRC)",
+                          structure="GPT header", offset=ss)
+    if not 128 <= header.entry_size <= 4096 or header.entry_count > 4096:
+        raise FormatError(f"implausible GPT entry array ({header.entry_count} x {header.entry_size} bytes)",
+                          structure="GPT header", offset=header.current_lba * ss)
+    table_at = header.entries_lba * ss
+    table = read(table_at, header.entry_count * header.entry_size)
+    if zlib.crc32(table) != header.entries_crc32:
+        raise FormatError("GPT partition entry array CRC mismatch", structure="GPT entries", offset=table_at)
+    parts = []
+    for i in range(header.entry_count):
+        at = i * header.entry_size
+        e = pt.GptEntry.parse(table[at:at + 128])
+        if e.type_guid == pt.UNUSED_GPT_TYPE:
+            continue
+        part = Partition(i + 1, "gpt", e.first_lba * ss, (e.last_lba - e.first_lba + 1) * ss, str(e.type_guid),
+                         name=e.name.rstrip("\x00") or None, guid=str(e.unique_guid))
+        parts.append(_check_bounds(part, disk_size, f"GPT entry {i + 1}", table_at + at))
+    return parts
+
+
+def image_partitions(image) -> list[Partition]:
+    """Partitions of an opened VhdxImage (read through its chain)."""
+    return read_partitions(image.read, image.virtual_size, image.geometry.logical_sector_size)
+
+
+def select(partitions: list[Partition], number: int) -> Partition:
+    """Partition NUMBER, or an error naming the numbers there are."""
+    for part in partitions:
+        if part.number == number:
+            return part
+    have = ", ".join(str(p.number) for p in partitions) or "none: no MBR or GPT partition table"
+    raise InvalidRequestError(f"no partition {number} on this disk (partitions: {have})")
