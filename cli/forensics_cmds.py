@@ -33,6 +33,17 @@ def _layer_option(func):
                         help="Layer to export: depth (0 = CHAIN itself, 1 = its parent, ...) or a layer's path.")(func)
 
 
+def _partition_option(func):
+    return click.option("--partition", type=click.IntRange(min=1),
+                        help="Export only partition N of the disk (see `vhdx partitions`).")(func)
+
+
+def partition_view(layer, number: int):
+    from vhdx.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
+
+    return PartitionView(layer, select(image_partitions(layer), number))
+
+
 @click.command()
 @click.argument("child", type=EXISTING_FILE)
 @click.option("--against", "ancestor", type=EXISTING_FILE, help="Ancestor to compare with (default: the parent).")
@@ -142,11 +153,12 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
 @_layer_option
 @click.option("--port", type=click.IntRange(1, 65535), help=f"TCP port on 127.0.0.1 (default {nbd.DEFAULT_PORT}).")
 @click.option("--unix", "unix", type=click.Path(dir_okay=False), help="Serve on this Unix socket instead of TCP.")
+@_partition_option
 @chain_options
 @_json_option
 @click.pass_context
 @handle_errors
-def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
+def serve(ctx, chain, at, port, unix, partition, as_json, **chain_opts):
     """Export the virtual disk (at any layer) read-only over NBD with nbdkit, until interrupted."""
     if port is not None and unix is not None:
         raise click.UsageError("give --port or --unix, not both")
@@ -157,7 +169,9 @@ def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
     with vhdx.open(chain, **opts) as image:
         depth = find_layer(image, at)
         layer_path, size = image.layers[depth].path, image.layers[depth].virtual_size
-    argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, **opts)
+        if partition is not None:  # checked here, so a bad number is a clear error before nbdkit starts
+            size = partition_view(image.layers[depth], partition).virtual_size
+    argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, partition=partition, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):
         render.emit_json({"uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
@@ -174,19 +188,25 @@ def serve(ctx, chain, at, port, unix, as_json, **chain_opts):
 @click.argument("chain", type=EXISTING_FILE)
 @click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
 @_layer_option
+@_partition_option
 @chain_options
 @_json_option
 @click.pass_context
 @handle_errors
-def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
+def mount(ctx, chain, mountpoint, at, partition, as_json, **chain_opts):
     """Expose the virtual disk (at any layer) as one read-only raw file under MOUNTPOINT (FUSE), until unmounted."""
-    from vhdx.forensics.fuse import load_fuse  # noqa: PLC0415 - optional dependency
+    from vhdx.forensics.fuse import (
+        load_fuse,  # noqa: PLC0415 - optional dependency
+        raw_name,
+    )
     from vhdx.forensics.fuse import mount as fuse_mount
 
     load_fuse()
     with vhdx.open(chain, **open_kwargs(**chain_opts)) as image:
         depth = find_layer(image, at)
         layer = image.layers[depth]
+        if partition is not None:
+            layer = partition_view(layer, partition)
 
         def ready(file_path: str) -> None:
             if _wants_json(ctx, as_json):
@@ -198,7 +218,8 @@ def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
                            f"'umount {mountpoint}'", err=True)
             sys.stdout.flush()
 
-        fuse_mount(layer, mountpoint, ready=ready)
+        name = f"{os.path.splitext(raw_name(layer.path))[0]}-p{partition}.raw" if partition is not None else None
+        fuse_mount(layer, mountpoint, name=name, ready=ready)
 
 
 COMMANDS = (diff, hash_, slack, serve, mount)

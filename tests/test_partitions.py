@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
+from tests.forensics.test_export import fuse_usable, nbdkit_ready, stop, vhdx_cmd, wait_for  # noqa: F401
 from vhdx.convert import import_raw
 from vhdx.errors import FormatError
-from vhdx.partitions import read_partitions
+from vhdx.forensics import nbd
+from vhdx.partitions import PartitionView, image_partitions, read_partitions, select
 from vhdx_cli.json_schemas import SCHEMAS
 from vhdx_cli.main import cli
 
@@ -142,3 +144,87 @@ def test_hash_of_a_missing_partition_names_those_there_are(tmp_path):
     _, path, _ = disk_with(tmp_path, GPT_SCRIPT)
     result = CliRunner().invoke(cli, ["hash", "--partition", "9", str(path)])
     assert result.exit_code == 1 and "partitions: 1, 2, 3" in result.output
+
+
+def test_partition_view_reads_and_maps_the_partition_alone(tmp_path):
+    raw, path, table = disk_with(tmp_path, GPT_SCRIPT)
+    p = table["partitions"][1]
+    start, length = p["start"] * 512, p["size"] * 512
+    with vhdx.open(path) as image:
+        view = PartitionView(image, select(image_partitions(image), 2))
+        assert view.virtual_size == length
+        assert view.read(0, length) == raw.read_bytes()[start:start + length]
+        assert view.read(length - 10, 100) == raw.read_bytes()[start + length - 10:start + length]
+        ext = view.extents()
+        assert int(ext.start[0]) == 0 and int(ext.length.sum()) == length
+
+
+def test_nbd_plugin_exports_one_partition(tmp_path):
+    raw, path, table = disk_with(tmp_path, MBR_SCRIPT)
+    p = table["partitions"][4]  # logical partition 6
+    start, length = p["start"] * 512, p["size"] * 512
+    nbd._config.update({"file": str(path), "at": 0, "partition": 6})
+    try:
+        handle = nbd.open(True)
+        try:
+            assert nbd.get_size(handle) == length
+            buf = bytearray(4096)
+            nbd.pread(handle, buf, 0, 0)
+            assert bytes(buf) == raw.read_bytes()[start:start + 4096]
+        finally:
+            nbd.close(handle)
+    finally:
+        nbd._config.pop("file")
+        nbd._config.pop("partition")
+
+
+@pytest.mark.usefixtures("nbdkit_ready")
+def test_serve_partition_over_nbd_matches_the_slice(tmp_path):
+    raw, path, table = disk_with(tmp_path, GPT_SCRIPT)
+    p = table["partitions"][2]
+    start, length = p["start"] * 512, p["size"] * 512
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen(vhdx_cmd("serve", path, "--partition", 3, "--unix", sock), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(sock.exists, proc)
+        out = tmp_path / "p3.raw"
+        done = subprocess.run(["qemu-img", "convert", "-f", "raw", f"nbd+unix:///?socket={sock}", "-O", "raw",
+                               str(out)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == raw.read_bytes()[start:start + length]
+    finally:
+        stop(proc)
+
+
+@pytest.mark.usefixtures("nbdkit_ready")
+def test_serve_a_missing_partition_is_a_clear_error(tmp_path):
+    _, path, _ = disk_with(tmp_path, GPT_SCRIPT)
+    result = CliRunner().invoke(cli, ["serve", str(path), "--partition", "7", "--unix", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "no partition 7" in result.output
+
+
+def test_mount_partition_exposes_the_slice(tmp_path):
+    reason = fuse_usable()
+    if reason:
+        pytest.skip(reason)
+    raw, path, table = disk_with(tmp_path, MBR_SCRIPT)
+    p = table["partitions"][0]
+    start, length = p["start"] * 512, p["size"] * 512
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(vhdx_cmd("mount", path, mnt, "--partition", 1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    exposed = mnt / "disk-p1.raw"
+    try:
+        wait_for(exposed.exists, proc)
+        assert exposed.read_bytes() == raw.read_bytes()[start:start + length]
+    finally:
+        if proc.poll() is None:
+            umount = shutil.which("fusermount3") or shutil.which("fusermount")
+            subprocess.run([umount, "-u", str(mnt)] if umount else ["umount", str(mnt)], capture_output=True)
+        code = proc.wait(timeout=20)
+    stderr = proc.communicate()[1]
+    if code != 0 and "cannot mount" in stderr:
+        pytest.skip(stderr.strip())
+    assert code == 0, stderr

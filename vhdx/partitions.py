@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from construct import ConstructError
 
@@ -140,3 +140,36 @@ def select(partitions: list[Partition], number: int) -> Partition:
             return part
     have = ", ".join(str(p.number) for p in partitions) or "none: no MBR or GPT partition table"
     raise InvalidRequestError(f"no partition {number} on this disk (partitions: {have})")
+
+
+class PartitionView:
+    """One partition of an opened disk, seen as a disk of its own (for serve, mount): offsets shift by its start.
+
+    Offers what the exporters use of a VhdxImage: ``path``, ``layers``, ``virtual_size``, ``read``,
+    ``readinto`` and ``extents``.
+    """
+
+    def __init__(self, image, partition: Partition) -> None:
+        self.image = image
+        self.partition = partition
+        self.path = image.path
+        self.virtual_size = partition.length
+
+    @property
+    def layers(self):
+        return self.image.layers
+
+    def readinto(self, offset: int, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self.virtual_size - offset))
+        return self.image.readinto(self.partition.start + offset, view[:n]) if n else 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(max(0, min(length, self.virtual_size - offset)))
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def extents(self, start: int = 0, end: int | None = None):
+        end = self.virtual_size if end is None else min(end, self.virtual_size)
+        ext = self.image.extents(self.partition.start + start, self.partition.start + end)
+        return replace(ext, start=ext.start - self.partition.start)
