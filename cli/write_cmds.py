@@ -12,7 +12,7 @@ from vhdx.errors import InvalidRequestError
 from vhdx.format.foreign import FOREIGN_EXTENSIONS
 from vhdx.relink import set_parent as relink
 from vhdx_cli import render
-from vhdx_cli.common import SIZE, handle_errors, json_wanted
+from vhdx_cli.common import SIZE, current_state, handle_errors, json_wanted
 
 
 @click.command()
@@ -123,12 +123,20 @@ def discard(disk, offset, length):
 def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
     """Point CHILD at PARENT (like Set-VHD -ParentPath [-IgnoreIdMismatch])."""
     result = relink(child, parent, ignore_id_mismatch=ignore_id_mismatch, dry_run=dry_run)
+    if not current_state().quiet:
+        for warning in result.warnings:
+            click.echo(f"vhdx: warning: {warning}", err=True)
+    new = dict(result.new_entries)
+    removed = [key for key, _ in result.old_entries if key not in new]
     if as_json or json_wanted():
         render.emit_json({"child": result.child, "parent": result.parent, "dry_run": dry_run,
                           "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
-                          "new": dict(result.new_entries)})
+                          "new": new, "removed": removed, "warnings": list(result.warnings)})
         return
     click.echo(("would change" if dry_run else "changed") + f" parent locator of {child}:")
+    old_entries = dict(result.old_entries)
     for key, value in result.new_entries:
-        old = dict(result.old_entries).get(key)
+        old = old_entries.get(key)
         click.echo(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
+    for key in removed:
+        click.echo(f"  {key}: {old_entries[key]} -> (removed)")
