@@ -70,15 +70,17 @@ def test_quiet_wins_over_progress_and_hides_warnings(tmp_path, disk):
     assert result.stderr == ""
 
 
-def test_convert_to_dash_writes_the_raw_disk_to_stdout(disk):
+def test_convert_to_dash_writes_the_raw_disk_to_stdout(disk, tmp_path):
     done = subprocess.run([sys.executable, "-m", "vhdx_cli.main", "convert", str(disk), "-"], capture_output=True,
-                          timeout=120)
+                          timeout=120, cwd=tmp_path)  # a tool that took "-" for a file name writes it there
+    assert not (tmp_path / "-").exists()
     assert done.returncode == 0, done.stderr
     with vhdx.open(disk) as image:
         assert hashlib.sha256(done.stdout).hexdigest() == hashlib.sha256(image.read(0, image.virtual_size)).hexdigest()
 
 
-def test_convert_to_dash_refuses_vhdx_output(disk):
+def test_convert_to_dash_refuses_vhdx_output(disk, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = run("convert", disk, "-", "-O", "vhdx")
     assert result.exit_code == 1 and "stdout" in result.output
 
