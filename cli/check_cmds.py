@@ -50,7 +50,7 @@ def check(ctx, path, whole_chain, as_json):
     """Check PATH for corruption and leaked space (exit 0 clean, 2 corruption, 3 only leaks, 1 unreadable)."""
     report = check_image(path, chain=whole_chain)
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
-        render.emit_json(report.to_json())
+        render.emit_json(render.with_absolute_path(report.to_json(), path))
     else:
         click.echo(render.printable_lines(report_lines(report)))
     for checked in (report, *report.parents):

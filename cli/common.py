@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import os
 import re
 import sys
 import time
@@ -11,7 +13,7 @@ import time
 import click
 
 from vhdx.errors import VhdxError
-from vhdx_cli.render import printable
+from vhdx_cli.text import printable
 
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -49,13 +51,84 @@ SIZE = SizeType()
 class State:
     """Options shared by every command (the click context object)."""
 
-    def __init__(self, as_json: bool = False, verbose: bool = False) -> None:
+    def __init__(self, as_json: bool = False, verbose: bool = False, progress: bool = False,
+                 quiet: bool = False) -> None:
         self.as_json = as_json
         self.verbose = verbose
+        self.progress = progress  # -p: progress bars even when stderr is not a terminal (into logs)
+        self.quiet = quiet  # -q: no progress bars, no warnings; results and errors still print
 
 
-def fail(message: str, code: int = 1) -> None:
-    # Messages quote paths and strings taken from files.
+def current_state() -> State:
+    """The State of the running command line (a default one outside click)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return State()
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+# Flags every command also takes after its name (`vhdx info X -v`), as qemu-img users type them.
+SHARED_FLAGS = (("verbose", "-v", "--verbose", "More detail."),
+                ("progress", "-p", "--progress", "Show progress bars even when stderr is not a terminal."),
+                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."),
+                ("as_json", None, "--json", "Machine-readable JSON output (same as the global flag)."))
+
+
+def _set_shared_flag(ctx, param, value) -> None:
+    if value:
+        setattr(current_state(), param.name.removeprefix("shared_"), True)
+
+
+def add_shared_flags(command: click.Command) -> click.Command:
+    """Give COMMAND the global -v/-p/-q too, unless it already uses the name or letter for something else."""
+    taken = {opt for param in command.params for opt in getattr(param, "opts", ())}
+    for name, short, long, help_text in SHARED_FLAGS:
+        opts = [o for o in (short, long) if o and o not in taken]
+        if long in taken or not opts or any(p.name == f"shared_{name}" for p in command.params):
+            continue
+        command.params.append(click.Option(opts, f"shared_{name}", is_flag=True, expose_value=False,
+                                           callback=_set_shared_flag, help=help_text))
+    return command
+
+
+# What the shell reports for a tool stopped by SIGPIPE (qemu-img, cat): `vhdx map X | head` ends like them.
+BROKEN_PIPE_EXIT = 128 + 13
+
+
+def exit_on_broken_pipe() -> None:
+    """The reader of stdout has gone (``| head``): stop quietly, without a traceback or an error line."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    except (OSError, ValueError):
+        pass
+    sys.exit(BROKEN_PIPE_EXIT)
+
+
+# Version of every --json document (and of the error document below); bump it when a field changes meaning.
+SCHEMA_VERSION = 1
+# Set by the command line's entry point: --json anywhere in the arguments (usage errors come before any context).
+_json_in_args = False
+
+
+def json_wanted() -> bool:
+    """Whether the running command was asked for JSON (global or per-command --json)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.params.get("as_json") or current_state().as_json):
+        return True
+    return _json_in_args
+
+
+def fail(message: str, code: int = 1, error: VhdxError | None = None) -> None:
+    """One line on stderr and exit CODE; in --json mode also the error as JSON on stdout (same exit code)."""
+    if json_wanted():
+        details = {"message": printable(message), "exit_code": code}
+        if error is not None:
+            details.update(structure=error.structure, offset=error.offset, path=error.path)
+        click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "error": details}, indent=2))
     click.echo(f"vhdx: error: {printable(message)}", err=True)
     sys.exit(code)
 
@@ -81,13 +154,17 @@ class OneLineErrorGroup(click.Group):
             module_name, attribute = self.lazy_commands[name].split(":")
             command = getattr(importlib.import_module(module_name), attribute)
             self.add_command(command, name)
+        if command is not None and not isinstance(command, click.Group):
+            add_shared_flags(command)
         return command
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
+        global _json_in_args
+        _json_in_args = "--json" in (sys.argv[1:] if args is None else list(args))
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, *rest, standalone_mode=False, **kwargs)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, *rest, standalone_mode=False, **kwargs)
         except click.ClickException as exc:
             if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
                 exc.show()  # bare ``vhdx``: the help text is the message
@@ -95,6 +172,8 @@ class OneLineErrorGroup(click.Group):
             fail(" ".join(exc.format_message().split()), 1)
         except click.Abort:
             fail("aborted", 1)
+        except BrokenPipeError:
+            exit_on_broken_pipe()
         # Without standalone mode click returns the exit code of ``ctx.exit`` (e.g. after --help) instead of exiting.
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -107,7 +186,9 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")))
+            fail(" ".join(str(exc).split("\n")), error=exc)
+        except BrokenPipeError:
+            exit_on_broken_pipe()
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
         except MemoryError:
@@ -153,6 +234,8 @@ def report_invented(image) -> None:
 
 def warn_if_being_written(image) -> None:
     """Read-only commands never block writers, but say so when one is at work on a layer of the chain."""
+    if current_state().quiet:
+        return
     for layer in image.layers_opened():
         if layer.io.writer_lock_held():
             warn_in_use(layer.path)
@@ -171,12 +254,15 @@ def warn_replayed(path: str) -> None:
 
 
 class Progress:
-    """Bytes done, rate and ETA on stderr, only when stderr is a terminal."""
+    """Bytes done, rate and ETA on stderr: when stderr is a terminal or with -p, never with -q."""
 
     def __init__(self, total: int, label: str, enabled: bool | None = None) -> None:
         self.total = max(total, 1)
         self.label = label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        if enabled is None:
+            state = current_state()
+            enabled = not state.quiet and (state.progress or sys.stderr.isatty())
+        self.enabled = enabled
         self.start = time.monotonic()
         self._last = 0.0
 

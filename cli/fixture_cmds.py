@@ -19,10 +19,13 @@ def fixture():
 @click.argument("spec")
 @click.argument("outdir", type=click.Path(file_okay=False))
 @click.option("--name", help="Chain name (default: the spec's name or its file name).")
+@click.option("--force", is_flag=True, help="Build into OUTDIR even if it is not empty.")
 @click.pass_obj
 @handle_errors
-def build_cmd(state: State, spec, outdir, name):
+def build_cmd(state: State, spec, outdir, name, force):
     """Build SPEC (a .toml file or a ready spec name from `vhdx fixture list`) into OUTDIR with manifest.json."""
+    if not force and os.path.isdir(outdir) and os.listdir(outdir):
+        fail(f"{outdir} is not empty (its files could be overwritten); pass --force to build into it anyway")
     from vhdx_fixtures.builder import build
     from vhdx_fixtures.faults import FaultError
     from vhdx_fixtures.spec import SpecError, load_spec, ready_spec
@@ -49,7 +52,13 @@ def build_cmd(state: State, spec, outdir, name):
         return
     for layer in result.manifest["layers"]:
         codes = ",".join(f["code"] for f in layer["check"]) or "clean"
-        digest = layer["flat_sha256"] or layer["windows_sha256"] or "-"
+        # Name what the digest is of: the whole flattened disk, or (above 1 GiB) only the written windows.
+        if layer["flat_sha256"]:
+            digest = f"flattened sha256 {layer['flat_sha256']}"
+        elif layer["windows_sha256"]:
+            digest = f"flattened sha256 of the written windows {layer['windows_sha256']}"
+        else:
+            digest = "flattened sha256 -"
         click.echo(f"{os.path.join(outdir, layer['path'])}  {digest}  {codes}")
     click.echo(f"manifest: {os.path.join(outdir, 'manifest.json')}")
 

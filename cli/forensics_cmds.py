@@ -42,21 +42,38 @@ def _layer_option(func):
                         help="Layer to export: depth (0 = CHAIN itself, 1 = its parent, ...) or a layer's path.")(func)
 
 
+def _partition_option(func):
+    return click.option("--partition", type=click.IntRange(min=1),
+                        help="Export only partition N of the disk (see `vhdx partitions`).")(func)
+
+
+def partition_view(layer, number: int):
+    from vhdx.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
+
+    return PartitionView(layer, select(image_partitions(layer), number))
+
+
 @click.command()
 @click.argument("child", type=EXISTING_FILE)
 @click.option("--against", "ancestor", type=EXISTING_FILE, help="Ancestor to compare with (default: the parent).")
-@click.option("--sectors", is_flag=True, help="Sector granularity from the sector bitmaps (default: whole blocks).")
+@click.option("--blocks", is_flag=True, help="Whole payload blocks (what each layer allocated), not exact sectors.")
+@click.option("--sectors", is_flag=True, hidden=True, help="Sector granularity (the default; kept for scripts).")
 @click.option("--algo", "algorithm", default="sha256", show_default=True, help="Hash of each extent's content.")
 @chain_options
 @salvage_option
 @_json_option
 @click.pass_context
 @handle_errors
-def diff(ctx, child, ancestor, sectors, algorithm, as_json, salvage, **chain_opts):
-    """Show the virtual ranges the layers from CHILD down to ANCESTOR wrote, with hashes of new and old content."""
+def diff(ctx, child, ancestor, blocks, sectors, algorithm, as_json, salvage, **chain_opts):
+    """Show the virtual ranges the layers from CHILD down to ANCESTOR wrote, with hashes of new and old content.
+
+    Sector-exact by default (from the sector bitmaps); --blocks reports whole payload blocks.
+    """
+    if blocks and sectors:
+        raise click.UsageError("--blocks and --sectors exclude each other")
     (algorithm,) = check_algorithms([algorithm])
     with vhdx.open(child, **open_kwargs(**chain_opts), salvage=salvage) as image:
-        result = diff_layers(image, ancestor, sectors=sectors, algorithm=algorithm)
+        result = diff_layers(image, ancestor, sectors=not blocks, algorithm=algorithm)
         warn_if_being_written(image)
         report_invented(image)
     if _wants_json(ctx, as_json):
@@ -71,8 +88,8 @@ def diff(ctx, child, ancestor, sectors, algorithm, as_json, salvage, **chain_opt
         layers = ",".join(map(str, e.layers))
         click.echo(f"{e.start:<#18x}{e.length:<#14x}{layers:<8}{e.new_digest}")
         click.echo(f"{'':<40}{e.old_digest or '-'}")
-    for start, length in result.absent:
-        click.echo(f"absent (parent missing, reads as zeros): {start:#x} length {length:#x}")
+    if result.absent:
+        click.echo(render.absent_summary(result.absent, "reads as zeros"))
 
 
 @click.command(name="hash")
@@ -81,14 +98,22 @@ def diff(ctx, child, ancestor, sectors, algorithm, as_json, salvage, **chain_opt
               help="Comma-separated algorithms, e.g. sha256,md5,sha1 (all computed in one pass).")
 @click.option("--piece-size", type=SIZE, help="Also hash every piece of this size (e.g. 1M, 1G).")
 @click.option("--no-layers", is_flag=True, help="Skip hashing each layer file.")
+@click.option("--partition", type=click.IntRange(min=1), help="Hash only partition N (see `vhdx partitions`).")
 @chain_options
 @salvage_option
 @_json_option
 @click.pass_context
 @handle_errors
-def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, salvage, **chain_opts):
+def hash_(ctx, path, algorithms, piece_size, no_layers, partition, as_json, salvage, **chain_opts):
     """Hash the virtual disk of PATH through its chain (= hash of the flattened raw image) and each layer file."""
     algos = check_algorithms(algorithms.split(","))
+    if partition is not None:
+        from vhdx_cli.partition_cmds import hash_partition
+
+        with vhdx.open(path, **open_kwargs(**chain_opts), salvage=salvage) as image:
+            result = hash_partition(image, partition, algorithms)
+            report_invented(image)
+            return result
     with vhdx.open(path, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "hash")
         result = hash_disk(image, algos, piece_size, layer_files=not no_layers, progress=progress)
@@ -108,8 +133,8 @@ def hash_(ctx, path, algorithms, piece_size, no_layers, as_json, salvage, **chai
         for algo, digest in layer.digests.items():
             click.echo(f"layer {layer.depth} file: {algo}  {digest}  {render.printable(layer.path)} "
                        f"({layer.size} bytes)")
-    for start, length in result.absent:
-        click.echo(f"absent (parent missing, hashed as zeros): {start:#x} length {length:#x}")
+    if result.absent:
+        click.echo(render.absent_summary(result.absent, "hashed as zeros"))
 
 
 @click.command()
@@ -148,12 +173,13 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
 @_layer_option
 @click.option("--port", type=click.IntRange(1, 65535), help=f"TCP port on 127.0.0.1 (default {nbd.DEFAULT_PORT}).")
 @click.option("--unix", "unix", type=click.Path(dir_okay=False), help="Serve on this Unix socket instead of TCP.")
+@_partition_option
 @chain_options
 @salvage_option
 @_json_option
 @click.pass_context
 @handle_errors
-def serve(ctx, chain, at, port, unix, as_json, salvage, **chain_opts):
+def serve(ctx, chain, at, port, unix, partition, as_json, salvage, **chain_opts):
     """Export the virtual disk (at any layer) read-only over NBD with nbdkit, until interrupted."""
     if port is not None and unix is not None:
         raise click.UsageError("give --port or --unix, not both")
@@ -166,7 +192,9 @@ def serve(ctx, chain, at, port, unix, as_json, salvage, **chain_opts):
         layer_path, size = image.layers[depth].path, image.layers[depth].virtual_size
         warn_if_being_written(image)
         report_invented(image)
-    argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, **opts)
+        if partition is not None:  # checked here, so a bad number is a clear error before nbdkit starts
+            size = partition_view(image.layers[depth], partition).virtual_size
+    argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, partition=partition, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):
         render.emit_json({"uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
@@ -184,13 +212,17 @@ def serve(ctx, chain, at, port, unix, as_json, salvage, **chain_opts):
 @click.argument("chain", type=EXISTING_FILE)
 @click.argument("mountpoint", type=click.Path(file_okay=False, exists=True))
 @_layer_option
+@_partition_option
 @chain_options
 @_json_option
 @click.pass_context
 @handle_errors
-def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
+def mount(ctx, chain, mountpoint, at, partition, as_json, **chain_opts):
     """Expose the virtual disk (at any layer) as one read-only raw file under MOUNTPOINT (FUSE), until unmounted."""
-    from vhdx.forensics.fuse import load_fuse  # noqa: PLC0415 - optional dependency
+    from vhdx.forensics.fuse import (
+        load_fuse,  # noqa: PLC0415 - optional dependency
+        raw_name,
+    )
     from vhdx.forensics.fuse import mount as fuse_mount
 
     load_fuse()
@@ -198,6 +230,8 @@ def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
         depth = find_layer(image, at)
         layer = image.layers[depth]
         warn_if_being_written(image)
+        if partition is not None:
+            layer = partition_view(layer, partition)
 
         def ready(file_path: str) -> None:
             if _wants_json(ctx, as_json):
@@ -209,7 +243,8 @@ def mount(ctx, chain, mountpoint, at, as_json, **chain_opts):
                            f"'umount {mountpoint}'", err=True)
             sys.stdout.flush()
 
-        fuse_mount(layer, mountpoint, ready=ready)
+        name = f"{os.path.splitext(raw_name(layer.path))[0]}-p{partition}.raw" if partition is not None else None
+        fuse_mount(layer, mountpoint, name=name, ready=ready)
 
 
 COMMANDS = (diff, hash_, slack, serve, mount)

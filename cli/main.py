@@ -9,7 +9,7 @@ import click
 import vhdx
 from vhdx.convert import flatten, import_raw
 from vhdx.errors import ChainError
-from vhdx.export import export_raw
+from vhdx.export import export_raw, stream_raw
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.inspect import describe_chain, describe_image, describe_parent
 from vhdx_cli import render
@@ -20,6 +20,7 @@ from vhdx_cli.common import (
     State,
     chain_options,
     handle_errors,
+    json_wanted,
     open_kwargs,
     report_invented,
     salvage_option,
@@ -33,10 +34,12 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 @click.version_option(package_name="vhdx-chain")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (same as the per-command flag).")
 @click.option("-v", "--verbose", is_flag=True, help="More detail.")
+@click.option("-p", "--progress", is_flag=True, help="Show progress bars even when stderr is not a terminal.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no warnings (errors still print).")
 @click.pass_context
-def cli(ctx, as_json, verbose):
+def cli(ctx, as_json, verbose, progress, quiet):
     """Read, check, repair and merge VHDX/AVHDX disks and Hyper-V checkpoint chains."""
-    ctx.obj = State(as_json, verbose)
+    ctx.obj = State(as_json, verbose, progress, quiet)
 
 
 def json_option(func):
@@ -62,7 +65,10 @@ def info(ctx, path, as_json, **chain_opts):
         described = describe_image(image)
         described.parent_status = describe_parent(image)
         warn_if_being_written(image)
-    render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.info_text(described))
+    if wants_json(ctx, as_json):
+        render.emit_json(render.with_absolute_path(described.to_json(), path))
+    else:
+        click.echo(render.info_text(described))
 
 
 @cli.command()
@@ -98,7 +104,8 @@ def map_(ctx, path, as_json, **chain_opts):
             click.echo(f"vhdx: warning: {render.printable(exc)}; mapping this layer alone", err=True)
             parent_missing, layers = True, [image]
             extents = image.extents(through_parents=False)
-        rows = render.map_rows(extents, [layer.path for layer in layers], parent_missing)
+        rows = render.map_rows(extents, [os.path.abspath(layer.path) for layer in layers], parent_missing,
+                               [(layer.bat.states, layer.geometry.block_size) for layer in layers])
         warn_if_being_written(image)
     render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))
 
@@ -127,9 +134,13 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
 
     To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated. With
     --type differencing, --parent names the new disk's parent (SOURCE's own parents are found by its locator).
+    DESTINATION "-" writes the raw disk to stdout.
     """
     if os.path.abspath(source) == os.path.abspath(destination):
         raise click.UsageError("SOURCE and DESTINATION are the same file")
+    if destination == "-":
+        _convert_to_stdout(source, output_format, chain_opts, salvage)
+        return
     source_format = source_format or ("vhdx" if is_vhdx_file(source) else "raw")
     if disk_type == "differencing" or keep_id:
         _convert_type(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
@@ -142,6 +153,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                    sync=sync)
         progress.finish()
+        _convert_json(source, destination, source_format, output_format)
         return
     with vhdx.open(source, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "convert")
@@ -178,6 +190,30 @@ def _convert_type(source, destination, output_format, source_format, disk_type, 
                     sync=sync, keep_id=keep_id)
         progress.finish()
         warn_if_being_written(image)
+    _convert_json(source, destination, source_format, output_format)
+
+
+def _convert_json(source: str, destination: str, source_format: str, output_format: str) -> None:
+    """What convert wrote, in --json mode (otherwise it prints nothing, as qemu-img does)."""
+    if json_wanted():
+        render.emit_json({"source": os.path.abspath(source), "destination": os.path.abspath(destination),
+                          "destination_given": destination, "source_format": source_format,
+                          "output_format": output_format, "destination_size": os.path.getsize(destination)})
+
+
+def _convert_to_stdout(source: str, output_format: str, chain_opts: dict, salvage: bool) -> None:
+    """``convert SRC -``: the raw virtual disk on stdout, for pipes (dd, ssh, hashers)."""
+    if output_format != "raw":
+        raise click.UsageError("only -O raw can go to stdout (a VHDX is written with seeks)")
+    out = click.get_binary_stream("stdout")
+    if out.isatty():
+        raise click.UsageError("refusing to write a disk image to a terminal; redirect stdout")
+    with vhdx.open(source, **open_kwargs(**chain_opts), salvage=salvage) as image:
+        progress = Progress(image.virtual_size, "convert")
+        stream_raw(image, out, progress=progress)
+        progress.finish()
+        report_invented(image)
+        warn_if_being_written(image)
 
 
 def is_vhdx_file(path: str) -> bool:
@@ -197,6 +233,8 @@ cli.lazy_commands.update({
     "check": "vhdx_cli.check_cmds:check",
     "repair": "vhdx_cli.check_cmds:repair",
     "diff": "vhdx_cli.forensics_cmds:diff",
+    "compare": "vhdx_cli.compare_cmds:compare",
+    "partitions": "vhdx_cli.partition_cmds:partitions",
     "hash": "vhdx_cli.forensics_cmds:hash_",
     "slack": "vhdx_cli.forensics_cmds:slack",
     "serve": "vhdx_cli.forensics_cmds:serve",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 import vhdx
@@ -84,8 +86,12 @@ def merge_text(result) -> str:
                      f"bytes to zero: {render.human_size(plan['bytes_to_zero'])}")
         lines.append(f"  new allocations: {plan['new_blocks']} block(s), {plan['new_sector_bitmaps']} sector "
                      f"bitmap(s), {plan['reused_blocks']} block(s) reusing kept space")
-        lines.append(f"  destination file size: {render.human_size(plan['file_size'])} -> "
-                     f"{render.human_size(plan['final_size_estimate'])} (estimate)")
+        if result.dry_run:
+            lines.append(f"  destination file size: {render.human_size(plan['file_size'])} -> "
+                         f"{render.human_size(plan['final_size_estimate'])} (estimate)")
+        elif os.path.exists(result.destination):  # after the fact: what the file measures now
+            lines.append(f"  destination file size: {render.human_size(plan['file_size'])} -> "
+                         f"{render.human_size(os.path.getsize(result.destination))}")
         lines.append(f"  plan digest: {plan['digest']}")
     if result.relinked:
         lines.append(("  would relink: " if result.dry_run else "  relinked: ") + ", ".join(result.relinked))
@@ -120,4 +126,5 @@ def flatten(child, out, disk_type, force, search_dirs, sync):
         written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
         warn_if_being_written(image)
-    click.echo(f"flattened {child} into {out} ({render.human_size(written)} of data)")
+    render.report({"child": os.path.abspath(child), "out": os.path.abspath(out), "out_given": out,
+                   "data_bytes": written}, f"flattened {child} into {out} ({render.human_size(written)} of data)")

@@ -3,40 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
 from vhdx.extents import ExtentKind
-
-
-def printable(text) -> str:
-    r"""Text for a terminal, where part of it came from a file (paths, locator keys, creator strings, messages).
-
-    Every character that is not printable (C0 and C1 controls such as ESC, CR, BEL and CSI, DEL, a newline,
-    bidi overrides) becomes a ``\xNN``/``\uNNNN`` escape, so a file cannot move the cursor, recolour, retitle or
-    fake lines of the output. Renderers pass each line they print through it (JSON output escapes on its own).
-    """
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else
-                   f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
-                   f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}" for ch in text)
-
-
-def printable_lines(lines) -> str:
-    """One output line per element, each escaped with ``printable``."""
-    return "\n".join(printable(line) for line in lines)
+from vhdx.format.constants import BatState
+from vhdx.zero_runs import split_by_state
+from vhdx_cli.common import SCHEMA_VERSION, json_wanted
+from vhdx_cli.text import printable, printable_lines  # noqa: F401  (renderers and commands use render.printable)
 
 
 def emit_json(data) -> None:
+    """Print a --json document; an object carries the schema_version its schema names (vhdx_cli.json_schemas)."""
+    if isinstance(data, dict) and "schema_version" not in data:
+        data = {"schema_version": SCHEMA_VERSION, **data}
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def report(data: dict, text: str) -> None:
+    """The result of a command: DATA as JSON in --json mode, else TEXT."""
+    emit_json(data) if json_wanted() else click.echo(text)
+
+
+def with_absolute_path(data: dict, given: str) -> dict:
+    """DATA with "path" absolute and "path_given" the name as typed (scripts join documents on the path)."""
+    return {**data, "path": os.path.abspath(given), "path_given": given}
 
 
 def human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"  # 32 MiB, 1.5 GiB
         n /= 1024
     return str(n)
 
@@ -49,7 +47,7 @@ def info_text(info) -> str:
         f"virtual size: {human_size(info.virtual_size)} ({info.virtual_size} bytes)",
         f"file size: {human_size(info.file_size)} ({info.file_size} bytes)",
         f"allocated: {human_size(info.allocated_bytes)} ({info.allocated_bytes} bytes)",
-        f"block size: {info.block_size}",
+        f"block size: {human_size(info.block_size)} ({info.block_size} bytes)",
         f"logical sector size: {info.logical_sector_size}",
         f"physical sector size: {info.physical_sector_size}",
         f"disk id: {info.disk_id}",
@@ -126,17 +124,28 @@ def chain_text(chain) -> str:
 KIND_NAMES = {ExtentKind.DATA: "data", ExtentKind.ZERO: "zero", ExtentKind.ABSENT: "unallocated"}
 
 
-def map_rows(extents, layer_paths: list[str], parent_missing: bool) -> list[dict]:
+# Zero-reading BAT states named apart in `map` (a trimmed block is not a zeroed one).
+ZERO_STATE_NAMES = {BatState.ZERO: "zero", BatState.UNMAPPED: "unmapped", BatState.UNMAPPED_V095: "unmapped",
+                    BatState.UNDEFINED: "undefined"}
+
+
+def map_rows(extents, layer_paths: list[str], parent_missing: bool, layer_states=None) -> list[dict]:
+    """Rows of `map`; LAYER_STATES (per layer: BAT states, block size) splits zero runs by their block state."""
     rows = []
     for start, length, kind, layer, file_offset in extents.rows():
         name = KIND_NAMES[ExtentKind(kind)]
         if kind == ExtentKind.ABSENT and parent_missing:
             name = "parent-missing"
-        rows.append({
-            "start": start, "length": length, "state": name, "layer": layer if layer >= 0 else None,
-            "file": layer_paths[layer] if layer >= 0 else None,
-            "offset": file_offset if kind == ExtentKind.DATA else None,
-        })
+        pieces = [(start, length, None)]
+        if kind == ExtentKind.ZERO and layer_states is not None and layer >= 0:
+            pieces = split_by_state(start, length, *layer_states[layer])
+        for piece_start, piece_length, state in pieces:
+            rows.append({
+                "start": piece_start, "length": piece_length,
+                "state": name if state is None else ZERO_STATE_NAMES.get(state, name),
+                "layer": layer if layer >= 0 else None, "file": layer_paths[layer] if layer >= 0 else None,
+                "offset": file_offset if kind == ExtentKind.DATA else None,
+            })
     return rows
 
 
@@ -147,3 +156,12 @@ def map_text(rows: list[dict]) -> str:
         layer = str(r["layer"]) if r["layer"] is not None else "-"
         lines.append(f"{r['start']:<#18x}{r['length']:<#18x}{r['state']:<16}{mapped:<18}{layer:<6}{r['file'] or '-'}")
     return printable_lines(lines)
+
+
+def absent_summary(absent, how: str) -> str:
+    """One line for the ranges a lost parent would supply (hundreds on a real disk; --json lists each)."""
+    total = sum(length for _, length in absent)
+    first, (last_start, last_length) = absent[0][0], absent[-1]
+    ranges = f"{len(absent)} range{'s' if len(absent) != 1 else ''}"
+    return (f"absent (parent missing, {how}): {ranges}, {human_size(total)} ({total} bytes) between "
+            f"{first:#x} and {last_start + last_length:#x}; --json lists each")

@@ -9,9 +9,10 @@ import click
 import vhdx
 from vhdx.create import create as create_disk
 from vhdx.errors import InvalidRequestError
+from vhdx.format.foreign import FOREIGN_EXTENSIONS
 from vhdx.relink import set_parent as relink
 from vhdx_cli import render
-from vhdx_cli.common import SIZE, handle_errors
+from vhdx_cli.common import SIZE, current_state, handle_errors, json_wanted
 
 
 @click.command()
@@ -23,10 +24,14 @@ from vhdx_cli.common import SIZE, handle_errors
 @click.option("--logical-sector-size", type=click.Choice(["512", "4096"]), help="Default 512 (a child: parent's).")
 @click.option("--physical-sector-size", type=click.Choice(["512", "4096"]), help="Default 4096 (a child: parent's).")
 @click.option("--parent", type=click.Path(exists=True, dir_okay=False), help="Parent of a differencing disk.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file; allow a name like .vhd or .qcow2.")
 @handle_errors
 def create(path, size, disk_type, block_size, logical_sector_size, physical_sector_size, parent, force):
     """Create a VHDX/AVHDX file (like New-VHD / qemu-img create)."""
+    promised = FOREIGN_EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if promised and not force:
+        raise click.UsageError(f"{path}: the name promises a {promised} disk, but create writes VHDX; name it "
+                               ".vhdx or .avhdx, or pass --force to keep this name")
     if disk_type == "differencing" and not parent:
         raise click.UsageError("--type differencing needs --parent")
     if disk_type in ("dynamic", "fixed") and parent:
@@ -35,7 +40,11 @@ def create(path, size, disk_type, block_size, logical_sector_size, physical_sect
                 logical_sector_size=int(logical_sector_size) if logical_sector_size else None,
                 physical_sector_size=int(physical_sector_size) if physical_sector_size else None,
                 parent=parent, overwrite=force)
-    click.echo(f"created {path}")
+    with vhdx.open(path) as image:
+        data = {"path": os.path.abspath(path), "path_given": path, "disk_type": image.disk_type.label,
+                "virtual_size": image.virtual_size, "block_size": image.block_size,
+                "parent": os.path.abspath(parent) if parent else None}
+    render.report(data, f"created {path}")
 
 
 def dependents_options(func):
@@ -77,7 +86,8 @@ def write(disk, offset, input_path, pattern, zero, length, force, search_dirs):
             done = _write_file(image, offset, input_path)
         else:
             done = _write_pattern(image, offset, value, length)
-    click.echo(f"wrote {done} bytes at offset {offset}")
+    render.report({"path": os.path.abspath(disk), "path_given": disk, "offset": offset, "length": done},
+                  f"wrote {done} bytes at offset {offset}")
 
 
 def _write_file(image, offset: int, path: str) -> int:
@@ -118,7 +128,8 @@ def discard(disk, offset, length, force, search_dirs):
     else:
         why = f" (whole blocks only; parts of the {length}-byte range in partial blocks are left as they are)" \
             if done < length else ""
-    click.echo(f"discarded {done} bytes at offset {offset}{why}")
+    render.report({"path": os.path.abspath(disk), "path_given": disk, "offset": offset, "length": length,
+                   "discarded_bytes": done}, f"discarded {done} bytes at offset {offset}{why}")
 
 
 @click.command(name="set-parent")
@@ -131,13 +142,20 @@ def discard(disk, offset, length, force, search_dirs):
 def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
     """Point CHILD at PARENT (like Set-VHD -ParentPath [-IgnoreIdMismatch])."""
     result = relink(child, parent, ignore_id_mismatch=ignore_id_mismatch, dry_run=dry_run)
-    if as_json:
+    if not current_state().quiet:
+        for warning in result.warnings:
+            click.echo(f"vhdx: warning: {render.printable(warning)}", err=True)
+    new = dict(result.new_entries)
+    removed = [key for key, _ in result.old_entries if key not in new]
+    if as_json or json_wanted():
         render.emit_json({"child": result.child, "parent": result.parent, "dry_run": dry_run,
                           "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
-                          "new": dict(result.new_entries)})
+                          "new": new, "removed": removed, "warnings": list(result.warnings)})
         return
     lines = [("would change" if dry_run else "changed") + f" parent locator of {child}:"]
+    old_entries = dict(result.old_entries)
     for key, value in result.new_entries:
-        old = dict(result.old_entries).get(key)
+        old = old_entries.get(key)
         lines.append(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
+    lines += [f"  {key}: {old_entries[key]} -> (removed)" for key in removed]
     click.echo(render.printable_lines(lines))

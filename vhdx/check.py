@@ -30,6 +30,7 @@ from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
+from vhdx.image import foreign_file_reason
 from vhdx.io import ImageIO, parse_bytes
 from vhdx.log import LogState, overlay_for, read_log
 from vhdx.metadata import (
@@ -325,7 +326,7 @@ def _check_identifier(ctx: CheckContext) -> bool:
     if ctx.io.real_size < len(c.FILE_SIGNATURE) or raw != c.FILE_SIGNATURE:
         # The bytes found are not quoted: they may be the start of any file (a locator can name /etc/shadow).
         ctx.add(Severity.ERROR, "NOT_VHDX", "File Type Identifier", 0,
-                "not a VHDX file (it does not start with the 'vhdxfile' signature)")
+                foreign_file_reason(ctx.io) or "not a VHDX file (it does not start with the 'vhdxfile' signature)")
         return False
     if ctx.io.real_size < c.HEADER_SECTION_SIZE:
         ctx.add(Severity.ERROR, "FILE_TRUNCATED", "Header section", ctx.io.real_size,

@@ -12,6 +12,8 @@ Hyper-V defaults: 32 MiB blocks for dynamic/fixed disks, 2 MiB for checkpoints (
 from __future__ import annotations
 
 import os
+import platform
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -46,8 +48,26 @@ def align_up(value: int, alignment: int = c.ALIGNMENT) -> int:
     return ceil_div(value, alignment) * alignment
 
 
+def running_under_wsl() -> bool:
+    """Windows Subsystem for Linux, where /mnt/<letter>/ is that Windows drive."""
+    return "microsoft" in platform.release().lower() or "WSL_DISTRO_NAME" in os.environ
+
+
+def windows_absolute_path(abs_path: str, *, windows: bool, wsl: bool) -> str | None:
+    """The Windows form (drive letter or UNC) of an absolute path, or None when it has none we know.
+
+    A POSIX path is never returned: Hyper-V and other readers would take it for a Windows path.
+    """
+    if windows:
+        return abs_path
+    m = re.fullmatch(r"/mnt/([a-zA-Z])(/.*)?", abs_path)
+    if wsl and m:
+        return f"{m.group(1).upper()}:" + (m.group(2) or "/").replace("/", "\\")
+    return None
+
+
 def locator_paths(child_path: str, parent_path: str) -> list[tuple[str, str]]:
-    """relative_path and absolute_win32_path entries for a parent, as Hyper-V writes them."""
+    """relative_path, and absolute_win32_path when the parent has a Windows path, as Hyper-V writes them."""
     child_dir = os.path.dirname(os.path.abspath(child_path))
     parent_abs = os.path.abspath(parent_path)
     for path in (child_dir, parent_abs):
@@ -61,9 +81,11 @@ def locator_paths(child_path: str, parent_path: str) -> list[tuple[str, str]]:
     rel = os.path.relpath(parent_abs, child_dir).replace(os.sep, "\\")
     if not rel.startswith(".."):
         rel = ".\\" + rel
-    # On Windows this is the real absolute path; elsewhere the POSIX path, which our reader tries as is.
-    absolute = "\\\\?\\" + parent_abs if sys.platform == "win32" else parent_abs
-    return [(c.RELATIVE_PATH_KEY, rel), (c.ABSOLUTE_WIN32_PATH_KEY, absolute)]
+    entries = [(c.RELATIVE_PATH_KEY, rel)]
+    absolute = windows_absolute_path(parent_abs, windows=sys.platform == "win32", wsl=running_under_wsl())
+    if absolute is not None:
+        entries.append((c.ABSOLUTE_WIN32_PATH_KEY, absolute))
+    return entries
 
 
 def parent_locator_entries(child_path: str, parent_path: str, parent_data_write_guid: uuid.UUID

@@ -58,6 +58,19 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
     return copied
 
 
+def _in_order(image: VhdxImage, progress):
+    """The whole virtual disk, zeros included, as (offset, view) pieces in order (for outputs that cannot seek)."""
+    view = memoryview(bytearray(COPY_CHUNK))
+    pos = 0
+    while pos < image.virtual_size:
+        n = min(COPY_CHUNK, image.virtual_size - pos)
+        image.readinto(pos, view[:n])
+        yield pos, view[:n]
+        pos += n
+        if progress:
+            progress(pos)
+
+
 def _stream(image: VhdxImage, fd: int, destination: output.Destination, progress, sync: bool) -> int:
     """Write every byte of the virtual disk in order (devices and FIFOs); returns the bytes written."""
     if destination.kind == output.BLOCK_DEVICE:
@@ -65,23 +78,16 @@ def _stream(image: VhdxImage, fd: int, destination: output.Destination, progress
         os.lseek(fd, 0, os.SEEK_SET)
         if room < image.virtual_size:
             raise InvalidRequestError(f"{destination.path} holds {room} bytes, the virtual disk {image.virtual_size}")
-    view = memoryview(bytearray(COPY_CHUNK))
-    pos = 0
-    while pos < image.virtual_size:
-        n = min(COPY_CHUNK, image.virtual_size - pos)
-        image.readinto(pos, view[:n])
+    for pos, piece in _in_order(image, progress):
         done = 0
-        while done < n:
+        while done < len(piece):
             try:
-                done += os.write(fd, view[done:n])
+                done += os.write(fd, piece[done:])
             except OSError as exc:
                 raise VhdxError(f"write failed: {exc.strerror}", path=destination.path, offset=pos + done) from None
-        pos += n
-        if progress:
-            progress(pos)
     if sync and destination.kind == output.BLOCK_DEVICE:
         _fsync(fd, destination.path)
-    return pos
+    return image.virtual_size
 
 
 def _fsync(fd: int, path: str) -> None:
@@ -89,3 +95,14 @@ def _fsync(fd: int, path: str) -> None:
         os.fsync(fd)
     except OSError as exc:
         raise VhdxError(f"flush failed: {exc.strerror}", path=path) from None
+
+
+def stream_raw(image: VhdxImage, out, *, progress: Callable[[int], None] | None = None) -> int:
+    """Write the whole virtual disk, zeros included, to the binary stream OUT (a pipe: no holes, no seeking).
+
+    Returns the bytes written (the virtual size).
+    """
+    for _pos, piece in _in_order(image, progress):
+        out.write(piece)
+    out.flush()
+    return image.virtual_size

@@ -21,7 +21,7 @@ from vhdx.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
 from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.format import constants as c
-from vhdx.format import layouts
+from vhdx.format import foreign, layouts
 from vhdx.header import HeaderSet, load_headers
 from vhdx.io import ImageIO
 from vhdx.log import LogState, overlay_for, read_log
@@ -37,10 +37,23 @@ SMALL_READ = 1 << 20
 BITMAP_CACHE_CHUNKS = 32
 
 
-def _not_vhdx() -> FormatError:
-    # Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
-    return FormatError("not a VHDX file (it does not start with the 'vhdxfile' signature)",
-                       structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
+def foreign_file_reason(io: ImageIO) -> str | None:
+    """'empty file ...' or 'this is a VHD (v1) disk ...' for a file that is not VHDX; None when we cannot tell."""
+    size = io.real_size
+    if size == 0:
+        return "empty file (0 bytes), not VHDX"
+    tail_at = max(size - foreign.TAIL_BYTES, 0)
+    name = foreign.foreign_format(io.read_at(0, foreign.HEAD_BYTES), io.read_at(tail_at, size - tail_at))
+    return f"this is {name}, not VHDX" if name else None
+
+
+def _not_vhdx(io: ImageIO) -> FormatError:
+    """Name an empty file or another disk format (VHD, qcow2, ...); otherwise say it is not VHDX.
+
+    Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
+    """
+    reason = foreign_file_reason(io) or "not a VHDX file (it does not start with the 'vhdxfile' signature)"
+    return FormatError(reason, structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
 
 
 class VhdxImage:
@@ -73,13 +86,11 @@ class VhdxImage:
     def _load(self, *, with_bat: bool = True) -> None:
         io = self.io
         if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
-            raise _not_vhdx()
+            raise _not_vhdx(io)
         try:
             ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
             self.creator: str = ident.creator.rstrip("\x00")
         except FormatError:
-            if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
-                raise
             # The creator is diagnostic only: text that does not decode must not make the file unreadable.
             raw = io.read_at(c.FILE_IDENTIFIER_OFFSET + len(c.FILE_SIGNATURE), c.CREATOR_SIZE)
             self.creator = raw.decode("utf-16-le", "replace").split("\x00")[0]

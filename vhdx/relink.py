@@ -27,6 +27,7 @@ class RelinkResult:
     old_entries: tuple[tuple[str, str], ...]
     new_entries: tuple[tuple[str, str], ...]
     linkage_matched: bool
+    warnings: tuple[str, ...] = ()  # what differs between the new parent and the child, even when accepted
 
 
 def plan_locator(child_path: str, parent_path: str, old_entries, parent_guid) -> list[tuple[str, str]]:
@@ -57,10 +58,22 @@ def set_parent(child_path, parent_path, *, ignore_id_mismatch: bool = False, dry
                 f"{parent_path} has DataWriteGuid {parent.data_write_guid}, the child expects "
                 f"{' or '.join(str(g) for g in locator.linkages) or 'none'} (use --ignore-id-mismatch)",
                 structure="Parent Locator", path=child_path)
+        warnings = parent_differences(parent, child)
         new_entries = plan_locator(child_path, parent_path, locator.entries, parent.data_write_guid)
         if not dry_run:
             items = [MetadataItem(i.item_id, i.flags, build_parent_locator(new_entries))
                      if i.item_id == c.PARENT_LOCATOR_GUID else i for i in read_items(child.io, child.metadata)]
             child.writer.begin(changes_data=False)
             child.writer.rewrite_metadata(items)
-        return RelinkResult(child_path, parent_path, locator.entries, tuple(new_entries), matched)
+        return RelinkResult(child_path, parent_path, locator.entries, tuple(new_entries), matched, warnings)
+
+
+def parent_differences(parent, child) -> tuple[str, ...]:
+    """Signs that PARENT is not the disk CHILD was made from (Hyper-V keeps the virtual size and disk id)."""
+    found = []
+    if parent.virtual_size != child.virtual_size:
+        found.append(f"the parent's virtual size ({parent.virtual_size} bytes) differs from the child's "
+                     f"({child.virtual_size} bytes)")
+    if parent.disk_id != child.disk_id:
+        found.append(f"the parent's disk id ({parent.disk_id}) differs from the child's ({child.disk_id})")
+    return tuple(found)

@@ -40,7 +40,7 @@ def test_cli_audit_names_recovery_and_orphan(recording):
     assert result.exit_code == 0
     out = result.output
     assert "recovery checkpoint: web01 - Backup - 2024-04-02T01:00:07" in out
-    assert "orphan        7.0 GiB  D:\\Hyper-V\\web01\\Virtual Hard Disks\\web01_A3C5E7F9" in out
+    assert "orphan          7 GiB  D:\\Hyper-V\\web01\\Virtual Hard Disks\\web01_A3C5E7F9" in out
     assert "1. (online) remove recovery checkpoint" in out
     assert "vhdx merge 'D:\\Hyper-V\\web01\\Virtual Hard Disks\\web01_D41D8CD9" in out
 

@@ -42,6 +42,8 @@ def config(key: str, value: str) -> None:
         _config["file"] = os.path.abspath(value)
     elif key == "at":
         _config["at"] = int(value)
+    elif key == "partition":
+        _config["partition"] = int(value)
     elif key == "parent":
         _config["parent"] = value
     elif key == "search_dir":
@@ -81,6 +83,11 @@ def open(readonly: bool) -> _Export:  # noqa: A001 - the callback name nbdkit lo
         at = _config["at"]
         if not 0 <= at < len(layers):
             raise RuntimeError(f"layer {at} does not exist (the chain has {len(layers)} layers)")
+        if _config.get("partition") is not None:
+            from vhdx.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
+
+            layer = layers[at]
+            return _Export(top, PartitionView(layer, select(image_partitions(layer), _config["partition"])))
         return _Export(top, layers[at])
     except BaseException:
         top.close()
@@ -154,7 +161,7 @@ def check_nbdkit() -> str:
 
 def nbdkit_command(exe: str, path: str, *, at: int = 0, port: int | None = None, unix: str | None = None,
                    parent: str | None = None, search_dirs=(), ignore_id_mismatch: bool = False,
-                   orphan: bool = False, salvage: bool = False) -> list[str]:
+                   orphan: bool = False, salvage: bool = False, partition: int | None = None) -> list[str]:
     """The nbdkit command line: foreground, read-only, loopback TCP (default port 10809) or a Unix socket."""
     argv = [exe, "--foreground", "--readonly"]
     if unix is not None:
@@ -173,6 +180,8 @@ def nbdkit_command(exe: str, path: str, *, at: int = 0, port: int | None = None,
         argv.append("orphan=1")
     if salvage:
         argv.append("salvage=1")
+    if partition is not None:
+        argv.append(f"partition={partition}")
     return argv
 
 

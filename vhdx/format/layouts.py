@@ -198,44 +198,6 @@ for _layout, _size in _FIXED_SIZES.items():
 del _layout, _size
 
 # Names used in error messages (construct objects have no name of their own).
-# --- guest partition tables (resize --to-minimum reads them from the virtual disk) ---------------------------
-# MBR: four 16-byte entries at byte 446, signature 0x55 0xAA at 510. GPT (UEFI spec §5.3): header at LBA 1.
-MBR_ENTRIES_OFFSET = 446
-MBR_SIGNATURE = b"\x55\xaa"
-MBR_PROTECTIVE_TYPE = 0xEE
-MbrPartitionEntry = Struct(
-    "status" / Int8ul,
-    "chs_first" / Bytes(3),
-    "partition_type" / Int8ul,
-    "chs_last" / Bytes(3),
-    "first_lba" / Int32ul,
-    "sector_count" / Int32ul,
-)
-GPT_SIGNATURE = b"EFI PART"
-GptHeader = Struct(
-    "signature" / Bytes(8),
-    "revision" / Int32ul,
-    "header_size" / Int32ul,
-    "header_crc32" / Int32ul,
-    "reserved" / Int32ul,
-    "my_lba" / Int64ul,
-    "alternate_lba" / Int64ul,
-    "first_usable_lba" / Int64ul,
-    "last_usable_lba" / Int64ul,
-    "disk_guid" / Bytes(16),
-    "partition_entry_lba" / Int64ul,
-    "number_of_entries" / Int32ul,
-    "entry_size" / Int32ul,
-    "entries_crc32" / Int32ul,
-)
-GptPartitionEntry = Struct(
-    "type_guid" / Bytes(16),
-    "unique_guid" / Bytes(16),
-    "first_lba" / Int64ul,
-    "last_lba" / Int64ul,
-    "attributes" / Int64ul,
-)
-
 LAYOUT_NAMES = {
     id(FileIdentifier): "File Type Identifier",
     id(Header): "Header",
