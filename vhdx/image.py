@@ -147,7 +147,7 @@ class VhdxImage:
             # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
             blocks, lost = present[beyond], missing[beyond]
             ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
-            self.invented = tuple(zip((ends - lost).tolist(), lost.tolist()))
+            self.invented = tuple(zip((ends - lost).tolist(), lost.tolist(), strict=True))
         elif beyond.any():
             self._raise_first(flagged(beyond), "payload",
                               lambda s: f"block lies beyond the end of the file ({size:#x}); truncated? "

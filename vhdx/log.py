@@ -374,7 +374,7 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
             is_data = d["signature"] == c.DATA_DESCRIPTOR_SIGNATURE
             lengths = np.where(is_data, SECTOR, d["middle"]).astype(object)
             for i, (is_d, offset, length) in enumerate(zip(is_data.tolist(), d["file_offset"].tolist(),
-                                                           lengths.tolist())):
+                                                           lengths.tolist(), strict=True)):
                 problem = target_problem(offset, length, bounds, data=is_d)
                 if problem:
                     kind = "data" if is_d else "zero"

@@ -1,9 +1,10 @@
 """Hostile logs (issue 12, items 7 and 8): a log is validated before any replay and scanned in linear time.
 
 Each entry here carries a valid checksum, so only the rules about what a log may change stop it: never the
-header section except whole valid region tables ([MS-VHDX] 2.2.3 logs region table updates), never the log itself, never past the largest file the layout can
-need. A violating log is ``LOG_INVALID`` (not repairable), and open, write, merge and repair all refuse it
-without writing a byte. Scanning is linear in the entries and reads the log in bounded pieces.
+header section except into valid region tables ([MS-VHDX] 2.2.3 logs region table updates), never the log
+itself, never past the largest file the layout can need. A violating log is ``LOG_INVALID`` (not repairable),
+and open, write, merge and repair all refuse it without writing a byte. Scanning is linear in the entries and
+reads the log in bounded pieces.
 """
 
 from __future__ import annotations

@@ -6,10 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhdx.format import checksum
 from tests.support.corpus import corpus_file
+from vhdx.format import checksum
 from vhdx.format import constants as c
-
 
 
 def real_header() -> bytes:

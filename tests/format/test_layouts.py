@@ -16,7 +16,6 @@ from vhdx import bat as bat_module
 from vhdx.format import constants as c
 from vhdx.format import layouts
 
-
 GUID_A = uuid.UUID("01234567-89ab-cdef-0123-456789abcdef")
 GUID_B = uuid.UUID("fedcba98-7654-3210-fedc-ba9876543210")
 

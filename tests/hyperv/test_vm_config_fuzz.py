@@ -13,7 +13,6 @@ import struct
 import zlib
 from contextlib import contextmanager
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,13 +8,13 @@ References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (m
 
 from __future__ import annotations
 
+import numpy as np
 from construct import (
     BitsInteger,
     BitStruct,
     Bytes,
     ByteSwapped,
     Const,
-    Int8ul,
     Int16ul,
     Int32ul,
     Int64ul,
@@ -22,8 +22,6 @@ from construct import (
     PaddedString,
     Struct,
 )
-
-import numpy as np
 
 from vhdx.format import constants as c
 from vhdx.format.guid import Guid
