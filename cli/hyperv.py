@@ -99,7 +99,8 @@ def hyperv(ctx, host, user, password, password_env, transport, port, ssl, auth, 
 
 
 def _emit(ctx, as_json: bool, data, text: str) -> None:
-    render.emit_json(data) if _wants_json(ctx, as_json) else click.echo(text)
+    # Names and paths come from the host (and its files): escaped before they reach the terminal.
+    render.emit_json(data) if _wants_json(ctx, as_json) else click.echo(render.printable_lines(text.split("\n")))
 
 
 @hyperv.command()

@@ -16,6 +16,7 @@ from vhdx.fleet.scan import ScanResult
 from vhdx.fleet.scan import scan as run_scan
 from vhdx_cli import render
 from vhdx_cli.common import handle_errors
+from vhdx_cli.text import printable
 
 TREE_LINES = 200  # problem tree view: lines shown before "... and N more"
 LABELS = {"missing": "orphans (parent missing)", "mismatch": "broken linkage (parent changed after the child)",
@@ -52,11 +53,6 @@ PARENT_MARKS = {"missing": "orphan: parent {parent} not found", "mismatch": "bro
                 "disk was made", "ambiguous": "ambiguous parent", "loop": "parent loop",
                 "parent_unreadable": "parent {parent} unreadable"}
 LIST_SHOWN = 20  # VM configuration files listed in the text summary
-
-
-def printable(text) -> str:
-    """Text with control characters escaped: a hostile file name or locator must not drive the terminal."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
 
 
 def _problem_marks(forest: Forest) -> dict[str, str]:

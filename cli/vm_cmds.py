@@ -41,16 +41,17 @@ def show(state, path, search_dirs, as_json):
         if _wants_json(state, as_json):
             render.emit_json(summary)
         else:
-            click.echo(f"runtime state file {config.path}: {summary['keys']} keys under {', '.join(summary['top'])}"
-                       " (a VM's saved state; its configuration is the .vmcx of the same name)")
+            click.echo(render.printable(f"runtime state file {config.path}: {summary['keys']} keys under "
+                                        f"{', '.join(summary['top'])} (a VM's saved state; its configuration is the "
+                                        ".vmcx of the same name)"))
         return
     inventory = host_inventory(config) if config is not None else None
     if inventory is not None:
         if _wants_json(state, as_json):
             render.emit_json({"host_inventory": [{"id": i, "config": p} for i, p in inventory]})
         else:
-            click.echo(f"host inventory {path}: {len(inventory)} registered VM(s)")
-            click.echo("\n".join(f"  {i}  {p}" for i, p in inventory))
+            click.echo(render.printable(f"host inventory {path}: {len(inventory)} registered VM(s)"))
+            click.echo(render.printable_lines(f"  {i}  {p}" for i, p in inventory))
         return
     folder = load_folder(path, search_dirs)
     if _wants_json(state, as_json):
@@ -61,9 +62,10 @@ def show(state, path, search_dirs, as_json):
                           "chains": {p: vars(c) for p, c in folder.chains.items()},
                           "unreadable": [{"path": p, "error": e} for p, e in folder.unreadable]})
         return
-    click.echo("\n\n".join(vm_text(v, folder) for v in folder.vms))
+    # Names, notes and paths come from the configuration files: escaped like every other text from a file.
+    click.echo("\n\n".join(render.printable_lines(vm_text(v, folder).split("\n")) for v in folder.vms))
     for p, error in folder.unreadable:
-        click.echo(f"warning: {p}: not read ({error})", err=True)
+        click.echo(render.printable(f"warning: {p}: not read ({error})"), err=True)
 
 
 def _count_keys(node) -> int:
@@ -165,7 +167,7 @@ def audit(state, folder, search_dirs, as_json):
     if _wants_json(state, as_json):
         render.emit_json(result.to_json())
     else:
-        click.echo(audit_text(result))
+        click.echo(render.printable_lines(audit_text(result).split("\n")))
     if result.exit_code:
         raise SystemExit(result.exit_code)
 

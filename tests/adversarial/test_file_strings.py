@@ -101,3 +101,18 @@ def test_printable_escapes_controls_bidi_overrides_and_undecodable_names_only():
     assert printable("C:\\VMs\\disk 1.vhdx") == "C:\\VMs\\disk 1.vhdx"  # ordinary paths are untouched
     assert printable("a\x1b[2J\r\n\x9b\u202eb") == "a\\x1b[2J\\x0d\\x0a\\x9b\\u202eb"
     assert printable("name\udcff") == "name\\udcff"  # a non-UTF-8 file name (surrogateescape)
+
+
+def test_vm_names_from_configuration_files_are_escaped(tmp_path):
+    # A .vmcx is a file like any other: a VM or checkpoint name with ANSI sequences must not drive the terminal.
+    from dataclasses import replace
+
+    from vhdx_fixtures.vm_folder import build_vm_folder, load_vm_spec
+
+    spec = load_vm_spec("vm-checkpoints")
+    hostile = "web\x1b[2J\x1b]0;owned\x07"
+    build_vm_folder(replace(spec, vm_name=hostile), str(tmp_path / "vm"))
+    for command in (["vm", "show"], ["vm", "audit"]):
+        result = CliRunner().invoke(cli, [*command, str(tmp_path / "vm")])
+        assert "\x1b" not in result.output and "\x07" not in result.output, command
+        assert "web\\x1b[2J" in result.output
