@@ -136,17 +136,17 @@ def test_dangling_symlink_destination_is_refused(disk, tmp_path):
     assert link.is_symlink()
 
 
-@pytest.mark.parametrize("command", [["convert", "{disk}", "{out}", "-O", "raw"],
-                                     ["convert", "{disk}", "{out}", "-O", "vhdx"],
-                                     ["flatten", "{disk}", "{out}"],
-                                     ["create", "{out}", "--size", "4M"]])
+@pytest.mark.parametrize("command", [["convert", "{disk}", "{out}.img", "-O", "raw"],
+                                     ["convert", "{disk}", "{out}.vhdx", "-O", "vhdx"],
+                                     ["flatten", "{disk}", "{out}.vhdx"],
+                                     ["create", "{out}.vhdx", "--size", "4M"]])
 def test_planted_temporary_symlink_is_never_followed(disk, tmp_path, command):
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    out = tmp_path / "out.img"
+    out = tmp_path / next(arg for arg in command if arg.startswith("{out}")).format(out="out")
     for suffix in (".part", ".tmp"):
-        (tmp_path / f"out.img{suffix}").symlink_to(victim)
-    result = run(*(arg.format(disk=disk, out=out) for arg in command))
+        (tmp_path / f"{out.name}{suffix}").symlink_to(victim)
+    result = run(*(arg.format(disk=disk, out=tmp_path / "out") for arg in command))
     assert result.exit_code == 0, result.output
     assert victim.read_bytes() == b"precious"
     assert out.is_file() and not out.is_symlink()
