@@ -165,6 +165,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         progress.finish()
         report_invented(image)
         warn_if_being_written(image)
+    _convert_json(source, destination, source_format, output_format)
 
 
 def _convert_type(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,

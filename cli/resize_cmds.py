@@ -12,8 +12,8 @@ from vhdx_cli import render
 from vhdx_cli.common import SIZE, Progress, handle_errors
 
 
-def _mib(n: int | None) -> str:
-    return "?" if n is None else f"{n / 2**20:,.1f} MiB"
+def _size(n: int | None) -> str:
+    return "?" if n is None else render.human_size(n)
 
 
 @click.command()
@@ -50,7 +50,7 @@ def resize(ctx, disk, size, to_minimum, force, dry_run, resume, search_dirs, as_
     verb = "would change" if dry_run else "changed"
     click.echo(f"{verb} virtual size {result.old_size} -> {result.new_size} bytes")
     if not dry_run:
-        click.echo(f"file size {_mib(result.file_size_before)} -> {_mib(result.file_size_after)}; "
+        click.echo(f"file size {_size(result.file_size_before)} -> {_size(result.file_size_after)}; "
                    f"{result.blocks_moved} blocks moved" + ("; BAT moved to the end of the file"
                                                             if result.bat_relocated else "")
                    + ("; GPT backup copy moved to the new end" if result.gpt_backup_moved else ""))
@@ -86,10 +86,10 @@ def compact(ctx, disk, mode, dry_run, force, resume, parent, search_dirs, as_jso
     bs = result.block_size
     verb = "would release" if dry_run else "released"
     click.echo(f"{verb} {result.zero_blocks_released} zero blocks and the space of {result.trimmed_blocks_released} "
-               f"trimmed blocks ({_mib((result.zero_blocks_released + result.trimmed_blocks_released) * bs)})")
+               f"trimmed blocks ({_size((result.zero_blocks_released + result.trimmed_blocks_released) * bs)})")
     if result.kept_over_parent_data or result.kept_partial:
         click.echo(f"kept {result.kept_over_parent_data} zero blocks that hide parent data and "
                    f"{result.kept_partial} partially present blocks (not reclaimable in a chain)")
     if not dry_run:
-        click.echo(f"file size {_mib(result.file_size_before)} -> {_mib(result.file_size_after)} "
-                   f"({_mib(result.bytes_released)} released); {result.blocks_moved} blocks moved")
+        click.echo(f"file size {_size(result.file_size_before)} -> {_size(result.file_size_after)} "
+                   f"({_size(result.bytes_released)} released); {result.blocks_moved} blocks moved")

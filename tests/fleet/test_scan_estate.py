@@ -108,7 +108,7 @@ def test_cli_text_summary_shows_the_problem_trees(estate):
     run = CliRunner().invoke(cli, ["scan", "--jobs", "1", estate.root])
     assert run.exit_code == 2
     assert "orphans (parent missing): 1" in run.output and "broken linkage" in run.output
-    assert f"{estate.orphans[0]} (differencing, 4.0 MiB)  [orphan: parent .\\cp2.avhdx not found]" in run.output
+    assert f"{estate.orphans[0]} (differencing, 4 MiB)  [orphan: parent .\\cp2.avhdx not found]" in run.output
     assert f"[broken: {estate.root}/vm002/base.vhdx changed after this disk was made]" in run.output
     assert f"VM configuration files ({len(estate.vm_configs)}):" in run.output and "... and 20 more" in run.output
     assert "[dirty log]" in run.output

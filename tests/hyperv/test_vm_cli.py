@@ -90,5 +90,9 @@ def test_fixture_build_vm_checkpoints_refuses_an_existing_vm_folder(tmp_path):
     assert run("fixture", "build", "vm-checkpoints", out).exit_code == 0
     before = sorted(p.name for p in out.rglob("*"))
     result = run("fixture", "build", "vm-checkpoints", out)
+    assert result.exit_code == 1 and "is not empty" in result.output
+    assert sorted(p.name for p in out.rglob("*")) == before
+    # Even with --force, a folder that already holds a VM is not built over.
+    result = run("fixture", "build", "vm-checkpoints", out, "--force")
     assert result.exit_code == 1 and "already holds a VM folder" in result.output
     assert sorted(p.name for p in out.rglob("*")) == before
