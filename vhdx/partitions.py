@@ -12,6 +12,7 @@ References: UEFI specification §5.2 (legacy MBR), §5.3 (GPT header and entries
 
 from __future__ import annotations
 
+import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from vhdx.image import VhdxImage
 class Partition:
     first_byte: int
     end_byte: int  # exclusive
+    type_id: str = ""  # MBR: "0x07"; GPT: the type GUID ("" without a table)
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,13 @@ def read_partition_table(image: VhdxImage) -> PartitionTable:
         for i in range(header.number_of_entries):
             entry = layouts.GptPartitionEntry.parse(raw[i * header.entry_size :])
             if entry.type_guid != bytes(16):
-                parts.append(Partition(entry.first_lba * lss, (entry.last_lba + 1) * lss))
+                parts.append(Partition(entry.first_lba * lss, (entry.last_lba + 1) * lss,
+                                       str(uuid.UUID(bytes_le=bytes(entry.type_guid)))))
         room = ceil_div(_gpt_entries_bytes(header), lss) * lss + lss
         return PartitionTable("gpt", tuple(parts), room)
     # Extended partitions (type 5/0xF) contain their logical ones: their extent is enough for where data ends.
-    parts = [Partition(e.first_lba * lss, (e.first_lba + e.sector_count) * lss) for e in entries
+    parts = [Partition(e.first_lba * lss, (e.first_lba + e.sector_count) * lss, f"0x{e.partition_type:02x}")
+             for e in entries
              if e.partition_type and e.sector_count]
     return PartitionTable("mbr", tuple(parts))
 
