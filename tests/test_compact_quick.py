@@ -1,0 +1,241 @@
+"""compact --mode quick: blocks that only hold free clusters of the guest's NTFS or ext4 file system are released
+(old bytes of deleted files included), the guest still checks clean (ntfsfix -n / e2fsck -fn), every remaining file
+reads back the same, and nothing outside a file system quick read is released (partition table, gaps between
+partitions, partitions of other types, file systems it cannot read or that were not cleanly unmounted).
+
+Guests are made by the real tools on plain files: mkfs.ntfs + ntfscp (ntfs-3g has no offline delete: ntfstruncate
+to 0 frees a file's clusters and leaves their old bytes), mkfs.ext4 -d + debugfs rm (frees the blocks, bytes stay).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import vhdx
+from vhdx.check import check_image
+from vhdx.compact import compact_image
+from vhdx.convert import import_raw
+from vhdx.create import create
+from vhdx.errors import InvalidRequestError
+from vhdx.export import export_raw
+from vhdx.format import constants as c
+from vhdx_cli.main import cli
+
+pytest.importorskip("pytsk3", reason="compact --mode quick needs the guestfs extra")
+pytest.importorskip("dissect.extfs", reason="compact --mode quick needs the guestfs extra")
+
+MiB = 1 << 20
+DELETED = b"DELETED!"  # the content of every deleted file: a block holding only this held only freed clusters
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(f"/usr/sbin/{name}") or shutil.which(f"/sbin/{name}")
+    if path is None:
+        pytest.skip(f"{name} is not installed (apt-get install ntfs-3g e2fsprogs dosfstools fdisk)")
+    return path
+
+
+def run(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([tool(args[0]), *map(str, args[1:])], capture_output=True, check=True, **kwargs)
+
+
+def kept_files() -> dict[str, bytes]:
+    rng = np.random.default_rng(14)
+    return {name: rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            for name, size in (("a.bin", 1_500_000), ("b.bin", 100_000), ("c.bin", 2_500_000))}
+
+
+def ntfs_volume(tmp_path, size: int, keep: dict[str, bytes], deleted_size: int) -> str:
+    volume = tmp_path / "ntfs.vol"
+    volume.write_bytes(b"")
+    os.truncate(volume, size)
+    run("mkfs.ntfs", "-F", "-Q", "-q", volume)
+    for name, data in {**keep, "gone.bin": DELETED * (deleted_size // len(DELETED))}.items():
+        (tmp_path / name).write_bytes(data)
+        run("ntfscp", "-q", volume, tmp_path / name, name)
+    info = run("ntfsinfo", "-F", "gone.bin", volume, text=True).stdout
+    inode = int(info.split("Dumping Inode ")[1].split()[0])
+    run("ntfstruncate", volume, inode, 0)  # frees its clusters; their bytes stay
+    return str(volume)
+
+
+def ext4_volume(tmp_path, size: int, keep: dict[str, bytes], deleted_size: int, *, fs: str = "ext4") -> str:
+    files = tmp_path / "files"
+    files.mkdir(exist_ok=True)
+    for name, data in {**keep, "gone.bin": DELETED * (deleted_size // len(DELETED))}.items():
+        (files / name).write_bytes(data)
+    volume = tmp_path / f"{fs}.vol"
+    volume.write_bytes(b"")
+    os.truncate(volume, size)
+    run(f"mkfs.{fs}", "-q", "-F", "-b", "4096", "-d", files, volume)
+    run("debugfs", "-w", "-R", "rm gone.bin", volume)  # frees its blocks; their bytes stay
+    return str(volume)
+
+
+def guest_disk(tmp_path, label: str, volumes: list[tuple[int, str, str]], size: int = 64 * MiB) -> str:
+    """A dynamic disk with a partition table: ``volumes`` are (first MiB, volume file, partition type); every byte
+    outside the partitions past the table is garbage (it must never be released)."""
+    raw = tmp_path / "guest.raw"
+    with open(raw, "wb") as f:
+        f.write(b"GAP!" * (size // 4))
+    layout = "".join(f"start={first * 2048}, size={os.path.getsize(vol) // 512}, type={kind}\n"
+                     for first, vol, kind in volumes)
+    with open(raw, "r+b") as f:
+        f.write(bytes(MiB))  # room for the table
+    run("sfdisk", "-q", raw, input=f"label: {label}\n{layout}".encode())
+    with open(raw, "r+b") as f:
+        for first, vol, _kind in volumes:
+            f.seek(first * MiB)
+            with open(vol, "rb") as v:
+                f.write(v.read())
+    path = str(tmp_path / "guest.vhdx")
+    import_raw(raw, path, block_size=MiB)
+    return path
+
+
+def deleted_blocks(path) -> set[int]:
+    """Blocks of the disk that hold only deleted file bytes (so only free clusters)."""
+    found = set()
+    with vhdx.open(path) as disk:
+        for block in range(disk.virtual_size // MiB):
+            if disk.read(block * MiB, MiB) == DELETED * (MiB // len(DELETED)):
+                found.add(block)
+    return found
+
+
+def present_blocks(path) -> set[int]:
+    with vhdx.open(path) as disk:
+        return set(np.flatnonzero(disk.bat.states == c.BatState.FULLY_PRESENT).tolist())
+
+
+def volume_after(tmp_path, path, first_mib: int, size: int) -> str:
+    """The volume's bytes as the compacted disk reads them, in a file the guest tools can check."""
+    raw = tmp_path / "after.raw"
+    with vhdx.open(path) as disk:
+        export_raw(disk, raw)
+    volume = tmp_path / "after.vol"
+    with open(raw, "rb") as f:
+        f.seek(first_mib * MiB)
+        volume.write_bytes(f.read(size))
+    return str(volume)
+
+
+def test_quick_releases_ntfs_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path):
+    keep = kept_files()
+    volume = ntfs_volume(tmp_path, 40 * MiB, keep, 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "7")])
+    deleted = deleted_blocks(path)
+    assert len(deleted) >= 6  # the deleted file's old bytes fill whole blocks
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    released = before - present_blocks(path)
+    assert deleted <= released
+    assert result.free_blocks_released >= len(deleted)
+    report = check_image(path)
+    assert report.exit_code == 0, [str(f) for f in report.all_findings]
+    after = volume_after(tmp_path, path, 1, 40 * MiB)
+    assert "processed successfully" in run("ntfsfix", "-n", after, text=True).stdout
+    for name, data in keep.items():
+        assert run("ntfscat", after, name).stdout == data
+
+
+def test_quick_releases_ext4_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path):
+    keep = kept_files()
+    volume = ext4_volume(tmp_path, 40 * MiB, keep, 8 * MiB)
+    path = guest_disk(tmp_path, "gpt", [(1, volume, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")])
+    deleted = deleted_blocks(path)
+    assert len(deleted) >= 6
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    assert deleted <= before - present_blocks(path)
+    assert result.free_blocks_released >= len(deleted)
+    report = check_image(path)
+    assert report.exit_code == 0, [str(f) for f in report.all_findings]
+    after = volume_after(tmp_path, path, 1, 40 * MiB)
+    run("e2fsck", "-fn", after)  # exit 0: clean
+    for name, data in keep.items():
+        assert run("debugfs", "-R", f"cat {name}", after).stdout == data
+
+
+def test_quick_never_releases_the_partition_table_gaps_or_bytes_past_the_file_system(tmp_path):
+    volume = ext4_volume(tmp_path, 16 * MiB, kept_files(), 4 * MiB)
+    path = guest_disk(tmp_path, "dos", [(2, volume, "83")], size=32 * MiB)  # gap: MiB 1; after it: MiB 18-31
+    outside = {0, 1, *range(18, 32)}
+    assert outside <= present_blocks(path)
+    compact_image(path, "quick")
+    assert outside <= present_blocks(path)
+    with vhdx.open(path) as disk:
+        assert disk.read(MiB, MiB) == b"GAP!" * (MiB // 4)
+        assert disk.read(31 * MiB, MiB) == b"GAP!" * (MiB // 4)
+
+
+def test_quick_keeps_a_partition_whose_type_is_not_a_file_system_type(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "da")], size=32 * MiB)  # 0xda: non-FS data
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0 and present_blocks(path) == before
+    assert any("partition type 0xda is not a file system type" in line for line in result.guest)
+
+
+def test_quick_keeps_an_ext_volume_that_was_not_cleanly_unmounted(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    run("debugfs", "-w", "-R", "ssv state 0", volume)  # as left by a crash: bitmaps may be stale
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0
+    assert any("not cleanly unmounted" in line for line in result.guest)
+
+
+def test_quick_keeps_a_file_system_it_cannot_read_and_says_which(tmp_path):
+    volume = tmp_path / "fat.vol"
+    volume.write_bytes(b"")
+    os.truncate(volume, 16 * MiB)
+    run("mkfs.fat", "-F", "16", volume)
+    with open(volume, "r+b") as f:  # free clusters holding old bytes
+        f.seek(4 * MiB)
+        f.write(DELETED * (8 * MiB // len(DELETED)))
+    path = guest_disk(tmp_path, "dos", [(1, str(volume), "6")], size=32 * MiB)
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0 and present_blocks(path) == before
+    assert any("fat16" in line and "skipped" in line for line in result.guest)
+
+
+def test_quick_refuses_a_disk_with_children_even_with_force(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    create(tmp_path / "child.avhdx", parent=path)
+    with pytest.raises(InvalidRequestError, match="refused even with --force"):
+        compact_image(path, "quick", force=True)
+
+
+def test_quick_changes_the_data_write_guid(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    with vhdx.open(path) as disk:
+        guid = disk.data_write_guid
+    assert compact_image(path, "quick").free_blocks_released
+    with vhdx.open(path) as disk:
+        assert disk.data_write_guid != guid
+
+
+def test_quick_cli_says_what_it_read_and_released(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83"), (26, volume, "da")], size=56 * MiB)
+    out = CliRunner().invoke(cli, ["compact", path, "--mode", "quick", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "mbr partition table" in out.output and "ext4" in out.output
+    assert "partition type 0xda is not a file system type" in out.output
+    assert "would release" in out.output
+    out = CliRunner().invoke(cli, ["compact", path, "--mode", "quick", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["mode"] == "quick" and report["free_blocks_released"] >= 6
