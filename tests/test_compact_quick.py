@@ -194,19 +194,43 @@ def test_quick_keeps_an_ext_volume_that_was_not_cleanly_unmounted(tmp_path):
     assert any("not cleanly unmounted" in line for line in result.guest)
 
 
-def test_quick_keeps_a_file_system_it_cannot_read_and_says_which(tmp_path):
+def fat_volume(tmp_path, bits: int, size: int, keep: dict[str, bytes], deleted_size: int) -> str:
     volume = tmp_path / "fat.vol"
     volume.write_bytes(b"")
-    os.truncate(volume, 16 * MiB)
-    run("mkfs.fat", "-F", "16", volume)
-    with open(volume, "r+b") as f:  # free clusters holding old bytes
-        f.seek(4 * MiB)
-        f.write(DELETED * (8 * MiB // len(DELETED)))
-    path = guest_disk(tmp_path, "dos", [(1, str(volume), "6")], size=32 * MiB)
+    os.truncate(volume, size)
+    run("mkfs.fat", "-F", bits, "-s", {12: 8, 16: 4, 32: 1}[bits], volume)
+    for name, data in {**keep, "gone.bin": DELETED * (deleted_size // len(DELETED))}.items():
+        (tmp_path / name).write_bytes(data)
+        run("mcopy", "-i", volume, tmp_path / name, f"::{name}")
+    run("mdel", "-i", volume, "::gone.bin")  # frees its clusters; their bytes stay
+    return str(volume)
+
+
+@pytest.mark.parametrize(("bits", "size"), [(12, 15 * MiB), (16, 24 * MiB), (32, 40 * MiB)])
+def test_quick_releases_fat_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path, bits, size):
+    keep = dict(list(kept_files().items())[:2])
+    volume = fat_volume(tmp_path, bits, size, keep, 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "c" if bits == 32 else "6")], size=size + 2 * MiB)
+    deleted = deleted_blocks(path)
+    assert len(deleted) >= 6
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    assert deleted <= before - present_blocks(path)
+    assert any(f"fat{bits}" in line for line in result.guest)
+    after = volume_after(tmp_path, path, 1, size)
+    run("fsck.fat", "-n", after)  # exit 0: clean
+    for name, data in keep.items():
+        assert run("mtype", "-i", after, f"::{name}").stdout == data
+
+
+def test_quick_keeps_a_partition_without_a_file_system_it_reads_and_says_so(tmp_path):
+    volume = tmp_path / "unknown.vol"
+    volume.write_bytes(DELETED * (16 * MiB // len(DELETED)))
+    path = guest_disk(tmp_path, "dos", [(1, str(volume), "83")], size=32 * MiB)
     before = present_blocks(path)
     result = compact_image(path, "quick")
     assert result.free_blocks_released == 0 and present_blocks(path) == before
-    assert any("fat16" in line and "skipped" in line for line in result.guest)
+    assert any("no file system The Sleuth Kit recognises" in line for line in result.guest)
 
 
 def test_quick_refuses_a_disk_with_children_even_with_force(tmp_path):

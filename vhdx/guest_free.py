@@ -5,16 +5,19 @@ partition whose type is a file system type is probed with The Sleuth Kit (pytsk3
 through a maintained library, never a parser of our own:
 
 - NTFS: the ``$Bitmap`` metadata file (one bit per cluster), read through pytsk3;
-- ext2/3/4: the block group bitmaps, at the places dissect.extfs's group descriptors give.
+- ext2/3/4: the block group bitmaps, at the places dissect.extfs's group descriptors give;
+- FAT12/16/32: the file allocation tables (a cluster is free where its entry is 0 in every copy), at the places and
+  entry widths dissect.fat's boot sector reading gives.
 
 Everything else is never free: the partition table, gaps between partitions, extended partitions, partitions of
-other types or whose file system is not supported (FAT, exFAT, ...), and bytes of a partition past its file system.
+other types or whose file system is not supported (exFAT, ...), and bytes of a partition past its file system.
 Doubt counts as used: a file system not cleanly unmounted (NTFS dirty flag or hibernated Windows, ext needing
-journal recovery or marked with errors), overlapping partitions, an ext group whose bitmap is not initialised or
+journal recovery or marked with errors, FAT without its clean-shutdown bit), overlapping partitions, an ext group whose bitmap is not initialised or
 disagrees with its descriptor's free count, and anything that fails to read.
 
 References: UEFI §5.2-5.3 (partition types); NTFS $Bitmap and $Volume (VOLUME_INFORMATION flags); ext4 disk
-layout (block group descriptors, BLOCK_UNINIT, s_state, INCOMPAT_RECOVER).
+layout (block group descriptors, BLOCK_UNINIT, s_state, INCOMPAT_RECOVER); Microsoft FAT specification (FAT
+entry 1 clean-shutdown bit, free entry 0).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ EXT_VALID_FS, EXT_ERROR_FS = 0x1, 0x2
 EXT_INCOMPAT_RECOVER, EXT_INCOMPAT_META_BG = 0x4, 0x10
 EXT_BG_BLOCK_UNINIT = 0x2
 NTFS_VOLUME_DIRTY = 0x1
+FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,42 @@ def _ext_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray
     return part.first_byte + starts * bs, part.first_byte + ends * bs
 
 
+def _fat_entries(raw: bytes, bits: int) -> np.ndarray:
+    """The entries of one FAT copy as integers (FAT12 packs two entries in three bytes)."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if bits == 16:
+        return data[: len(data) // 2 * 2].view("<u2").astype(np.uint32)
+    if bits == 32:
+        return data[: len(data) // 4 * 4].view("<u4") & 0x0FFFFFFF
+    triples = data[: len(data) // 3 * 3].reshape(-1, 3).astype(np.uint32)
+    pairs = np.stack((triples[:, 0] | (triples[:, 1] & 0xF) << 8, triples[:, 1] >> 4 | triples[:, 2] << 4), axis=1)
+    return pairs.ravel()
+
+
+def _fat_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    from dissect.fat import FATFS
+
+    stream = _PartitionStream(image, part)
+    fs = FATFS(stream)
+    ss, bpb = fs.sector_size, fs.bpb
+    if fs.total_sectors * ss > part.end_byte - part.first_byte:
+        raise ValueError("the FAT volume is larger than its partition")
+    bits = fs.fat.bits_per_entry
+    clusters = (fs.total_sectors - fs.first_data_sector) // bpb.BPB_SecPerClus
+    free = np.ones(clusters, dtype=bool)
+    for copy in range(bpb.BPB_NumFATs):  # free only where every copy says so
+        stream.seek((bpb.BPB_RsvdSecCnt + copy * fs.fat_size) * ss)
+        entries = _fat_entries(stream.read(fs.fat_size * ss), bits)
+        if len(entries) < clusters + 2:
+            raise ValueError("the FAT is shorter than the volume's clusters")
+        if FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
+            raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
+        free &= entries[2 : clusters + 2] == 0
+    starts, ends = _runs(free)
+    data = part.first_byte + fs.first_data_sector * ss
+    return data + starts * fs.cluster_size, data + ends * fs.cluster_size
+
+
 def _type_skip(table: str, part: Partition) -> str:
     """Why a partition's type rules it out ("" when it may hold a file system quick reads)."""
     if table == "none":
@@ -271,6 +311,8 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
             starts, ends = _ntfs_free(fs, part)
         elif name.startswith("ext"):
             starts, ends = _ext_free(image, part)
+        elif name.startswith("fat"):
+            starts, ends = _fat_free(image, part)
         else:
             return skip(f"{name}: reading its free-space map is not supported", name)
     except (OSError, ValueError, UnsupportedError, NotImplementedError) as exc:
@@ -290,9 +332,10 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
     """
     try:
         import dissect.extfs  # noqa: F401
+        import dissect.fat  # noqa: F401
         import pytsk3  # noqa: F401
     except ImportError:
-        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3 and dissect.extfs: "
+        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3, dissect.extfs and dissect.fat: "
                                "install them with `pip install 'vhdx-chain[guestfs]'`", path=image.path) from None
     table = read_partition_table(image)
     kind = table.kind if table.partitions else "none"  # a volume boot sector also ends in 55 AA
