@@ -26,6 +26,7 @@ from vhdx.create import create
 from vhdx.errors import InvalidRequestError
 from vhdx.export import export_raw
 from vhdx.format import constants as c
+from vhdx.guest_free import _fat_entries, read_free_map
 from vhdx_cli.main import cli
 
 pytest.importorskip("pytsk3", reason="compact --mode quick needs the guestfs extra")
@@ -66,7 +67,8 @@ def ntfs_volume(tmp_path, size: int, keep: dict[str, bytes], deleted_size: int) 
     return str(volume)
 
 
-def ext4_volume(tmp_path, size: int, keep: dict[str, bytes], deleted_size: int, *, fs: str = "ext4") -> str:
+def ext4_volume(tmp_path, size: int, keep: dict[str, bytes], deleted_size: int, *, fs: str = "ext4",
+                block: int = 4096) -> str:
     files = tmp_path / "files"
     files.mkdir(exist_ok=True)
     for name, data in {**keep, "gone.bin": DELETED * (deleted_size // len(DELETED))}.items():
@@ -74,7 +76,7 @@ def ext4_volume(tmp_path, size: int, keep: dict[str, bytes], deleted_size: int, 
     volume = tmp_path / f"{fs}.vol"
     volume.write_bytes(b"")
     os.truncate(volume, size)
-    run(f"mkfs.{fs}", "-q", "-F", "-b", "4096", "-d", files, volume)
+    run(f"mkfs.{fs}", "-q", "-F", "-b", block, "-d", files, volume)
     run("debugfs", "-w", "-R", "rm gone.bin", volume)  # frees its blocks; their bytes stay
     return str(volume)
 
@@ -115,6 +117,14 @@ def present_blocks(path) -> set[int]:
         return set(np.flatnonzero(disk.bat.states == c.BatState.FULLY_PRESENT).tolist())
 
 
+def free_bytes_read(path) -> int:
+    """The free bytes quick finds in the disk's one file system."""
+    with vhdx.open(path) as disk:
+        (volume,) = read_free_map(disk).volumes
+    assert not volume.skipped, volume.skipped
+    return volume.free_bytes
+
+
 def volume_after(tmp_path, path, first_mib: int, size: int) -> str:
     """The volume's bytes as the compacted disk reads them, in a file the guest tools can check."""
     raw = tmp_path / "after.raw"
@@ -131,6 +141,8 @@ def test_quick_releases_ntfs_blocks_holding_only_free_clusters_and_keeps_the_vol
     keep = kept_files()
     volume = ntfs_volume(tmp_path, 40 * MiB, keep, 8 * MiB)
     path = guest_disk(tmp_path, "dos", [(1, volume, "7")])
+    info = run("ntfscluster", "-i", volume, text=True).stdout
+    assert free_bytes_read(path) == int(info.split("bytes of free space")[1].split(":")[1].split()[0])
     deleted = deleted_blocks(path)
     assert len(deleted) >= 6  # the deleted file's old bytes fill whole blocks
     before = present_blocks(path)
@@ -146,16 +158,38 @@ def test_quick_releases_ntfs_blocks_holding_only_free_clusters_and_keeps_the_vol
         assert run("ntfscat", after, name).stdout == data
 
 
-def test_quick_releases_ext4_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path):
+def e2fs_free_blocks(volume: str, count: int) -> np.ndarray:
+    """Per block of the volume: free according to dumpe2fs (e2fsprogs reads the bitmaps, uninit groups included)."""
+    free = np.zeros(count, dtype=bool)
+    for line in run("dumpe2fs", volume, text=True).stdout.splitlines():
+        if line.strip().startswith("Free blocks: ") and line.startswith(" "):
+            for span in filter(None, line.split(":", 1)[1].replace(" ", "").split(",")):
+                first, _, last = span.partition("-")
+                free[int(first) : int(last or first) + 1] = True
+    return free
+
+
+@pytest.mark.parametrize(("fs", "block"), [("ext4", 4096), ("ext4", 1024), ("ext3", 1024), ("ext2", 4096)])
+def test_quick_releases_ext_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path, fs, block):
     keep = kept_files()
-    volume = ext4_volume(tmp_path, 40 * MiB, keep, 8 * MiB)
+    volume = ext4_volume(tmp_path, 40 * MiB, keep, 8 * MiB, fs=fs, block=block)
     path = guest_disk(tmp_path, "gpt", [(1, volume, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")])
-    deleted = deleted_blocks(path)
-    assert len(deleted) >= 6
+    with vhdx.open(path) as disk:
+        guest = read_free_map(disk)
+    ours = np.zeros(40 * MiB // block, dtype=bool)
+    for start, end in zip(((guest.starts - MiB) // block).tolist(), ((guest.ends - MiB) // block).tolist()):
+        ours[start:end] = True
+    oracle = e2fs_free_blocks(volume, len(ours))
+    assert not (ours & ~oracle).any()  # never a block e2fsprogs counts as used
+    if block == 4096:  # one block group: every free block is found
+        assert (ours == oracle).all()
+    # Disk blocks (1 MiB, the volume starts at 1 MiB) all of whose file system blocks e2fsprogs counts as free.
+    all_free = {1 + int(i) for i in np.flatnonzero(oracle.reshape(-1, MiB // block).all(axis=1))}
     before = present_blocks(path)
+    assert len(all_free & before) >= 6  # the deleted file's old bytes are still there
     result = compact_image(path, "quick")
-    assert deleted <= before - present_blocks(path)
-    assert result.free_blocks_released >= len(deleted)
+    assert all_free & before <= before - present_blocks(path)
+    assert result.free_blocks_released >= len(all_free & before)
     report = check_image(path)
     assert report.exit_code == 0, [str(f) for f in report.all_findings]
     after = volume_after(tmp_path, path, 1, 40 * MiB)
@@ -164,9 +198,15 @@ def test_quick_releases_ext4_blocks_holding_only_free_clusters_and_keeps_the_vol
         assert run("debugfs", "-R", f"cat {name}", after).stdout == data
 
 
+def test_fat12_entries_are_unpacked_two_from_three_bytes():
+    # Entries 0x123, 0x456, 0xFFF, 0x000 pack as 23 61 45 FF 0F 00.
+    assert _fat_entries(bytes([0x23, 0x61, 0x45, 0xFF, 0x0F, 0x00]), 12).tolist() == [0x123, 0x456, 0xFFF, 0]
+
+
 def test_quick_never_releases_the_partition_table_gaps_or_bytes_past_the_file_system(tmp_path):
-    volume = ext4_volume(tmp_path, 16 * MiB, kept_files(), 4 * MiB)
-    path = guest_disk(tmp_path, "dos", [(2, volume, "83")], size=32 * MiB)  # gap: MiB 1; after it: MiB 18-31
+    volume = ext4_volume(tmp_path, 16 * MiB + MiB // 2, kept_files(), 4 * MiB)
+    # Gap: MiB 1; the file system ends in the middle of block 18, garbage after it up to the disk's end.
+    path = guest_disk(tmp_path, "dos", [(2, volume, "83")], size=32 * MiB)
     outside = {0, 1, *range(18, 32)}
     assert outside <= present_blocks(path)
     compact_image(path, "quick")
@@ -211,6 +251,8 @@ def test_quick_releases_fat_blocks_holding_only_free_clusters_and_keeps_the_volu
     keep = dict(list(kept_files().items())[:2])
     volume = fat_volume(tmp_path, bits, size, keep, 8 * MiB)
     path = guest_disk(tmp_path, "dos", [(1, volume, "c" if bits == 32 else "6")], size=size + 2 * MiB)
+    used, total = run("fsck.fat", "-n", volume, text=True).stdout.split()[-2].split("/")
+    assert free_bytes_read(path) == (int(total) - int(used)) * {12: 8, 16: 4, 32: 1}[bits] * 512
     deleted = deleted_blocks(path)
     assert len(deleted) >= 6
     before = present_blocks(path)
