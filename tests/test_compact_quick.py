@@ -305,3 +305,17 @@ def test_quick_cli_says_what_it_read_and_released(tmp_path):
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
     assert report["mode"] == "quick" and report["free_blocks_released"] >= 6
+
+
+def test_quick_keeps_an_ext_group_whose_bitmap_disagrees_with_its_descriptor(tmp_path):
+    keep = kept_files()
+    volume = ext4_volume(tmp_path, 24 * MiB, keep, 8 * MiB)
+    groups = run("dumpe2fs", volume, text=True).stdout
+    bitmap_block = int(groups.split("Block bitmap at ")[1].split()[0])
+    with open(volume, "r+b") as f:  # a damaged bitmap that says every block is free
+        f.seek(bitmap_block * 4096)
+        f.write(bytes(4096))
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0 and present_blocks(path) == before

@@ -320,6 +320,7 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
     except Exception as exc:  # noqa: BLE001 - a library failing on hostile bytes: release nothing of it
         return skip(f"could not read its allocation map ({type(exc).__name__}: {exc})", name)
     ends = np.minimum(ends, part.end_byte)
+    starts, ends = starts[ends > starts], ends[ends > starts]
     free = int((ends - starts).sum())
     return VolumeReport(part.first_byte, part.end_byte, name, free), (starts, ends)
 
@@ -350,13 +351,11 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
         result.volumes.append(report)
         if found:
             ranges.append(found)
-    if ranges:
+    if ranges and sum(len(r[0]) for r in ranges):
         starts = np.concatenate([r[0] for r in ranges])
         ends = np.concatenate([r[1] for r in ranges])
         order = np.argsort(starts, kind="stable")
         starts, ends = starts[order], ends[order]
-        keep = ends > starts
-        starts, ends = starts[keep], ends[keep]
         # Merge touching ranges, so that a block spanning two of them counts as free.
         new = np.concatenate(([True], starts[1:] != ends[:-1]))
         result.starts = starts[new]
