@@ -19,6 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
+from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
+from vhdx import layout_journal
 from vhdx.check import check_image
 from vhdx.compact import compact_image
 from vhdx.convert import import_raw
@@ -319,3 +321,40 @@ def test_quick_keeps_an_ext_group_whose_bitmap_disagrees_with_its_descriptor(tmp
     before = present_blocks(path)
     result = compact_image(path, "quick")
     assert result.free_blocks_released == 0 and present_blocks(path) == before
+
+
+def quick_crash_points(path) -> int:
+    ios = []
+
+    def opener(p):
+        ios.append(DeadAfterCrash.open_faulty(p, None))
+        return ios[-1]
+
+    compact_image(path, "quick", opener=opener)
+    return sum(io.count for io in ios)
+
+
+def test_quick_interrupted_at_every_write_leaves_the_guest_intact_and_resume_finishes(tmp_path):
+    keep = kept_files()
+    volume = ext4_volume(tmp_path, 24 * MiB, keep, 8 * MiB)
+    pristine = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    reference = str(tmp_path / "reference.vhdx")
+    shutil.copyfile(pristine, reference)
+    count = quick_crash_points(reference)
+    expected = present_blocks(reference)
+    assert count > 5
+    for crash_at in range(count):
+        path = str(tmp_path / f"run{crash_at}.vhdx")
+        shutil.copyfile(pristine, path)
+        with pytest.raises(SimulatedCrash):
+            compact_image(path, "quick", opener=lambda p, n=crash_at: DeadAfterCrash.open_faulty(p, n))
+        assert os.path.exists(layout_journal.journal_path(path))
+        compact_image(path, resume=True)
+        assert present_blocks(path) == expected, crash_at
+        report = check_image(path)
+        assert report.exit_code == 0, (crash_at, [str(f) for f in report.all_findings])
+        after = volume_after(tmp_path, path, 1, 24 * MiB)
+        run("e2fsck", "-fn", after)
+        assert run("debugfs", "-R", "cat a.bin", after).stdout == keep["a.bin"], crash_at
+        for leftover in (path, after, tmp_path / "after.raw"):
+            os.unlink(leftover)
