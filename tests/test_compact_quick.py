@@ -179,7 +179,8 @@ def test_quick_releases_ext_blocks_holding_only_free_clusters_and_keeps_the_volu
     with vhdx.open(path) as disk:
         guest = read_free_map(disk)
     ours = np.zeros(40 * MiB // block, dtype=bool)
-    for start, end in zip(((guest.starts - MiB) // block).tolist(), ((guest.ends - MiB) // block).tolist()):
+    for start, end in zip(((guest.starts - MiB) // block).tolist(), ((guest.ends - MiB) // block).tolist(),
+                          strict=True):
         ours[start:end] = True
     oracle = e2fs_free_blocks(volume, len(ours))
     assert not (ours & ~oracle).any()  # never a block e2fsprogs counts as used

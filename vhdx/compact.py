@@ -3,9 +3,9 @@
 Modes, as Optimize-VHD names them: ``full`` (our default) releases blocks whose payload is all zeros and blocks
 already trimmed (UNMAPPED/ZERO entries that still own file space); ``prezeroed`` only the zero blocks;
 ``pretrimmed`` only the trimmed ones; ``quick`` does what ``full`` does and also releases blocks that only hold
-clusters the guest's file systems mark free (NTFS and ext2/3/4 through :mod:`vhdx.guest_free`; every other byte,
-the partition table and unread partitions included, is kept). Then every remaining payload block (and sector bitmap block) is moved down
-into the lowest hole that holds it and the file is cut after its last structure.
+clusters the guest's file systems mark free (NTFS, FAT and ext2/3/4 through :mod:`vhdx.guest_free`; every other
+byte, the partition table and unread partitions included, is kept). Then every remaining payload block (and sector
+bitmap block) is moved down into the lowest hole that holds it and the file is cut after its last structure.
 
 Crash safety: a release is one change of BAT entries through the log (each released block read zeros before and
 reads zeros after). A move copies the block into free space, flushes, and only then switches the BAT entry through

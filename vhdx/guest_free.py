@@ -12,8 +12,8 @@ through a maintained library, never a parser of our own:
 Everything else is never free: the partition table, gaps between partitions, extended partitions, partitions of
 other types or whose file system is not supported (exFAT, ...), and bytes of a partition past its file system.
 Doubt counts as used: a file system not cleanly unmounted (NTFS dirty flag or hibernated Windows, ext needing
-journal recovery or marked with errors, FAT without its clean-shutdown bit), overlapping partitions, an ext group whose bitmap is not initialised or
-disagrees with its descriptor's free count, and anything that fails to read.
+journal recovery or marked with errors, FAT without its clean-shutdown bit), overlapping partitions, an ext group
+whose bitmap is not initialised or disagrees with its descriptor's free count, and anything that fails to read.
 
 References: UEFI §5.2-5.3 (partition types); NTFS $Bitmap and $Volume (VOLUME_INFORMATION flags); ext4 disk
 layout (block group descriptors, BLOCK_UNINIT, s_state, INCOMPAT_RECOVER); Microsoft FAT specification (FAT
@@ -336,8 +336,9 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
         import dissect.fat  # noqa: F401
         import pytsk3  # noqa: F401
     except ImportError:
-        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3, dissect.extfs and dissect.fat: "
-                               "install them with `pip install 'vhdx-chain[guestfs]'`", path=image.path) from None
+        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3, dissect.extfs and "
+                               "dissect.fat: install them with `pip install 'vhdx-chain[guestfs]'`",
+                               path=image.path) from None
     table = read_partition_table(image)
     kind = table.kind if table.partitions else "none"  # a volume boot sector also ends in 55 AA
     parts = table.partitions or (Partition(0, image.virtual_size, ""),)
