@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -359,3 +360,49 @@ def test_quick_interrupted_at_every_write_leaves_the_guest_intact_and_resume_fin
         assert run("debugfs", "-R", "cat a.bin", after).stdout == keep["a.bin"], crash_at
         for leftover in (path, after, tmp_path / "after.raw"):
             os.unlink(leftover)
+
+
+def test_quick_keeps_a_fat_volume_without_its_clean_shutdown_bit(tmp_path):
+    volume = fat_volume(tmp_path, 16, 24 * MiB, dict(list(kept_files().items())[:1]), 8 * MiB)
+    with open(volume, "r+b") as f:  # FAT entry 1, bit 15: clear = the volume was not cleanly unmounted
+        reserved = int.from_bytes(f.read(16)[14:16], "little")
+        f.seek(reserved * 512 + 3)
+        byte = f.read(1)[0]
+        f.seek(reserved * 512 + 3)
+        f.write(bytes([byte & 0x7F]))
+    path = guest_disk(tmp_path, "dos", [(1, volume, "6")], size=26 * MiB)
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0
+    assert any("not cleanly unmounted" in line for line in result.guest)
+
+
+def test_quick_keeps_overlapping_partitions(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    with vhdx.open(path, writable=True) as disk:  # a second entry over the same sectors
+        mbr = bytearray(disk.read(0, 512))
+        mbr[446 + 16 : 446 + 32] = mbr[446:462]
+        disk.write(0, bytes(mbr))
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0
+    assert sum("overlaps another partition" in line for line in result.guest) == 2
+
+
+def test_quick_on_a_differencing_disk_does_not_read_the_guest_and_says_why(tmp_path):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    base = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    child = str(tmp_path / "child.avhdx")
+    create(child, parent=base)
+    with vhdx.open(child, writable=True) as disk:  # the child's copy of the deleted file's bytes
+        disk.write(10 * MiB, disk.read(10 * MiB, MiB))
+    result = compact_image(child, "quick")
+    assert result.free_blocks_released == 0
+    assert any("differencing disk" in line for line in result.guest)
+
+
+def test_quick_without_the_guestfs_extra_says_how_to_install_it(tmp_path, monkeypatch):
+    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    monkeypatch.setitem(sys.modules, "pytsk3", None)  # import fails as if not installed
+    out = CliRunner().invoke(cli, ["compact", path, "--mode", "quick"])
+    assert out.exit_code == 1 and "vhdx-chain[guestfs]" in out.output and "Traceback" not in out.output
