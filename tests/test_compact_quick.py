@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import vhdx
 from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
-from vhdx import layout_journal
+from vhdx import guest_free, layout_journal
 from vhdx.check import check_image
 from vhdx.compact import compact_image
 from vhdx.convert import import_raw
@@ -140,7 +140,10 @@ def volume_after(tmp_path, path, first_mib: int, size: int) -> str:
     return str(volume)
 
 
-def test_quick_releases_ntfs_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path):
+@pytest.mark.parametrize("span", [guest_free.BITMAP_SPAN, 3])  # 3: $Bitmap read in many pieces
+def test_quick_releases_ntfs_blocks_holding_only_free_clusters_and_keeps_the_volume_and_files(tmp_path, monkeypatch,
+                                                                                             span):
+    monkeypatch.setattr(guest_free, "BITMAP_SPAN", span)
     keep = kept_files()
     volume = ntfs_volume(tmp_path, 40 * MiB, keep, 8 * MiB)
     path = guest_disk(tmp_path, "dos", [(1, volume, "7")])

@@ -54,6 +54,7 @@ EXT_VALID_FS, EXT_ERROR_FS = 0x1, 0x2
 EXT_INCOMPAT_RECOVER, EXT_INCOMPAT_META_BG = 0x4, 0x10
 EXT_BG_BLOCK_UNINIT = 0x2
 NTFS_VOLUME_DIRTY = 0x1
+BITMAP_SPAN = 8 * 2**20  # bytes of an NTFS $Bitmap read at once (64 Mi clusters)
 FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
 
 
@@ -190,8 +191,14 @@ def _ntfs_free(fs, part: Partition) -> tuple[np.ndarray, np.ndarray]:
     if count * cluster > part.end_byte - part.first_byte:
         raise ValueError("the NTFS volume is larger than its partition")
     bitmap = fs.open("/$Bitmap")
-    used = _unpack(bitmap.read_random(0, bitmap.info.meta.size), count)
-    starts, ends = _runs(~used)
+    if bitmap.info.meta.size * 8 < count:
+        raise ValueError(f"$Bitmap is short ({bitmap.info.meta.size * 8} of {count} bits)")
+    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
+    for first in range(0, count, BITMAP_SPAN * 8):  # bounded memory; touching runs are merged later
+        n = min(BITMAP_SPAN * 8, count - first)
+        starts, ends = _runs(~_unpack(bitmap.read_random(first // 8, (n + 7) // 8), n))
+        runs.append((first + starts, first + ends))
+    starts, ends = (np.concatenate(r) for r in zip(*runs, strict=True))
     return part.first_byte + starts * cluster, part.first_byte + ends * cluster
 
 
@@ -210,7 +217,7 @@ def _ext_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray
     bs, per_group, count = fs.block_size, sb.s_blocks_per_group, fs.block_count
     if count * bs > part.end_byte - part.first_byte:
         raise ValueError("the ext file system is larger than its partition")
-    used = np.ones(count, dtype=bool)
+    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
     for group in range(fs.groups_count):  # one read per group of blocks_per_group blocks
         desc = fs._read_group_desc(group)
         flags = getattr(desc, "bg_flags", getattr(desc, "bg_pad", 0))  # dissect names the 32-byte one's bg_pad
@@ -224,8 +231,9 @@ def _ext_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray
         bits = _unpack(stream.read(per_group // 8), n)
         if int(n - bits.sum()) != free_count:
             continue  # bitmap and descriptor disagree: trust neither
-        used[first : first + n] = bits
-    starts, ends = _runs(~used)
+        starts, ends = _runs(~bits)
+        runs.append((first + starts, first + ends))
+    starts, ends = (np.concatenate(r) for r in zip(*runs, strict=True))
     return part.first_byte + starts * bs, part.first_byte + ends * bs
 
 
