@@ -87,7 +87,7 @@ def compact(ctx, disk, mode, dry_run, force, resume, parent, search_dirs, as_jso
     bs = result.block_size
     verb = "would release" if dry_run else "released"
     if result.mode == "quick":
-        click.echo("guest: " + "; ".join(result.guest))
+        click.echo("guest: " + "\n  ".join(result.guest))
         click.echo(f"{verb} {result.free_blocks_released} blocks holding only free guest clusters "
                    f"({_mib(result.free_blocks_released * bs)})")
     click.echo(f"{verb} {result.zero_blocks_released} zero blocks and the space of {result.trimmed_blocks_released} "

@@ -68,8 +68,8 @@ class VolumeReport:
     free_bytes: int = 0
     skipped: str = ""  # why nothing of it was released
 
-    def describe(self) -> str:
-        where = f"bytes {self.first_byte}-{self.end_byte}"
+    def describe(self, name: str) -> str:
+        where = f"{name} (bytes {self.first_byte}-{self.end_byte})"
         if self.skipped:
             return f"{where}: skipped ({self.skipped})"
         return f"{where}: {self.file_system}, {self.free_bytes / 2**20:,.1f} MiB in free clusters"
@@ -86,7 +86,8 @@ class GuestFreeMap:
 
     def describe(self) -> list[str]:
         table = {"none": "no partition table (read as one volume)"}.get(self.table, f"{self.table} partition table")
-        return [table, *(v.describe() for v in self.volumes)]
+        names = ["the whole disk"] if self.table == "none" else [f"partition {i + 1}" for i in range(len(self.volumes))]
+        return [table, *(v.describe(name) for name, v in zip(names, self.volumes, strict=True))]
 
     def free_blocks(self, blocks: np.ndarray, block_size: int, virtual_size: int) -> np.ndarray:
         """Mask over ``blocks``: every byte of the block (up to the disk's end) lies in one free range."""
