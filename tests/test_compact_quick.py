@@ -409,3 +409,22 @@ def test_quick_without_the_guestfs_extra_says_how_to_install_it(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "pytsk3", None)  # import fails as if not installed
     out = CliRunner().invoke(cli, ["compact", path, "--mode", "quick"])
     assert out.exit_code == 1 and "vhdx-chain[guestfs]" in out.output and "Traceback" not in out.output
+
+
+def test_quick_keeps_an_ntfs_volume_marked_dirty(tmp_path):
+    volume = ntfs_volume(tmp_path, 40 * MiB, kept_files(), 8 * MiB)
+    run("ntfsresize", "-f", "-f", "-s", 36 * MiB, volume)  # leaves the dirty flag set, for chkdsk
+    path = guest_disk(tmp_path, "dos", [(1, volume, "7")])
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0
+    assert any("marked dirty" in line for line in result.guest)
+
+
+def test_quick_keeps_an_ntfs_volume_of_a_hibernated_windows(tmp_path):
+    volume = ntfs_volume(tmp_path, 40 * MiB, kept_files(), 8 * MiB)
+    (tmp_path / "hiberfil.sys").write_bytes(b"HIBR" + bytes(65532))
+    run("ntfscp", "-q", volume, tmp_path / "hiberfil.sys", "hiberfil.sys")
+    path = guest_disk(tmp_path, "dos", [(1, volume, "7")])
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0
+    assert any("hibernated" in line for line in result.guest)
