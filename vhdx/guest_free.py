@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vhdx.errors import UnsupportedError
+from vhdx.errors import FormatError, UnsupportedError
 from vhdx.image import VhdxImage
-from vhdx.partitions import Partition, read_partition_table
+from vhdx.partitions import read_partition_table
 
 # Partition types that hold a file system quick may read (others are kept whole).
 MBR_FS_TYPES = frozenset({0x01, 0x04, 0x06, 0x07, 0x0B, 0x0C, 0x0E, 0x11, 0x14, 0x16, 0x17, 0x1B, 0x1C, 0x1E, 0x27,
@@ -56,6 +56,32 @@ EXT_BG_BLOCK_UNINIT = 0x2
 NTFS_VOLUME_DIRTY = 0x1
 BITMAP_SPAN = 8 * 2**20  # bytes of an NTFS $Bitmap read at once (64 Mi clusters)
 FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A byte range of the virtual disk quick may read as one file system."""
+
+    first_byte: int
+    end_byte: int  # exclusive
+    type_id: str  # MBR type as "0x83", GPT type GUID; "" for a disk without a partition table
+
+    @property
+    def extended(self) -> bool:
+        return self.type_id.startswith("0x") and int(self.type_id, 16) in MBR_EXTENDED_TYPES
+
+
+def guest_partitions(image: VhdxImage) -> tuple[str, list[Partition]]:
+    """The table kind ("mbr", "gpt", "none") and the partitions, clipped to the disk (the whole disk without a table).
+
+    Raises:
+        FormatError: the partition table cannot be read.
+    """
+    table = read_partition_table(image)
+    if not table.partitions:  # a volume boot sector also ends in 55 AA: read the disk as one volume
+        return "none", [Partition(0, image.virtual_size, "")]
+    return table.kind, [Partition(p.first_byte, min(p.end_byte, image.virtual_size), p.type_id)
+                        for p in table.partitions]
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,8 @@ class GuestFreeMap:
 
     def describe(self) -> list[str]:
         table = {"none": "no partition table (read as one volume)"}.get(self.table, f"{self.table} partition table")
+        if self.table.startswith("unreadable"):
+            table = f"partition table {self.table}"
         names = ["the whole disk"] if self.table == "none" else [f"partition {i + 1}" for i in range(len(self.volumes))]
         return [table, *(v.describe(name) for name, v in zip(names, self.volumes, strict=True))]
 
@@ -279,17 +307,18 @@ def _type_skip(table: str, part: Partition) -> str:
     if table == "none":
         return ""
     if table == "mbr":
-        kind = int(part.type_id, 16)
-        if kind in MBR_EXTENDED_TYPES:
-            return "extended partition: its logical partitions are not read"
-        return "" if kind in MBR_FS_TYPES else f"partition type {part.type_id} is not a file system type"
-    return "" if uuid.UUID(part.type_id) in GPT_FS_TYPES else f"partition type {part.type_id} is not a file system type"
+        if part.extended:
+            return "extended partition: a container, not read as a file system"
+        known = int(part.type_id, 16) in MBR_FS_TYPES
+    else:
+        known = uuid.UUID(part.type_id) in GPT_FS_TYPES
+    return "" if known else f"partition type {part.type_id} is not a file system type"
 
 
-def _overlapping(parts: tuple[Partition, ...]) -> set[int]:
-    """Indexes of partitions that share bytes with another one."""
+def _overlapping(parts: list[Partition]) -> set[int]:
+    """Indexes of partitions that share bytes with another one (an extended partition holds its logical ones)."""
     return {i for i, p in enumerate(parts) for j, o in enumerate(parts)
-            if i != j and o.first_byte < p.end_byte and p.first_byte < o.end_byte}
+            if i != j and not p.extended and not o.extended and o.first_byte < p.end_byte and p.first_byte < o.end_byte}
 
 
 def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: bool) -> tuple[VolumeReport, tuple]:
@@ -348,16 +377,16 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
         raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3, dissect.extfs and "
                                "dissect.fat: install them with `pip install 'vhdx-chain[guestfs]'`",
                                path=image.path) from None
-    table = read_partition_table(image)
-    kind = table.kind if table.partitions else "none"  # a volume boot sector also ends in 55 AA
-    parts = table.partitions or (Partition(0, image.virtual_size, ""),)
+    try:
+        kind, parts = guest_partitions(image)
+    except FormatError as exc:
+        return GuestFreeMap(f"unreadable ({exc.message}; the guest is not read)")
     img = _tsk_image(image)
     result = GuestFreeMap(kind)
     ranges = []
     overlapping = _overlapping(parts)
     for i, part in enumerate(parts):
-        clipped = Partition(part.first_byte, min(part.end_byte, image.virtual_size), part.type_id)
-        report, found = _read_volume(image, img, kind, clipped, i in overlapping)
+        report, found = _read_volume(image, img, kind, part, i in overlapping)
         result.volumes.append(report)
         if found:
             ranges.append(found)
