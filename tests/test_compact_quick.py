@@ -433,10 +433,11 @@ def test_quick_keeps_an_ntfs_volume_of_a_hibernated_windows(tmp_path):
 def test_quick_with_an_unreadable_partition_table_reads_no_guest_and_says_why(tmp_path):
     volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
     path = guest_disk(tmp_path, "gpt", [(1, volume, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")], size=32 * MiB)
-    with vhdx.open(path, writable=True) as disk:  # the primary GPT header's CRC no longer matches
-        header = bytearray(disk.read(512, 512))
-        header[16] ^= 0xFF
-        disk.write(512, bytes(header))
+    with vhdx.open(path, writable=True) as disk:  # neither the primary nor the backup GPT header's CRC matches
+        for lba in (1, disk.virtual_size // 512 - 1):
+            header = bytearray(disk.read(lba * 512, 512))
+            header[16] ^= 0xFF
+            disk.write(lba * 512, bytes(header))
     before = present_blocks(path)
     result = compact_image(path, "quick")
     assert result.free_blocks_released == 0 and present_blocks(path) == before
