@@ -2,14 +2,20 @@
 
 Modes, as Optimize-VHD names them: ``full`` (our default) releases blocks whose payload is all zeros and blocks
 already trimmed (UNMAPPED/ZERO entries that still own file space); ``prezeroed`` only the zero blocks;
-``pretrimmed`` only the trimmed ones. Then every remaining payload block (and sector bitmap block) is moved down
-into the lowest hole that holds it and the file is cut after its last structure.
+``pretrimmed`` only the trimmed ones; ``quick`` does what ``full`` does and also releases blocks that only hold
+clusters the guest's file systems mark free (NTFS, FAT and ext2/3/4 through :mod:`vhdx.guest_free`; every other
+byte, the partition table and unread partitions included, is kept). Then every remaining payload block (and sector
+bitmap block) is moved down into the lowest hole that holds it and the file is cut after its last structure.
 
 Crash safety: a release is one change of BAT entries through the log (each released block read zeros before and
 reads zeros after). A move copies the block into free space, flushes, and only then switches the BAT entry through
 the log; the old space is reused only by a later move, after that commit. The file is truncated only once the log
 is empty again (a log entry records the file size it needs). Any interruption leaves a disk that opens and reads
 the same bytes; ``--resume`` runs what is left.
+
+Quick mode changes what the disk reads (free clusters read zeros afterwards): it takes a new DataWriteGuid, is
+refused on a disk other disks depend on (their guests may use those clusters), and on a differencing disk it does
+not read the guest (releasing a child block would expose the parent's bytes there; only ``full``'s rules apply).
 
 Differencing disks: a child block may be released only where the disk reads the same afterwards. A fully present
 all-zero block becomes NOT_PRESENT only when its parent (through the chain) also reads zeros there; over parent
@@ -37,7 +43,7 @@ from vhdx.image import VhdxImage
 from vhdx.io import ImageIO
 from vhdx.log import read_log
 
-MODES = ("full", "prezeroed", "pretrimmed")
+MODES = ("full", "prezeroed", "pretrimmed", "quick")
 GRANULE = c.ALIGNMENT
 # Bytes read per zero scan step and moved per commit: large sequential I/O, bounded memory.
 READ_SPAN = 64 * c.MiB
@@ -286,32 +292,51 @@ class Release:
     trimmed: np.ndarray  # zero-reading entries that still own space -> same state, no space
     kept_over_parent_data: int = 0  # differencing: zero blocks that hide parent data
     kept_partial: int = 0  # differencing: partially present blocks (not reclaimed)
+    free: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # quick: guest-free -> NOT_PRESENT
+    guest: list[str] = field(default_factory=list)  # quick: what was read of the guest, and what was skipped
+
+
+def guest_free_blocks(image: VhdxImage, blocks: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Mask over ``blocks``: only free clusters of the guest's file systems in them; and what was read."""
+    if image.has_parent:
+        return np.zeros(len(blocks), dtype=bool), ["differencing disk: the guest file systems are not read (a "
+                                                   "released block would show the parent's bytes)"]
+    from vhdx.guest_free import read_free_map
+
+    guest = read_free_map(image)
+    return guest.free_blocks(blocks, image.block_size, image.virtual_size), guest.describe()
 
 
 def plan_release(image: VhdxImage, mode: str, progress: Progress | None = None) -> Release:
     bat = image.bat
     trimmed = np.zeros(0, dtype=np.int64)
     zero = np.zeros(0, dtype=np.int64)
+    free = np.zeros(0, dtype=np.int64)
+    guest: list[str] = []
     kept_parent = 0
-    if mode in ("full", "pretrimmed"):
+    if mode in ("full", "pretrimmed", "quick"):
         trimmed = np.flatnonzero(np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0))
-    if mode in ("full", "prezeroed"):
+    if mode in ("full", "prezeroed", "quick"):
         full = np.flatnonzero(bat.states == c.BatState.FULLY_PRESENT)
+        if mode == "quick":
+            in_free, guest = guest_free_blocks(image, full)
+            free, full = full[in_free], full[~in_free]
         zero = full[zero_blocks(image, full, progress)]
         if image.has_parent:
             ok = parent_reads_zero(image, zero)
             kept_parent = int((~ok).sum())
             zero = zero[ok]
     partial = int((bat.states == c.BatState.PARTIALLY_PRESENT).sum())
-    return Release(zero, trimmed, kept_parent, partial)
+    return Release(zero, trimmed, kept_parent, partial, free, guest)
 
 
 def apply_release(image: VhdxImage, release: Release) -> None:
     """One commit: zero blocks become NOT_PRESENT, trimmed entries give up their space."""
     writer = image.writer
-    writer.begin(changes_data=False)  # the disk reads the same bytes: children stay valid
-    if len(release.zero):
-        writer.set_payload(release.zero, c.BatState.NOT_PRESENT, 0)
+    # Zero and trimmed releases keep the bytes the disk reads (children stay valid); guest-free ones do not.
+    writer.begin(changes_data=bool(len(release.free)))
+    if len(release.zero) or len(release.free):
+        writer.set_payload(np.concatenate((release.zero, release.free)), c.BatState.NOT_PRESENT, 0)
     states = image.bat.states[release.trimmed]
     for state in np.unique(states).tolist():
         # v0.95's UNMAPPED (5) is read, never written: it becomes UNMAPPED (3).
@@ -335,6 +360,8 @@ class CompactResult:
     kept_partial: int
     block_size: int
     warnings: list[str] = field(default_factory=list)
+    free_blocks_released: int = 0  # quick: blocks holding only free guest clusters
+    guest: list[str] = field(default_factory=list)  # quick: file systems and partitions read or skipped
 
     @property
     def bytes_released(self) -> int | None:
@@ -351,7 +378,7 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
 
     Args:
         path: the disk.
-        mode: ``full``, ``prezeroed`` or ``pretrimmed``.
+        mode: ``full``, ``prezeroed``, ``pretrimmed`` or ``quick``.
         dry_run: report what would be released, change nothing.
         force: compact a disk that other disks depend on (their data stays valid: the DataWriteGuid is kept).
         resume: finish an interrupted compaction (its mode comes from the record).
@@ -379,6 +406,10 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
         deps = dependents_of(image, search_dirs)
         if deps and not journal:
             text = f"{', '.join(deps)} depend{'s' if len(deps) == 1 else ''} on this disk"
+            if mode == "quick" and not dry_run:
+                raise InvalidRequestError(f"{text}; quick mode changes the bytes of free guest clusters, which their "
+                                          "guests may use: refused even with --force (use --mode full)",
+                                          path=image.path)
             if not force and not dry_run:
                 raise InvalidRequestError(f"{text}; compaction keeps the data and DataWriteGuid they rely on, but "
                                           "refuses to change a parent by default (--force accepts it)",
@@ -387,7 +418,8 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
         before = image.io.real_size
         release = plan_release(image, mode, progress)
         result = CompactResult(image.path, mode, dry_run, before, None, len(release.zero), len(release.trimmed), 0,
-                               release.kept_over_parent_data, release.kept_partial, image.block_size, warnings)
+                               release.kept_over_parent_data, release.kept_partial, image.block_size, warnings,
+                               len(release.free), release.guest)
         if dry_run:
             return result
         if journal is None:

@@ -1,0 +1,401 @@
+"""The guest's free space, for ``compact --mode quick``: which bytes of the virtual disk only hold free clusters.
+
+Partitions come from the MBR or GPT (:mod:`vhdx.partitions`); a disk without a table is read as one volume. Each
+partition whose type is a file system type is probed with The Sleuth Kit (pytsk3), and its allocation map is read
+through a maintained library, never a parser of our own:
+
+- NTFS: the ``$Bitmap`` metadata file (one bit per cluster), read through pytsk3;
+- ext2/3/4: the block group bitmaps, at the places dissect.extfs's group descriptors give;
+- FAT12/16/32: the file allocation tables (a cluster is free where its entry is 0 in every copy), at the places and
+  entry widths dissect.fat's boot sector reading gives.
+
+Everything else is never free: the partition table, gaps between partitions, extended partitions, partitions of
+other types or whose file system is not supported (exFAT, ...), and bytes of a partition past its file system.
+Doubt counts as used: a file system not cleanly unmounted (NTFS dirty flag or hibernated Windows, ext needing
+journal recovery or marked with errors, FAT without its clean-shutdown bit), overlapping partitions, an ext group
+whose bitmap is not initialised or disagrees with its descriptor's free count, and anything that fails to read.
+
+References: UEFI §5.2-5.3 (partition types); NTFS $Bitmap and $Volume (VOLUME_INFORMATION flags); ext4 disk
+layout (block group descriptors, BLOCK_UNINIT, s_state, INCOMPAT_RECOVER); Microsoft FAT specification (FAT
+entry 1 clean-shutdown bit, free entry 0).
+"""
+
+from __future__ import annotations
+
+import io as _io
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vhdx.errors import FormatError, UnsupportedError
+from vhdx.image import VhdxImage
+from vhdx.partitions import read_partitions
+
+# Partition types that hold a file system quick may read (others are kept whole).
+MBR_FS_TYPES = frozenset({0x01, 0x04, 0x06, 0x07, 0x0B, 0x0C, 0x0E, 0x11, 0x14, 0x16, 0x17, 0x1B, 0x1C, 0x1E, 0x27,
+                          0x83})
+MBR_EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
+GPT_FS_TYPES = frozenset(uuid.UUID(u) for u in (
+    "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7",  # Microsoft basic data
+    "de94bba4-06d1-4d40-a16a-bfd50179d6ac",  # Windows recovery
+    "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",  # EFI system
+    "0fc63daf-8483-4772-8e79-3d69d8477de4",  # Linux file system data
+    "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",  # Linux root (x86-64)
+    "44479540-f297-41b2-9af7-d131d5f0458a",  # Linux root (x86)
+    "b921b045-1df0-41c3-af44-4c6f280d3fae",  # Linux root (ARM64)
+    "933ac7e1-2eb4-4f13-b844-0e14e2aef915",  # Linux /home
+    "3b8f8425-20e0-4f3b-907f-1a25a76f98e8",  # Linux /srv
+    "bc13c2ff-59e6-4262-a352-b275fd6f7172",  # Linux /boot (XBOOTLDR)
+))
+
+# ext: superblock and group descriptor flags (ext4 disk layout).
+EXT_VALID_FS, EXT_ERROR_FS = 0x1, 0x2
+EXT_INCOMPAT_RECOVER, EXT_INCOMPAT_META_BG = 0x4, 0x10
+EXT_BG_BLOCK_UNINIT = 0x2
+NTFS_VOLUME_DIRTY = 0x1
+BITMAP_SPAN = 8 * 2**20  # bytes of an NTFS $Bitmap read at once (64 Mi clusters)
+FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A byte range of the virtual disk quick may read as one file system."""
+
+    first_byte: int
+    end_byte: int  # exclusive
+    type_id: str  # MBR type as "0x83", GPT type GUID; "" for a disk without a partition table
+
+    @property
+    def extended(self) -> bool:
+        return self.type_id.startswith("0x") and int(self.type_id, 16) in MBR_EXTENDED_TYPES
+
+
+def guest_partitions(image: VhdxImage) -> tuple[str, list[Partition]]:
+    """The table kind ("mbr", "gpt", "none") and the partitions, clipped to the disk (the whole disk without a table).
+
+    Raises:
+        FormatError: the partition table cannot be read.
+    """
+    parts = read_partitions(image.read, image.virtual_size, image.logical_sector_size)
+    if not parts:  # a volume boot sector also ends in 55 AA: read the disk as one volume
+        return "none", [Partition(0, image.virtual_size, "")]
+    return parts[0].scheme, [Partition(p.start, min(p.start + p.length, image.virtual_size), p.type) for p in parts]
+
+
+@dataclass(frozen=True)
+class VolumeReport:
+    """What quick read of one partition (or of the whole disk without a table), or why it skipped it."""
+
+    first_byte: int
+    end_byte: int
+    file_system: str  # "ntfs", "ext4", ..., or "" when unknown
+    free_bytes: int = 0
+    skipped: str = ""  # why nothing of it was released
+
+    def describe(self, name: str) -> str:
+        where = f"{name} (bytes {self.first_byte}-{self.end_byte})"
+        if self.skipped:
+            return f"{where}: skipped ({self.skipped})"
+        return f"{where}: {self.file_system}, {self.free_bytes / 2**20:,.1f} MiB in free clusters"
+
+
+@dataclass
+class GuestFreeMap:
+    """Sorted, disjoint byte ranges [start, end) of the virtual disk that only hold free clusters."""
+
+    table: str
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ends: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    volumes: list[VolumeReport] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        table = {"none": "no partition table (read as one volume)"}.get(self.table, f"{self.table} partition table")
+        if self.table.startswith("unreadable"):
+            table = f"partition table {self.table}"
+        names = ["the whole disk"] if self.table == "none" else [f"partition {i + 1}" for i in range(len(self.volumes))]
+        return [table, *(v.describe(name) for name, v in zip(names, self.volumes, strict=True))]
+
+    def free_blocks(self, blocks: np.ndarray, block_size: int, virtual_size: int) -> np.ndarray:
+        """Mask over ``blocks``: every byte of the block (up to the disk's end) lies in one free range."""
+        first = np.asarray(blocks, dtype=np.int64) * block_size
+        end = np.minimum(first + block_size, virtual_size)
+        if not len(self.starts):
+            return np.zeros(len(first), dtype=bool)
+        i = np.searchsorted(self.starts, first, side="right") - 1
+        inside = i >= 0
+        result = np.zeros(len(first), dtype=bool)
+        result[inside] = self.ends[i[inside]] >= end[inside]
+        return result
+
+
+def _runs(free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) index runs of True in ``free``."""
+    edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
+    return np.flatnonzero(edges == 1).astype(np.int64), np.flatnonzero(edges == -1).astype(np.int64)
+
+
+def _unpack(raw: bytes, count: int) -> np.ndarray:
+    """The first ``count`` bits of an allocation bitmap (bit 0 of byte 0 first), True where used."""
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:count].astype(bool)
+    if len(bits) < count:
+        raise ValueError(f"the allocation bitmap is short ({len(bits)} of {count} bits)")
+    return bits
+
+
+def _tsk_image(image: VhdxImage):
+    """A pytsk3 image that reads the virtual disk (its whole chain)."""
+    import pytsk3
+
+    class DiskImg(pytsk3.Img_Info):
+        def __init__(self) -> None:
+            super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
+
+        def read(self, offset: int, size: int) -> bytes:
+            return image.read(offset, max(0, min(size, image.virtual_size - offset)))
+
+        def get_size(self) -> int:
+            return image.virtual_size
+
+        def close(self) -> None:
+            pass
+
+    return DiskImg()
+
+
+class _PartitionStream(_io.RawIOBase):
+    """Read-only stream over one partition of the virtual disk (for dissect)."""
+
+    def __init__(self, image: VhdxImage, part: Partition) -> None:
+        super().__init__()
+        self._image, self._first, self._size, self._pos = image, part.first_byte, part.end_byte - part.first_byte, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf)[: max(0, self._size - self._pos)]
+        n = self._image.readinto(self._first + self._pos, view) if len(view) else 0
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = _io.SEEK_SET) -> int:
+        self._pos = {_io.SEEK_SET: 0, _io.SEEK_CUR: self._pos, _io.SEEK_END: self._size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _ntfs_clean(fs) -> str:
+    """Why the NTFS volume's bitmap cannot be trusted ("" when it can)."""
+    import pytsk3
+
+    volume = fs.open("/$Volume")
+    for attr in volume:
+        if attr.info.type == pytsk3.TSK_FS_ATTR_TYPE_NTFS_VINFO:
+            info = volume.read_random(0, attr.info.size, attr.info.type, attr.info.id)
+            if len(info) < 12:
+                return "its volume information is short"
+            if int.from_bytes(info[10:12], "little") & NTFS_VOLUME_DIRTY:
+                return "the NTFS volume is marked dirty; run chkdsk in the guest first"
+            break
+    else:
+        return "the NTFS volume has no volume information"
+    try:
+        hiberfil = fs.open("/hiberfil.sys")
+    except OSError:
+        return ""
+    if hiberfil.info.meta.size >= 4 and hiberfil.read_random(0, 4).lower() in (b"hibr", b"wake"):
+        return "Windows is hibernated (fast startup) on it: its on-disk bitmap may be stale"
+    return ""
+
+
+def _ntfs_free(fs, part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    cluster, count = fs.info.block_size, fs.info.block_count
+    if count * cluster > part.end_byte - part.first_byte:
+        raise ValueError("the NTFS volume is larger than its partition")
+    bitmap = fs.open("/$Bitmap")
+    if bitmap.info.meta.size * 8 < count:
+        raise ValueError(f"$Bitmap is short ({bitmap.info.meta.size * 8} of {count} bits)")
+    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
+    for first in range(0, count, BITMAP_SPAN * 8):  # bounded memory; touching runs are merged later
+        n = min(BITMAP_SPAN * 8, count - first)
+        starts, ends = _runs(~_unpack(bitmap.read_random(first // 8, (n + 7) // 8), n))
+        runs.append((first + starts, first + ends))
+    starts, ends = (np.concatenate(r) for r in zip(*runs, strict=True))
+    return part.first_byte + starts * cluster, part.first_byte + ends * cluster
+
+
+def _ext_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    from dissect.extfs import ExtFS
+
+    stream = _PartitionStream(image, part)
+    fs = ExtFS(stream)
+    sb = fs.sb
+    if sb.s_state & EXT_ERROR_FS or not sb.s_state & EXT_VALID_FS:
+        raise UnsupportedError("the ext file system was not cleanly unmounted or has errors; run e2fsck first")
+    if sb.s_feature_incompat & EXT_INCOMPAT_RECOVER:
+        raise UnsupportedError("the ext journal needs recovery; mount or run e2fsck first")
+    if sb.s_feature_incompat & EXT_INCOMPAT_META_BG:
+        raise UnsupportedError("ext meta_bg group descriptors are not read")
+    bs, per_group, count = fs.block_size, sb.s_blocks_per_group, fs.block_count
+    if count * bs > part.end_byte - part.first_byte:
+        raise ValueError("the ext file system is larger than its partition")
+    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
+    for group in range(fs.groups_count):  # one read per group of blocks_per_group blocks
+        desc = fs._read_group_desc(group)
+        flags = getattr(desc, "bg_flags", getattr(desc, "bg_pad", 0))  # dissect names the 32-byte one's bg_pad
+        if flags & EXT_BG_BLOCK_UNINIT:
+            continue  # free blocks computed, not recorded: kept whole rather than guessed
+        bitmap = desc.bg_block_bitmap_lo | (getattr(desc, "bg_block_bitmap_hi", 0) << 32)
+        free_count = desc.bg_free_blocks_count_lo | (getattr(desc, "bg_free_blocks_count_hi", 0) << 16)
+        first = sb.s_first_data_block + group * per_group
+        n = min(per_group, count - first)
+        stream.seek(bitmap * bs)
+        bits = _unpack(stream.read(per_group // 8), n)
+        if int(n - bits.sum()) != free_count:
+            continue  # bitmap and descriptor disagree: trust neither
+        starts, ends = _runs(~bits)
+        runs.append((first + starts, first + ends))
+    starts, ends = (np.concatenate(r) for r in zip(*runs, strict=True))
+    return part.first_byte + starts * bs, part.first_byte + ends * bs
+
+
+def _fat_entries(raw: bytes, bits: int) -> np.ndarray:
+    """The entries of one FAT copy as integers (FAT12 packs two entries in three bytes)."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if bits == 16:
+        return data[: len(data) // 2 * 2].view("<u2").astype(np.uint32)
+    if bits == 32:
+        return data[: len(data) // 4 * 4].view("<u4") & 0x0FFFFFFF
+    triples = data[: len(data) // 3 * 3].reshape(-1, 3).astype(np.uint32)
+    pairs = np.stack((triples[:, 0] | (triples[:, 1] & 0xF) << 8, triples[:, 1] >> 4 | triples[:, 2] << 4), axis=1)
+    return pairs.ravel()
+
+
+def _fat_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray]:
+    from dissect.fat import FATFS
+
+    stream = _PartitionStream(image, part)
+    fs = FATFS(stream)
+    ss, bpb = fs.sector_size, fs.bpb
+    if fs.total_sectors * ss > part.end_byte - part.first_byte:
+        raise ValueError("the FAT volume is larger than its partition")
+    bits = fs.fat.bits_per_entry
+    clusters = (fs.total_sectors - fs.first_data_sector) // bpb.BPB_SecPerClus
+    free = np.ones(clusters, dtype=bool)
+    for copy in range(bpb.BPB_NumFATs):  # free only where every copy says so
+        stream.seek((bpb.BPB_RsvdSecCnt + copy * fs.fat_size) * ss)
+        entries = _fat_entries(stream.read(fs.fat_size * ss), bits)
+        if len(entries) < clusters + 2:
+            raise ValueError("the FAT is shorter than the volume's clusters")
+        if FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
+            raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
+        free &= entries[2 : clusters + 2] == 0
+    starts, ends = _runs(free)
+    data = part.first_byte + fs.first_data_sector * ss
+    return data + starts * fs.cluster_size, data + ends * fs.cluster_size
+
+
+def _type_skip(table: str, part: Partition) -> str:
+    """Why a partition's type rules it out ("" when it may hold a file system quick reads)."""
+    if table == "none":
+        return ""
+    if table == "mbr":
+        if part.extended:
+            return "extended partition: a container, not read as a file system"
+        known = int(part.type_id, 16) in MBR_FS_TYPES
+    else:
+        known = uuid.UUID(part.type_id) in GPT_FS_TYPES
+    return "" if known else f"partition type {part.type_id} is not a file system type"
+
+
+def _overlapping(parts: list[Partition]) -> set[int]:
+    """Indexes of partitions that share bytes with another one (an extended partition holds its logical ones)."""
+    return {i for i, p in enumerate(parts) for j, o in enumerate(parts)
+            if i != j and not p.extended and not o.extended and o.first_byte < p.end_byte and p.first_byte < o.end_byte}
+
+
+def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: bool) -> tuple[VolumeReport, tuple]:
+    import pytsk3
+
+    def skip(reason: str, fs_name: str = "") -> tuple[VolumeReport, tuple]:
+        return VolumeReport(part.first_byte, part.end_byte, fs_name, skipped=reason), ()
+
+    reason = _type_skip(table, part)
+    if reason:
+        return skip(reason)
+    if overlaps:
+        return skip("overlaps another partition")
+    try:
+        fs = pytsk3.FS_Info(img, offset=part.first_byte)
+    except OSError:
+        return skip("no file system The Sleuth Kit recognises")
+    ftype = fs.info.ftype
+    names = {pytsk3.TSK_FS_TYPE_NTFS: "ntfs", pytsk3.TSK_FS_TYPE_EXT2: "ext2", pytsk3.TSK_FS_TYPE_EXT3: "ext3",
+             pytsk3.TSK_FS_TYPE_EXT4: "ext4", pytsk3.TSK_FS_TYPE_FAT12: "fat12", pytsk3.TSK_FS_TYPE_FAT16: "fat16",
+             pytsk3.TSK_FS_TYPE_FAT32: "fat32", pytsk3.TSK_FS_TYPE_EXFAT: "exfat"}
+    name = names.get(ftype, str(ftype).removeprefix("TSK_FS_TYPE_").lower())
+    try:
+        if name == "ntfs":
+            reason = _ntfs_clean(fs)
+            if reason:
+                return skip(reason, name)
+            starts, ends = _ntfs_free(fs, part)
+        elif name.startswith("ext"):
+            starts, ends = _ext_free(image, part)
+        elif name.startswith("fat"):
+            starts, ends = _fat_free(image, part)
+        else:
+            return skip(f"{name}: reading its free-space map is not supported", name)
+    except (OSError, ValueError, UnsupportedError, NotImplementedError) as exc:
+        return skip(f"could not read its allocation map: {exc}", name)
+    except Exception as exc:  # noqa: BLE001 - a library failing on hostile bytes: release nothing of it
+        return skip(f"could not read its allocation map ({type(exc).__name__}: {exc})", name)
+    ends = np.minimum(ends, part.end_byte)
+    starts, ends = starts[ends > starts], ends[ends > starts]
+    free = int((ends - starts).sum())
+    return VolumeReport(part.first_byte, part.end_byte, name, free), (starts, ends)
+
+
+def read_free_map(image: VhdxImage) -> GuestFreeMap:
+    """The byte ranges of ``image``'s guest that only hold free clusters, and what was read or skipped.
+
+    Raises:
+        UnsupportedError: the libraries (the ``guestfs`` extra) are not installed.
+    """
+    try:
+        import dissect.extfs  # noqa: F401
+        import dissect.fat  # noqa: F401
+        import pytsk3  # noqa: F401
+    except ImportError:
+        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3, dissect.extfs and "
+                               "dissect.fat: install them with `pip install 'vhdx-chain[guestfs]'`",
+                               path=image.path) from None
+    try:
+        kind, parts = guest_partitions(image)
+    except FormatError as exc:
+        return GuestFreeMap(f"unreadable ({exc.message}; the guest is not read)")
+    img = _tsk_image(image)
+    result = GuestFreeMap(kind)
+    ranges = []
+    overlapping = _overlapping(parts)
+    for i, part in enumerate(parts):
+        report, found = _read_volume(image, img, kind, part, i in overlapping)
+        result.volumes.append(report)
+        if found:
+            ranges.append(found)
+    if ranges and sum(len(r[0]) for r in ranges):
+        starts = np.concatenate([r[0] for r in ranges])
+        ends = np.concatenate([r[1] for r in ranges])
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], ends[order]
+        # Merge touching ranges, so that a block spanning two of them counts as free.
+        new = np.concatenate(([True], starts[1:] != ends[:-1]))
+        result.starts = starts[new]
+        result.ends = ends[np.concatenate((np.flatnonzero(new)[1:] - 1, [len(ends) - 1]))]
+    return result
