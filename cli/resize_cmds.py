@@ -60,7 +60,7 @@ def resize(ctx, disk, size, to_minimum, force, dry_run, resume, search_dirs, as_
 @click.argument("disk", type=click.Path(exists=True, dir_okay=False))
 @click.option("--mode", type=click.Choice(MODES), default="full", show_default=True,
               help="full: zero and trimmed blocks; prezeroed: zero blocks; pretrimmed: trimmed blocks; quick: as full, "
-                   "plus blocks holding only free clusters of the guest's NTFS/ext2/3/4 file systems.")
+                   "plus blocks holding only free clusters of the guest's NTFS/FAT file systems.")
 @click.option("--dry-run", is_flag=True, help="Say what would be released and change nothing.")
 @click.option("--force", is_flag=True, help="Compact a disk other disks depend on (their data stays valid).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted compaction.")
@@ -89,7 +89,7 @@ def compact(ctx, disk, mode, dry_run, force, resume, parent, search_dirs, as_jso
     if result.mode == "quick":
         click.echo("guest: " + "\n  ".join(result.guest))
         click.echo(f"{verb} {result.free_blocks_released} blocks holding only free guest clusters "
-                   f"({_mib(result.free_blocks_released * bs)})")
+                   f"({_size(result.free_blocks_released * bs)})")
     click.echo(f"{verb} {result.zero_blocks_released} zero blocks and the space of {result.trimmed_blocks_released} "
                f"trimmed blocks ({_size((result.zero_blocks_released + result.trimmed_blocks_released) * bs)})")
     if result.kept_over_parent_data or result.kept_partial:

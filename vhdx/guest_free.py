@@ -1,34 +1,34 @@
 """The guest's free space, for ``compact --mode quick``: which bytes of the virtual disk only hold free clusters.
 
 Partitions come from the MBR or GPT (:mod:`vhdx.partitions`); a disk without a table is read as one volume. Each
-partition whose type is a file system type is probed with The Sleuth Kit (pytsk3), and its allocation map is read
-through a maintained library, never a parser of our own:
+partition whose type is a file system type is probed with The Sleuth Kit (pytsk3, the only permissively licensed
+reader here that exposes allocation maps), and its allocation map is read through it:
 
-- NTFS: the ``$Bitmap`` metadata file (one bit per cluster), read through pytsk3;
-- ext2/3/4: the block group bitmaps, at the places dissect.extfs's group descriptors give;
-- FAT12/16/32: the file allocation tables (a cluster is free where its entry is 0 in every copy), at the places and
-  entry widths dissect.fat's boot sector reading gives.
+- NTFS: the ``$Bitmap`` metadata file (one bit per cluster);
+- FAT12/16/32: the ``$FAT1``/``$FAT2`` virtual files (a cluster is free where its entry is 0 in every copy); the
+  cluster geometry comes from the boot sector (:mod:`vhdx.format.fat_boot`), checked against The Sleuth Kit's own
+  sector count and FAT places;
+- ext2/3/4: skipped with a reason (no permissive library here exposes its block bitmaps).
 
 Everything else is never free: the partition table, gaps between partitions, extended partitions, partitions of
-other types or whose file system is not supported (exFAT, ...), and bytes of a partition past its file system.
-Doubt counts as used: a file system not cleanly unmounted (NTFS dirty flag or hibernated Windows, ext needing
-journal recovery or marked with errors, FAT without its clean-shutdown bit), overlapping partitions, an ext group
-whose bitmap is not initialised or disagrees with its descriptor's free count, and anything that fails to read.
+other types or whose file system is not supported (ext, exFAT, ...), and bytes of a partition past its file system.
+Doubt counts as used: a file system not cleanly unmounted (NTFS dirty flag or hibernated Windows, FAT without its
+clean-shutdown bit), overlapping partitions, a FAT geometry the boot sector and The Sleuth Kit disagree on, and
+anything that fails to read.
 
-References: UEFI §5.2-5.3 (partition types); NTFS $Bitmap and $Volume (VOLUME_INFORMATION flags); ext4 disk
-layout (block group descriptors, BLOCK_UNINIT, s_state, INCOMPAT_RECOVER); Microsoft FAT specification (FAT
-entry 1 clean-shutdown bit, free entry 0).
+References: UEFI §5.2-5.3 (partition types); NTFS $Bitmap and $Volume (VOLUME_INFORMATION flags);
+Microsoft FAT specification (BPB, FAT entry 1 clean-shutdown bit, free entry 0).
 """
 
 from __future__ import annotations
 
-import io as _io
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from vhdx.errors import FormatError, UnsupportedError
+from vhdx.format import fat_boot
 from vhdx.image import VhdxImage
 from vhdx.partitions import read_partitions
 
@@ -49,10 +49,9 @@ GPT_FS_TYPES = frozenset(uuid.UUID(u) for u in (
     "bc13c2ff-59e6-4262-a352-b275fd6f7172",  # Linux /boot (XBOOTLDR)
 ))
 
-# ext: superblock and group descriptor flags (ext4 disk layout).
-EXT_VALID_FS, EXT_ERROR_FS = 0x1, 0x2
-EXT_INCOMPAT_RECOVER, EXT_INCOMPAT_META_BG = 0x4, 0x10
-EXT_BG_BLOCK_UNINIT = 0x2
+# ext's block bitmaps: pytsk3, pyfsext and pyfsfat expose neither the group descriptors nor the bitmaps, and the
+# readers that do (dissect.extfs) are AGPL, so an MIT package may not import them.
+NO_PERMISSIVE_READER = "no permissively licensed reader for this file system here"
 NTFS_VOLUME_DIRTY = 0x1
 BITMAP_SPAN = 8 * 2**20  # bytes of an NTFS $Bitmap read at once (64 Mi clusters)
 FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
@@ -96,7 +95,7 @@ class VolumeReport:
     def describe(self, name: str) -> str:
         where = f"{name} (bytes {self.first_byte}-{self.end_byte})"
         if self.skipped:
-            return f"{where}: skipped ({self.skipped})"
+            return f"{where}: {self.file_system + ' ' if self.file_system else ''}skipped ({self.skipped})"
         return f"{where}: {self.file_system}, {self.free_bytes / 2**20:,.1f} MiB in free clusters"
 
 
@@ -163,33 +162,6 @@ def _tsk_image(image: VhdxImage):
     return DiskImg()
 
 
-class _PartitionStream(_io.RawIOBase):
-    """Read-only stream over one partition of the virtual disk (for dissect)."""
-
-    def __init__(self, image: VhdxImage, part: Partition) -> None:
-        super().__init__()
-        self._image, self._first, self._size, self._pos = image, part.first_byte, part.end_byte - part.first_byte, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        view = memoryview(buf)[: max(0, self._size - self._pos)]
-        n = self._image.readinto(self._first + self._pos, view) if len(view) else 0
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = _io.SEEK_SET) -> int:
-        self._pos = {_io.SEEK_SET: 0, _io.SEEK_CUR: self._pos, _io.SEEK_END: self._size}[whence] + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
 def _ntfs_clean(fs) -> str:
     """Why the NTFS volume's bitmap cannot be trusted ("" when it can)."""
     import pytsk3
@@ -230,41 +202,6 @@ def _ntfs_free(fs, part: Partition) -> tuple[np.ndarray, np.ndarray]:
     return part.first_byte + starts * cluster, part.first_byte + ends * cluster
 
 
-def _ext_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray]:
-    from dissect.extfs import ExtFS
-
-    stream = _PartitionStream(image, part)
-    fs = ExtFS(stream)
-    sb = fs.sb
-    if sb.s_state & EXT_ERROR_FS or not sb.s_state & EXT_VALID_FS:
-        raise UnsupportedError("the ext file system was not cleanly unmounted or has errors; run e2fsck first")
-    if sb.s_feature_incompat & EXT_INCOMPAT_RECOVER:
-        raise UnsupportedError("the ext journal needs recovery; mount or run e2fsck first")
-    if sb.s_feature_incompat & EXT_INCOMPAT_META_BG:
-        raise UnsupportedError("ext meta_bg group descriptors are not read")
-    bs, per_group, count = fs.block_size, sb.s_blocks_per_group, fs.block_count
-    if count * bs > part.end_byte - part.first_byte:
-        raise ValueError("the ext file system is larger than its partition")
-    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
-    for group in range(fs.groups_count):  # one read per group of blocks_per_group blocks
-        desc = fs._read_group_desc(group)
-        flags = getattr(desc, "bg_flags", getattr(desc, "bg_pad", 0))  # dissect names the 32-byte one's bg_pad
-        if flags & EXT_BG_BLOCK_UNINIT:
-            continue  # free blocks computed, not recorded: kept whole rather than guessed
-        bitmap = desc.bg_block_bitmap_lo | (getattr(desc, "bg_block_bitmap_hi", 0) << 32)
-        free_count = desc.bg_free_blocks_count_lo | (getattr(desc, "bg_free_blocks_count_hi", 0) << 16)
-        first = sb.s_first_data_block + group * per_group
-        n = min(per_group, count - first)
-        stream.seek(bitmap * bs)
-        bits = _unpack(stream.read(per_group // 8), n)
-        if int(n - bits.sum()) != free_count:
-            continue  # bitmap and descriptor disagree: trust neither
-        starts, ends = _runs(~bits)
-        runs.append((first + starts, first + ends))
-    starts, ends = (np.concatenate(r) for r in zip(*runs, strict=True))
-    return part.first_byte + starts * bs, part.first_byte + ends * bs
-
-
 def _fat_entries(raw: bytes, bits: int) -> np.ndarray:
     """The entries of one FAT copy as integers (FAT12 packs two entries in three bytes)."""
     data = np.frombuffer(raw, dtype=np.uint8)
@@ -277,28 +214,39 @@ def _fat_entries(raw: bytes, bits: int) -> np.ndarray:
     return pairs.ravel()
 
 
-def _fat_free(image: VhdxImage, part: Partition) -> tuple[np.ndarray, np.ndarray]:
-    from dissect.fat import FATFS
+def _fat_free(image: VhdxImage, fs, part: Partition, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    import pytsk3
 
-    stream = _PartitionStream(image, part)
-    fs = FATFS(stream)
-    ss, bpb = fs.sector_size, fs.bpb
-    if fs.total_sectors * ss > part.end_byte - part.first_byte:
+    bpb = fat_boot.BiosParameterBlock.parse(image.read(part.first_byte, fat_boot.BOOT_SECTOR_SIZE))
+    ss, per_cluster = bpb.bytes_per_sector, bpb.sectors_per_cluster
+    total = bpb.total_sectors_16 or bpb.total_sectors_32
+    fat_sectors = bpb.fat_sectors_16 or bpb.fat_sectors_32
+    # The Sleuth Kit's blocks are the volume's sectors: it must have read the same geometry as the boot sector says.
+    if bpb.signature != fat_boot.BOOT_SIGNATURE or ss != fs.info.block_size or total != fs.info.block_count:
+        raise ValueError("the boot sector and The Sleuth Kit disagree on the volume's sectors")
+    if not per_cluster or per_cluster & (per_cluster - 1) or bpb.fat_count not in (1, 2):
+        raise ValueError(f"unexpected geometry ({per_cluster} sectors a cluster, {bpb.fat_count} FATs)")
+    if total * ss > part.end_byte - part.first_byte:
         raise ValueError("the FAT volume is larger than its partition")
-    bits = fs.fat.bits_per_entry
-    clusters = (fs.total_sectors - fs.first_data_sector) // bpb.BPB_SecPerClus
+    root_sectors = -(-bpb.root_entries * fat_boot.DIR_ENTRY_SIZE // ss)
+    first_data = bpb.reserved_sectors + bpb.fat_count * fat_sectors + root_sectors
+    clusters = (total - first_data) // per_cluster
     free = np.ones(clusters, dtype=bool)
-    for copy in range(bpb.BPB_NumFATs):  # free only where every copy says so
-        stream.seek((bpb.BPB_RsvdSecCnt + copy * fs.fat_size) * ss)
-        entries = _fat_entries(stream.read(fs.fat_size * ss), bits)
+    for copy in range(bpb.fat_count):  # free only where every copy says so
+        table = fs.open(f"/$FAT{copy + 1}")  # The Sleuth Kit's virtual file of each FAT copy
+        where = [(run.addr, run.len) for attr in table if attr.info.type == pytsk3.TSK_FS_ATTR_TYPE_DEFAULT
+                 for run in attr]
+        if where != [(bpb.reserved_sectors + copy * fat_sectors, fat_sectors)]:
+            raise ValueError(f"The Sleuth Kit places FAT copy {copy + 1} elsewhere than the boot sector")
+        entries = _fat_entries(table.read_random(0, fat_sectors * ss), bits)
         if len(entries) < clusters + 2:
             raise ValueError("the FAT is shorter than the volume's clusters")
         if FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
             raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
         free &= entries[2 : clusters + 2] == 0
     starts, ends = _runs(free)
-    data = part.first_byte + fs.first_data_sector * ss
-    return data + starts * fs.cluster_size, data + ends * fs.cluster_size
+    data = part.first_byte + first_data * ss
+    return data + starts * per_cluster * ss, data + ends * per_cluster * ss
 
 
 def _type_skip(table: str, part: Partition) -> str:
@@ -347,9 +295,9 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
                 return skip(reason, name)
             starts, ends = _ntfs_free(fs, part)
         elif name.startswith("ext"):
-            starts, ends = _ext_free(image, part)
+            return skip(NO_PERMISSIVE_READER, name)
         elif name.startswith("fat"):
-            starts, ends = _fat_free(image, part)
+            starts, ends = _fat_free(image, fs, part, int(name[3:]))
         else:
             return skip(f"{name}: reading its free-space map is not supported", name)
     except (OSError, ValueError, UnsupportedError, NotImplementedError) as exc:
@@ -369,12 +317,10 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
         UnsupportedError: the libraries (the ``guestfs`` extra) are not installed.
     """
     try:
-        import dissect.extfs  # noqa: F401
-        import dissect.fat  # noqa: F401
         import pytsk3  # noqa: F401
     except ImportError:
-        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3, dissect.extfs and "
-                               "dissect.fat: install them with `pip install 'vhdx-chain[guestfs]'`",
+        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3: install it with "
+                               "`pip install 'vhdx-chain[guestfs]'`",
                                path=image.path) from None
     try:
         kind, parts = guest_partitions(image)
