@@ -335,6 +335,18 @@ def test_quick_keeps_a_fat_volume_without_its_clean_shutdown_bit(tmp_path):
     assert any("not cleanly unmounted" in line for line in result.guest)
 
 
+def test_quick_keeps_a_fat_volume_with_more_fat_copies_than_it_can_compare(tmp_path):
+    volume = tmp_path / "fat3.vol"
+    volume.write_bytes(b"")
+    os.truncate(volume, 24 * MiB)
+    run("mkfs.fat", "-F", 16, "-f", 3, volume)  # The Sleuth Kit shows two FAT copies: the third would go unread
+    path = guest_disk(tmp_path, "dos", [(1, str(volume), "6")], size=26 * MiB)
+    before = present_blocks(path)
+    result = compact_image(path, "quick")
+    assert result.free_blocks_released == 0 and present_blocks(path) == before
+    assert any("fat16 skipped" in line and "3 FATs" in line for line in result.guest)
+
+
 def test_quick_keeps_overlapping_partitions(tmp_path):
     volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
     path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
