@@ -79,7 +79,7 @@ def repair(ctx, path, dry_run, backup, leaks, parent, ignore_id_mismatch, as_jso
     result = repair_image(path, dry_run=dry_run, backup=backup, leaks=leaks, parent=parent,
                           ignore_id_mismatch=ignore_id_mismatch)
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
-        render.emit_json(result.to_json())
+        render.emit_json(render.with_absolute_path(result.to_json(), path))
     else:
         click.echo(render.printable_lines(repair_lines(result)))
     ctx.exit(result.exit_code)

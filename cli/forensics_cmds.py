@@ -152,7 +152,7 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
         reports = find_chain_slack(image, extract_dir=extract_dir)
         warn_if_being_written(image)
     if _wants_json(ctx, as_json):
-        render.emit_json([r.to_json() for r in reports])
+        render.emit_json({"path": os.path.abspath(path), "path_given": path, "layers": [r.to_json() for r in reports]})
         return
     for report in reports:
         click.echo(f"{report.path}: {render.human_size(report.slack_bytes)} of slack, "
@@ -197,7 +197,7 @@ def serve(ctx, chain, at, port, unix, partition, as_json, salvage, **chain_opts)
     argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, partition=partition, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):
-        render.emit_json({"uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
+        render.emit_json({"path": os.path.abspath(chain), "path_given": chain, "uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
                           "virtual_size": size, "read_only": True, "command": argv})
     else:
         click.echo(f"serving {render.printable(layer_path)} (layer {depth}, {size} bytes) read-only at {uri}; "
@@ -235,7 +235,8 @@ def mount(ctx, chain, mountpoint, at, partition, as_json, **chain_opts):
 
         def ready(file_path: str) -> None:
             if _wants_json(ctx, as_json):
-                render.emit_json({"mountpoint": os.path.abspath(mountpoint), "file": file_path, "layer": depth,
+                render.emit_json({"path": os.path.abspath(chain), "path_given": chain,
+                                  "mountpoint": os.path.abspath(mountpoint), "file": file_path, "layer": depth,
                                   "layer_path": os.path.abspath(layer.path), "virtual_size": layer.virtual_size,
                                   "read_only": True})
             else:

@@ -50,7 +50,7 @@ def merge(ctx, child, into, dry_run, verify, resume, abort, keep, search_dirs, f
     if abort:
         done = vhdx.abort_merge(child, search_dirs=search_dirs)
         if json_out:
-            render.emit_json(done.to_json())
+            render.emit_json({**done.to_json(), "child_given": child})
         else:
             click.echo(abort_text(done))
         return
@@ -59,7 +59,7 @@ def merge(ctx, child, into, dry_run, verify, resume, abort, keep, search_dirs, f
                         search_dirs=search_dirs, force=force, resume=resume)
     bar.finish()
     if json_out:
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "child_given": child})
     else:
         click.echo(render.printable_lines(merge_text(result).split("\n")))
 
