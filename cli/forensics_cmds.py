@@ -197,7 +197,8 @@ def serve(ctx, chain, at, port, unix, partition, as_json, salvage, **chain_opts)
     argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, partition=partition, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):
-        render.emit_json({"path": os.path.abspath(chain), "path_given": chain, "uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
+        render.emit_json({"path": os.path.abspath(chain), "path_given": chain, "uri": uri, "layer": depth,
+                          "layer_path": os.path.abspath(layer_path),
                           "virtual_size": size, "read_only": True, "command": argv})
     else:
         click.echo(f"serving {render.printable(layer_path)} (layer {depth}, {size} bytes) read-only at {uri}; "

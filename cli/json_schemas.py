@@ -114,7 +114,8 @@ SLACK = document({"path": ABS_PATH, "path_given": STR, "layers": array(obj({
     "regions": array(obj({"category": STR, "start": UINT, "length": UINT, "detail": STR, "nonzero_bytes": UINT,
                           "nonzero": array({})}))}))})
 
-_CHECKED = obj({"path": STR, "checked": BOOL, "exit_code": {"enum": [0, 1, 2, 3]}, "findings": array({"type": "object"})})
+_CHECKED = obj({"path": STR, "checked": BOOL, "exit_code": {"enum": [0, 1, 2, 3]},
+                "findings": array({"type": "object"})})
 REPAIR = document({
     "path": ABS_PATH, "path_given": STR, "dry_run": BOOL, "backup": OPT_STR, "before": _CHECKED,
     "plan": obj({"actions": array(obj({"kind": STR, "description": STR, "codes": array(STR)})),
@@ -194,10 +195,12 @@ FIXTURE_BUILD = {**document({"outdir": ABS_PATH, "outdir_given": STR}), "anyOf":
 SCHEMAS = {"info": INFO, "chain": CHAIN, "map": MAP, "check": CHECK, "hash": HASH, "diff": DIFF,
            "compare": COMPARE, "create": CREATE, "write": WRITE, "discard": DISCARD, "convert": CONVERT,
            "flatten": FLATTEN, "partitions": PARTITIONS, "slack": SLACK, "repair": REPAIR, "merge": MERGE,
-           "merge --dry-run": MERGE, "merge --abort": MERGE_ABORT, "set-parent": SET_PARENT, "serve": SERVE, "mount": MOUNT,
+           "merge --dry-run": MERGE,
+           "merge --abort": MERGE_ABORT, "set-parent": SET_PARENT, "serve": SERVE, "mount": MOUNT,
            "resize": RESIZE, "compact": COMPACT, "vm show": VM_SHOW, "vm audit": VM_AUDIT, "scan": SCAN,
            "hyperv vms": HYPERV_VMS, "hyperv checkpoints": HYPERV_CHECKPOINTS, "hyperv audit": HYPERV_AUDIT,
-           "hyperv info": HYPERV_INFO, "hyperv check": HYPERV_CHECK, "hyperv remove-checkpoint": HYPERV_REMOVE_CHECKPOINT,
+           "hyperv info": HYPERV_INFO, "hyperv check": HYPERV_CHECK,
+           "hyperv remove-checkpoint": HYPERV_REMOVE_CHECKPOINT,
            "hyperv merge --dry-run": HYPERV_PLAN, "hyperv remove-checkpoint --dry-run": HYPERV_PLAN,
            "vm tree": VM_TREE, "bench": BENCH,
            "fixture list": FIXTURE_LIST, "fixture build": FIXTURE_BUILD, "error": ERROR}
