@@ -20,6 +20,7 @@ from vhdx_cli.common import (
     Progress,
     chain_options,
     handle_errors,
+    log_replayed_in_memory,
     open_kwargs,
     report_invented,
     salvage_option,
@@ -76,8 +77,9 @@ def diff(ctx, child, ancestor, blocks, sectors, algorithm, as_json, salvage, **c
         result = diff_layers(image, ancestor, sectors=not blocks, algorithm=algorithm)
         warn_if_being_written(image)
         report_invented(image)
+        replayed = log_replayed_in_memory(image)
     if _wants_json(ctx, as_json):
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "log_replayed_in_memory": replayed})
         return
     click.echo(f"child: {render.printable(result.child)}")
     click.echo(f"against: {render.printable(result.ancestor or '(nothing: orphan or base disk)')}")
@@ -120,8 +122,9 @@ def hash_(ctx, path, algorithms, piece_size, no_layers, partition, as_json, salv
         progress.finish()
         warn_if_being_written(image)
         report_invented(image)
+        replayed = log_replayed_in_memory(image)
     if _wants_json(ctx, as_json):
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "log_replayed_in_memory": replayed})
         return
     for algo, digest in result.digests.items():
         click.echo(f"{algo}  {digest}  virtual disk of {render.printable(result.path)} ({result.virtual_size} bytes)")
@@ -151,8 +154,10 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         reports = find_chain_slack(image, extract_dir=extract_dir)
         warn_if_being_written(image)
+        replayed = log_replayed_in_memory(image)
     if _wants_json(ctx, as_json):
-        render.emit_json({"path": os.path.abspath(path), "path_given": path, "layers": [r.to_json() for r in reports]})
+        render.emit_json({"path": os.path.abspath(path), "path_given": path, "log_replayed_in_memory": replayed,
+                          "layers": [r.to_json() for r in reports]})
         return
     for report in reports:
         click.echo(f"{report.path}: {render.human_size(report.slack_bytes)} of slack, "

@@ -1,7 +1,9 @@
 """The documented shape of every ``--json`` document, as JSON Schema (draft 2020-12), one per command.
 
 Objects carry ``schema_version`` (``SCHEMA_VERSION``); it changes when a field changes meaning or goes away,
-not when one is added (every object allows more properties). ``map`` keeps qemu-img's shape, a bare array.
+not when one is added (every object allows more properties). ``map`` too is an object (qemu-img's is a bare
+array): its extents are under "extents". Every read command that opens a disk says whether a dirty log was
+replayed in memory (``log_replayed_in_memory``; the file itself is left as it is).
 An error in ``--json`` mode is the ``error`` document on stdout, with the command's usual exit code.
 """
 
@@ -67,10 +69,11 @@ CHAIN = document({
     "error": OPT_STR,
 })
 
-MAP = {"$schema": "https://json-schema.org/draft/2020-12/schema", **array(obj({
+# qemu-img map prints a bare array; ours is an object like every other document (it can carry more fields).
+MAP = document({"path": ABS_PATH, "path_given": STR, "extents": array(obj({
     "start": UINT, "length": UINT,
     "state": {"enum": ["data", "zero", "unmapped", "undefined", "unallocated", "parent-missing"]},
-    "layer": OPT_UINT, "file": OPT_ABS_PATH, "offset": OPT_UINT}))}
+    "layer": OPT_UINT, "file": OPT_ABS_PATH, "offset": OPT_UINT}))})
 
 _CHECK_REPORT = obj({"path": STR, "checked": BOOL, "exit_code": {"enum": [0, 1, 2, 3]}, "leaked_bytes": UINT,
                      "findings": array(obj({"code": STR, "severity": STR, "message": STR}))})
@@ -190,6 +193,15 @@ FIXTURE_BUILD = {**document({"outdir": ABS_PATH, "outdir_given": STR}), "anyOf":
     obj({"name": STR, "layers": array(obj({"name": STR, "path": STR, "sha256": STR}))}),  # a chain
     obj({"spec": STR, "vm": obj({"name": STR, "id": STR})}),  # a Hyper-V VM folder
 ]}
+
+
+def _with_replay_flag(schema: dict) -> dict:
+    return {**schema, "properties": {**schema["properties"], "log_replayed_in_memory": BOOL},
+            "required": sorted({*schema["required"], "log_replayed_in_memory"})}
+
+
+INFO, CHAIN, MAP, CHECK, HASH, DIFF, SLACK, CONVERT, FLATTEN, COMPARE, PARTITIONS = map(
+    _with_replay_flag, (INFO, CHAIN, MAP, CHECK, HASH, DIFF, SLACK, CONVERT, FLATTEN, COMPARE, PARTITIONS))
 
 # Command name (subcommands after a space) -> schema of its --json output.
 SCHEMAS = {"info": INFO, "chain": CHAIN, "map": MAP, "check": CHECK, "hash": HASH, "diff": DIFF,

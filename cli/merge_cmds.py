@@ -8,7 +8,7 @@ import click
 
 import vhdx
 from vhdx_cli import render
-from vhdx_cli.common import Progress, handle_errors, warn_if_being_written
+from vhdx_cli.common import Progress, handle_errors, log_replayed_in_memory, warn_if_being_written
 
 
 def _progress(label: str):
@@ -126,5 +126,7 @@ def flatten(child, out, disk_type, force, search_dirs, sync):
         written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
         warn_if_being_written(image)
+        replayed = log_replayed_in_memory(image)
     render.report({"child": os.path.abspath(child), "out": os.path.abspath(out), "out_given": out,
-                   "data_bytes": written}, f"flattened {child} into {out} ({render.human_size(written)} of data)")
+                   "data_bytes": written, "log_replayed_in_memory": replayed},
+                  f"flattened {child} into {out} ({render.human_size(written)} of data)")
