@@ -175,6 +175,8 @@ HYPERV_AUDIT = document({"vm": _HV_VM, "disks": array({"type": "object"}), "step
 
 HYPERV_INFO = document({"path": STR, "format": STR, "disk_type": STR, "virtual_size": UINT, "file_size": UINT,
                         "block_size": UINT, "parent_path": OPT_STR})
+HYPERV_MERGE = document({"source": STR, "source_still_exists": BOOL,
+                         "destination": obj({"path": STR, "disk_type": STR, "virtual_size": UINT})})
 HYPERV_CHECK = document({"path": STR, "passed": BOOL, "problems": array(obj({"message": STR}))})
 HYPERV_REMOVE_CHECKPOINT = document({"job": obj({"vm": STR, "removed": array(STR), "expect_gone": array(STR)}),
                                      "outcome": {"anyOf": [{"type": "null"}, obj({"vm": STR, "merged": array(STR)})]}})
@@ -213,6 +215,6 @@ SCHEMAS = {"info": INFO, "chain": CHAIN, "map": MAP, "check": CHECK, "hash": HAS
            "hyperv vms": HYPERV_VMS, "hyperv checkpoints": HYPERV_CHECKPOINTS, "hyperv audit": HYPERV_AUDIT,
            "hyperv info": HYPERV_INFO, "hyperv check": HYPERV_CHECK,
            "hyperv remove-checkpoint": HYPERV_REMOVE_CHECKPOINT,
-           "hyperv merge --dry-run": HYPERV_PLAN, "hyperv remove-checkpoint --dry-run": HYPERV_PLAN,
+           "hyperv merge": HYPERV_MERGE, "hyperv merge --dry-run": HYPERV_PLAN, "hyperv remove-checkpoint --dry-run": HYPERV_PLAN,
            "vm tree": VM_TREE, "bench": BENCH,
            "fixture list": FIXTURE_LIST, "fixture build": FIXTURE_BUILD, "error": ERROR}
