@@ -9,6 +9,7 @@ An error in ``--json`` mode is the ``error`` document on stdout, with the comman
 
 from __future__ import annotations
 
+from vhdx.compact import MODES as COMPACT_MODES
 from vhdx_cli.common import SCHEMA_VERSION
 
 INT = {"type": "integer"}
@@ -151,7 +152,7 @@ MOUNT = document({"path": ABS_PATH, "path_given": STR, "mountpoint": ABS_PATH, "
 RESIZE = document({"path": ABS_PATH, "path_given": STR, "dry_run": BOOL, "old_size": UINT, "new_size": UINT,
                    "file_size_before": UINT, "file_size_after": OPT_UINT, "data_bytes_cut": UINT,
                    "blocks_moved": UINT, "bat_relocated": BOOL, "gpt_backup_moved": BOOL, "warnings": array(STR)})
-COMPACT = document({"path": ABS_PATH, "path_given": STR, "mode": {"enum": ["full", "prezeroed", "pretrimmed"]},
+COMPACT = document({"path": ABS_PATH, "path_given": STR, "mode": {"enum": list(COMPACT_MODES)},
                     "dry_run": BOOL, "file_size_before": UINT, "file_size_after": OPT_UINT,
                     "zero_blocks_released": UINT, "trimmed_blocks_released": UINT, "blocks_moved": UINT,
                     "block_size": UINT, "warnings": array(STR), "bytes_released": OPT_UINT})
@@ -215,6 +216,7 @@ SCHEMAS = {"info": INFO, "chain": CHAIN, "map": MAP, "check": CHECK, "hash": HAS
            "hyperv vms": HYPERV_VMS, "hyperv checkpoints": HYPERV_CHECKPOINTS, "hyperv audit": HYPERV_AUDIT,
            "hyperv info": HYPERV_INFO, "hyperv check": HYPERV_CHECK,
            "hyperv remove-checkpoint": HYPERV_REMOVE_CHECKPOINT,
-           "hyperv merge": HYPERV_MERGE, "hyperv merge --dry-run": HYPERV_PLAN, "hyperv remove-checkpoint --dry-run": HYPERV_PLAN,
+           "hyperv merge": HYPERV_MERGE, "hyperv merge --dry-run": HYPERV_PLAN,
+           "hyperv remove-checkpoint --dry-run": HYPERV_PLAN,
            "vm tree": VM_TREE, "bench": BENCH,
            "fixture list": FIXTURE_LIST, "fixture build": FIXTURE_BUILD, "error": ERROR}
