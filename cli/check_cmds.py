@@ -40,6 +40,10 @@ def report_lines(report, indent: str = "") -> list[str]:
     return lines
 
 
+# Findings of a dirty log that check read replayed in memory (the file is left as it is).
+REPLAYED_CODES = frozenset({"LOG_DIRTY", "LOG_IN_USE"})
+
+
 @click.command()
 @click.argument("path", type=EXISTING_FILE)
 @click.option("--chain", "whole_chain", is_flag=True, help="Also check every parent down to the base disk.")
@@ -49,15 +53,17 @@ def report_lines(report, indent: str = "") -> list[str]:
 def check(ctx, path, whole_chain, as_json):
     """Check PATH for corruption and leaked space (exit 0 clean, 2 corruption, 3 only leaks, 1 unreadable)."""
     report = check_image(path, chain=whole_chain)
+    checked_all = (report, *report.parents)
+    replayed = any({f.code for f in checked.findings} & REPLAYED_CODES for checked in checked_all)
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
-        render.emit_json(render.with_absolute_path(report.to_json(), path))
+        render.emit_json({**render.with_absolute_path(report.to_json(), path), "log_replayed_in_memory": replayed})
     else:
         click.echo(render.printable_lines(report_lines(report)))
-    for checked in (report, *report.parents):
+    for checked in checked_all:
         codes = {f.code for f in checked.findings}
         if "IN_USE" in codes:
             warn_in_use(checked.path)
-        if codes & {"LOG_DIRTY", "LOG_IN_USE"}:
+        if codes & REPLAYED_CODES:
             warn_replayed(checked.path)
     ctx.exit(report.exit_code)
 
@@ -79,7 +85,7 @@ def repair(ctx, path, dry_run, backup, leaks, parent, ignore_id_mismatch, as_jso
     result = repair_image(path, dry_run=dry_run, backup=backup, leaks=leaks, parent=parent,
                           ignore_id_mismatch=ignore_id_mismatch)
     if as_json or (ctx.obj is not None and ctx.obj.as_json):
-        render.emit_json(result.to_json())
+        render.emit_json(render.with_absolute_path(result.to_json(), path))
     else:
         click.echo(render.printable_lines(repair_lines(result)))
     ctx.exit(result.exit_code)

@@ -243,6 +243,12 @@ def warn_if_being_written(image) -> None:
             warn_replayed(layer.path)
 
 
+def log_replayed_in_memory(disk) -> bool:
+    """Whether reading DISK (an image, or a raw disk: no log) replayed a layer's dirty log in memory only."""
+    opened = getattr(disk, "layers_opened", lambda: [])()
+    return any(layer.log.needs_replay and not layer.io.writable for layer in opened)
+
+
 def warn_in_use(path: str) -> None:
     click.echo(f"vhdx: warning: {printable(path)} is open for writing by another process; "
                "what is read may change while it is read", err=True)

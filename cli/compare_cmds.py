@@ -11,7 +11,7 @@ import vhdx
 from vhdx.errors import VhdxError
 from vhdx.forensics.compare import RawDisk, compare_disks
 from vhdx_cli import render
-from vhdx_cli.common import Progress, current_state, fail
+from vhdx_cli.common import Progress, current_state, fail, log_replayed_in_memory
 from vhdx_cli.main import is_vhdx_file
 
 # As qemu-img compare: 0 identical, 1 different, 2 could not compare (an error must not read as "different").
@@ -58,8 +58,9 @@ def compare(ctx, a, b, a_format, b_format, strict, as_json):
         progress = Progress(max(disk_a.virtual_size, disk_b.virtual_size), "compare")
         result = compare_disks(disk_a, disk_b, strict=strict, all_extents=as_json, progress=progress)
         progress.finish()
+        replayed = log_replayed_in_memory(disk_a) or log_replayed_in_memory(disk_b)
     if as_json:
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "log_replayed_in_memory": replayed})
     elif result.size_mismatch:
         click.echo(f"Strict mode: image size mismatch ({result.size_a} and {result.size_b} bytes)")
     elif result.identical:

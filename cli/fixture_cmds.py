@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
+from vhdx_cli import render
 from vhdx_cli.common import State, fail, handle_errors
 
 
@@ -20,9 +20,10 @@ def fixture():
 @click.argument("outdir", type=click.Path(file_okay=False))
 @click.option("--name", help="Chain name (default: the spec's name or its file name).")
 @click.option("--force", is_flag=True, help="Build into OUTDIR even if it is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (the manifest).")
 @click.pass_obj
 @handle_errors
-def build_cmd(state: State, spec, outdir, name, force):
+def build_cmd(state: State, spec, outdir, name, force, as_json):
     """Build SPEC (a .toml file or a ready spec name from `vhdx fixture list`) into OUTDIR with manifest.json."""
     if not force and os.path.isdir(outdir) and os.listdir(outdir):
         fail(f"{outdir} is not empty (its files could be overwritten); pass --force to build into it anyway")
@@ -36,9 +37,11 @@ def build_cmd(state: State, spec, outdir, name, force):
             manifest = build_vm_folder(load_vm_spec(spec), outdir)
         except SpecError as exc:
             fail(str(exc))
-        click.echo(json.dumps(manifest, indent=2) if state is not None and state.as_json
-                   else f"VM folder {outdir} (VM {manifest['vm']['name']}); manifest: "
-                        f"{os.path.join(outdir, 'manifest.json')}")
+        if as_json or (state is not None and state.as_json):
+            render.emit_json(_located(manifest, outdir))
+        else:
+            click.echo(f"VM folder {outdir} (VM {manifest['vm']['name']}); manifest: "
+                       f"{os.path.join(outdir, 'manifest.json')}")
         return
     try:
         chain = load_spec(spec, name) if os.path.exists(spec) or spec.endswith(".toml") else ready_spec(spec)
@@ -47,8 +50,8 @@ def build_cmd(state: State, spec, outdir, name, force):
         result = build(chain, outdir)
     except (SpecError, FaultError) as exc:
         fail(str(exc))
-    if state is not None and state.as_json:
-        click.echo(json.dumps(result.manifest, indent=2, sort_keys=True))
+    if as_json or (state is not None and state.as_json):
+        render.emit_json(_located(result.manifest, outdir))
         return
     for layer in result.manifest["layers"]:
         codes = ",".join(f["code"] for f in layer["check"]) or "clean"
@@ -63,6 +66,11 @@ def build_cmd(state: State, spec, outdir, name, force):
     click.echo(f"manifest: {os.path.join(outdir, 'manifest.json')}")
 
 
+def _located(manifest: dict, outdir: str) -> dict:
+    # The manifest names files relative to OUTDIR (it travels with the folder); --json also says where that is.
+    return {"outdir": os.path.abspath(outdir), "outdir_given": outdir, **manifest}
+
+
 def load_spec_named(chain, name):
     from dataclasses import replace
 
@@ -70,21 +78,22 @@ def load_spec_named(chain, name):
 
 
 @fixture.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_obj
 @handle_errors
-def list_cmd(state: State):
+def list_cmd(state: State, as_json):
     """List the ready specs and the named faults."""
     from vhdx_fixtures.faults import describe
     from vhdx_fixtures.spec import ready_spec, ready_spec_names
 
     specs = [(n, ready_spec(n)) for n in ready_spec_names()]
-    if state is not None and state.as_json:
-        click.echo(json.dumps({
+    if as_json or (state is not None and state.as_json):
+        render.emit_json({
             "specs": [{"name": n, "description": s.description, "layers": [x.name for x in s.layers],
                        "faults": [f.name for f in s.faults], "peer_deviations": list(s.peer_deviations)}
                       for n, s in specs],
             "faults": [{"name": n, "summary": summary, "codes": list(codes)} for n, summary, codes in describe()],
-        }, indent=2))
+        })
         return
     click.echo("ready specs:")
     for n, s in specs:

@@ -20,6 +20,7 @@ from vhdx_cli.common import (
     Progress,
     chain_options,
     handle_errors,
+    log_replayed_in_memory,
     open_kwargs,
     report_invented,
     salvage_option,
@@ -76,8 +77,9 @@ def diff(ctx, child, ancestor, blocks, sectors, algorithm, as_json, salvage, **c
         result = diff_layers(image, ancestor, sectors=not blocks, algorithm=algorithm)
         warn_if_being_written(image)
         report_invented(image)
+        replayed = log_replayed_in_memory(image)
     if _wants_json(ctx, as_json):
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "log_replayed_in_memory": replayed})
         return
     click.echo(f"child: {render.printable(result.child)}")
     click.echo(f"against: {render.printable(result.ancestor or '(nothing: orphan or base disk)')}")
@@ -120,8 +122,9 @@ def hash_(ctx, path, algorithms, piece_size, no_layers, partition, as_json, salv
         progress.finish()
         warn_if_being_written(image)
         report_invented(image)
+        replayed = log_replayed_in_memory(image)
     if _wants_json(ctx, as_json):
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "log_replayed_in_memory": replayed})
         return
     for algo, digest in result.digests.items():
         click.echo(f"{algo}  {digest}  virtual disk of {render.printable(result.path)} ({result.virtual_size} bytes)")
@@ -151,8 +154,10 @@ def slack(ctx, path, extract_dir, show_all, as_json, **chain_opts):
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         reports = find_chain_slack(image, extract_dir=extract_dir)
         warn_if_being_written(image)
+        replayed = log_replayed_in_memory(image)
     if _wants_json(ctx, as_json):
-        render.emit_json([r.to_json() for r in reports])
+        render.emit_json({"path": os.path.abspath(path), "path_given": path, "log_replayed_in_memory": replayed,
+                          "layers": [r.to_json() for r in reports]})
         return
     for report in reports:
         click.echo(f"{report.path}: {render.human_size(report.slack_bytes)} of slack, "
@@ -197,7 +202,8 @@ def serve(ctx, chain, at, port, unix, partition, as_json, salvage, **chain_opts)
     argv = nbd.nbdkit_command(exe, chain, at=depth, port=port, unix=unix, partition=partition, **opts)
     uri = nbd.export_uri(port, unix)
     if _wants_json(ctx, as_json):
-        render.emit_json({"uri": uri, "layer": depth, "layer_path": os.path.abspath(layer_path),
+        render.emit_json({"path": os.path.abspath(chain), "path_given": chain, "uri": uri, "layer": depth,
+                          "layer_path": os.path.abspath(layer_path),
                           "virtual_size": size, "read_only": True, "command": argv})
     else:
         click.echo(f"serving {render.printable(layer_path)} (layer {depth}, {size} bytes) read-only at {uri}; "
@@ -235,7 +241,8 @@ def mount(ctx, chain, mountpoint, at, partition, as_json, **chain_opts):
 
         def ready(file_path: str) -> None:
             if _wants_json(ctx, as_json):
-                render.emit_json({"mountpoint": os.path.abspath(mountpoint), "file": file_path, "layer": depth,
+                render.emit_json({"path": os.path.abspath(chain), "path_given": chain,
+                                  "mountpoint": os.path.abspath(mountpoint), "file": file_path, "layer": depth,
                                   "layer_path": os.path.abspath(layer.path), "virtual_size": layer.virtual_size,
                                   "read_only": True})
             else:

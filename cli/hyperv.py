@@ -103,6 +103,15 @@ def _emit(ctx, as_json: bool, data, text: str) -> None:
     render.emit_json(data) if _wants_json(ctx, as_json) else click.echo(render.printable_lines(text.split("\n")))
 
 
+def _emit_plan(ctx, as_json: bool, call) -> None:
+    # --dry-run: the script and its parameters exactly as they would be sent (never pasted into the text).
+    if _wants_json(ctx, as_json):
+        render.emit_json({"dry_run": True, "script": call.script.name, "parameters": dict(call.parameters),
+                          "text": call.script.text})
+    else:
+        click.echo(call.render())
+
+
 @hyperv.command()
 @json_option
 @click.pass_context
@@ -111,7 +120,7 @@ def vms(ctx, as_json):
     """List the host's virtual machines with their state and disks."""
     with _conn(ctx).backend() as hv:
         found = hv.list_vms()
-    _emit(ctx, as_json, [v.to_json() for v in found], vms_text(found))
+    _emit(ctx, as_json, {"vms": [v.to_json() for v in found]}, vms_text(found))
 
 
 @hyperv.command()
@@ -175,7 +184,7 @@ def check(ctx, path, as_json):
 def merge(ctx, child, ancestor, dry_run, as_json):
     """Offline merge on the host with Merge-VHD (nothing in the chain may be attached or running)."""
     if dry_run:
-        click.echo(HyperV.plan_merge_offline(child, ancestor).render())
+        _emit_plan(ctx, as_json, HyperV.plan_merge_offline(child, ancestor))
         return
     with _conn(ctx).backend() as hv:
         result = hv.merge_offline(child, ancestor, timeout_s=None)
@@ -197,7 +206,7 @@ def merge(ctx, child, ancestor, dry_run, as_json):
 def remove_checkpoint(ctx, vm, name, subtree, wait, wait_timeout, dry_run, as_json):
     """Remove checkpoint NAME of VM: Hyper-V merges its disks online (live while the VM runs)."""
     if dry_run:
-        click.echo(HyperV.plan_remove_checkpoint(vm, name, subtree=subtree).render())
+        _emit_plan(ctx, as_json, HyperV.plan_remove_checkpoint(vm, name, subtree=subtree))
         return
     with _conn(ctx).backend() as hv:
         job = hv.remove_checkpoint(vm, name, subtree=subtree)

@@ -21,6 +21,7 @@ from vhdx_cli.common import (
     chain_options,
     handle_errors,
     json_wanted,
+    log_replayed_in_memory,
     open_kwargs,
     report_invented,
     salvage_option,
@@ -65,8 +66,9 @@ def info(ctx, path, as_json, **chain_opts):
         described = describe_image(image)
         described.parent_status = describe_parent(image)
         warn_if_being_written(image)
+        replayed = log_replayed_in_memory(image)
     if wants_json(ctx, as_json):
-        render.emit_json(render.with_absolute_path(described.to_json(), path))
+        render.emit_json({**render.with_absolute_path(described.to_json(), path), "log_replayed_in_memory": replayed})
     else:
         click.echo(render.info_text(described))
 
@@ -82,7 +84,11 @@ def chain(ctx, path, as_json, **chain_opts):
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         described = describe_chain(image)
         warn_if_being_written(image)
-    render.emit_json(described.to_json()) if wants_json(ctx, as_json) else click.echo(render.chain_text(described))
+        replayed = log_replayed_in_memory(image)
+    if wants_json(ctx, as_json):
+        render.emit_json({**described.to_json(), "log_replayed_in_memory": replayed})
+    else:
+        click.echo(render.chain_text(described))
     if described.error:
         raise SystemExit(1)
 
@@ -107,7 +113,11 @@ def map_(ctx, path, as_json, **chain_opts):
         rows = render.map_rows(extents, [os.path.abspath(layer.path) for layer in layers], parent_missing,
                                [(layer.bat.states, layer.geometry.block_size) for layer in layers])
         warn_if_being_written(image)
-    render.emit_json(rows) if wants_json(ctx, as_json) else click.echo(render.map_text(rows))
+        replayed = log_replayed_in_memory(image)
+    if wants_json(ctx, as_json):  # an object like every other command's (qemu-img map prints a bare array)
+        render.emit_json({**render.with_absolute_path({}, path), "log_replayed_in_memory": replayed, "extents": rows})
+    else:
+        click.echo(render.map_text(rows))
 
 
 @cli.command()
@@ -153,7 +163,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                    sync=sync)
         progress.finish()
-        _convert_json(source, destination, source_format, output_format)
+        _convert_json(source, destination, source_format, output_format, False)
         return
     with vhdx.open(source, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "convert")
@@ -165,7 +175,8 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         progress.finish()
         report_invented(image)
         warn_if_being_written(image)
-    _convert_json(source, destination, source_format, output_format)
+        replayed = log_replayed_in_memory(image)
+    _convert_json(source, destination, source_format, output_format, replayed)
 
 
 def _convert_type(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
@@ -191,15 +202,17 @@ def _convert_type(source, destination, output_format, source_format, disk_type, 
                     sync=sync, keep_id=keep_id)
         progress.finish()
         warn_if_being_written(image)
-    _convert_json(source, destination, source_format, output_format)
+        replayed = log_replayed_in_memory(image)
+    _convert_json(source, destination, source_format, output_format, replayed)
 
 
-def _convert_json(source: str, destination: str, source_format: str, output_format: str) -> None:
+def _convert_json(source: str, destination: str, source_format: str, output_format: str, replayed: bool) -> None:
     """What convert wrote, in --json mode (otherwise it prints nothing, as qemu-img does)."""
     if json_wanted():
         render.emit_json({"source": os.path.abspath(source), "destination": os.path.abspath(destination),
                           "destination_given": destination, "source_format": source_format,
-                          "output_format": output_format, "destination_size": os.path.getsize(destination)})
+                          "output_format": output_format, "destination_size": os.path.getsize(destination),
+                          "log_replayed_in_memory": replayed})
 
 
 def _convert_to_stdout(source: str, output_format: str, chain_opts: dict, salvage: bool) -> None:

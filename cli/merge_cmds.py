@@ -8,7 +8,7 @@ import click
 
 import vhdx
 from vhdx_cli import render
-from vhdx_cli.common import Progress, handle_errors, warn_if_being_written
+from vhdx_cli.common import Progress, handle_errors, log_replayed_in_memory, warn_if_being_written
 
 
 def _progress(label: str):
@@ -50,7 +50,7 @@ def merge(ctx, child, into, dry_run, verify, resume, abort, keep, search_dirs, f
     if abort:
         done = vhdx.abort_merge(child, search_dirs=search_dirs)
         if json_out:
-            render.emit_json(done.to_json())
+            render.emit_json({**done.to_json(), "child_given": child})
         else:
             click.echo(abort_text(done))
         return
@@ -59,7 +59,7 @@ def merge(ctx, child, into, dry_run, verify, resume, abort, keep, search_dirs, f
                         search_dirs=search_dirs, force=force, resume=resume)
     bar.finish()
     if json_out:
-        render.emit_json(result.to_json())
+        render.emit_json({**result.to_json(), "child_given": child})
     else:
         click.echo(render.printable_lines(merge_text(result).split("\n")))
 
@@ -126,5 +126,7 @@ def flatten(child, out, disk_type, force, search_dirs, sync):
         written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
         warn_if_being_written(image)
+        replayed = log_replayed_in_memory(image)
     render.report({"child": os.path.abspath(child), "out": os.path.abspath(out), "out_given": out,
-                   "data_bytes": written}, f"flattened {child} into {out} ({render.human_size(written)} of data)")
+                   "data_bytes": written, "log_replayed_in_memory": replayed},
+                  f"flattened {child} into {out} ({render.human_size(written)} of data)")

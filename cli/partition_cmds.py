@@ -10,7 +10,14 @@ import vhdx
 from vhdx.forensics.hashing import MultiHasher, check_algorithms, feed, image_pieces
 from vhdx.partitions import image_partitions, select
 from vhdx_cli import render
-from vhdx_cli.common import chain_options, handle_errors, json_wanted, open_kwargs, warn_if_being_written
+from vhdx_cli.common import (
+    chain_options,
+    handle_errors,
+    json_wanted,
+    log_replayed_in_memory,
+    open_kwargs,
+    warn_if_being_written,
+)
 
 
 @click.command()
@@ -22,7 +29,9 @@ def partitions(path, **chain_opts):
     with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
         found = image_partitions(image)
         warn_if_being_written(image)
-    data = {"path": os.path.abspath(path), "path_given": path, "scheme": found[0].scheme if found else None,
+        replayed = log_replayed_in_memory(image)
+    data = {"path": os.path.abspath(path), "path_given": path, "log_replayed_in_memory": replayed,
+            "scheme": found[0].scheme if found else None,
             "partitions": [p.to_json() for p in found]}
     lines = [f"{'#':<4}{'Start':<16}{'Length':<16}{'Size':<12}{'Type':<40}Name"]
     for p in found:

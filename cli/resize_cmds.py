@@ -43,7 +43,7 @@ def resize(ctx, disk, size, to_minimum, force, dry_run, resume, search_dirs, as_
                           search_dirs=search_dirs, progress=progress)
     progress.finish()
     if as_json:
-        render.emit_json({**result.to_json(), "dry_run": dry_run})
+        render.emit_json({**render.with_absolute_path(result.to_json(), disk), "dry_run": dry_run})
         return
     for warning in result.warnings:
         click.echo(f"vhdx: warning: {warning}", err=True)
@@ -80,7 +80,7 @@ def compact(ctx, disk, mode, dry_run, force, resume, parent, search_dirs, as_jso
                            search_dirs=search_dirs, progress=progress)
     progress.finish()
     if as_json:
-        render.emit_json(result.to_json())
+        render.emit_json(render.with_absolute_path(result.to_json(), disk))
         return
     for warning in result.warnings:
         click.echo(f"vhdx: warning: {warning}", err=True)

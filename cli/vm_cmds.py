@@ -221,8 +221,10 @@ def audit_text(result) -> str:
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Also look here (by file name) for disks outside the folder. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (what was written).")
+@click.pass_obj
 @handle_errors
-def tree(path, png, dot_file, force, search_dirs):
+def tree(state, path, png, dot_file, force, search_dirs, as_json):
     """Draw the checkpoint tree of the VM at PATH with its disks, sizes and orphans into a PNG."""
     from vhdx.hyperv.vm_audit import audit_folder
     from vhdx.hyperv.vm_picture import to_dot, tree_graph, write_png
@@ -232,4 +234,8 @@ def tree(path, png, dot_file, force, search_dirs):
     if dot_file:
         with open(dot_file, "w" if force else "x", encoding="utf-8") as f:
             f.write(to_dot(graph))
-    click.echo(f"{png}: {len(graph.nodes)} boxes drawn with {engine}")
+    if _wants_json(state, as_json):
+        render.emit_json({"png": os.path.abspath(png), "png_given": png, "dot": os.path.abspath(dot_file)
+                          if dot_file else None, "boxes": len(graph.nodes), "engine": engine})
+    else:
+        click.echo(f"{png}: {len(graph.nodes)} boxes drawn with {engine}")

@@ -148,7 +148,8 @@ def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
     new = dict(result.new_entries)
     removed = [key for key, _ in result.old_entries if key not in new]
     if as_json or json_wanted():
-        render.emit_json({"child": result.child, "parent": result.parent, "dry_run": dry_run,
+        render.emit_json({"child": os.path.abspath(child), "child_given": child, "parent": os.path.abspath(parent),
+                          "parent_given": parent, "dry_run": dry_run,
                           "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
                           "new": new, "removed": removed, "warnings": list(result.warnings)})
         return

@@ -88,7 +88,7 @@ def test_merge_dry_run_still_calls_its_size_an_estimate(tmp_path):
 
 def test_map_shows_unmapped_blocks_apart_from_zero_blocks(tmp_path):
     (disk,) = build_chain(tmp_path, [[("write", 0, b"d" * 4 * MiB), ("zero", MiB, MiB), ("discard", 2 * MiB, MiB)]])
-    rows = json.loads(run("map", "--json", disk).output)
+    rows = json.loads(run("map", "--json", disk).output)["extents"]
     states = {(r["start"], r["state"]) for r in rows}
     assert (MiB, "zero") in states
     assert (2 * MiB, "unmapped") in states

@@ -122,11 +122,11 @@ def test_cli_map_json_covers_disk_exactly_once(corpus_image, name):
     size = json.loads(invoke("info", "--json", path).stdout)["virtual_size"]
     result = invoke("map", "--json", path)
     assert result.exit_code == 0, result.output
-    assert_covers_exactly_once(json.loads(result.stdout), size)
+    assert_covers_exactly_once(json.loads(result.stdout)["extents"], size)
 
 
 def test_cli_map_json_chain_names_both_layers(windows_pair):
-    rows = json.loads(invoke("map", "--json", windows_pair).stdout)
+    rows = json.loads(invoke("map", "--json", windows_pair).stdout)["extents"]
     assert_covers_exactly_once(rows, 4 << 20)
     assert {Path(r["file"]).name for r in rows if r["state"] == "data"} == {"fat-differential.vhdx",
                                                                             "fat-parent.vhdx"}
@@ -136,7 +136,7 @@ def test_cli_map_avhdx_missing_parent_full_output_and_warning(corpus_image):
     path = corpus_image(AVHDX)
     result = invoke("map", "--json", path)
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["extents"]
     assert_covers_exactly_once(rows, 8 << 30)
     assert {"data", "parent-missing"} <= {r["state"] for r in rows}
     warning = result.stderr.strip().splitlines()

@@ -156,7 +156,7 @@ def test_slack_cli_walks_the_chain_unless_orphan(small_chain):
     whole = CliRunner().invoke(cli, ["slack", str(small_chain[-1]), "--json"])
     alone = CliRunner().invoke(cli, ["slack", str(small_chain[-1]), "--orphan", "--json"])
     assert whole.exit_code == 0 and alone.exit_code == 0, whole.output + alone.output
-    assert len(json.loads(whole.output)) == 3 and len(json.loads(alone.output)) == 1
+    assert len(json.loads(whole.output)["layers"]) == 3 and len(json.loads(alone.output)["layers"]) == 1
     guard.assert_unchanged()
 
 
