@@ -17,8 +17,8 @@ import sys
 import zlib
 
 import vhdx
-from vhdx.create import create
-from vhdx.export import export_raw
+from vhdx.ops.create import create
+from vhdx.ops.export import export_raw
 
 from . import peers
 from .measure import Method, copy_file_range_all, file_digest, remove, run_methods, run_tool, warm
@@ -151,13 +151,13 @@ def reads(w: Workload, tmp: str, profile: Profile, pattern: str) -> dict:
 
 # --- merge --------------------------------------------------------------------------------------------------
 def merge_function():
-    """``vhdx.merge`` (issue 6) if it exists, else None."""
+    """``vhdx.ops.merge`` (issue 6) if it exists, else None."""
     fn = getattr(vhdx, "merge", None)
     if fn is not None and inspect.ismodule(fn):
         fn = getattr(fn, "merge", None)
     if fn is None:
         try:
-            import vhdx.merge as module  # noqa: PLC0415 - optional until issue 6 lands
+            import vhdx.ops.merge as module  # noqa: PLC0415 - optional until issue 6 lands
         except ImportError:
             return None
         fn = getattr(module, "merge", None)
@@ -245,7 +245,7 @@ def cli_has(command: str) -> str | None:
 
 def check_function():
     try:
-        from vhdx.check import check_image  # noqa: PLC0415 - optional until the check issue lands
+        from vhdx.ops.check import check_image  # noqa: PLC0415 - optional until the check issue lands
     except ImportError:
         return None
     return check_image
@@ -261,7 +261,7 @@ def _call_check(fn, path: str):
 
 def info_check(w: Workload, tmp: str, profile: Profile) -> list[dict]:
     """``info`` and ``check`` of the sparse disk: ours (library and CLI) vs qemu-img on ours and on its own."""
-    from vhdx.inspect import describe_image  # noqa: PLC0415
+    from vhdx.ops.inspect import describe_image  # noqa: PLC0415
 
     vhdx_cmd = shutil.which("vhdx")
     qemu, qemu_missing = peers.qemu_img()
@@ -283,7 +283,7 @@ def info_check(w: Workload, tmp: str, profile: Profile) -> list[dict]:
     check_fn = check_function()
     check_methods = [
         Method("ours (library)", "ours-lib", lambda: _call_check(check_fn, w.path),
-               missing=None if check_fn else "missing (not built yet): vhdx.check.check_image"),
+               missing=None if check_fn else "missing (not built yet): vhdx.ops.check.check_image"),
         Method("ours (vhdx check)", "ours", lambda: run_tool([vhdx_cmd, "check", w.path], ok_codes=(0, 2, 3)),
                missing=cli_has("check")),
         Method("qemu-img check (same file)", "peer", lambda: run_tool([qemu, "check", w.path], ok_codes=(0, 2, 3)),

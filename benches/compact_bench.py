@@ -14,9 +14,9 @@ import shutil
 import tempfile
 import time
 
-from vhdx.compact import compact_image
-from vhdx.create import create
-from vhdx.image import open_image
+from vhdx.disk.image import open_image
+from vhdx.ops.compact import compact_image
+from vhdx.ops.create import create
 
 MiB = 1 << 20
 BLOCK = 32 * MiB

@@ -31,7 +31,7 @@ def main(child: str) -> int:
     if fn is not None and inspect.ismodule(fn):
         fn = getattr(fn, "merge", None)
     if not callable(fn):
-        print("vhdx.merge is not built yet", file=sys.stderr)
+        print("vhdx.ops.merge is not built yet", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     fn(child)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import vhdx
 from vhdx.errors import InvalidRequestError
-from vhdx.export import export_raw
+from vhdx.ops.export import export_raw
 
 from .measure import Method, copy_file_range_all, remove, run_methods
 from .report import filesystem_of
@@ -106,7 +106,7 @@ def measure_storage(folder: str, size: int = 4 << 30, *, repeats: int = 3,
         say("timing flatten against raw copy")
         rows += _pair("flatten chain to raw", flat_bytes, flatten, source, out, [parent, child, source], repeats)
         merge = _merge_function()
-        say("timing merge against raw copy" if merge else "merge: vhdx.merge is not built yet")
+        say("timing merge against raw copy" if merge else "merge: vhdx.ops.merge is not built yet")
         work = os.path.join(tmp, "merge")
 
         def merge_setup():
@@ -118,7 +118,7 @@ def measure_storage(folder: str, size: int = 4 << 30, *, repeats: int = 3,
 
         rows += _pair("merge child into parent", child_bytes,
                       (lambda: merge(os.path.join(work, os.path.basename(child)))) if merge else None, source, out,
-                      [source], 1, setup=merge_setup, missing=None if merge else "missing (not built yet): vhdx.merge")
+                      [source], 1, setup=merge_setup, missing=None if merge else "missing: vhdx.ops.merge")
         return StorageBench(folder, filesystem_of(folder), size, repeats, tuple(rows))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Deterministic benchmark disks, built with the library's own writer (``vhdx.create`` + ``image.write``).
+"""Deterministic benchmark disks, built with the library's own writer (``vhdx.ops.create`` + ``image.write``).
 
 Every byte and every offset comes from a seeded generator, so two runs with the same profile build
 identical virtual disks (the file GUIDs differ, as with any new file).
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import vhdx
-from vhdx.create import create
-from vhdx.extents import ExtentKind
+from vhdx.disk.extents import ExtentKind
+from vhdx.ops.create import create
 
 from .sizes import MiB, Profile, human_size
 

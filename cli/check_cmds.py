@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from vhdx.check import check_image
-from vhdx.repair import repair_image
+from vhdx.ops.check import check_image
+from vhdx.ops.repair import repair_image
 from vhdx_cli import render
 from vhdx_cli.common import handle_errors, warn_in_use, warn_replayed
 

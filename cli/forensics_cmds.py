@@ -49,7 +49,7 @@ def _partition_option(func):
 
 
 def partition_view(layer, number: int):
-    from vhdx.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
+    from vhdx.ops.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
 
     return PartitionView(layer, select(image_partitions(layer), number))
 

@@ -15,7 +15,7 @@ import click
 import vhdx
 from vhdx.hyperv import FakeTransport, HyperV, LocalPowerShellTransport, PsrpTransport, audit_vm, compare_disk_info
 from vhdx.hyperv.models import CheckpointTree
-from vhdx.inspect import describe_image
+from vhdx.ops.inspect import describe_image
 from vhdx_cli import render
 from vhdx_cli.common import handle_errors
 

@@ -9,7 +9,7 @@ An error in ``--json`` mode is the ``error`` document on stdout, with the comman
 
 from __future__ import annotations
 
-from vhdx.compact import MODES as COMPACT_MODES
+from vhdx.ops.compact import MODES as COMPACT_MODES
 from vhdx_cli.common import SCHEMA_VERSION
 
 INT = {"type": "integer"}

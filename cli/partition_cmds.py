@@ -8,7 +8,7 @@ import click
 
 import vhdx
 from vhdx.forensics.hashing import MultiHasher, check_algorithms, feed, image_pieces
-from vhdx.partitions import image_partitions, select
+from vhdx.ops.partitions import image_partitions, select
 from vhdx_cli import render
 from vhdx_cli.common import (
     chain_options,

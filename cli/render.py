@@ -7,9 +7,9 @@ import os
 
 import click
 
-from vhdx.extents import ExtentKind
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.zero_runs import split_by_state
 from vhdx.format.constants import BatState
-from vhdx.zero_runs import split_by_state
 from vhdx_cli.common import SCHEMA_VERSION, json_wanted
 from vhdx_cli.text import printable, printable_lines  # noqa: F401  (renderers and commands use render.printable)
 

@@ -6,8 +6,8 @@ import os
 
 import click
 
-from vhdx.compact import MODES, compact_image
-from vhdx.resize import resize_image
+from vhdx.ops.compact import MODES, compact_image
+from vhdx.ops.resize import resize_image
 from vhdx_cli import render
 from vhdx_cli.common import SIZE, Progress, handle_errors
 

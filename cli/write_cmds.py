@@ -7,10 +7,10 @@ import os
 import click
 
 import vhdx
-from vhdx.create import create as create_disk
 from vhdx.errors import InvalidRequestError
 from vhdx.format.foreign import FOREIGN_EXTENSIONS
-from vhdx.relink import set_parent as relink
+from vhdx.ops.create import create as create_disk
+from vhdx.ops.relink import set_parent as relink
 from vhdx_cli import render
 from vhdx_cli.common import SIZE, current_state, handle_errors, json_wanted
 

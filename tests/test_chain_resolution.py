@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
+from vhdx.disk.extents import ExtentKind
 from vhdx.errors import ChainLoopError, ParentMismatchError, ParentNotFoundError, VhdxError
-from vhdx.extents import ExtentKind
 from vhdx.format import checksum
 from vhdx.format import constants as c
 from vhdx_cli.main import cli

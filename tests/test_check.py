@@ -1,6 +1,6 @@
 """``check``: each fault, built here by hand, is reported with its code and the file offset it names.
 
-Images are small dynamic/differencing disks made with ``vhdx.create`` and written through the writer; each
+Images are small dynamic/differencing disks made with ``vhdx.ops.create`` and written through the writer; each
 test breaks one thing with raw ``pwrite``/``truncate`` and checks the findings. The fixture library's named
 faults are checked too, against the findings their manifest documents.
 """
@@ -20,19 +20,19 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.check import EXTRA_CHECKERS, check_image, register_checker
-from vhdx.create import create
 from vhdx.findings import CODES, Severity
 from vhdx.format import constants as c
-from vhdx.header import load_headers
 from vhdx.io import ImageIO
-from vhdx.log import DataWrite, build_entry
-from vhdx.relink import set_parent
+from vhdx.ops.check import EXTRA_CHECKERS, check_image, register_checker
+from vhdx.ops.create import create
+from vhdx.ops.relink import set_parent
+from vhdx.structures.header import load_headers
+from vhdx.structures.log import DataWrite, build_entry
 from vhdx_cli.main import cli
 
 MiB = 1 << 20
 SIZE = 8 * MiB
-# Layout of files made by vhdx.create: log at 1 MiB, metadata at 2 MiB, BAT at 3 MiB, blocks from 4 MiB.
+# Layout of files made by vhdx.ops.create: log at 1 MiB, metadata at 2 MiB, BAT at 3 MiB, blocks from 4 MiB.
 LOG_OFFSET, METADATA_OFFSET, BAT_OFFSET = 1 * MiB, 2 * MiB, 3 * MiB
 
 

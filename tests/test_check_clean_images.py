@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 import vhdx
 from tests.support.peers import need
-from vhdx.check import check_image
-from vhdx.create import create
-from vhdx.repair import repair_image
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
+from vhdx.ops.repair import repair_image
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

@@ -22,15 +22,15 @@ from click.testing import CliRunner
 
 import vhdx
 from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
-from vhdx import guest_free, layout_journal
-from vhdx.check import check_image
-from vhdx.compact import compact_image
-from vhdx.convert import import_raw
-from vhdx.create import create
 from vhdx.errors import InvalidRequestError
-from vhdx.export import export_raw
 from vhdx.format import constants as c
-from vhdx.guest_free import _fat_entries, read_free_map
+from vhdx.ops import guest_free, layout_journal
+from vhdx.ops.check import check_image
+from vhdx.ops.compact import compact_image
+from vhdx.ops.convert import import_raw
+from vhdx.ops.create import create
+from vhdx.ops.export import export_raw
+from vhdx.ops.guest_free import _fat_entries, read_free_map
 from vhdx_cli.main import cli
 
 pytest.importorskip("pytsk3", reason="compact --mode quick needs the guestfs extra")

@@ -10,12 +10,12 @@ from click.testing import CliRunner
 
 import vhdx
 from tests.support.peers import need, read_with_pyvhdi
-from vhdx.check import check_image
-from vhdx.convert import flatten
-from vhdx.convert_type import make_child
-from vhdx.create import create
 from vhdx.errors import InvalidRequestError
 from vhdx.format import constants as c
+from vhdx.ops.check import check_image
+from vhdx.ops.convert import flatten
+from vhdx.ops.convert_type import make_child
+from vhdx.ops.create import create
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

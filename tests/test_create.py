@@ -10,9 +10,9 @@ import pytest
 
 import vhdx
 from tests.support.peers import need
-from vhdx.create import create
 from vhdx.errors import InvalidRequestError
 from vhdx.format import constants as c
+from vhdx.ops.create import create
 
 MiB = 1 << 20
 

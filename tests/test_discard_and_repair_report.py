@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.create import create
+from vhdx.ops.create import create
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhdx.bat import BAT_DTYPE, Geometry, split_entries
 from vhdx.format import constants as c
+from vhdx.structures.bat import BAT_DTYPE, Geometry, split_entries
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.create import windows_absolute_path
+from vhdx.ops.create import windows_absolute_path
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

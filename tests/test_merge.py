@@ -14,11 +14,11 @@ from click.testing import CliRunner
 import vhdx
 from tests.support.merge_chains import build_chain, read_view
 from tests.support.peers import need, read_with_dissect, read_with_pyvhdi
-from vhdx.check import check_image
-from vhdx.create import create
 from vhdx.errors import MergeError
 from vhdx.format import constants as c
-from vhdx.merge import DestArrays, LayerArrays, MergePlan, plan_merge
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
+from vhdx.ops.merge import DestArrays, LayerArrays, MergePlan, plan_merge
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

@@ -16,10 +16,10 @@ import pytest
 import vhdx
 from tests.support.faulty_io import SimulatedCrash
 from tests.support.merge_chains import build_chain, read_view
-from vhdx import merge_journal
-from vhdx.check import check_image
 from vhdx.io import ImageIO
-from vhdx.merge import find_interrupted
+from vhdx.ops.check import check_image
+from vhdx.ops.merge import find_interrupted
+from vhdx.ops.merge import journal as merge_journal
 
 MiB = 1 << 20
 

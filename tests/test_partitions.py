@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 import vhdx
 from tests.forensics.test_export import fuse_usable, nbdkit_ready, stop, vhdx_cmd, wait_for  # noqa: F401
-from vhdx.convert import import_raw
 from vhdx.errors import FormatError
 from vhdx.forensics import nbd
-from vhdx.partitions import PartitionView, image_partitions, read_partitions, select
+from vhdx.ops.convert import import_raw
+from vhdx.ops.partitions import PartitionView, image_partitions, read_partitions, select
 from vhdx_cli.json_schemas import SCHEMAS
 from vhdx_cli.main import cli
 

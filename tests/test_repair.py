@@ -33,13 +33,13 @@ from test_check import (
 )
 
 import vhdx
-from vhdx.check import check_image
 from vhdx.errors import VhdxError
 from vhdx.format import constants as c
-from vhdx.header import load_headers
 from vhdx.io import ImageIO
-from vhdx.log import DataWrite
-from vhdx.repair import apply_repair, plan_repair, repair_image
+from vhdx.ops.check import check_image
+from vhdx.ops.repair import apply_repair, plan_repair, repair_image
+from vhdx.structures.header import load_headers
+from vhdx.structures.log import DataWrite
 from vhdx_cli.main import cli
 
 DIRTY_LOG = "qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2"

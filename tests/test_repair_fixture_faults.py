@@ -11,8 +11,8 @@ import pytest
 
 import vhdx
 from tests.fixtures.fixture_lists import FAULT_SPECS
-from vhdx.check import check_image
-from vhdx.repair import repair_image
+from vhdx.ops.check import check_image
+from vhdx.ops.repair import repair_image
 
 # The faults a repair must fix; every other fault must be refused with a reason (what it cannot do safely).
 REPAIRABLE = {

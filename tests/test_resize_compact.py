@@ -14,15 +14,15 @@ from hypothesis import strategies as st
 
 import vhdx
 from tests.support.peers import need, read_with_pyvhdi
-from vhdx import layout_journal
-from vhdx.check import check_image
-from vhdx.compact import compact_image
-from vhdx.create import create
+from vhdx.disk.extents import ExtentKind
 from vhdx.errors import InvalidRequestError, LockedError, UnsupportedError, VhdxError
-from vhdx.extents import ExtentKind
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
-from vhdx.resize import resize_image
+from vhdx.ops import layout_journal
+from vhdx.ops.check import check_image
+from vhdx.ops.compact import compact_image
+from vhdx.ops.create import create
+from vhdx.ops.resize import resize_image
 
 MiB = 1 << 20
 GiB = 1 << 30

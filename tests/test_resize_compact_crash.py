@@ -16,11 +16,11 @@ import pytest
 import vhdx
 from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
 from tests.support.peers import need
-from vhdx import layout_journal
-from vhdx.check import check_image
-from vhdx.compact import compact_image
-from vhdx.create import create
-from vhdx.resize import resize_image
+from vhdx.ops import layout_journal
+from vhdx.ops.check import check_image
+from vhdx.ops.compact import compact_image
+from vhdx.ops.create import create
+from vhdx.ops.resize import resize_image
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -9,11 +9,11 @@ import subprocess
 import pytest
 
 import vhdx
-from vhdx.convert import import_raw
 from vhdx.errors import InvalidRequestError
-from vhdx.export import export_raw
-from vhdx.partitions import read_partition_table
-from vhdx.resize import resize_image
+from vhdx.ops.convert import import_raw
+from vhdx.ops.export import export_raw
+from vhdx.ops.partitions import read_partition_table
+from vhdx.ops.resize import resize_image
 
 MiB = 1 << 20
 

@@ -23,7 +23,7 @@ import vhdx
 from vhdx.errors import VhdxError
 from vhdx.format import checksum
 from vhdx.format import constants as c
-from vhdx.log import DataWrite, build_entry
+from vhdx.structures.log import DataWrite, build_entry
 from vhdx_cli.main import cli
 
 MiB = 1 << 20
@@ -516,7 +516,7 @@ def test_robustness_valid_log_entry_control_is_replayed(image_copy, layout):
 
 def test_robustness_differencing_disk_with_empty_parent_locator_is_a_format_error(tmp_path):
     # Found by fuzzing: a Parent Locator entry of length 0 in a differencing disk.
-    from vhdx.create import create
+    from vhdx.ops.create import create
 
     parent, child = tmp_path / "p.vhdx", tmp_path / "c.avhdx"
     create(parent, 8 << 20)

@@ -10,10 +10,10 @@ import pytest
 
 import vhdx
 from tests.support.peers import read_with_dissect, read_with_pyvhdi
-from vhdx.create import create
 from vhdx.errors import InvalidRequestError, LockedError
 from vhdx.format import constants as c
-from vhdx.inspect import describe_image
+from vhdx.ops.create import create
+from vhdx.ops.inspect import describe_image
 
 MiB = 1 << 20
 S = c.BatState

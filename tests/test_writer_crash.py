@@ -13,9 +13,9 @@ import pytest
 
 import vhdx
 from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
-from vhdx import writer as writer_module
-from vhdx.create import create
-from vhdx.relink import set_parent
+from vhdx.disk import writer as writer_module
+from vhdx.ops.create import create
+from vhdx.ops.relink import set_parent
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -159,8 +159,7 @@ def test_crash_during_commit_split_into_several_log_entries(tmp_path, monkeypatc
 
 
 def test_crash_while_relinking_a_parent_keeps_the_child_readable(tmp_path, monkeypatch):
-    from vhdx import relink as relink_module
-
+    from vhdx.ops import relink as relink_module
     child = child_disk(tmp_path)
     moved = tmp_path / "moved.vhdx"
     shutil.copy(tmp_path / "base.vhdx", moved)

@@ -5,8 +5,7 @@ Public API: ``open`` (alias ``open_image``), the image and stream classes, and t
 
 from __future__ import annotations
 
-from vhdx.convert import flatten
-from vhdx.create import create
+from vhdx.disk.image import VhdxImage, VirtualDiskStream, open_image
 from vhdx.errors import (
     ChainError,
     ChainLoopError,
@@ -23,12 +22,13 @@ from vhdx.errors import (
     VhdxError,
 )
 from vhdx.format.constants import BatState, DiskType, SbState
-from vhdx.image import VhdxImage, VirtualDiskStream, open_image
-from vhdx.merge import MergeResult, abort_merge, merge
-from vhdx.relink import set_parent
+from vhdx.ops.convert import flatten
+from vhdx.ops.create import create
+from vhdx.ops.merge import MergeResult, abort_merge, merge
+from vhdx.ops.relink import set_parent
 
-# ``vhdx.create``, ``vhdx.merge`` and ``vhdx.set_parent`` are the functions (the documented API); their modules
-# stay importable by name (``from vhdx.merge import plan_merge``).
+# ``vhdx.ops.create``, ``vhdx.ops.merge`` and ``vhdx.set_parent`` are the functions (the documented API); their modules
+# stay importable by name (``from vhdx.ops.merge import plan_merge``).
 
 open = open_image  # noqa: A001 - ``vhdx.open(path)`` is the documented entry point
 

@@ -88,7 +88,7 @@ class ChainLoopError(ChainError):
 
 
 class ChainTooDeepError(ChainError):
-    """The chain holds more files than ``vhdx.chain.MAX_CHAIN_DEPTH``."""
+    """The chain holds more files than ``vhdx.disk.chain.MAX_CHAIN_DEPTH``."""
 
 
 class LockedError(VhdxError):

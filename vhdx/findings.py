@@ -88,7 +88,7 @@ CODES = {
     "LOG_INVALID": "a log entry writes where no log may (header section, the log itself, past a sane end)",
     "LOG_TORN_ENTRY": "an entry with the current log GUID is incomplete or fails its checksum",
     "LEAKED_SPACE": "file space that no structure references",
-    "CHAIN_TOO_DEEP": "the chain holds more files than vhdx.chain.MAX_CHAIN_DEPTH",
+    "CHAIN_TOO_DEEP": "the chain holds more files than vhdx.disk.chain.MAX_CHAIN_DEPTH",
     "MERGE_INTERRUPTED": "a merge into this disk was started and not finished",
     "IN_USE": "another process has the file open for writing: findings may be transient",
     "LOG_IN_USE": "the log of a writer at work (checked as replayed in memory; not corruption)",

@@ -1,4 +1,4 @@
-"""Chain depth: one documented limit (``vhdx.chain.MAX_CHAIN_DEPTH``) for every reader and ``check --chain``.
+"""Chain depth: one documented limit (``vhdx.disk.chain.MAX_CHAIN_DEPTH``) for every reader and ``check --chain``.
 
 A real 300-layer chain reads, maps, lists, checks and closes (no recursion limit is hit); a chain deeper than the
 limit is refused with "deeper than N", never called a loop. The limit is lowered in the test to keep it fast.
@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx import chain
-from vhdx.check import check_image
-from vhdx.create import create
+from vhdx.disk import chain
 from vhdx.errors import ChainError
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 import vhdx
-from vhdx.check import check_image
 from vhdx.format import constants as c
-from vhdx.metadata import MetadataItem, build_parent_locator, read_items
+from vhdx.ops.check import check_image
+from vhdx.structures.metadata import MetadataItem, build_parent_locator, read_items
 
 MiB = 1 << 20
 

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.check import check_image
-from vhdx.create import create
 from vhdx.format import constants as c
-from vhdx.metadata import MetadataItem, build_parent_locator, read_items
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
+from vhdx.structures.metadata import MetadataItem, build_parent_locator, read_items
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

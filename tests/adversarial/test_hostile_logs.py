@@ -20,14 +20,14 @@ from click.testing import CliRunner
 
 import vhdx
 from tests.support.hostile_logs import MiB, chain_of_empty_entries, layout_of, plant_log, small_disk
-from vhdx.check import check_image
 from vhdx.errors import FormatError
 from vhdx.format import checksum
 from vhdx.format import constants as c
-from vhdx.header import load_headers
 from vhdx.io import ImageIO
-from vhdx.log import SECTOR, DataWrite, ZeroWrite, read_log
-from vhdx.repair import plan_repair, repair_image
+from vhdx.ops.check import check_image
+from vhdx.ops.repair import plan_repair, repair_image
+from vhdx.structures.header import load_headers
+from vhdx.structures.log import SECTOR, DataWrite, ZeroWrite, read_log
 from vhdx_cli.main import cli
 
 TiB = 1 << 40
@@ -160,7 +160,7 @@ def test_invalid_log_is_reported_by_the_cli_in_one_line(disk):
 
 # --- what a log may still do ------------------------------------------------------------------------
 def test_zero_range_inside_a_payload_block_replays_in_memory_and_on_disk(disk):
-    block0 = 4 * MiB  # vhdx.create puts the first payload block here (see layout_of)
+    block0 = 4 * MiB  # vhdx.ops.create puts the first payload block here (see layout_of)
     with vhdx.open(disk) as image:
         assert int(image.bat.offsets[0]) == block0
     plant_log(disk, [(0, [ZeroWrite(block0 + 8192, 3 * SECTOR)])])
@@ -241,7 +241,7 @@ def test_sparse_four_gibibyte_log_is_scanned_in_bounded_memory(tmp_path):
 
 @pytest.mark.parametrize("hostile", ["child", "parent"])
 def test_merge_refuses_an_invalid_log_in_either_layer_and_changes_nothing(tmp_path, hostile):
-    from vhdx.create import create
+    from vhdx.ops.create import create
 
     parent = small_disk(tmp_path / "parent.vhdx")
     child = tmp_path / "child.avhdx"

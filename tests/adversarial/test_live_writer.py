@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.check import check_image
+from vhdx.ops.check import check_image
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

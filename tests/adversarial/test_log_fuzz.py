@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 import vhdx
 from tests.support.hostile_logs import GUID, MiB, layout_of, plant_raw, small_disk
-from vhdx.check import check_image
 from vhdx.errors import ChainError, VhdxError
 from vhdx.format import checksum
 from vhdx.format import constants as c
-from vhdx.log import SECTOR, DataWrite, ZeroWrite, build_entry
-from vhdx.repair import repair_image
+from vhdx.ops.check import check_image
+from vhdx.ops.repair import repair_image
+from vhdx.structures.log import SECTOR, DataWrite, ZeroWrite, build_entry
 
 EXAMPLE_SECONDS = 20
 MEMORY_LIMIT = 64 * MiB

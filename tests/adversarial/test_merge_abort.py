@@ -14,11 +14,11 @@ import vhdx
 from tests.adversarial.test_merge_races import RACER_BYTES, RACER_OFFSET, chain, lock_free_write, once, vhdx_cli
 from tests.support.faulty_io import SimulatedCrash
 from tests.support.merge_chains import read_view
-from vhdx import merge_journal
 from vhdx.errors import MergeError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
-from vhdx.merge import find_interrupted
+from vhdx.ops.merge import find_interrupted
+from vhdx.ops.merge import journal as merge_journal
 from vhdx_cli.main import cli
 
 

@@ -11,10 +11,10 @@ import pytest
 
 import vhdx
 from tests.support.merge_chains import build_chain, read_view
-from vhdx import merge_journal
 from vhdx.errors import MergeError
 from vhdx.io import ImageIO
-from vhdx.merge import find_interrupted
+from vhdx.ops.merge import find_interrupted
+from vhdx.ops.merge import journal as merge_journal
 
 MiB = 1 << 20
 RACER_BYTES = b"\x5a" * (64 * 1024)

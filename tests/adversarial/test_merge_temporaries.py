@@ -7,7 +7,7 @@ import pytest
 import vhdx
 from tests.adversarial.test_merge_races import chain
 from tests.support.merge_chains import read_view
-from vhdx import merge_journal
+from vhdx.ops.merge import journal as merge_journal
 
 
 @pytest.mark.parametrize("suffix", [merge_journal.PLAN_SUFFIX, merge_journal.JOURNAL_SUFFIX])

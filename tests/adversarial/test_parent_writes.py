@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.create import create
 from vhdx.errors import DependentsError, MergeError
+from vhdx.ops.create import create
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

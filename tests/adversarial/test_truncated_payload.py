@@ -1,8 +1,8 @@
 """Truncated payload (issue 12, item 9): data the file lacks is an error, never silent zeros.
 
-One rule (``vhdx.bat.payload_missing_bytes``, QEMU's): only the part of the last block past the virtual disk's
-end may be missing. ``check`` reports anything else as ``BAT_BEYOND_EOF`` (exit 2); readers refuse the file
-(``hash``, ``convert``, ``diff``, ``serve`` exit 1); ``--salvage`` reads the missing bytes as zeros and lists
+One rule (``vhdx.structures.bat.payload_missing_bytes``, QEMU's): only the part of the last block past the
+virtual disk's end may be missing. ``check`` reports anything else as ``BAT_BEYOND_EOF`` (exit 2); readers refuse the
+file (``hash``, ``convert``, ``diff``, ``serve`` exit 1); ``--salvage`` reads the missing bytes as zeros and lists
 every virtual range it invented.
 """
 
@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.check import check_image
-from vhdx.create import create
 from vhdx.errors import FormatError
 from vhdx.forensics.nbd import nbdkit_command
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
 from vhdx_cli.main import cli
 
 MiB = 1 << 20

@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-from vhdx.bat import Bat
 from vhdx.fleet.probe import VANISHED, ProbeOptions, kind_of, probe_batch, probe_disk
+from vhdx.structures.bat import Bat
 from vhdx_fixtures.fleet import make_dirty, write_disk
 
 

@@ -1,4 +1,4 @@
-"""Helpers for the forensic tests: small chains built with vhdx.create + image.write, and a file guard."""
+"""Helpers for the forensic tests: small chains built with vhdx.ops.create + image.write, and a file guard."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import vhdx
-from vhdx.create import create
+from vhdx.ops.create import create
 
 MiB = 1 << 20
 

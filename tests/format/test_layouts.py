@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.corpus import corpus_file
-from vhdx import bat as bat_module
 from vhdx.format import constants as c
 from vhdx.format import layouts
+from vhdx.structures import bat as bat_module
 
 GUID_A = uuid.UUID("01234567-89ab-cdef-0123-456789abcdef")
 GUID_B = uuid.UUID("fedcba98-7654-3210-fedc-ba9876543210")

@@ -9,7 +9,7 @@ an alarm) or an inconsistency fails:
 
 Mutations: byte flips near every structure, truncations, structure fields set to random or extreme values
 (huge counts and lengths), optionally with the checksum restamped so the damage reaches the deeper checks.
-Base images: a dynamic disk and a differencing child (read alone), made with ``vhdx.create`` and writes.
+Base images: a dynamic disk and a differencing child (read alone), made with ``vhdx.ops.create`` and writes.
 
 Run the long profile with ``pytest tests/fuzz --hypothesis-profile=fuzz`` (100,000 inputs); set
 ``VHDX_FUZZ_COUNT_FILE`` to have the number of inputs run written there as it goes.
@@ -31,13 +31,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vhdx
-from vhdx.check import check_image
-from vhdx.create import create
 from vhdx.errors import ChainError, VhdxError
-from vhdx.export import export_raw
 from vhdx.format import checksum
 from vhdx.format import constants as c
-from vhdx.inspect import describe_image
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
+from vhdx.ops.export import export_raw
+from vhdx.ops.inspect import describe_image
 
 MiB = 1 << 20
 EXAMPLE_SECONDS = 20
@@ -105,9 +105,9 @@ def _dirty_log(path: Path) -> None:
     """Leave a replayable log behind: a committed write whose final header update never happened."""
     from dataclasses import replace
 
-    from vhdx.header import load_headers
     from vhdx.io import ImageIO
-    from vhdx.log import DataWrite, build_entry
+    from vhdx.structures.header import load_headers
+    from vhdx.structures.log import DataWrite, build_entry
 
     io = ImageIO.open(path, writable=True)
     try:

@@ -11,7 +11,7 @@ from vhdx.errors import (
     VmNotFoundError,
 )
 from vhdx.hyperv import HyperV, scripts
-from vhdx.inspect import DiskInfo
+from vhdx.ops.inspect import DiskInfo
 
 APP = "C:\\ProgramData\\Microsoft\\Windows\\Virtual Hard Disks\\"
 APP_LEAF = APP + "app01_F9E8D7C6-B5A4-4392-8170-6F5E4D3C2B1A.avhdx"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import vhdx
-from vhdx.create import create
+from vhdx.ops.create import create
 
 MiB = 1 << 20
 MAX_DEPTH = 4

@@ -19,8 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import vhdx
 from tests.support.merge_chains import read_view
 from tests.support.peers import read_with_dissect, read_with_pyvhdi
-from vhdx.check import check_image
-from vhdx.create import create
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
 
 MiB = 1 << 20
 MAX_DEPTH = 6

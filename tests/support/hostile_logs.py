@@ -1,6 +1,6 @@
 """Craft hostile logs: entries with chosen targets, lengths, counts and sequence numbers, named in the header.
 
-Entries are built with ``vhdx.log.build_entry`` (valid checksums), so they reach the rules past §2.3.2:
+Entries are built with ``vhdx.structures.log.build_entry`` (valid checksums), so they reach the rules past §2.3.2:
 what the log may change and how long a scan may take.
 """
 
@@ -10,11 +10,11 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from vhdx.create import create
 from vhdx.format import constants as c
-from vhdx.header import load_headers
 from vhdx.io import ImageIO
-from vhdx.log import SECTOR, DataWrite, ZeroWrite, build_entry, descriptor_sectors
+from vhdx.ops.create import create
+from vhdx.structures.header import load_headers
+from vhdx.structures.log import SECTOR, DataWrite, ZeroWrite, build_entry, descriptor_sectors
 
 MiB = 1 << 20
 GUID = uuid.UUID(int=0x10C)

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import vhdx
-from vhdx.create import create
+from vhdx.ops.create import create
 
 MiB = 1 << 20
 

@@ -14,10 +14,10 @@ import os
 import types
 from dataclasses import dataclass, field, replace
 
-from vhdx import merge_journal
-from vhdx.chain import parent_file_name, windows_path_candidates
+from vhdx.disk.chain import parent_file_name, windows_path_candidates
+from vhdx.disk.image import read_structures
 from vhdx.errors import VhdxError
-from vhdx.image import read_structures
+from vhdx.ops.merge import journal as merge_journal
 
 DISK_SUFFIXES = (".vhdx", ".avhdx")
 # Hyper-V configuration: .vmcx (2016 and later), .xml (2012 R2 and older), .vmrs (runtime state).
@@ -192,8 +192,8 @@ def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe: 
 
 
 def _with_check(probe: DiskProbe) -> DiskProbe:
-    from vhdx.check import check_image
     from vhdx.findings import Severity
+    from vhdx.ops.check import check_image
 
     report = check_image(probe.path)
     summary = CheckSummary(

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vhdx.extents import ExtentKind
-from vhdx.image import VhdxImage
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage
 
 SECTOR = 512
 CHUNK = 4 << 20

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import WINDOW_BLOCKS, VhdxImage
 from vhdx.errors import InvalidRequestError
-from vhdx.extents import ExtentKind
 from vhdx.forensics.hashing import MultiHasher, feed, image_pieces, zero_pieces
 from vhdx.forensics.layers import find_layer
 from vhdx.format import constants as c
-from vhdx.image import WINDOW_BLOCKS, VhdxImage
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import os
 import stat
 import time
 
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, UnsupportedError
-from vhdx.image import VhdxImage
 
 FUSE_DEVICE = "/dev/fuse"
 

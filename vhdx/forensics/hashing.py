@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.extents import ExtentKind
-from vhdx.image import VhdxImage
 
 CHUNK = 8 * 1024 * 1024
 DEFAULT_ALGORITHMS = ("sha256",)

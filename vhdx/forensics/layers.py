@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError
-from vhdx.image import VhdxImage
 
 
 def find_layer(image: VhdxImage, spec: str | int) -> int:

@@ -84,7 +84,7 @@ def open(readonly: bool) -> _Export:  # noqa: A001 - the callback name nbdkit lo
         if not 0 <= at < len(layers):
             raise RuntimeError(f"layer {at} does not exist (the chain has {len(layers)} layers)")
         if _config.get("partition") is not None:
-            from vhdx.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
+            from vhdx.ops.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
 
             layer = layers[at]
             return _Export(top, PartitionView(layer, select(image_partitions(layer), _config["partition"])))
@@ -119,7 +119,7 @@ def pread(h: _Export, buf, offset: int, flags: int) -> None:
 
 
 def extents(h: _Export, count: int, offset: int, flags: int):
-    from vhdx.extents import ExtentKind  # noqa: PLC0415
+    from vhdx.disk.extents import ExtentKind  # noqa: PLC0415
 
     zero = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
     ext = h.image.extents(offset, min(offset + count, h.image.virtual_size))

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vhdx.disk.extents import ExtentKind, bitmap_runs
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.extents import ExtentKind, bitmap_runs
 from vhdx.format import constants as c
-from vhdx.image import VhdxImage
 
 SCAN_CHUNK = 8 * 1024 * 1024
 GRAIN = 512

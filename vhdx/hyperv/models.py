@@ -14,7 +14,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
-from vhdx.inspect import DiskInfo
+from vhdx.ops.inspect import DiskInfo
 
 # VhdType / VhdFormat as WMI numbers (Msvm_VirtualHardDiskSettingData Type/Format), for hosts that emit ints.
 VHD_TYPE_NAMES = {2: "fixed", 3: "dynamic", 4: "differencing"}
@@ -205,7 +205,7 @@ class CheckpointTree(_Json):
 
 @dataclass(frozen=True)
 class HyperVDiskInfo(_Json):
-    """Get-VHD's view of one file; the first ten fields are those of ``vhdx.inspect.DiskInfo``."""
+    """Get-VHD's view of one file; the first ten fields are those of ``vhdx.ops.inspect.DiskInfo``."""
 
     path: str
     format: str

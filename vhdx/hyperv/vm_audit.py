@@ -26,7 +26,7 @@ from vhdx.hyperv.models import (
     VmInfo,
 )
 from vhdx.hyperv.vm import ChainInfo, Folder, VirtualMachine, load_folder, search_dirs_for
-from vhdx.merge_journal import JOURNAL_SUFFIX
+from vhdx.ops.merge.journal import JOURNAL_SUFFIX
 
 SNAPSHOT_TYPES = {"standard": "Standard", "production": "Standard", "recovery": "Recovery", "planned": "Planned",
                   "replica": "Replica"}

@@ -16,18 +16,18 @@ from functools import cached_property
 
 import numpy as np
 
-from vhdx import chain as _chain
-from vhdx.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
+from vhdx.disk import chain as _chain
+from vhdx.disk.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
+from vhdx.disk.writer import Writer, replay_log_on_disk
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
-from vhdx.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
-from vhdx.header import HeaderSet, load_headers
 from vhdx.io import ImageIO
-from vhdx.log import LogState, overlay_for, read_log
-from vhdx.metadata import DiskParameters, Metadata, load_metadata
-from vhdx.region import RegionTable, load_region_table
-from vhdx.writer import Writer, replay_log_on_disk
+from vhdx.structures.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
+from vhdx.structures.header import HeaderSet, load_headers
+from vhdx.structures.log import LogState, overlay_for, read_log
+from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
+from vhdx.structures.region import RegionTable, load_region_table
 
 # Blocks examined per step when walking a whole disk: bounds memory for 64 TiB disks with 1 MiB blocks.
 WINDOW_BLOCKS = 1 << 18

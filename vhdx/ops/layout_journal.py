@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from vhdx.errors import InvalidRequestError
-from vhdx.merge_journal import atomic_write, remove_file
+from vhdx.ops.merge.journal import atomic_write, remove_file
 
 JOURNAL_SUFFIX = ".layout-journal"
 OPERATIONS = ("resize", "compact")

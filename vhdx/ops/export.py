@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from vhdx import output
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.extents import ExtentKind
-from vhdx.image import VhdxImage
 from vhdx.io import COPY_CHUNK, copy_range
+from vhdx.ops import output
 
 
 def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool = False,
@@ -23,7 +23,7 @@ def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool
 
     A regular file is written as a temporary and renamed at the end, so an interrupted export never leaves
     a complete-looking but partial image behind. ``sync`` makes it durable (fsync) before the rename; like
-    cp and qemu-img, the default leaves write-back to the OS. See ``vhdx.output`` for what an output may be.
+    cp and qemu-img, the default leaves write-back to the OS. See ``vhdx.ops.output`` for what an output may be.
     """
     destination = output.resolve(out_path, overwrite=overwrite, sources=output.chain_identities(image), raw=True)
     if destination.in_place:

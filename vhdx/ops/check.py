@@ -23,17 +23,17 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from vhdx import chain as _chain
-from vhdx.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
+from vhdx.disk import chain as _chain
+from vhdx.disk.image import foreign_file_reason
 from vhdx.errors import VhdxError
 from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
-from vhdx.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
-from vhdx.image import foreign_file_reason
 from vhdx.io import ImageIO, parse_bytes
-from vhdx.log import LogState, overlay_for, read_log
-from vhdx.metadata import (
+from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
+from vhdx.structures.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
+from vhdx.structures.log import LogState, overlay_for, read_log
+from vhdx.structures.metadata import (
     ITEM_LAYOUTS,
     KNOWN_ITEMS,
     DiskParameters,
@@ -43,7 +43,7 @@ from vhdx.metadata import (
     parameter_problems,
     parse_parent_locator,
 )
-from vhdx.region import RegionEntry, RegionTableCopy, load_region_table, parse_region_table_copy
+from vhdx.structures.region import RegionEntry, RegionTableCopy, load_region_table, parse_region_table_copy
 
 # BAT entries examined per step (rounded down to whole chunks): 1 Mi entries = 8 MiB of BAT.
 WINDOW_ENTRIES = 1 << 20

@@ -28,9 +28,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from vhdx import layout_journal as lj
-from vhdx.bat import BAT_DTYPE, Geometry, ceil_div
-from vhdx.compact import (
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage
+from vhdx.errors import InvalidRequestError, UnsupportedError
+from vhdx.format import constants as c
+from vhdx.format import layouts
+from vhdx.ops import layout_journal as lj
+from vhdx.ops.compact import (
     GRANULE,
     Opener,
     Progress,
@@ -41,14 +45,10 @@ from vhdx.compact import (
     pending_journal,
     truncate_to_structures,
 )
-from vhdx.errors import InvalidRequestError, UnsupportedError
-from vhdx.extents import ExtentKind
-from vhdx.format import constants as c
-from vhdx.format import layouts
-from vhdx.image import VhdxImage
-from vhdx.metadata import read_items
-from vhdx.partitions import move_gpt_backup, read_partition_table
-from vhdx.region import build_region_table
+from vhdx.ops.partitions import move_gpt_backup, read_partition_table
+from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.structures.metadata import read_items
+from vhdx.structures.region import build_region_table
 
 SCAN_STEP = 8 * c.MiB
 
@@ -289,7 +289,7 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
     if size is None and not to_minimum:
         raise InvalidRequestError("give the new size")
     if dry_run:
-        from vhdx.image import open_image
+        from vhdx.disk.image import open_image
 
         image = open_image(path)
     else:

@@ -17,7 +17,7 @@ import numpy as np
 from vhdx.errors import FormatError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
-from vhdx.region import RegionEntry
+from vhdx.structures.region import RegionEntry
 
 BAT_DTYPE = np.dtype("<u8")
 _OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))

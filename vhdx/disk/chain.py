@@ -35,7 +35,7 @@ def depth_limit(max_depth: int | None = None) -> int:
 
 def too_deep(limit: int, **kw) -> ChainTooDeepError:
     """The error for a chain with more than ``limit`` files (one wording for every reader and check)."""
-    return ChainTooDeepError(f"the chain is deeper than {limit} layers (the limit is vhdx.chain.MAX_CHAIN_DEPTH)",
+    return ChainTooDeepError(f"the chain is deeper than {limit} layers (the limit is vhdx.disk.chain.MAX_CHAIN_DEPTH)",
                              **kw)
 
 

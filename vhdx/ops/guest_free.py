@@ -1,6 +1,6 @@
 """The guest's free space, for ``compact --mode quick``: which bytes of the virtual disk only hold free clusters.
 
-Partitions come from the MBR or GPT (:mod:`vhdx.partitions`); a disk without a table is read as one volume. Each
+Partitions come from the MBR or GPT (:mod:`vhdx.ops.partitions`); a disk without a table is read as one volume. Each
 partition whose type is a file system type is probed with The Sleuth Kit (pytsk3, the only permissively licensed
 reader here that exposes allocation maps), and its allocation map is read through it:
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import FormatError, UnsupportedError
 from vhdx.format import fat_boot
-from vhdx.image import VhdxImage
-from vhdx.partitions import read_partitions
+from vhdx.ops.partitions import read_partitions
 
 # Partition types that hold a file system quick may read (others are kept whole).
 MBR_FS_TYPES = frozenset({0x01, 0x04, 0x06, 0x07, 0x0B, 0x0C, 0x0E, 0x11, 0x14, 0x16, 0x17, 0x1B, 0x1C, 0x1E, 0x27,

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from crc32c import crc32c
 
-from vhdx.bat import Geometry
 from vhdx.errors import FormatError, VhdxError
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, Overlay
-from vhdx.metadata import load_metadata
-from vhdx.region import load_region_table
+from vhdx.structures.bat import Geometry
+from vhdx.structures.metadata import load_metadata
+from vhdx.structures.region import load_region_table
 
 SECTOR = c.LOG_SECTOR_SIZE
 

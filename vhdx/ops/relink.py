@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from vhdx.create import locator_paths
+from vhdx.disk.image import open_image
 from vhdx.errors import InvalidRequestError, ParentMismatchError
 from vhdx.format import constants as c
 from vhdx.format.guid import format_guid_text
-from vhdx.image import open_image
-from vhdx.metadata import MetadataItem, build_parent_locator, read_items
+from vhdx.ops.create import locator_paths
+from vhdx.structures.metadata import MetadataItem, build_parent_locator, read_items
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Only runs that hold data are read; blocks that are all zeros are left unallocated in a dynamic target
 (fixed targets read zeros there already). The target is built as an exclusive temporary and renamed at the end
-(see ``vhdx.output``).
+(see ``vhdx.ops.output``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vhdx import output
-from vhdx.create import DEFAULT_CREATOR, CreateIds, disk_parameters, write_new_file
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage, open_image
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.extents import ExtentKind
 from vhdx.format import constants as c
-from vhdx.image import VhdxImage, open_image
 from vhdx.io import ImageIO
+from vhdx.ops import output
+from vhdx.ops.create import DEFAULT_CREATOR, CreateIds, disk_parameters, write_new_file
 
 COPY_BLOCK = 8 * 1024 * 1024
 

@@ -35,15 +35,15 @@ from functools import cached_property
 
 import numpy as np
 
-from vhdx import merge_journal as mj
-from vhdx.bat import ceil_div
+from vhdx.disk.extents import ExtentKind, Extents, clip, coalesce, concat_sorted
+from vhdx.disk.image import VhdxImage, open_image, read_disk_parameters
 from vhdx.errors import LockedError, MergeError, UnsupportedError, VhdxError
-from vhdx.extents import ExtentKind, Extents, clip, coalesce, concat_sorted
 from vhdx.format import constants as c
 from vhdx.format.guid import format_guid_text
-from vhdx.header import load_headers
-from vhdx.image import VhdxImage, open_image, read_disk_parameters
 from vhdx.io import COPY_CHUNK, BackgroundFlush, ImageIO, copy_range
+from vhdx.ops.merge import journal as mj
+from vhdx.structures.bat import ceil_div
+from vhdx.structures.header import load_headers
 
 BS = c.BatState
 # States a payload block reads as zeros in, whatever the disk type.
@@ -520,7 +520,7 @@ def reusable_blocks(states: np.ndarray, offsets: np.ndarray, block_size: int, fi
 
 
 def read_dest_arrays(image: VhdxImage) -> DestArrays:
-    from vhdx.writer import end_of_structures
+    from vhdx.disk.writer import end_of_structures
 
     layer = read_layer_arrays(image)
     bat = image.bat
@@ -885,7 +885,7 @@ def _open_writable(path: str, opener: Opener) -> VhdxImage:
 
 def _set_locator(path: str, opener: Opener, make_entries) -> None:
     """Rewrite the parent locator of ``path`` to ``make_entries(image, old_entries)`` (through its log)."""
-    from vhdx.metadata import MetadataItem, build_parent_locator, read_items
+    from vhdx.structures.metadata import MetadataItem, build_parent_locator, read_items
 
     with _open_writable(path, opener) as image:
         old = list(image.params.parent_locator.entries)
@@ -913,15 +913,15 @@ def _accept_new_guid(path: str, guid: uuid.UUID, opener: Opener) -> None:
 
 def _relink(path: str, destination: str, guid: uuid.UUID, opener: Opener) -> None:
     """Point a child of the merged child at the destination (linkage = its new DataWriteGuid, fresh paths)."""
-    from vhdx.relink import plan_locator
+    from vhdx.ops.relink import plan_locator
 
     _set_locator(path, opener, lambda _image, old: plan_locator(path, destination, old, guid))
 
 
 def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Sequence[ImageIO], child_items,
                        opener: Opener, progress) -> int:
-    from vhdx.bat import Geometry
-    from vhdx.metadata import read_items
+    from vhdx.structures.bat import Geometry
+    from vhdx.structures.metadata import read_items
 
     # Session 1: new DataWriteGuid, then the IsVirtualDisk items (and a larger size) through the log.
     with _open_writable(journal.destination, opener) as image:
@@ -960,7 +960,7 @@ def _check_chain_matches(journal: mj.MergeJournal, layers: Sequence[VhdxImage]) 
 
 def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verify: bool, progress,
          held: HeldFiles, resumed: bool, started: float, warnings=()) -> MergeResult:
-    from vhdx.metadata import read_items
+    from vhdx.structures.metadata import read_items
 
     moved, verified = 0, None
     if journal.state == "planned":

@@ -16,7 +16,7 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.format.guid import parse_guid_text
 from vhdx.io import ImageIO, parse_bytes
-from vhdx.region import RegionEntry
+from vhdx.structures.region import RegionEntry
 
 # GUID -> (item name, layout, exact length). The parent locator is variable-sized and parsed on its own.
 ITEM_LAYOUTS = {

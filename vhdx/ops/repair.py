@@ -26,17 +26,17 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from vhdx.bat import BAT_DTYPE, Geometry, ceil_div
-from vhdx.check import EXPECTED_ITEM_FLAGS, CheckReport, check_image
+from vhdx.disk.writer import max_entry_sectors, replay_log_on_disk
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.findings import Finding, Severity
 from vhdx.format import constants as c
-from vhdx.header import HeaderSet, load_headers, write_both_headers, write_header_update
 from vhdx.io import ImageIO
-from vhdx.log import SECTOR, DataWrite, build_entry, descriptor_sectors, read_log
-from vhdx.metadata import load_metadata
-from vhdx.region import load_region_table, parse_region_table_copy, region_problems
-from vhdx.writer import max_entry_sectors, replay_log_on_disk
+from vhdx.ops.check import EXPECTED_ITEM_FLAGS, CheckReport, check_image
+from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.structures.header import HeaderSet, load_headers, write_both_headers, write_header_update
+from vhdx.structures.log import SECTOR, DataWrite, build_entry, descriptor_sectors, read_log
+from vhdx.structures.metadata import load_metadata
+from vhdx.structures.region import load_region_table, parse_region_table_copy, region_problems
 
 # Why each kind of finding is not repaired (refusals name these reasons).
 UNREPAIRABLE = {
@@ -261,7 +261,7 @@ def apply_repair(source, plan: RepairPlan) -> list[str]:
         if owns:
             io.close()
     if relink is not None:
-        from vhdx.relink import set_parent
+        from vhdx.ops.relink import set_parent
 
         if not owns:
             raise InvalidRequestError("relinking needs the file's path (the ImageIO given is still open)")
@@ -497,7 +497,7 @@ class RepairResult:
 
 def copy_sparse(src: str, dst: str) -> None:
     """Copy a file keeping its holes (a backup of a 64 TiB sparse disk must not become 64 TiB)."""
-    from vhdx.convert import raw_data_ranges
+    from vhdx.ops.convert import raw_data_ranges
 
     if os.path.lexists(dst):
         raise InvalidRequestError(f"backup {dst} exists; choose another name")

@@ -2,7 +2,7 @@
 
 Layout: header section (1 MiB), log at 1 MiB, metadata region after it (1 MiB), BAT after that (rounded up
 to 1 MiB), then payload blocks, every object 1 MiB aligned. Every check runs before the file is created;
-the file is built as an exclusive temporary and renamed into place (``vhdx.output``), so a failed create
+the file is built as an exclusive temporary and renamed into place (``vhdx.ops.output``), so a failed create
 leaves nothing behind.
 
 References: [MS-VHDX] §2.2 (header section), §2.5 (BAT), §2.6 (metadata), §2.6.2.6 (parent locator);
@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vhdx import output
-from vhdx.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.format.guid import format_guid_text
-from vhdx.header import Header
-from vhdx.metadata import DiskParameters, layout_metadata_region, parameter_problems, system_items
-from vhdx.region import RegionEntry, build_region_table
+from vhdx.ops import output
+from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.structures.header import Header
+from vhdx.structures.metadata import DiskParameters, layout_metadata_region, parameter_problems, system_items
+from vhdx.structures.region import RegionEntry, build_region_table
 
 DEFAULT_CREATOR = "vhdx-chain"
 DIFFERENCING_BLOCK_SIZE = 2 * c.MiB
@@ -147,7 +147,7 @@ def create(
     locator = None
     disk_id = ids.disk_id
     if type == "differencing":
-        from vhdx.image import open_image  # late import: image imports nothing from here
+        from vhdx.disk.image import open_image  # late import: image imports nothing from here
 
         if os.path.abspath(os.fspath(parent)) == os.path.abspath(path):
             raise InvalidRequestError("a disk cannot be its own parent")

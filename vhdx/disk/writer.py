@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vhdx.bat import ceil_div
 from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
-from vhdx.header import HeaderSet, write_both_headers, write_header_update
 from vhdx.io import ImageIO, Overlay, copy_range
-from vhdx.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors
+from vhdx.structures.bat import ceil_div
+from vhdx.structures.header import HeaderSet, write_both_headers, write_header_update
+from vhdx.structures.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vhdx.image import VhdxImage
+    from vhdx.disk.image import VhdxImage
 
 _UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, *c.ZERO_READING_STATES)
 
@@ -82,7 +82,7 @@ def refuse_if_dependents(image: VhdxImage) -> None:
     The new DataWriteGuid would match no child's parent linkage, so they would refuse to open (and reading
     them over the changed parent would be wrong anyway). Looks in the file's folder and the search folders.
     """
-    from vhdx.merge import find_dependents  # the folder scan merge uses (metadata only)
+    from vhdx.ops.merge import find_dependents  # the folder scan merge uses (metadata only)
 
     path = image.path
     if not os.path.isfile(path):
@@ -492,7 +492,7 @@ class Writer:
         The new region is read back before this returns; when it is refused (a malformed locator, say), the
         sectors are unstaged again, so a rejected region is never committed.
         """
-        from vhdx.metadata import layout_metadata_region, load_metadata
+        from vhdx.structures.metadata import layout_metadata_region, load_metadata
 
         region = self.image.regions.metadata
         new = layout_metadata_region(items, region.length)

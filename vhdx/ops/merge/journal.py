@@ -253,7 +253,7 @@ def report_interrupted_merge(ctx) -> None:
 
 
 def _register_check() -> None:
-    from vhdx.check import register_checker
+    from vhdx.ops.check import register_checker
 
     register_checker(report_interrupted_merge)
 

@@ -3,7 +3,7 @@
 Modes, as Optimize-VHD names them: ``full`` (our default) releases blocks whose payload is all zeros and blocks
 already trimmed (UNMAPPED/ZERO entries that still own file space); ``prezeroed`` only the zero blocks;
 ``pretrimmed`` only the trimmed ones; ``quick`` does what ``full`` does and also releases blocks that only hold
-clusters the guest's file systems mark free (NTFS, FAT and ext2/3/4 through :mod:`vhdx.guest_free`; every other
+clusters the guest's file systems mark free (NTFS, FAT and ext2/3/4 through :mod:`vhdx.ops.guest_free`; every other
 byte, the partition table and unread partitions included, is kept). Then every remaining payload block (and sector
 bitmap block) is moved down into the lowest hole that holds it and the file is cut after its last structure.
 
@@ -33,15 +33,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vhdx import layout_journal as lj
-from vhdx.bat import ceil_div
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, UnsupportedError, VhdxError
-from vhdx.extents import ExtentKind
 from vhdx.format import constants as c
-from vhdx.header import load_headers
-from vhdx.image import VhdxImage
 from vhdx.io import ImageIO
-from vhdx.log import read_log
+from vhdx.ops import layout_journal as lj
+from vhdx.structures.bat import ceil_div
+from vhdx.structures.header import load_headers
+from vhdx.structures.log import read_log
 
 MODES = ("full", "prezeroed", "pretrimmed", "quick")
 GRANULE = c.ALIGNMENT
@@ -72,7 +72,7 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
         io.close()
         raise VhdxError("the log holds updates not yet applied; run `vhdx repair` first", structure="Log",
                         offset=header.log_offset, path=io.path)
-    from vhdx.chain import OpenOptions
+    from vhdx.disk.chain import OpenOptions
 
     # force: resize and compact look for dependents themselves (before any change, with their own wording), so
     # the writer's first-write refusal must not fire again once the caller has accepted them.
@@ -86,7 +86,7 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
 
 def dependents_of(image: VhdxImage, search_dirs=()) -> list[str]:
     """Differencing disks next to ``image`` (or in ``search_dirs``) whose linkage names its DataWriteGuid."""
-    from vhdx.merge import find_dependents
+    from vhdx.ops.merge import find_dependents
 
     folders = list(dict.fromkeys([os.path.dirname(os.path.abspath(image.path)), *map(os.fspath, search_dirs)]))
     return find_dependents(folders, [image.path]).get(image.data_write_guid, [])
@@ -301,7 +301,7 @@ def guest_free_blocks(image: VhdxImage, blocks: np.ndarray) -> tuple[np.ndarray,
     if image.has_parent:
         return np.zeros(len(blocks), dtype=bool), ["differencing disk: the guest file systems are not read (a "
                                                    "released block would show the parent's bytes)"]
-    from vhdx.guest_free import read_free_map
+    from vhdx.ops.guest_free import read_free_map
 
     guest = read_free_map(image)
     return guest.free_blocks(blocks, image.block_size, image.virtual_size), guest.describe()
@@ -393,7 +393,7 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
     if mode not in MODES:
         raise InvalidRequestError(f"unknown compaction mode {mode!r} (one of {', '.join(MODES)})")
     if dry_run:
-        from vhdx.image import open_image
+        from vhdx.disk.image import open_image
 
         image = open_image(path, parent=parent, search_dirs=search_dirs)
     else:

@@ -10,10 +10,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import VhdxError
-from vhdx.extents import ExtentKind
 from vhdx.format import constants as c
-from vhdx.image import VhdxImage
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, replace
 
 from construct import ConstructError
 
-from vhdx.bat import ceil_div
 from vhdx.errors import FormatError, InvalidRequestError
 from vhdx.format import partition_table as pt
+from vhdx.structures.bat import ceil_div
 
 MAX_LOGICAL = 128  # EBR chain length bound: a looping chain must not hang the reader
 

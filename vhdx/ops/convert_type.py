@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vhdx import output
-from vhdx.convert import _build, _true_runs
-from vhdx.create import DIFFERENCING_BLOCK_SIZE, disk_parameters, parent_locator_entries
+from vhdx.disk.extents import ExtentKind
+from vhdx.disk.image import VhdxImage, open_image
 from vhdx.errors import InvalidRequestError
-from vhdx.extents import ExtentKind
-from vhdx.image import VhdxImage, open_image
+from vhdx.ops import output
+from vhdx.ops.convert import _build, _true_runs
+from vhdx.ops.create import DIFFERENCING_BLOCK_SIZE, disk_parameters, parent_locator_entries
 
 STEP = 8 * 1024 * 1024
 
