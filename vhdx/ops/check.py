@@ -224,6 +224,25 @@ def register_checker(checker: Callable[[CheckContext], None]) -> Callable[[Check
     return checker
 
 
+def _report_interrupted_layout(ctx: CheckContext) -> None:
+    """A ``.layout-journal`` next to the file: a resize or compaction stopped before its end (as MERGE_INTERRUPTED)."""
+    from vhdx.ops import layout_journal
+
+    try:
+        journal = layout_journal.read_journal(ctx.path)
+    except VhdxError as exc:
+        ctx.add(Severity.WARNING, "LAYOUT_INTERRUPTED", "layout journal", None,
+                f"a resize or compaction of this disk left a record that cannot be read ({exc.message})")
+        return
+    if journal is not None:
+        ctx.add(Severity.WARNING, "LAYOUT_INTERRUPTED", "layout journal", None,
+                f"a {journal.operation} of this disk stopped before its end; the disk reads the old or the new "
+                f"bytes; finish it with `vhdx {journal.operation} --resume {ctx.path}`")
+
+
+register_checker(_report_interrupted_layout)
+
+
 @dataclass(frozen=True)
 class CheckOptions:
     """Where to look for parents (same meaning as for opening a chain)."""
