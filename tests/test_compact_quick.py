@@ -399,3 +399,21 @@ def test_quick_with_an_unreadable_partition_table_reads_no_guest_and_says_why(tm
     result = compact_image(path, "quick")
     assert result.free_blocks_released == 0 and present_blocks(path) == before
     assert any("partition table unreadable" in line for line in result.guest)
+
+
+@pytest.mark.parametrize(("bits", "size"), [(12, 15 * MiB), (16, 24 * MiB), (32, 40 * MiB)])
+def test_quick_reads_each_fat_copy_in_windows_of_at_most_fat_span_bytes(tmp_path, monkeypatch, bits, size):
+    monkeypatch.setattr(guest_free, "FAT_SPAN", 1200)  # many windows, some ending inside a FAT12 pair's bytes
+    reads = []
+    window = guest_free._fat_window
+
+    def recorded(table, offset, count):
+        reads.append(count)
+        return window(table, offset, count)
+
+    monkeypatch.setattr(guest_free, "_fat_window", recorded)
+    volume = fat_volume(tmp_path, bits, size, dict(list(kept_files().items())[:2]), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "c" if bits == 32 else "6")], size=size + 2 * MiB)
+    used, total = run("fsck.fat", "-n", volume, text=True).stdout.split()[-2].split("/")
+    assert free_bytes_read(path) == (int(total) - int(used)) * {12: 8, 16: 4, 32: 1}[bits] * 512
+    assert len(reads) > 4 and max(reads) <= 1200

@@ -53,6 +53,7 @@ GPT_FS_TYPES = frozenset(uuid.UUID(u) for u in (
 
 NTFS_VOLUME_DIRTY = 0x1
 BITMAP_SPAN = 8 * 2**20  # bytes of an NTFS $Bitmap read at once (64 Mi clusters)
+FAT_SPAN = 3 * 2**20  # bytes of a FAT copy read at once: a multiple of 12 (whole FAT12 pairs, FAT16/32 entries)
 FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
 
 
@@ -230,22 +231,44 @@ def _fat_free(image: VhdxImage, fs, part: Partition, bits: int) -> tuple[np.ndar
     root_sectors = -(-bpb.root_entries * fat_boot.DIR_ENTRY_SIZE // ss)
     first_data = bpb.reserved_sectors + bpb.fat_count * fat_sectors + root_sectors
     clusters = (total - first_data) // per_cluster
-    free = np.ones(clusters, dtype=bool)
+    tables = []
     for copy in range(bpb.fat_count):  # free only where every copy says so
         table = fs.open(f"/$FAT{copy + 1}")  # The Sleuth Kit's virtual file of each FAT copy
         where = [(run.addr, run.len) for attr in table if attr.info.type == pytsk3.TSK_FS_ATTR_TYPE_DEFAULT
                  for run in attr]
         if where != [(bpb.reserved_sectors + copy * fat_sectors, fat_sectors)]:
             raise ValueError(f"The Sleuth Kit places FAT copy {copy + 1} elsewhere than the boot sector")
-        entries = _fat_entries(table.read_random(0, fat_sectors * ss), bits)
-        if len(entries) < clusters + 2:
-            raise ValueError("the FAT is shorter than the volume's clusters")
-        if FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
-            raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
-        free &= entries[2 : clusters + 2] == 0
-    starts, ends = _runs(free)
+        tables.append(table)
+    fat_bytes = fat_sectors * ss
+    needed = clusters + 2  # entries 0 and 1 are reserved
+    if (fat_bytes // 3 * 2 if bits == 12 else fat_bytes * 8 // bits) < needed:
+        raise ValueError("the FAT is shorter than the volume's clusters")
+    per_window = FAT_SPAN * 8 // bits  # entries (FAT_SPAN is a multiple of 12: whole FAT12 pairs)
+    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
+    for first in range(0, needed, per_window):  # bounded memory; touching runs are merged later
+        n = min(per_window, needed - first)
+        free = np.ones(n, dtype=bool)
+        offset = first * bits // 8
+        size = min(-(-n // 2) * 3 if bits == 12 else n * bits // 8, fat_bytes - offset)
+        for table in tables:
+            entries = _fat_entries(_fat_window(table, offset, size), bits)[:n]
+            if len(entries) < n:
+                raise ValueError("a FAT copy reads short")
+            if first == 0 and FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
+                raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
+            free &= entries == 0
+        if first == 0:
+            free[:2] = False
+        starts, ends = _runs(free)
+        runs.append((first + starts, first + ends))
+    starts, ends = (np.concatenate(r) - 2 for r in zip(*runs, strict=True))  # cluster 2 is the first data cluster
     data = part.first_byte + first_data * ss
     return data + starts * per_cluster * ss, data + ends * per_cluster * ss
+
+
+def _fat_window(table, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of one FAT copy (The Sleuth Kit's $FATn file)."""
+    return table.read_random(offset, size)
 
 
 def _type_skip(table: str, part: Partition) -> str:
