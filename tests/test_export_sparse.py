@@ -88,5 +88,5 @@ def test_raw_export_of_a_chain_is_byte_identical_with_zero_runs_over_parent_data
 def test_no_sparse_is_refused_for_a_vhdx_output(tmp_path):
     path = disk_with_zero_filled_blocks(tmp_path)
     out = CliRunner().invoke(cli, ["convert", path, str(tmp_path / "o.vhdx"), "-O", "vhdx", "--no-sparse"])
-    assert out.exit_code == 2 and "--no-sparse applies to -O raw" in out.output
+    assert out.exit_code != 0 and "--no-sparse applies to -O raw" in out.output
     assert not (tmp_path / "o.vhdx").exists()
