@@ -237,3 +237,21 @@ def test_superblock_backups_sit_only_in_the_two_named_groups_under_sparse_super2
     sb.backup_bgs = [1, 40]
     vol = guest_ext.ExtVolume(sb, 4096, 1 << 20, 41, 32, 0)
     assert {g for g in range(41) if vol.has_super(g)} == {0, 1, 40}
+
+
+def test_a_hostile_ext_geometry_with_too_many_groups_is_refused_before_reading_them():
+    raw = bytearray(ext.SUPERBLOCK_SIZE)
+    sb = ext.Superblock.parse(bytes(raw))
+    sb.update(dict(magic=ext.MAGIC, log_block_size=0, first_data_block=1, blocks_per_group=8, clusters_per_group=8,
+              feature_incompat=ext.INCOMPAT_64BIT, desc_size=64, blocks_count_lo=0, blocks_count_hi=1,
+              rev_level=1, inode_size=256, state=ext.STATE_VALID))
+    image = bytes(ext.SUPERBLOCK_OFFSET) + ext.Superblock.build(sb)
+    reads = []
+
+    def read(offset, n):
+        reads.append(n)
+        return image[offset : offset + n]
+
+    with pytest.raises(ValueError, match="descriptor table larger than quick reads"):
+        guest_ext.open_volume(read, 0, 1 << 45)
+    assert reads == [ext.SUPERBLOCK_SIZE]

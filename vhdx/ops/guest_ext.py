@@ -32,6 +32,9 @@ from crc32c import crc32c
 from vhdx.format import ext
 
 _MASK32 = 0xFFFFFFFF
+# Hostile geometry (8 blocks a group on a huge partition) must not make quick read gigabytes of descriptors; a
+# 64 TiB volume of 4 KiB blocks has 512 Ki groups, 32 MiB of 64-byte descriptors.
+MAX_DESCRIPTOR_TABLE = 64 * 2**20
 
 
 def _crc(seed: int, data: bytes) -> int:
@@ -122,6 +125,9 @@ def open_volume(read: Callable[[int, int], bytes], first_byte: int, length: int)
         raise ValueError(f"impossible inode size {sb.inode_size}")
     seed = sb.checksum_seed if sb.feature_incompat & ext.INCOMPAT_CSUM_SEED else _crc(_MASK32, sb.uuid)
     groups = -(-(blocks - sb.first_data_block) // bpg)
+    if groups * desc_size > MAX_DESCRIPTOR_TABLE:
+        raise ValueError(f"{groups} block groups: a descriptor table larger than quick reads "
+                         f"({MAX_DESCRIPTOR_TABLE // 2**20} MiB)")
     return ExtVolume(sb, block_size, blocks, groups, desc_size, seed)
 
 
