@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import vhdx
 from tests.test_compact_quick import (
@@ -29,6 +30,7 @@ from vhdx.format import ext
 from vhdx.ops import guest_ext
 from vhdx.ops.check import check_image
 from vhdx.ops.compact import compact_image
+from vhdx_cli.main import cli
 
 pytest.importorskip("pytsk3", reason="compact --mode quick needs the guestfs extra")
 
@@ -252,6 +254,21 @@ def test_a_hostile_ext_geometry_with_too_many_groups_is_refused_before_reading_t
         reads.append(n)
         return image[offset : offset + n]
 
+    vol = guest_ext.open_volume(read, 0, 1 << 45)
     with pytest.raises(ValueError, match="descriptor table larger than quick reads"):
-        guest_ext.open_volume(read, 0, 1 << 45)
+        guest_ext.free_ranges(read, 0, vol)
     assert reads == [ext.SUPERBLOCK_SIZE]
+
+
+def test_quick_keeps_a_bigalloc_ext_volume_whose_bitmap_bits_are_clusters(tmp_path):
+    volume = ext_volume(tmp_path, 24 * MiB, "ext4", "-O", "bigalloc", "-C", "16384")
+    assert_kept_whole(guest_disk(tmp_path, "gpt", [(1, volume, LINUX)], size=32 * MiB),
+                      "read-only-compatible features 0x200")
+
+
+def test_quick_cli_lists_the_ext_volume_and_what_it_released(tmp_path):
+    volume = ext_volume(tmp_path, 24 * MiB, "ext4")
+    path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
+    out = CliRunner().invoke(cli, ["compact", path, "--mode", "quick"])
+    assert out.exit_code == 0, out.output
+    assert "mbr partition table" in out.output and "ext4, " in out.output and "MiB in free clusters" in out.output

@@ -116,19 +116,26 @@ def open_volume(read: Callable[[int, int], bytes], first_byte: int, length: int)
     desc_size = sb.desc_size if is64 else ext.DESC_SIZE_32
     if is64 and (desc_size < ext.DESC_SIZE_64_MIN or desc_size & (desc_size - 1) or desc_size > block_size):
         raise ValueError(f"impossible group descriptor size {desc_size}")
-    bpg = sb.blocks_per_group
-    if not 8 <= bpg <= 8 * block_size or bpg % 8 or sb.first_data_block != (1 if block_size == 1024 else 0):
-        raise ValueError(f"impossible geometry ({bpg} blocks a group, first data block {sb.first_data_block})")
-    if blocks <= sb.first_data_block or blocks * block_size > length:
+    if blocks * block_size > length:
         raise ValueError(f"the ext volume ({blocks} blocks of {block_size} bytes) does not fit its partition")
+    seed = sb.checksum_seed if sb.feature_incompat & ext.INCOMPAT_CSUM_SEED else _crc(_MASK32, sb.uuid)
+    groups = -(-(blocks - sb.first_data_block) // sb.blocks_per_group) if sb.blocks_per_group else 0
+    return ExtVolume(sb, block_size, blocks, groups, desc_size, seed)
+
+
+def _check_geometry(vol: ExtVolume) -> None:
+    """Raise ValueError for a geometry no mkfs makes (checked once the features are known to be understood)."""
+    sb, bpg = vol.sb, vol.sb.blocks_per_group
+    if not 8 <= bpg <= 8 * vol.block_size or bpg % 8 or sb.clusters_per_group != bpg or sb.first_data_block != (
+            1 if vol.block_size == 1024 else 0):
+        raise ValueError(f"impossible geometry ({bpg} blocks a group, first data block {sb.first_data_block})")
+    if vol.blocks <= sb.first_data_block:
+        raise ValueError(f"impossible block count {vol.blocks}")
     if sb.inode_size < 128 and sb.rev_level:
         raise ValueError(f"impossible inode size {sb.inode_size}")
-    seed = sb.checksum_seed if sb.feature_incompat & ext.INCOMPAT_CSUM_SEED else _crc(_MASK32, sb.uuid)
-    groups = -(-(blocks - sb.first_data_block) // bpg)
-    if groups * desc_size > MAX_DESCRIPTOR_TABLE:
-        raise ValueError(f"{groups} block groups: a descriptor table larger than quick reads "
+    if vol.groups * vol.desc_size > MAX_DESCRIPTOR_TABLE:
+        raise ValueError(f"{vol.groups} block groups: a descriptor table larger than quick reads "
                          f"({MAX_DESCRIPTOR_TABLE // 2**20} MiB)")
-    return ExtVolume(sb, block_size, blocks, groups, desc_size, seed)
 
 
 def refusal(vol: ExtVolume) -> str:
@@ -235,6 +242,7 @@ def free_ranges(read: Callable[[int, int], bytes], first_byte: int, vol: ExtVolu
         ValueError: a descriptor or bitmap fails its checksum, lies outside the volume, or disagrees with its count.
     """
     sb, bs = vol.sb, vol.block_size
+    _check_geometry(vol)
     table = _descriptors(read, first_byte, vol)
     meta = _Metadata.of(table, vol)
     free_counts = _wide(table, "free_blocks_count", 16)
