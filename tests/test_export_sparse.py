@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vhdx
 from vhdx.ops.create import create
@@ -90,3 +92,33 @@ def test_no_sparse_is_refused_for_a_vhdx_output(tmp_path):
     out = CliRunner().invoke(cli, ["convert", path, str(tmp_path / "o.vhdx"), "-O", "vhdx", "--no-sparse"])
     assert out.exit_code != 0 and "--no-sparse applies to -O raw" in out.output
     assert not (tmp_path / "o.vhdx").exists()
+
+
+WRITES = st.lists(st.tuples(st.integers(0, 8 * 8 - 1), st.integers(1, 24), st.sampled_from([b"\0", b"\x5a"])),
+                  max_size=10)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=WRITES)
+def test_sparse_raw_export_and_block_status_agree_with_the_bytes_for_random_writes(tmp_path_factory, writes):
+    from vhdx.forensics.nbd import block_status
+
+    tmp = tmp_path_factory.mktemp("prop")
+    path = str(tmp / "p.vhdx")
+    create(path, size=4 * MiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as disk:
+        for sector_unit, sectors, byte in writes:  # units of 64 KiB, lengths in 512-byte sectors
+            offset = sector_unit * 65536 + 512 * (sector_unit % 3)
+            disk.write(offset, byte * min(sectors * 512, disk.virtual_size - offset))
+    expected = content(path)
+    out = tmp / "out.raw"
+    with vhdx.open(path) as disk:
+        export_raw(disk, out)
+        status = block_status(disk, 0, disk.virtual_size, hole=3, zero=2)
+    assert out.read_bytes() == expected
+    assert status[0][0] == 0 and status[-1][0] + status[-1][1] == len(expected)
+    for (start, length, flags), following in zip(status, [*status[1:], None], strict=True):
+        if flags:
+            assert expected[start : start + length] == bytes(length)
+        if following is not None:
+            assert start + length == following[0]
