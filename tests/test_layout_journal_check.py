@@ -3,6 +3,8 @@ reports an interrupted merge: a warning naming the operation and the ``--resume`
 
 from __future__ import annotations
 
+import os
+
 from click.testing import CliRunner
 
 from vhdx.findings import CODES, Severity
@@ -52,3 +54,10 @@ def test_check_cli_shows_the_interrupted_compaction(tmp_path):
     layout_journal.write_journal(layout_journal.LayoutJournal("compact", path, mode="full"))
     out = CliRunner().invoke(cli, ["check", path])
     assert "LAYOUT_INTERRUPTED" in out.output and "--resume" in out.output
+
+
+def test_check_does_not_read_a_layout_journal_planted_as_a_device(tmp_path):
+    path = disk(tmp_path)
+    os.symlink("/dev/zero", layout_journal.journal_path(path))  # reading it would never end
+    (found,) = check_image(path).find("LAYOUT_INTERRUPTED")
+    assert "not a regular file" in found.message

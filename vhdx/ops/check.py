@@ -226,8 +226,18 @@ def register_checker(checker: Callable[[CheckContext], None]) -> Callable[[Check
 
 def _report_interrupted_layout(ctx: CheckContext) -> None:
     """A ``.layout-journal`` next to the file: a resize or compaction stopped before its end (as MERGE_INTERRUPTED)."""
+    import stat
+
     from vhdx.ops import layout_journal
 
+    try:  # check is read-only and must end: a record planted as a FIFO or device is named, never read
+        st = os.stat(layout_journal.journal_path(ctx.path))
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 2**20:
+        ctx.add(Severity.WARNING, "LAYOUT_INTERRUPTED", "layout journal", None,
+                "a resize or compaction record lies next to this disk but is not a regular file of a record's size")
+        return
     try:
         journal = layout_journal.read_journal(ctx.path)
     except VhdxError as exc:

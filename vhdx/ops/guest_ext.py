@@ -9,7 +9,7 @@ Doubt counts as used:
   whose effect on allocation is not known here (unknown incompatible or read-only-compatible bits, bigalloc,
   snapshots, shared blocks, compression) is refused with the reason;
 - with metadata_csum, the superblock, every group descriptor and every block bitmap read must match its checksum,
-  or the volume is refused;
+  or the volume is refused (the older gdt_csum CRC16 of descriptors is not verified; the count check below is);
 - a group whose bitmap disagrees with its descriptor's free count refuses the volume (e2fsck would fix it first);
 - a ``BLOCK_UNINIT`` group (bitmap never written) is free except its superblock backup and descriptor blocks
   (``sparse_super``/``sparse_super2`` placement) and every group's bitmaps and inode table that lie in it (any
