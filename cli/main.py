@@ -134,20 +134,23 @@ def map_(ctx, path, as_json, **chain_opts):
 @click.option("--block-size", type=SIZE, help="Block size of a VHDX DESTINATION (default 32M, or the source's).")
 @click.option("--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
 @click.option("--sync", is_flag=True, help="fsync DESTINATION before it takes its name (default: OS write-back).")
+@click.option("--no-sparse", is_flag=True, help="-O raw: write every byte, zeros included (a fully allocated file).")
 @chain_options
 @salvage_option
 @click.pass_context
 @handle_errors
 def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
-            salvage, **chain_opts):
+            salvage, no_sparse=False, **chain_opts):
     """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
 
-    To raw, runs that read as zeros stay sparse holes; to VHDX, all-zero blocks stay unallocated. With
-    --type differencing, --parent names the new disk's parent (SOURCE's own parents are found by its locator).
-    DESTINATION "-" writes the raw disk to stdout.
+    To raw, runs that read as zeros (4 KiB zero runs inside data too) stay sparse holes unless --no-sparse; to VHDX,
+    all-zero blocks stay unallocated. With --type differencing, --parent names the new disk's parent (SOURCE's own
+    parents are found by its locator). DESTINATION "-" writes the raw disk to stdout.
     """
     if os.path.abspath(source) == os.path.abspath(destination):
         raise click.UsageError("SOURCE and DESTINATION are the same file")
+    if no_sparse and (output_format != "raw" or destination == "-"):
+        raise click.UsageError("--no-sparse applies to -O raw into a file (a pipe or device gets every byte anyway)")
     if destination == "-":
         _convert_to_stdout(source, output_format, chain_opts, salvage)
         return
@@ -168,7 +171,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
     with vhdx.open(source, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "convert")
         if output_format == "raw":
-            export_raw(image, destination, overwrite=force, progress=progress, sync=sync)
+            export_raw(image, destination, overwrite=force, progress=progress, sync=sync, sparse=not no_sparse)
         else:
             flatten(image, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                     sync=sync)

@@ -1,8 +1,8 @@
 """compact --mode quick: blocks that only hold free clusters of the guest's NTFS or FAT file system are released
 (old bytes of deleted files included), the guest still checks clean (ntfsfix -n / fsck.fat -n), every remaining file
 reads back the same, and nothing outside a file system quick read is released (partition table, gaps between
-partitions, partitions of other types, ext file systems (no permissive reader), file systems it cannot read or that
-were not cleanly unmounted).
+partitions, partitions of other types, file systems it cannot read or that were not cleanly unmounted). ext2/3/4
+guests: tests/test_compact_quick_ext.py.
 
 Guests are made by the real tools on plain files: mkfs.ntfs + ntfscp (ntfs-3g has no offline delete: ntfstruncate
 to 0 frees a file's clusters and leaves their old bytes), mkfs.fat + mcopy + mdel, mkfs.ext4 -d + debugfs rm.
@@ -162,17 +162,6 @@ def test_quick_releases_ntfs_blocks_holding_only_free_clusters_and_keeps_the_vol
     assert "processed successfully" in run("ntfsfix", "-n", after, text=True).stdout
     for name, data in keep.items():
         assert run("ntfscat", after, name).stdout == data
-
-
-@pytest.mark.parametrize("fs", ["ext4", "ext3", "ext2"])
-def test_quick_keeps_ext_volumes_whole_as_no_permissive_library_reads_their_bitmaps(tmp_path, fs):
-    volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB, fs=fs)
-    path = guest_disk(tmp_path, "gpt", [(1, volume, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")], size=32 * MiB)
-    before = present_blocks(path)
-    result = compact_image(path, "quick")
-    assert result.free_blocks_released == 0 and present_blocks(path) == before
-    assert any(fs in line and "no permissively licensed reader for this file system here" in line
-               for line in result.guest)
 
 
 def test_quick_reads_guests_with_no_dissect_module_importable(tmp_path, monkeypatch):
@@ -410,3 +399,21 @@ def test_quick_with_an_unreadable_partition_table_reads_no_guest_and_says_why(tm
     result = compact_image(path, "quick")
     assert result.free_blocks_released == 0 and present_blocks(path) == before
     assert any("partition table unreadable" in line for line in result.guest)
+
+
+@pytest.mark.parametrize(("bits", "size"), [(12, 15 * MiB), (16, 24 * MiB), (32, 40 * MiB)])
+def test_quick_reads_each_fat_copy_in_windows_of_at_most_fat_span_bytes(tmp_path, monkeypatch, bits, size):
+    monkeypatch.setattr(guest_free, "FAT_SPAN", 1200)  # many windows, some ending inside a FAT12 pair's bytes
+    reads = []
+    window = guest_free._fat_window
+
+    def recorded(table, offset, count):
+        reads.append(count)
+        return window(table, offset, count)
+
+    monkeypatch.setattr(guest_free, "_fat_window", recorded)
+    volume = fat_volume(tmp_path, bits, size, dict(list(kept_files().items())[:2]), 8 * MiB)
+    path = guest_disk(tmp_path, "dos", [(1, volume, "c" if bits == 32 else "6")], size=size + 2 * MiB)
+    used, total = run("fsck.fat", "-n", volume, text=True).stdout.split()[-2].split("/")
+    assert free_bytes_read(path) == (int(total) - int(used)) * {12: 8, 16: 4, 32: 1}[bits] * 512
+    assert len(reads) > 4 and max(reads) <= 1200

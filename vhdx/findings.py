@@ -90,6 +90,7 @@ CODES = {
     "LEAKED_SPACE": "file space that no structure references",
     "CHAIN_TOO_DEEP": "the chain holds more files than vhdx.disk.chain.MAX_CHAIN_DEPTH",
     "MERGE_INTERRUPTED": "a merge into this disk was started and not finished",
+    "LAYOUT_INTERRUPTED": "a resize or compaction of this disk was started and not finished (--resume)",
     "IN_USE": "another process has the file open for writing: findings may be transient",
     "LOG_IN_USE": "the log of a writer at work (checked as replayed in memory; not corruption)",
 }

@@ -1,4 +1,7 @@
-"""Which BAT state makes a run read as zeros: ZERO, UNMAPPED (trimmed) and UNDEFINED all do, and users ask which.
+"""Runs that read as zeros, by BAT state and by content.
+
+By state: ZERO, UNMAPPED (trimmed) and UNDEFINED all read as zeros, and users ask which. By content: all-zero
+granules inside allocated blocks, which a sparse raw output or an NBD client may skip.
 
 References: [MS-VHDX] §2.5.1.1 (payload block states).
 """
@@ -27,3 +30,29 @@ def split_by_state(start: int, length: int, states: np.ndarray, block_size: int)
     starts = np.concatenate(([start], edges))
     ends = np.concatenate((edges, [start + length]))
     return list(zip(starts.tolist(), (ends - starts).tolist(), s[np.concatenate(([0], cut))].tolist(), strict=True))
+
+
+ZERO_GRANULE = 4096  # bytes: the smallest zero run left out (as qemu-img convert's default -S 4k), file-system block
+
+
+def nonzero_runs(buf, base: int, granule: int = ZERO_GRANULE) -> list[tuple[int, int]]:
+    """The runs of ``buf`` to write: all of it except whole all-zero granules.
+
+    Granules are aligned to the absolute offset (``base`` is the offset of ``buf[0]``), so a skipped run can be
+    a hole of a file written at the same offsets; a partial granule at either end is always written.
+
+    Returns:
+        ``(start, length)`` pairs relative to ``buf``, in order, disjoint and not touching.
+    """
+    data = np.frombuffer(buf, dtype=np.uint8)
+    n = len(data)
+    head = min((-base) % granule, n)
+    body = (n - head) // granule
+    granules = data[head : head + body * granule]
+    words = granules.view(np.uint64) if head % 8 == 0 and granule % 8 == 0 else granules
+    written = words.reshape(body, -1).any(axis=1) if body else np.zeros(0, dtype=bool)
+    flags = np.concatenate(([head > 0], written, [head + body * granule < n]))
+    edges = np.concatenate(([0], head + np.arange(body + 1, dtype=np.int64) * granule, [n]))
+    step = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    starts, ends = edges[np.flatnonzero(step == 1)], edges[np.flatnonzero(step == -1)]
+    return [(s, e - s) for s, e in zip(starts.tolist(), ends.tolist(), strict=True) if e > s]

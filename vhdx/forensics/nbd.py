@@ -2,7 +2,8 @@
 
 This file is two things:
 - the nbdkit Python plugin (API version 2): nbdkit loads it with ``nbdkit python nbd.py file=... at=...``;
-  it exports the virtual disk read-only, answers block-status queries from the extent map, and has no write,
+  it exports the virtual disk read-only, answers block-status queries from the extent map (holes) and the data's
+  zero runs (zeros, so ``qemu-img convert`` and ``nbdcopy`` skip both), and has no write,
   trim or zero callbacks, so nbdkit refuses every write (and ``--readonly`` makes the server say so up front);
 - ``nbdkit_command``, which builds that command line for ``vhdx serve`` (loopback TCP or a Unix socket).
 
@@ -25,6 +26,8 @@ API_VERSION = 2
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 10809
 PLUGIN_FILE = os.path.abspath(__file__)
+EXTENTS_SCAN = 64 * 2**20  # bytes of data one block-status request reads at most, to find zero runs in it
+SCAN_CHUNK = 8 * 2**20  # bytes read at once while scanning
 
 try:  # present only inside nbdkit
     import nbdkit  # type: ignore[import-not-found]
@@ -119,12 +122,56 @@ def pread(h: _Export, buf, offset: int, flags: int) -> None:
 
 
 def extents(h: _Export, count: int, offset: int, flags: int):
-    from vhdx.disk.extents import ExtentKind  # noqa: PLC0415
+    return block_status(h.image, offset, count, hole=nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO, zero=nbdkit.EXTENT_ZERO)
 
-    zero = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-    ext = h.image.extents(offset, min(offset + count, h.image.virtual_size))
-    return [(start, length, 0 if kind == ExtentKind.DATA else zero)
-            for start, length, kind, _, _ in ext.rows()]
+
+def block_status(image, offset: int, count: int, *, hole: int, zero: int, scan: int = EXTENTS_SCAN) -> list[tuple]:
+    """NBD block status of [offset, offset + count): ``(start, length, flags)`` in order from ``offset``.
+
+    Runs no layer supplies data for (not present, ZERO, trimmed) get ``hole``; data is read, and its whole 4 KiB
+    all-zero granules get ``zero`` (allocated, reads as zeros), the rest 0. At most ``scan`` bytes of data are read
+    for one request: the answer then stops early and the client asks again from there (NBD allows a shorter reply).
+    """
+    from vhdx.disk.extents import ExtentKind  # noqa: PLC0415
+    from vhdx.disk.zero_runs import nonzero_runs  # noqa: PLC0415
+
+    end = min(offset + count, image.virtual_size)
+    found: list[list[int]] = []
+
+    def add(start: int, length: int, flags: int) -> None:
+        if found and found[-1][2] == flags and found[-1][0] + found[-1][1] == start:
+            found[-1][1] += length
+        else:
+            found.append([start, length, flags])
+
+    view = None
+    for start, length, kind, _, _ in image.extents(offset, end).rows():
+        if kind != ExtentKind.DATA:
+            add(start, length, hole)
+            continue
+        if scan <= 0:
+            break
+        cut = length > scan  # the answer ends inside this run: nothing after it may follow
+        length = min(length, scan)
+        scan -= length
+        if view is None:
+            view = memoryview(bytearray(min(SCAN_CHUNK, scan + length)))
+        pos = start
+        while pos < start + length:
+            n = min(len(view), start + length - pos)
+            image.readinto(pos, view[:n])
+            cursor = 0
+            for run, size in nonzero_runs(view[:n], pos):
+                if run > cursor:
+                    add(pos + cursor, run - cursor, zero)
+                add(pos + run, size, 0)
+                cursor = run + size
+            if cursor < n:
+                add(pos + cursor, n - cursor, zero)
+            pos += n
+        if cut:
+            break
+    return [tuple(e) for e in found]
 
 
 # --- launching (run by ``vhdx serve``) --------------------------------------------------------------------

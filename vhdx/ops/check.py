@@ -224,6 +224,35 @@ def register_checker(checker: Callable[[CheckContext], None]) -> Callable[[Check
     return checker
 
 
+def _report_interrupted_layout(ctx: CheckContext) -> None:
+    """A ``.layout-journal`` next to the file: a resize or compaction stopped before its end (as MERGE_INTERRUPTED)."""
+    import stat
+
+    from vhdx.ops import layout_journal
+
+    try:  # check is read-only and must end: a record planted as a FIFO or device is named, never read
+        st = os.stat(layout_journal.journal_path(ctx.path))
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 2**20:
+        ctx.add(Severity.WARNING, "LAYOUT_INTERRUPTED", "layout journal", None,
+                "a resize or compaction record lies next to this disk but is not a regular file of a record's size")
+        return
+    try:
+        journal = layout_journal.read_journal(ctx.path)
+    except VhdxError as exc:
+        ctx.add(Severity.WARNING, "LAYOUT_INTERRUPTED", "layout journal", None,
+                f"a resize or compaction of this disk left a record that cannot be read ({exc.message})")
+        return
+    if journal is not None:
+        ctx.add(Severity.WARNING, "LAYOUT_INTERRUPTED", "layout journal", None,
+                f"a {journal.operation} of this disk stopped before its end; the disk reads the old or the new "
+                f"bytes; finish it with `vhdx {journal.operation} --resume {ctx.path}`")
+
+
+register_checker(_report_interrupted_layout)
+
+
 @dataclass(frozen=True)
 class CheckOptions:
     """Where to look for parents (same meaning as for opening a chain)."""

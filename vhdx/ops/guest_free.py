@@ -8,13 +8,14 @@ reader here that exposes allocation maps), and its allocation map is read throug
 - FAT12/16/32: the ``$FAT1``/``$FAT2`` virtual files (a cluster is free where its entry is 0 in every copy); the
   cluster geometry comes from the boot sector (:mod:`vhdx.format.fat_boot`), checked against The Sleuth Kit's own
   sector count and FAT places;
-- ext2/3/4: skipped with a reason (no permissive library here exposes its block bitmaps).
+- ext2/3/4: its block bitmaps, read by :mod:`vhdx.ops.guest_ext` (pytsk3 and pyfsext expose no bitmaps, and the
+  readers that do, such as dissect.extfs, are AGPL, which an MIT package may not import).
 
 Everything else is never free: the partition table, gaps between partitions, extended partitions, partitions of
-other types or whose file system is not supported (ext, exFAT, ...), and bytes of a partition past its file system.
+other types or whose file system is not supported (exFAT, ...), and bytes of a partition past its file system.
 Doubt counts as used: a file system not cleanly unmounted (NTFS dirty flag or hibernated Windows, FAT without its
-clean-shutdown bit), overlapping partitions, a FAT geometry the boot sector and The Sleuth Kit disagree on, and
-anything that fails to read.
+clean-shutdown bit, ext not cleanly unmounted or with a journal to recover), overlapping partitions, a FAT geometry
+the boot sector and The Sleuth Kit disagree on, and anything that fails to read.
 
 References: UEFI §5.2-5.3 (partition types); NTFS $Bitmap and $Volume (VOLUME_INFORMATION flags);
 Microsoft FAT specification (BPB, FAT entry 1 clean-shutdown bit, free entry 0).
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vhdx.disk.image import VhdxImage
-from vhdx.errors import FormatError, UnsupportedError
-from vhdx.format import fat_boot
+from vhdx.errors import FormatError, UnsupportedError, VhdxError
+from vhdx.format import ext, fat_boot
+from vhdx.ops import guest_ext
 from vhdx.ops.partitions import read_partitions
 
 # Partition types that hold a file system quick may read (others are kept whole).
@@ -49,11 +51,9 @@ GPT_FS_TYPES = frozenset(uuid.UUID(u) for u in (
     "bc13c2ff-59e6-4262-a352-b275fd6f7172",  # Linux /boot (XBOOTLDR)
 ))
 
-# ext's block bitmaps: pytsk3, pyfsext and pyfsfat expose neither the group descriptors nor the bitmaps, and the
-# readers that do (dissect.extfs) are AGPL, so an MIT package may not import them.
-NO_PERMISSIVE_READER = "no permissively licensed reader for this file system here"
 NTFS_VOLUME_DIRTY = 0x1
 BITMAP_SPAN = 8 * 2**20  # bytes of an NTFS $Bitmap read at once (64 Mi clusters)
+FAT_SPAN = 3 * 2**20  # bytes of a FAT copy read at once: a multiple of 12 (whole FAT12 pairs, FAT16/32 entries)
 FAT_CLEAN_BIT = {12: 0, 16: 0x8000, 32: 0x08000000}  # in FAT entry 1; FAT12 has none
 
 
@@ -231,22 +231,44 @@ def _fat_free(image: VhdxImage, fs, part: Partition, bits: int) -> tuple[np.ndar
     root_sectors = -(-bpb.root_entries * fat_boot.DIR_ENTRY_SIZE // ss)
     first_data = bpb.reserved_sectors + bpb.fat_count * fat_sectors + root_sectors
     clusters = (total - first_data) // per_cluster
-    free = np.ones(clusters, dtype=bool)
+    tables = []
     for copy in range(bpb.fat_count):  # free only where every copy says so
         table = fs.open(f"/$FAT{copy + 1}")  # The Sleuth Kit's virtual file of each FAT copy
         where = [(run.addr, run.len) for attr in table if attr.info.type == pytsk3.TSK_FS_ATTR_TYPE_DEFAULT
                  for run in attr]
         if where != [(bpb.reserved_sectors + copy * fat_sectors, fat_sectors)]:
             raise ValueError(f"The Sleuth Kit places FAT copy {copy + 1} elsewhere than the boot sector")
-        entries = _fat_entries(table.read_random(0, fat_sectors * ss), bits)
-        if len(entries) < clusters + 2:
-            raise ValueError("the FAT is shorter than the volume's clusters")
-        if FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
-            raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
-        free &= entries[2 : clusters + 2] == 0
-    starts, ends = _runs(free)
+        tables.append(table)
+    fat_bytes = fat_sectors * ss
+    needed = clusters + 2  # entries 0 and 1 are reserved
+    if (fat_bytes // 3 * 2 if bits == 12 else fat_bytes * 8 // bits) < needed:
+        raise ValueError("the FAT is shorter than the volume's clusters")
+    per_window = FAT_SPAN * 8 // bits  # entries (FAT_SPAN is a multiple of 12: whole FAT12 pairs)
+    runs = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))]
+    for first in range(0, needed, per_window):  # bounded memory; touching runs are merged later
+        n = min(per_window, needed - first)
+        free = np.ones(n, dtype=bool)
+        offset = first * bits // 8
+        size = min(-(-n // 2) * 3 if bits == 12 else n * bits // 8, fat_bytes - offset)
+        for table in tables:
+            entries = _fat_entries(_fat_window(table, offset, size), bits)[:n]
+            if len(entries) < n:
+                raise ValueError("a FAT copy reads short")
+            if first == 0 and FAT_CLEAN_BIT[bits] and not entries[1] & FAT_CLEAN_BIT[bits]:
+                raise UnsupportedError("the FAT volume was not cleanly unmounted; run fsck.fat / chkdsk first")
+            free &= entries == 0
+        if first == 0:
+            free[:2] = False
+        starts, ends = _runs(free)
+        runs.append((first + starts, first + ends))
+    starts, ends = (np.concatenate(r) - 2 for r in zip(*runs, strict=True))  # cluster 2 is the first data cluster
     data = part.first_byte + first_data * ss
     return data + starts * per_cluster * ss, data + ends * per_cluster * ss
+
+
+def _fat_window(table, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of one FAT copy (The Sleuth Kit's $FATn file)."""
+    return table.read_random(offset, size)
 
 
 def _type_skip(table: str, part: Partition) -> str:
@@ -268,6 +290,36 @@ def _overlapping(parts: list[Partition]) -> set[int]:
             if i != j and not p.extended and not o.extended and o.first_byte < p.end_byte and p.first_byte < o.end_byte}
 
 
+def _ext_magic(image: VhdxImage, part: Partition) -> bool:
+    at = part.first_byte + ext.SUPERBLOCK_OFFSET + 0x38  # s_magic
+    return at + 2 <= part.end_byte and image.read(at, 2) == ext.MAGIC.to_bytes(2, "little")
+
+
+def _read_ext(image: VhdxImage, part: Partition, name: str) -> tuple[VolumeReport, tuple]:
+    """Free ranges of an ext2/3/4 volume from its own block bitmaps (:mod:`vhdx.ops.guest_ext`)."""
+    length = part.end_byte - part.first_byte
+    try:
+        vol = guest_ext.open_volume(image.read, part.first_byte, length)
+        name = name or vol.name
+        reason = guest_ext.refusal(vol)
+        if reason:
+            return VolumeReport(part.first_byte, part.end_byte, name, skipped=reason), ()
+        starts, ends = guest_ext.free_ranges(image.read, part.first_byte, vol)
+    except (OSError, ValueError, VhdxError) as exc:
+        return VolumeReport(part.first_byte, part.end_byte, name or "ext",
+                            skipped=f"could not read its allocation map: {exc}"), ()
+    except Exception as exc:  # noqa: BLE001 - hostile bytes: release nothing of it
+        return VolumeReport(part.first_byte, part.end_byte, name or "ext",
+                            skipped=f"could not read its allocation map ({type(exc).__name__}: {exc})"), ()
+    return _report(part, name, starts, ends)
+
+
+def _report(part: Partition, name: str, starts: np.ndarray, ends: np.ndarray) -> tuple[VolumeReport, tuple]:
+    ends = np.minimum(ends, part.end_byte)
+    starts, ends = starts[ends > starts], ends[ends > starts]
+    return VolumeReport(part.first_byte, part.end_byte, name, int((ends - starts).sum())), (starts, ends)
+
+
 def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: bool) -> tuple[VolumeReport, tuple]:
     import pytsk3
 
@@ -282,6 +334,8 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
     try:
         fs = pytsk3.FS_Info(img, offset=part.first_byte)
     except OSError:
+        if _ext_magic(image, part):  # newer ext features The Sleuth Kit does not know: our own reader decides
+            return _read_ext(image, part, "")
         return skip("no file system The Sleuth Kit recognises")
     ftype = fs.info.ftype
     names = {pytsk3.TSK_FS_TYPE_NTFS: "ntfs", pytsk3.TSK_FS_TYPE_EXT2: "ext2", pytsk3.TSK_FS_TYPE_EXT3: "ext3",
@@ -295,7 +349,7 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
                 return skip(reason, name)
             starts, ends = _ntfs_free(fs, part)
         elif name.startswith("ext"):
-            return skip(NO_PERMISSIVE_READER, name)
+            return _read_ext(image, part, name)
         elif name.startswith("fat"):
             starts, ends = _fat_free(image, fs, part, int(name[3:]))
         else:
@@ -304,10 +358,7 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
         return skip(f"could not read its allocation map: {exc}", name)
     except Exception as exc:  # noqa: BLE001 - a library failing on hostile bytes: release nothing of it
         return skip(f"could not read its allocation map ({type(exc).__name__}: {exc})", name)
-    ends = np.minimum(ends, part.end_byte)
-    starts, ends = starts[ends > starts], ends[ends > starts]
-    free = int((ends - starts).sum())
-    return VolumeReport(part.first_byte, part.end_byte, name, free), (starts, ends)
+    return _report(part, name, starts, ends)
 
 
 def read_free_map(image: VhdxImage) -> GuestFreeMap:

@@ -56,6 +56,7 @@ UNREPAIRABLE = {
     "CHAIN_SECTOR_SIZE": "parent and child sector sizes differ; no relink can fix that",
     "CHAIN_VIRTUAL_SIZE": "the parent is larger than the child",
     "MERGE_INTERRUPTED": "finish or roll back the merge with the merge command",
+    "LAYOUT_INTERRUPTED": "finish it with the resize or compact command's --resume",
 }
 DEFAULT_REFUSAL = "no safe automatic repair exists for this"
 

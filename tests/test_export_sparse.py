@@ -1,0 +1,124 @@
+"""convert -O raw leaves zero runs inside allocated blocks as holes (whole 4 KiB granules, found with numpy) and
+still writes a byte-identical image; --no-sparse writes every byte (a fully allocated file)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import vhdx
+from vhdx.ops.create import create
+from vhdx.ops.export import export_raw
+from vhdx_cli.main import cli
+
+MiB = 1 << 20
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def disk_with_zero_filled_blocks(tmp_path) -> str:
+    """16 MiB, 1 MiB blocks: block 0 data, blocks 1-3 written with zeros (allocated), block 4 one 4 KiB of data in
+    zeros, block 6 a 512-byte write at an odd sector, the rest never written."""
+    path = str(tmp_path / "z.vhdx")
+    create(path, size=16 * MiB, block_size=MiB)
+    rng = np.random.default_rng(5)
+    with vhdx.open(path, writable=True) as disk:
+        disk.write(0, rng.integers(1, 256, MiB, dtype=np.uint8).tobytes())
+        disk.write(MiB, bytes(3 * MiB))
+        disk.write(4 * MiB, bytes(MiB))
+        disk.write(4 * MiB + 8192, b"\x01" * 4096)
+        disk.write(6 * MiB + 3 * 512, b"\x02" * 512)
+    return path
+
+
+def content(path) -> bytes:
+    with vhdx.open(path) as disk:
+        return disk.read(0, disk.virtual_size)
+
+
+def test_raw_export_leaves_zero_runs_inside_allocated_blocks_as_holes(tmp_path):
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    with vhdx.open(path) as disk:
+        written = export_raw(disk, out)
+    assert out.read_bytes() == content(path)
+    assert written == MiB + 4096 + 4096  # block 0, the 4 KiB of block 4, the granule holding block 6's sector
+    assert allocated(out) <= MiB + 64 * 1024
+
+
+def test_raw_export_without_sparse_writes_every_byte(tmp_path):
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    with vhdx.open(path) as disk:
+        assert export_raw(disk, out, sparse=False) == 16 * MiB
+    assert out.read_bytes() == content(path)
+    assert allocated(out) >= 16 * MiB
+
+
+def test_convert_cli_is_sparse_by_default_and_no_sparse_allocates_everything(tmp_path):
+    path = disk_with_zero_filled_blocks(tmp_path)
+    sparse, full = tmp_path / "sparse.raw", tmp_path / "full.raw"
+    for args in (["convert", path, str(sparse)], ["convert", path, str(full), "--no-sparse"]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+    assert sparse.read_bytes() == full.read_bytes() == content(path)
+    assert allocated(sparse) <= MiB + 64 * 1024 < 16 * MiB <= allocated(full)
+
+
+def test_raw_export_of_a_chain_is_byte_identical_with_zero_runs_over_parent_data(tmp_path):
+    base = str(tmp_path / "base.vhdx")
+    create(base, size=8 * MiB, block_size=MiB)
+    with vhdx.open(base, writable=True) as disk:
+        disk.write(0, b"\xff" * (4 * MiB))
+    child = str(tmp_path / "child.vhdx")
+    create(child, parent=base)
+    with vhdx.open(child, writable=True) as disk:  # zeros over the parent's data: they must read as zeros
+        disk.write(MiB + 512, bytes(8192))
+        disk.write(3 * MiB, bytes(MiB))
+    out = tmp_path / "out.raw"
+    with vhdx.open(child) as disk:
+        export_raw(disk, out)
+    assert out.read_bytes() == content(child)
+
+
+def test_no_sparse_is_refused_for_a_vhdx_output(tmp_path):
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = CliRunner().invoke(cli, ["convert", path, str(tmp_path / "o.vhdx"), "-O", "vhdx", "--no-sparse"])
+    assert out.exit_code != 0 and "--no-sparse applies to -O raw" in out.output
+    assert not (tmp_path / "o.vhdx").exists()
+
+
+WRITES = st.lists(st.tuples(st.integers(0, 8 * 8 - 1), st.integers(1, 24), st.sampled_from([b"\0", b"\x5a"])),
+                  max_size=10)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=WRITES)
+def test_sparse_raw_export_and_block_status_agree_with_the_bytes_for_random_writes(tmp_path_factory, writes):
+    from vhdx.forensics.nbd import block_status
+
+    tmp = tmp_path_factory.mktemp("prop")
+    path = str(tmp / "p.vhdx")
+    create(path, size=4 * MiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as disk:
+        for sector_unit, sectors, byte in writes:  # units of 64 KiB, lengths in 512-byte sectors
+            offset = sector_unit * 65536 + 512 * (sector_unit % 3)
+            disk.write(offset, byte * min(sectors * 512, disk.virtual_size - offset))
+    expected = content(path)
+    out = tmp / "out.raw"
+    with vhdx.open(path) as disk:
+        export_raw(disk, out)
+        status = block_status(disk, 0, disk.virtual_size, hole=3, zero=2)
+    assert out.read_bytes() == expected
+    assert status[0][0] == 0 and status[-1][0] + status[-1][1] == len(expected)
+    for (start, length, flags), following in zip(status, [*status[1:], None], strict=True):
+        if flags:
+            assert expected[start : start + length] == bytes(length)
+        if following is not None:
+            assert start + length == following[0]
