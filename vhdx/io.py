@@ -94,6 +94,7 @@ class ImageIO:
         self.writable = writable
         self._owns = owns
         self.overlay: Overlay | None = None
+        self._size: int | None = None  # st_size of a read-only file we own, taken once (fstat is not free)
         # False for scratch files (a `.part` being built): crash consistency is moot there, so flush()
         # only orders nothing and costs nothing; the builder syncs once at the end if asked.
         self.durable = True
@@ -149,6 +150,7 @@ class ImageIO:
         """
         twin = copy.copy(self)
         twin._owns = False
+        twin._size = None
         twin.overlay = None
         return twin
 
@@ -177,7 +179,13 @@ class ImageIO:
     def real_size(self) -> int:
         """Size of the file on disk."""
         if self._fd is not None:
-            return os.fstat(self._fd).st_size
+            if self._size is not None:
+                return self._size
+            size = os.fstat(self._fd).st_size
+            # Only a read-only descriptor of our own keeps its size: writers (and callers' files) change it.
+            if self._owns and not self.writable:
+                self._size = size
+            return size
         return self._fileobj.seek(0, os.SEEK_END)
 
     @property

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage
+from vhdx.disk.supply import gather_spans
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.io import COPY_CHUNK, copy_range
+from vhdx.io import COPY_CHUNK, SMALL_COPY, copy_range
 from vhdx.ops import output
 
 
@@ -44,18 +45,50 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
         raise VhdxError(f"cannot resize file: {exc.strerror}", path=path) from None
     layers = image.layers
     buf = bytearray(COPY_CHUNK)
-    for start, length, kind, layer, file_offset in image.extents().rows():
-        if kind == ExtentKind.DATA:
-            try:
-                copy_range(layers[layer].io, file_offset, fd, start, length, buf)
-            except VhdxError as exc:
-                raise exc.with_path(path) from None
-            copied += length
+    view = memoryview(buf)
+    # Neighbouring small runs (a fragmented chain: 4 KiB here, 4 KiB from a parent there) are gathered into one
+    # buffer and written once; long runs are copied by the kernel.
+    for start, length, pieces in gather_spans(image.extents().rows(), COPY_CHUNK):
+        try:
+            _copy_span(layers, fd, start, pieces, buf, view)
+        except VhdxError as exc:
+            raise exc.with_path(path) from None
+        copied += length
         if progress:
             progress(start + length)
+    if progress:
+        progress(image.virtual_size)
     if sync:
         _fsync(fd, path)
     return copied
+
+
+def _copy_span(layers, fd: int, start: int, pieces, buf: bytearray, view: memoryview) -> None:
+    """Copy one span of virtually contiguous data pieces: long ones in the kernel, runs of short ones buffered."""
+    held = 0  # bytes gathered in ``buf`` from virtual offset ``at``
+    at = start
+    for vstart, n, layer, file_offset in pieces:
+        if n > SMALL_COPY:
+            if held:
+                _pwrite_all(fd, view[:held], at)
+                held = 0
+            copy_range(layers[layer].io, file_offset, fd, vstart, n, buf)
+            continue
+        if not held:
+            at = vstart
+        layers[layer].io.readinto_at(file_offset, view[held : held + n])
+        held += n
+    if held:
+        _pwrite_all(fd, view[:held], at)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:  # e.g. ENOSPC
+            raise VhdxError(f"write failed: {exc.strerror}", offset=offset + done) from None
 
 
 def _in_order(image: VhdxImage, progress):
