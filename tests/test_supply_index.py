@@ -72,11 +72,12 @@ def test_reads_through_index_equal_overlay_and_model(tmp_path_factory, depth, se
     with vhdx.open(paths[-1]) as image:
         # Windows of one block and room for a few runs: requests cross windows and old windows are evicted.
         image._supply = SupplyIndex(image._chain_extents, image.virtual_size, image.block_size,
-                                    window_bytes=image.block_size, max_runs=8)
+                                    window_bytes=image.block_size, max_runs=8, build_after=1)
         for where, length in [*reads, (0.0, 1.0)]:
             offset = int(where * (size - 1))
             n = max(1, int(length * (size - offset)))
             want = model[offset : offset + n].tobytes()
+            assert image.supply.covers(offset, offset + n)
             assert image.read(offset, n) == want
             reference = bytearray(n)
             image._read_overlaid(offset, memoryview(reference))
@@ -122,3 +123,20 @@ def test_gather_spans_joins_touching_data_runs_and_caps_their_size():
     assert spans == [(0, 8192, [(0, 4096, 0, 100), (4096, 4096, 1, 900)]),
                      (12288, 8192, [(12288, 8192, 0, 5000)]),
                      (20480, 1808, [(20480, 1808, 0, 13192)])]
+
+
+def test_windows_are_built_only_for_ranges_read_repeatedly():
+    built = []
+
+    def build(lo, hi):
+        built.append(lo)
+        from vhdx.disk.extents import Extents
+        return Extents(np.array([lo], np.int64), np.array([hi - lo], np.int64), np.array([1], np.uint8),
+                       np.array([-1], np.int16), np.array([-1], np.int64))
+
+    index = SupplyIndex(build, 64 * MiB, MiB, window_bytes=MiB, build_after=3)
+    assert [index.covers(w * MiB, w * MiB + 4096) for w in range(64)] == [False] * 64  # scattered: never built
+    assert not index.covers(0, 4096)
+    assert index.covers(0, 4096)  # third time: worth building
+    list(index.runs(0, 4096))
+    assert built == [0]

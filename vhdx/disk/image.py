@@ -404,7 +404,7 @@ class VhdxImage:
         n = max(0, min(len(view), self.virtual_size - offset))
         if n == 0:
             return 0
-        if not self.io.writable:
+        if not self.io.writable and self.supply.covers(offset, offset + n):
             # Nothing changes the chain under a read-only open: resolve through the cached supply index.
             try:
                 runs = list(self.supply.runs(offset, offset + n))

@@ -23,6 +23,10 @@ from vhdx.disk.extents import ExtentKind, Extents
 WINDOW_BYTES = 256 << 20
 # Runs kept over all cached windows of one image (about 27 bytes each): bounds memory on any disk and chain.
 MAX_CACHED_RUNS = 1 << 21
+# A window is built once this many requests have met it uncached: random reads scattered over a 64 TiB disk
+# never pay for building windows they touch once (the caller answers those by walking the BAT).
+BUILD_AFTER = 3
+_MAX_MISS_COUNTERS = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,8 @@ class SupplyIndex:
     """Windows of the chain's supply map of one image, built on demand by ``build(start, end) -> Extents``."""
 
     def __init__(self, build: Callable[[int, int], Extents], virtual_size: int, block_size: int,
-                 window_bytes: int = WINDOW_BYTES, max_runs: int = MAX_CACHED_RUNS) -> None:
+                 window_bytes: int = WINDOW_BYTES, max_runs: int = MAX_CACHED_RUNS,
+                 build_after: int = BUILD_AFTER) -> None:
         self._build = build
         self._virtual_size = virtual_size
         # Windows are whole blocks, so no block is ever split between two of them.
@@ -55,6 +60,26 @@ class SupplyIndex:
         self._max_runs = max_runs
         self._windows: OrderedDict[int, SupplyWindow] = OrderedDict()
         self._runs = 0
+        self._misses: dict[int, int] = {}
+        self._build_after = build_after
+
+    def covers(self, start: int, end: int) -> bool:
+        """True when [start, end) can be answered from cached windows (counts a miss for each window that cannot).
+
+        A window met ``build_after`` times is worth building: then this answers True and ``runs`` builds it.
+        """
+        span = self._span
+        ready = True
+        for index in range(start // span, (end - 1) // span + 1):
+            if index in self._windows:
+                continue
+            misses = self._misses.get(index, 0) + 1
+            if misses < self._build_after:
+                if len(self._misses) >= _MAX_MISS_COUNTERS:
+                    self._misses.clear()
+                self._misses[index] = misses
+                ready = False
+        return ready
 
     def window(self, index: int) -> SupplyWindow:
         """The window holding virtual offsets [index * span, (index + 1) * span), built on first use (LRU)."""
@@ -62,6 +87,7 @@ class SupplyIndex:
         if found is not None:
             self._windows.move_to_end(index)
             return found
+        self._misses.pop(index, None)
         lo = index * self._span
         built = SupplyWindow.from_extents(self._build(lo, min(lo + self._span, self._virtual_size)))
         while self._windows and self._runs + len(built) > self._max_runs:
@@ -89,6 +115,7 @@ class SupplyIndex:
 
     def clear(self) -> None:
         self._windows.clear()
+        self._misses.clear()
         self._runs = 0
 
 

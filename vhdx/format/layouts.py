@@ -27,6 +27,9 @@ from construct import (
 )
 from construct.core import BytesIOWithOffsets, stream_read_entire, stream_tell
 
+from vhdx.format import constants as c
+from vhdx.format.guid import Guid
+
 
 class _NulUnitsStripped(NullStripped):
     """NullStripped for an all-NUL pad: one ``rstrip`` instead of a Python loop per pad unit (same result)."""
@@ -47,9 +50,6 @@ def _utf16_padded(length: int):
     """PaddedString(length, "utf-16-le") with the fast strip: a creator field is parsed once per file opened."""
     return StringEncoded(FixedSized(length, _NulUnitsStripped(GreedyBytes, pad=b"\x00\x00")), "utf-16-le")
 
-
-from vhdx.format import constants as c
-from vhdx.format.guid import Guid
 
 # --- §2.2.1 File Type Identifier -------------------------------------------------------------------
 FileIdentifier = Struct(

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage, open_image
 from vhdx.disk.supply import gather_spans
 from vhdx.errors import InvalidRequestError, VhdxError

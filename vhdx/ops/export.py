@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage
 from vhdx.disk.supply import gather_spans
 from vhdx.errors import InvalidRequestError, VhdxError

@@ -199,8 +199,10 @@ ITEMS_SPAN_MAX = 1 << 20
 
 
 def _items_buffer(io: ImageIO, region: RegionEntry, entries) -> tuple[int, bytes] | None:
-    """(region offset, bytes) covering every known item, read at once; None when they are far apart or the
-    file ends before them (then each item is read, and reported, on its own)."""
+    """(region offset, bytes) covering every known item, read at once.
+
+    None when the items lie far apart or the file ends before them: then each item is read, and reported, alone.
+    """
     spans = [(e.offset, e.offset + e.length) for e in entries if e.length]
     if not spans:
         return None
