@@ -34,6 +34,8 @@ from vhdx.structures.region import RegionTable, load_region_table
 WINDOW_BLOCKS = 1 << 18
 # Requests up to this size first try the per-block short path (random I/O through deep chains).
 SMALL_READ = 1 << 20
+# Source of zeros for short runs (cheaper than wrapping the caller's buffer in an array).
+_ZEROS = memoryview(bytes(64 << 10))
 # Sector bitmap blocks (1 MiB each) kept per read-only file.
 BITMAP_CACHE_CHUNKS = 32
 
@@ -404,15 +406,15 @@ class VhdxImage:
         n = max(0, min(len(view), self.virtual_size - offset))
         if n == 0:
             return 0
-        if not self.io.writable and self.supply.covers(offset, offset + n):
+        if not self.io.writable:
             # Nothing changes the chain under a read-only open: resolve through the cached supply index.
             try:
-                runs = list(self.supply.runs(offset, offset + n))
+                runs = self.supply.lookup(offset, offset + n)
             except VhdxError:
                 # A window reaches what this request may not (a missing parent under a range the child holds):
-                # the per-request path below fails only if the request itself needs it.
-                pass
-            else:
+                # the per-request paths below fail only if the request itself needs it.
+                runs = None
+            if runs is not None:
                 self._read_runs(offset, view[:n], runs)
                 return n
         if n <= SMALL_READ and self._read_within_one_block(offset, view[:n]):
@@ -453,6 +455,8 @@ class VhdxImage:
             lo = start - offset
             if kind == ExtentKind.DATA:
                 self._supply_layer(layer).io.readinto_at(file_offset, view[lo : lo + length])
+            elif length <= len(_ZEROS):
+                view[lo : lo + length] = _ZEROS[:length]
             else:
                 if target is None:
                     target = np.frombuffer(view, dtype=np.uint8)

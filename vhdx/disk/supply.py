@@ -46,6 +46,21 @@ class SupplyWindow:
     def __len__(self) -> int:
         return len(self.start)
 
+    def rows(self, start: int, end: int) -> list[tuple[int, int, int, int, int]]:
+        """Runs of [start, end) (inside this window), clipped, as in ``SupplyIndex.runs``."""
+        i = int(self.start.searchsorted(start, "right")) - 1
+        if end <= int(self.end[i]):  # the usual small request: inside one run
+            kind = int(self.kind[i])
+            fo = int(self.file_offset[i]) + start - int(self.start[i]) if kind == ExtentKind.DATA else -1
+            return [(start, end - start, kind, int(self.layer[i]), fo)]
+        j = int(self.start.searchsorted(end, "left"))
+        out = []
+        for s, e, kind, layer, fo in zip(self.start[i:j].tolist(), self.end[i:j].tolist(), self.kind[i:j].tolist(),
+                                         self.layer[i:j].tolist(), self.file_offset[i:j].tolist(), strict=True):
+            lo, up = max(s, start), min(e, end)
+            out.append((lo, up - lo, kind, layer, fo + lo - s if kind == ExtentKind.DATA else -1))
+        return out
+
 
 class SupplyIndex:
     """Windows of the chain's supply map of one image, built on demand by ``build(start, end) -> Extents``."""
@@ -62,6 +77,21 @@ class SupplyIndex:
         self._runs = 0
         self._misses: dict[int, int] = {}
         self._build_after = build_after
+
+    def lookup(self, start: int, end: int) -> list[tuple[int, int, int, int, int]] | None:
+        """The runs of [start, end) as ``runs`` gives them, or None while its windows are not worth building."""
+        span = self._span
+        index = start // span
+        if (end - 1) // span != index:
+            return list(self.runs(start, end)) if self.covers(start, end) else None
+        found = self._windows.get(index)
+        if found is None:
+            if not self.covers(start, end):
+                return None
+            found = self.window(index)
+        else:
+            self._windows.move_to_end(index)
+        return found.rows(start, end)
 
     def covers(self, start: int, end: int) -> bool:
         """True when [start, end) can be answered from cached windows (counts a miss for each window that cannot).
@@ -104,13 +134,7 @@ class SupplyIndex:
         while pos < end:
             w = self.window(pos // span)
             hi = min(end, (pos // span + 1) * span)
-            i0 = int(np.searchsorted(w.start, pos, side="right")) - 1
-            i1 = int(np.searchsorted(w.start, hi, side="left"))
-            rows = zip(w.start[i0:i1].tolist(), w.end[i0:i1].tolist(), w.kind[i0:i1].tolist(),
-                       w.layer[i0:i1].tolist(), w.file_offset[i0:i1].tolist(), strict=True)
-            for s, e, kind, layer, fo in rows:
-                lo, up = max(s, pos), min(e, hi)
-                yield lo, up - lo, kind, layer, (fo + lo - s if kind == ExtentKind.DATA else -1)
+            yield from w.rows(pos, hi)
             pos = hi
 
     def clear(self) -> None:
