@@ -17,9 +17,10 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass, field
+from io import BytesIO as _BytesIO
 from typing import BinaryIO
 
-from construct import ConstructError
+from construct import ConstructError, Container
 
 from vhdx.errors import FormatError, LockedError, VhdxError
 from vhdx.format import layouts
@@ -406,11 +407,26 @@ def _parser(layout):
     if uses + 1 < COMPILE_AFTER:
         return layout
     try:
-        compiled = layout.compile()
+        compiled = _Direct(layout.compile().parsefunc)
     except Exception:  # noqa: BLE001 - construct cannot compile every layout: parse it as it is
         compiled = layout
     _compiled[key] = compiled
     return compiled
+
+
+class _Direct:
+    """A compiled parser called straight, without construct's per-call stream and report layers."""
+
+    __slots__ = ("_parse",)
+
+    def __init__(self, parsefunc) -> None:
+        self._parse = parsefunc
+
+    def parse(self, data: bytes):
+        # The context construct's parse_stream would pass.
+        context = Container(_parsing=True, _building=False, _sizing=False)
+        context._params = context
+        return self._parse(_BytesIO(data), context)
 
 
 def parse_bytes(layout, data: bytes, *, offset: int | None = None, structure: str | None = None, path=None):
