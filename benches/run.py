@@ -14,13 +14,13 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, cases_export, report
+from . import cases, cases_export, cases_reads, report
 from .sizes import PROFILES
 from .workloads import build_all
 
-CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export")
+CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
-         "info": ("sparse",), "create": (), "scan": (), "export": ()}
+         "info": ("sparse",), "create": (), "scan": (), "export": (), "reads_index": ("chains",)}
 
 
 def parse_args(argv):
@@ -83,6 +83,11 @@ def run(argv=None) -> dict:
             for disk_type in ("fixed", "dynamic"):
                 log(f"create {disk_type}", started)
                 records.append(cases.create_case(tmp, profile, disk_type))
+        if "reads_index" in only:
+            log("chain reads through the supply index, with targets", started)
+            index_records = cases_reads.index_reads(chains, tmp, profile, limit_src)
+            records += index_records
+            log("targets:\n" + cases_reads.summary(index_records), started)
         if "scan" in only:
             log(f"scan {profile.scan_disks} disks", started)
             records += cases.scan_case(tmp, profile)

@@ -17,9 +17,10 @@ import stat
 import struct
 import threading
 from dataclasses import dataclass, field
+from io import BytesIO as _BytesIO
 from typing import BinaryIO
 
-from construct import ConstructError
+from construct import ConstructError, Container
 
 from vhdx.errors import FormatError, LockedError, VhdxError
 from vhdx.format import layouts
@@ -94,6 +95,7 @@ class ImageIO:
         self.writable = writable
         self._owns = owns
         self.overlay: Overlay | None = None
+        self._size: int | None = None  # st_size of a read-only file we own, taken once (fstat is not free)
         # False for scratch files (a `.part` being built): crash consistency is moot there, so flush()
         # only orders nothing and costs nothing; the builder syncs once at the end if asked.
         self.durable = True
@@ -149,6 +151,7 @@ class ImageIO:
         """
         twin = copy.copy(self)
         twin._owns = False
+        twin._size = None
         twin.overlay = None
         return twin
 
@@ -177,7 +180,13 @@ class ImageIO:
     def real_size(self) -> int:
         """Size of the file on disk."""
         if self._fd is not None:
-            return os.fstat(self._fd).st_size
+            if self._size is not None:
+                return self._size
+            size = os.fstat(self._fd).st_size
+            # Only a read-only descriptor of our own keeps its size: writers (and callers' files) change it.
+            if self._owns and not self.writable:
+                self._size = size
+            return size
         return self._fileobj.seek(0, os.SEEK_END)
 
     @property
@@ -244,7 +253,7 @@ class ImageIO:
     def read_layout(self, layout, offset: int, structure: str | None = None):
         """Parse ``layout`` at ``offset``: the single place where construct's parse is called."""
         name = structure or layouts.layout_name(layout)
-        data = self.read_exact_at(offset, layout.sizeof(), name)
+        data = self.read_exact_at(offset, _sizeof(layout), name)
         return parse_bytes(layout, data, offset=offset, structure=name, path=self.path)
 
     # --- writing ------------------------------------------------------------------------------------
@@ -362,10 +371,72 @@ def writer_lock_held(fd: int) -> bool:
     return _ofd_supported() and _qemu_byte_taken(fd, QEMU_PERM_BASE + QEMU_PERM_WRITE)
 
 
+# A layout parsed this often in one process is compiled (construct's compiler): each parse then costs a few
+# times less, but compiling takes tens of milliseconds, which a one-file command must not pay and a scan of
+# thousands of disks pays once.
+COMPILE_AFTER = 32
+_MAX_COUNTED = 256
+_uses: dict[int, tuple[object, int]] = {}
+_compiled: dict[int, object] = {}
+
+
+_sizes: dict[int, tuple[object, int]] = {}
+
+
+def _sizeof(layout) -> int:
+    """``layout.sizeof()``, remembered per layout (construct walks the whole declaration each time)."""
+    held = _sizes.get(id(layout))
+    if held is not None and held[0] is layout:
+        return held[1]
+    size = layout.sizeof()
+    if len(_sizes) < _MAX_COUNTED:
+        _sizes[id(layout)] = (layout, size)
+    return size
+
+
+def _parser(layout):
+    """The layout itself, or its compiled twin once it has been parsed ``COMPILE_AFTER`` times."""
+    key = id(layout)
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        return compiled
+    held, uses = _uses.get(key, (layout, 0))
+    if held is not layout or (uses == 0 and len(_uses) >= _MAX_COUNTED):
+        return layout  # an id reused by another object, or too many ad-hoc layouts to count
+    _uses[key] = (layout, uses + 1)  # the layout is held, so its id stays its own
+    if uses + 1 < COMPILE_AFTER:
+        return layout
+    try:
+        compiled = _Direct(layout.compile().parsefunc)
+    except Exception:  # noqa: BLE001 - construct cannot compile every layout: parse it as it is
+        compiled = layout
+    _compiled[key] = compiled
+    return compiled
+
+
+class _Direct:
+    """A compiled parser called straight, without construct's per-call stream and report layers."""
+
+    __slots__ = ("_parse",)
+
+    def __init__(self, parsefunc) -> None:
+        self._parse = parsefunc
+
+    def parse(self, data: bytes):
+        # The context construct's parse_stream would pass.
+        context = Container(_parsing=True, _building=False, _sizing=False)
+        context._params = context
+        return self._parse(_BytesIO(data), context)
+
+
 def parse_bytes(layout, data: bytes, *, offset: int | None = None, structure: str | None = None, path=None):
     """Parse bytes already read, turning construct's errors into FormatError with the offset."""
     try:
-        return layout.parse(data)
+        try:
+            return _parser(layout).parse(data)
+        except Exception:  # noqa: BLE001 - whatever the compiled parser raised, the layout's own error is reported
+            # Report what the layout itself says (the compiled parser words its errors differently).
+            return layout.parse(data)
     except ConstructError as exc:
         detail = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
         raise FormatError(

@@ -18,6 +18,7 @@ import numpy as np
 
 from vhdx.disk import chain as _chain
 from vhdx.disk.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
+from vhdx.disk.supply import SupplyIndex
 from vhdx.disk.writer import Writer, replay_log_on_disk
 from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
@@ -33,6 +34,8 @@ from vhdx.structures.region import RegionTable, load_region_table
 WINDOW_BLOCKS = 1 << 18
 # Requests up to this size first try the per-block short path (random I/O through deep chains).
 SMALL_READ = 1 << 20
+# Source of zeros for short runs (cheaper than wrapping the caller's buffer in an array).
+_ZEROS = memoryview(bytes(64 << 10))
 # Sector bitmap blocks (1 MiB each) kept per read-only file.
 BITMAP_CACHE_CHUNKS = 32
 
@@ -66,6 +69,8 @@ class VhdxImage:
         self._parent_source: str | None = None
         self._writer: Writer | None = None
         self._bitmap_cache: dict[int, np.ndarray] = {}
+        self._supply: SupplyIndex | None = None
+        self._supply_layers: list[VhdxImage] = [self]
         self.invented: tuple[tuple[int, int], ...] = ()  # (virtual offset, length) read as zeros by --salvage
         try:
             self._load()
@@ -284,7 +289,12 @@ class VhdxImage:
         cached = self._bitmap_cache.get(chunk)
         if cached is None:
             offset = int(self.bat.bitmap_offsets[chunk])
-            cached = np.frombuffer(self.io.read_at(offset, c.SECTOR_BITMAP_BLOCK_SIZE), dtype=np.uint8)
+            # Only the bytes of blocks the disk has (a small disk uses a sliver of its 1 MiB bitmap block),
+            # read straight into the array.
+            g = self.geometry
+            blocks = min(g.chunk_ratio, g.data_blocks - chunk * g.chunk_ratio)
+            cached = np.empty(blocks * g.bitmap_bytes_per_block, dtype=np.uint8)
+            self.io.readinto_at(offset, cached)
             if len(self._bitmap_cache) >= BITMAP_CACHE_CHUNKS:
                 self._bitmap_cache.pop(next(iter(self._bitmap_cache)))
             self._bitmap_cache[chunk] = cached
@@ -334,8 +344,7 @@ class VhdxImage:
         bs = g.block_size
         b0, b1 = start // bs, (end - 1) // bs + 1
         blocks = np.arange(b0, b1, dtype=np.int64)
-        states = self.bat.states[b0:b1]
-        offsets = self.bat.offsets[b0:b1]
+        states, offsets = self.bat.payload_range(b0, b1)
         bstart = blocks * bs
         blen = np.minimum(bs, g.virtual_size - bstart)
         kinds = kinds_of_states(states)
@@ -397,11 +406,27 @@ class VhdxImage:
         n = max(0, min(len(view), self.virtual_size - offset))
         if n == 0:
             return 0
+        if not self.io.writable:
+            # Nothing changes the chain under a read-only open: resolve through the cached supply index.
+            try:
+                runs = self.supply.lookup(offset, offset + n)
+            except VhdxError:
+                # A window reaches what this request may not (a missing parent under a range the child holds):
+                # the per-request paths below fail only if the request itself needs it.
+                runs = None
+            if runs is not None:
+                self._read_runs(offset, view[:n], runs)
+                return n
         if n <= SMALL_READ and self._read_within_one_block(offset, view[:n]):
             return n
+        self._read_overlaid(offset, view[:n])
+        return n
+
+    def _read_overlaid(self, offset: int, view: memoryview) -> None:
+        """Reference read path: the extent overlay of every layer, recomputed for this request."""
         layers = [self]
         target = np.frombuffer(view, dtype=np.uint8) if not view.readonly else None
-        for start, length, kind, layer, file_offset in self.extents(offset, offset + n).rows():
+        for start, length, kind, layer, file_offset in self.extents(offset, offset + len(view)).rows():
             lo = start - offset
             if kind == ExtentKind.DATA:
                 while len(layers) <= layer:
@@ -409,7 +434,33 @@ class VhdxImage:
                 layers[layer].io.readinto_at(file_offset, view[lo : lo + length])
             else:
                 target[lo : lo + length] = 0
-        return n
+
+    @property
+    def supply(self) -> SupplyIndex:
+        """The cached map of which layer supplies each run of the disk (see ``vhdx.disk.supply``)."""
+        if self._supply is None:
+            self._supply = SupplyIndex(self._chain_extents, self.virtual_size, self.block_size)
+        return self._supply
+
+    def _supply_layer(self, depth: int) -> VhdxImage:
+        layers = self._supply_layers
+        while len(layers) <= depth:
+            layers.append(layers[-1].parent)
+        return layers[depth]
+
+    def _read_runs(self, offset: int, view: memoryview, runs) -> None:
+        """Fill ``view`` from resolved runs: one positional read per contiguous file run, zeros elsewhere."""
+        target = None
+        for start, length, kind, layer, file_offset in runs:
+            lo = start - offset
+            if kind == ExtentKind.DATA:
+                self._supply_layer(layer).io.readinto_at(file_offset, view[lo : lo + length])
+            elif length <= len(_ZEROS):
+                view[lo : lo + length] = _ZEROS[:length]
+            else:
+                if target is None:
+                    target = np.frombuffer(view, dtype=np.uint8)
+                target[lo : lo + length] = 0
 
     def _read_within_one_block(self, offset: int, view: memoryview) -> bool:
         """Short path for a request inside one block of every layer: walk the BAT entries child to parent.

@@ -15,22 +15,47 @@ from construct import (
     Bytes,
     ByteSwapped,
     Const,
+    FixedSized,
+    GreedyBytes,
     Int16ul,
     Int32ul,
     Int64ul,
+    NullStripped,
     Padded,
-    PaddedString,
+    StringEncoded,
     Struct,
 )
+from construct.core import BytesIOWithOffsets, stream_read_entire, stream_tell
 
 from vhdx.format import constants as c
 from vhdx.format.guid import Guid
+
+
+class _NulUnitsStripped(NullStripped):
+    """NullStripped for an all-NUL pad: one ``rstrip`` instead of a Python loop per pad unit (same result)."""
+
+    def _parse(self, stream, context, path):
+        unit = len(self.pad)
+        offset = stream_tell(stream, path)
+        data = stream_read_entire(stream, path)
+        end = len(data)
+        tail = end % unit
+        if not tail or not data[-tail:].strip(b"\x00"):
+            end -= tail
+            end -= (end - len(data[:end].rstrip(b"\x00"))) // unit * unit
+        return self.subcon._parsereport(BytesIOWithOffsets(data[:end], stream, offset), context, path)
+
+
+def _utf16_padded(length: int):
+    """PaddedString(length, "utf-16-le") with the fast strip: a creator field is parsed once per file opened."""
+    return StringEncoded(FixedSized(length, _NulUnitsStripped(GreedyBytes, pad=b"\x00\x00")), "utf-16-le")
+
 
 # --- §2.2.1 File Type Identifier -------------------------------------------------------------------
 FileIdentifier = Struct(
     "signature" / Const(c.FILE_SIGNATURE),
     # Diagnostic only (who made the file); never influences behaviour.
-    "creator" / PaddedString(c.CREATOR_SIZE, "utf-16-le"),
+    "creator" / _utf16_padded(c.CREATOR_SIZE),
 )
 
 # --- §2.2.2 Headers --------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage, open_image
+from vhdx.disk.supply import gather_spans
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
@@ -130,8 +130,8 @@ def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size:
     target = output.resolve(destination, overwrite=overwrite, sources=output.chain_identities(image))
 
     def ranges():
-        for start, length, kind, _layer, _fo in image.extents().rows():
-            if kind == ExtentKind.DATA:
-                yield start, length
+        # Data runs that touch (a fragmented chain's 4 KiB pieces from different layers) are read as one range.
+        for start, length, _pieces in gather_spans(image.extents().rows(), COPY_BLOCK):
+            yield start, length
 
     return _build(target, params, lambda new: _fill(new, ranges(), image.readinto, progress), sync)

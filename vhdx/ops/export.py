@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage
+from vhdx.disk.supply import gather_spans
 from vhdx.disk.zero_runs import nonzero_runs
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.io import COPY_CHUNK
@@ -50,17 +50,20 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
         raise VhdxError(f"cannot resize file: {exc.strerror}", path=path) from None
     layers = image.layers
     view = memoryview(bytearray(COPY_CHUNK))
-    for start, length, kind, layer, file_offset in image.extents().rows():
-        done = 0
-        while kind == ExtentKind.DATA and done < length:
-            n = min(COPY_CHUNK, length - done)
-            layers[layer].io.readinto_at(file_offset + done, view[:n])
-            for run, size in nonzero_runs(view[:n], start + done):
-                _write(fd, view[run : run + size], start + done + run, path)
-                written += size
-            done += n
+    # Neighbouring small runs (a fragmented chain: 4 KiB here, 4 KiB from a parent there) are gathered into one
+    # buffer; each buffer is written without its whole zero granules, which stay holes.
+    for start, length, pieces in gather_spans(image.extents().rows(), COPY_CHUNK):
+        held = 0
+        for _vstart, n, layer, file_offset in pieces:
+            layers[layer].io.readinto_at(file_offset, view[held : held + n])
+            held += n
+        for run, size in nonzero_runs(view[:held], start):
+            _write(fd, view[run : run + size], start + run, path)
+            written += size
         if progress:
             progress(start + length)
+    if progress:
+        progress(image.virtual_size)
     if sync:
         _fsync(fd, path)
     return written

@@ -194,6 +194,24 @@ def parse_parent_locator(raw: bytes, item_offset: int, path: str | None = None) 
     return ParentLocator(head.locator_type, tuple(pairs))
 
 
+# Known items that lie this close together are read with one pread (they usually share a few KiB).
+ITEMS_SPAN_MAX = 1 << 20
+
+
+def _items_buffer(io: ImageIO, region: RegionEntry, entries) -> tuple[int, bytes] | None:
+    """(region offset, bytes) covering every known item, read at once.
+
+    None when the items lie far apart or the file ends before them: then each item is read, and reported, alone.
+    """
+    spans = [(e.offset, e.offset + e.length) for e in entries if e.length]
+    if not spans:
+        return None
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if hi - lo > ITEMS_SPAN_MAX or region.file_offset + hi > io.size:
+        return None
+    return lo, io.read_at(region.file_offset + lo, hi - lo)
+
+
 def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
     """Read the metadata table and every system item; validate what the reader depends on."""
     if region.length < c.METADATA_TABLE_SIZE:
@@ -212,6 +230,7 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
                                        structure="Metadata Table Entry", offset=entry.table_offset, path=io.path)
             unknown.append(entry)
     values = {}
+    items_raw = _items_buffer(io, region, items.values())
     for guid, (name, layout, size) in ITEM_LAYOUTS.items():
         entry = items.get(guid)
         if entry is None:
@@ -220,7 +239,12 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
         where = region.file_offset + entry.offset
         if entry.length != size:
             raise FormatError(f"length {entry.length}, expected {size}", structure=name, offset=where, path=io.path)
-        values[guid] = io.read_layout(layout, where, name)
+        if items_raw is None:
+            values[guid] = io.read_layout(layout, where, name)
+        else:
+            lo = entry.offset - items_raw[0]
+            values[guid] = parse_bytes(layout, items_raw[1][lo : lo + size], offset=where, structure=name,
+                                       path=io.path)
     file_params = values[c.FILE_PARAMETERS_GUID]
     has_parent = bool(file_params.flags & c.FILE_PARAM_HAS_PARENT)
     locator = None
@@ -230,7 +254,11 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
                           structure="Metadata Table", offset=region.file_offset, path=io.path)
     if locator_entry is not None and locator_entry.length:
         where = region.file_offset + locator_entry.offset
-        raw = io.read_exact_at(where, locator_entry.length, "Parent Locator")
+        if items_raw is None:
+            raw = io.read_exact_at(where, locator_entry.length, "Parent Locator")
+        else:
+            lo = locator_entry.offset - items_raw[0]
+            raw = items_raw[1][lo : lo + locator_entry.length]
         locator = parse_parent_locator(raw, where, io.path)
     params = DiskParameters(
         block_size=file_params.block_size,
