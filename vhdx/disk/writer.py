@@ -26,10 +26,11 @@ import numpy as np
 
 from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
-from vhdx.io import ImageIO, Overlay, copy_range
+from vhdx.io import Overlay, copy_range
 from vhdx.structures.bat import ceil_div
-from vhdx.structures.header import HeaderSet, write_both_headers, write_header_update
-from vhdx.structures.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors
+from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
+from vhdx.structures.header import write_both_headers
+from vhdx.structures.log import SECTOR, DataWrite
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,29 +38,8 @@ if TYPE_CHECKING:
     from vhdx.disk.image import VhdxImage
 
 _UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, *c.ZERO_READING_STATES)
-
-
-def replay_log_on_disk(io: ImageIO, headers: HeaderSet, log: LogState) -> HeaderSet:
-    """Replay a dirty log into the file (writable opens and ``repair``), then mark the log empty.
-
-    The header gets a new FileWriteGuid before the first replayed byte is written, as §2.2.2 requires.
-    """
-    refusal = log.refusal(io.path)
-    if refusal is not None:  # validated before the first byte changes: a hostile log writes nothing
-        raise refusal
-    current = headers.current
-    headers = write_header_update(io, headers, replace(current, file_write_guid=uuid.uuid4()))
-    apply_replay(io, log.plan)
-    return write_both_headers(io, headers, replace(headers.current, log_guid=c.ZERO_GUID))
-
-
-def max_entry_sectors(log_length: int) -> int:
-    """Most data sectors one log entry may carry in a log of ``log_length`` bytes (one sector kept free)."""
-    room = log_length // SECTOR - 1
-    n = room
-    while n > 0 and n + descriptor_sectors(n) > room:
-        n -= 1
-    return n
+# Imported from here by the image loader and repair; they live with the commit protocol.
+__all__ = ["Writer", "end_of_structures", "max_entry_sectors", "refuse_if_dependents", "replay_log_on_disk"]
 
 
 def end_of_structures(image: VhdxImage) -> int:
@@ -107,12 +87,10 @@ class Writer:
         self.pending: dict[int, bytes] = {}
         self.session_started = False
         self.data_guid_changed = False
-        self.log_guid: uuid.UUID | None = None
+        self.log = LogCursor()  # this session's log: LogGuid, sequence number, where the next entry goes
         # Source of the GUIDs this session writes (FileWriteGuid, DataWriteGuid, LogGuid); random by default,
         # replaced by a seeded callable where identical output is wanted (fixture builder).
         self.new_guid: Callable[[], uuid.UUID] = uuid.uuid4
-        self.log_sequence = 0
-        self.log_position = 0
         self._next_free: int | None = None
         # The file size every committed structure lies within, and whether a commit is under way: what an
         # abort may cut and whether the log may be marked empty (see ``abort``).
@@ -194,44 +172,15 @@ class Writer:
 
     def _commit(self) -> None:
         self._extend_file()
-        self.io.flush()  # payload first: metadata must never point at data that is not durable
         if not self.pending:
+            self.io.flush()  # payload only
             return
         offsets = sorted(self.pending)
-        per_entry = max_entry_sectors(self.image.headers.current.log_length)
-        if per_entry <= 0:
-            raise VhdxError("the log is too small to hold an entry", structure="Log",
-                            offset=self.image.headers.current.log_offset)
-        for i in range(0, len(offsets), per_entry):
-            group = offsets[i : i + per_entry]
-            self._commit_entry([DataWrite(off, self.pending[off]) for off in group])
-            self.overlay.drop_sectors(group)
+        writes = [DataWrite(off, self.pending[off]) for off in offsets]
+        self.image.headers = commit_through_log(self.io, self.image.headers, writes, cursor=self.log,
+                                                new_guid=self.new_guid)
+        self.overlay.drop_sectors(offsets)
         self.pending.clear()
-
-    def _commit_entry(self, writes: list[DataWrite]) -> None:
-        header = self.image.headers.current
-        log_offset, log_length = header.log_offset, header.log_length
-        if self.log_guid is None:
-            self.log_guid, self.log_sequence, self.log_position = self.new_guid(), 0, 0
-        self.log_sequence += 1
-        size = self.io.real_size
-        aligned_size = ceil_div(size, c.ALIGNMENT) * c.ALIGNMENT
-        length = (descriptor_sectors(len(writes)) + len(writes)) * SECTOR
-        if self.log_position + length > log_length:
-            self.log_position = 0  # earlier entries are applied and flushed: their space is free again
-        entry = build_entry(writes, sequence_number=self.log_sequence, log_guid=self.log_guid,
-                            tail=self.log_position, flushed_file_offset=aligned_size,
-                            last_file_offset=aligned_size)
-        self.io.write_at(log_offset + self.log_position, entry)
-        self.io.flush()
-        if header.log_guid != self.log_guid:
-            # The entry exists before the header names it: a crash in between leaves the log ignored.
-            self.image.headers = write_header_update(self.io, self.image.headers,
-                                                     replace(header, log_guid=self.log_guid))
-        for write in writes:
-            self.io.write_at(write.file_offset, write.data)
-        self.io.flush()
-        self.log_position += length
 
     def abort(self) -> None:
         """Forget what is pending (a ``with`` block that raised): nothing staged since the last commit is written.
@@ -247,15 +196,13 @@ class Writer:
             self.io.truncate(self._durable_end)
         if self.image.headers.current.log_guid != c.ZERO_GUID:
             # Every committed entry was applied and flushed: the log holds nothing left to replay.
-            self.image.headers = write_both_headers(self.io, self.image.headers,
-                                                    replace(self.image.headers.current, log_guid=c.ZERO_GUID))
+            self.image.headers = empty_log(self.io, self.image.headers)
 
     def close(self) -> None:
         """Commit, then mark the log empty in both headers."""
         self.commit()
         if self.image.headers.current.log_guid != c.ZERO_GUID:
-            self.image.headers = write_both_headers(self.io, self.image.headers,
-                                                    replace(self.image.headers.current, log_guid=c.ZERO_GUID))
+            self.image.headers = empty_log(self.io, self.image.headers)
 
     # --- space --------------------------------------------------------------------------------------
     def _end_of_structures(self) -> int:
