@@ -422,6 +422,29 @@ class Writer:
             self.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
         self.commit()
 
+    def stage_region_change(self, guid: uuid.UUID, file_offset: int, length: int) -> None:
+        """Stage both region table copies with region ``guid`` placed at ``file_offset`` (``length`` bytes).
+
+        ``image.regions`` keeps the old placement until the session ends and the structures are read again.
+        """
+        from vhdx.structures.region import build_region_table
+
+        entries = [replace(e, file_offset=file_offset, length=length) if e.guid == guid else e
+                   for e in self.image.regions.entries]
+        table = build_region_table(entries)
+        for offset in c.REGION_TABLE_OFFSETS:
+            self.stage_changed(offset, table)
+
+    def move_region(self, guid: uuid.UUID, new_offset: int) -> None:
+        """Copy a region to fresh space (nothing references it yet), then switch both region tables to it (committed).
+
+        The commit's payload flush makes the copy durable before the log entry that names it.
+        """
+        region = next(e for e in self.image.regions.entries if e.guid == guid)
+        self.io.write_at(new_offset, self.io.read_at(region.file_offset, region.length))
+        self.stage_region_change(guid, new_offset, region.length)
+        self.commit()
+
     def _copy_spans(self, sources: np.ndarray, targets: np.ndarray, length: int) -> None:
         for src, dst in zip(sources.tolist(), targets.tolist(), strict=True):
             # A short last block (the file ends inside it) copies what the file holds.
