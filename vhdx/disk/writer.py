@@ -29,7 +29,7 @@ from vhdx.format import constants as c
 from vhdx.io import Overlay, copy_range
 from vhdx.structures.bat import ceil_div
 from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
-from vhdx.structures.header import write_both_headers
+from vhdx.structures.header import write_header_update
 from vhdx.structures.log import SECTOR, DataWrite
 
 if TYPE_CHECKING:
@@ -114,7 +114,8 @@ class Writer:
         new = replace(current, data_write_guid=fresh)
         if not self.session_started:
             new = replace(new, file_write_guid=self.new_guid())
-        image.headers = write_both_headers(self.io, image.headers, new)
+        # One copy now (it must precede any other change); the other gets the session's content when it ends.
+        image.headers = write_header_update(self.io, image.headers, new)
         self.session_started = True
         self.data_guid_changed = self.data_guid_changed or changes_data
 
@@ -194,14 +195,14 @@ class Writer:
             return
         if self.io.real_size > self._durable_end:
             self.io.truncate(self._durable_end)
-        if self.image.headers.current.log_guid != c.ZERO_GUID:
+        if self.session_started:
             # Every committed entry was applied and flushed: the log holds nothing left to replay.
             self.image.headers = empty_log(self.io, self.image.headers)
 
     def close(self) -> None:
-        """Commit, then mark the log empty in both headers."""
+        """Commit, then mark the log empty in both header copies (which then both hold the session's content)."""
         self.commit()
-        if self.image.headers.current.log_guid != c.ZERO_GUID:
+        if self.session_started:
             self.image.headers = empty_log(self.io, self.image.headers)
 
     # --- space --------------------------------------------------------------------------------------
@@ -397,10 +398,11 @@ class Writer:
         self._next_free = max(self._next_free or self._end_of_structures(), aligned)
 
     def move_blocks(self, blocks, new_offsets) -> None:
-        """Copy payload blocks to free file space, flush, then switch their BAT entries there (committed).
+        """Copy payload blocks to free file space, then switch their BAT entries there (one commit).
 
-        The old space is neither changed nor reused before the commit is durable, so a crash leaves either the
-        old or the new mapping, both reading the same bytes.
+        The commit's payload flush makes the copies durable before its log entry. The old space is neither
+        changed nor reused before the commit is durable, so a crash leaves either the old or the new mapping,
+        both reading the same bytes.
         """
         bat = self.image.bat
         blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
@@ -453,7 +455,7 @@ class Writer:
                 copy_range(self.io, src, self.io.fd, dst, n)  # in the kernel where it can
             else:
                 self.io.write_at(dst, self.io.read_at(src, n))
-        self.io.flush()
+        # No flush here: the commit that switches the entries flushes payload (these copies) before its log entry.
 
     # --- metadata region ----------------------------------------------------------------------------
     def rewrite_metadata(self, items) -> None:
