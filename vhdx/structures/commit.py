@@ -1,7 +1,8 @@
 """The one crash-safe way metadata changes reach the file: through the log (and its replay).
 
 Commit protocol for whole 4 KiB sectors (§2.3; every writer of metadata uses ``commit_through_log``):
-1. flush the payload written so far (metadata must never point at bytes that are not durable);
+1. flush the payload written so far (metadata must never point at bytes that are not durable); the first
+   commit of a session leaves this to step 2's flush, as its entry is not live before step 3;
 2. write the log entry (header, descriptors, data sectors, checksum) and flush;
 3. the header names the entry's LogGuid (first entry of a session only; a header update flushes);
 4. write the sectors in place and flush;
@@ -74,7 +75,9 @@ def commit_through_log(io: ImageIO, headers: HeaderSet, writes: Sequence[DataWri
         raise VhdxError("the log is too small to hold an entry", structure="Log", offset=h.log_offset, path=io.path)
     if start_session:
         headers = write_header_update(io, headers, replace(h, file_write_guid=new_guid()))
-    if flush_payload:
+    if flush_payload and headers.current.log_guid != c.ZERO_GUID:
+        # The header names the log already: an entry is live (replayed) as soon as it is durable, so the payload
+        # it maps must be durable first. Otherwise the entry's own flush covers both: it counts only later.
         io.flush()
     ordered = sorted(writes, key=lambda w: w.file_offset)
     for i in range(0, len(ordered), per_entry):
