@@ -1,16 +1,19 @@
 """Writing to an open image: payload writes, zeroing, discard, and metadata updates through the log.
 
 Order of a session, as the spec asks (§2.2.2.1, §2.3):
-1. Before any other byte changes: both headers get a new FileWriteGuid (and a new DataWriteGuid when the
+1. Before any other byte changes: a header update gives a new FileWriteGuid (and a new DataWriteGuid when the
    virtual disk's content is about to change).
 2. Payload bytes go straight to their blocks; new blocks are appended at the end of the file (1 MiB aligned).
 3. Metadata (BAT entries, sector bitmaps, metadata region) is held as pending 4 KiB sector images, visible to
-   reads at once through the I/O overlay, and committed by ``flush``: payload flushed, a log entry written and
-   flushed, the header's LogGuid set (first entry only), the sectors written in place and flushed.
-4. ``close`` commits and then clears the LogGuid in both headers, so a cleanly closed file has an empty log.
+   reads at once through the I/O overlay, and committed by ``flush`` through the log
+   (``structures.commit.commit_through_log``, the one implementation of the protocol).
+4. ``close`` commits and then clears the LogGuid, leaving both header copies with the session's content, so a
+   cleanly closed file has an empty log.
 
 A crash at any point leaves either the old or the new metadata: a log entry counts only once it is complete
 (checksum), and is written before the header names its LogGuid and before any sector it carries is applied.
+Every mutation of the image's structures goes through this class (``begin``, ``stage*``, ``set_*``,
+``rewrite_metadata``, ``stage_region_change``, ``move_*``); the image re-reads them when a session ends.
 
 References: [MS-VHDX] §2.2.2 (GUID rules), §2.3 (log), §2.4 (sector bitmap), §2.5 (BAT).
 """
