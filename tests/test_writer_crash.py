@@ -13,7 +13,7 @@ import pytest
 
 import vhdx
 from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
-from vhdx.disk import writer as writer_module
+from vhdx.structures import commit as commit_module
 from vhdx.ops.create import create
 from vhdx.ops.relink import set_parent
 
@@ -139,7 +139,7 @@ def prefix_states(tmp_path, make, action):
 
 
 def test_crash_during_commit_split_into_several_log_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer_module, "max_entry_sectors", lambda log_length: 1)
+    monkeypatch.setattr(commit_module, "max_entry_sectors", lambda log_length: 1)
     make, action = base_disk, zero_and_discard
     count, old, new = count_operations(tmp_path, make, action)
     pristine = tmp_path / "pristine"

@@ -544,6 +544,17 @@ class VhdxImage:
         if self._writer is not None:
             self._writer.commit()
 
+    def end_write_session(self) -> None:
+        """Commit and empty the log, then read the structures again (a layout change moved them).
+
+        The next write starts a new session (new FileWriteGuid) on the structures as the file now has them.
+        """
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._bitmap_cache.clear()
+        self._load()
+
     # --- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Commit (for writable opens: the log is left empty), then close the chain's files."""

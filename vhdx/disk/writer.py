@@ -1,16 +1,19 @@
 """Writing to an open image: payload writes, zeroing, discard, and metadata updates through the log.
 
 Order of a session, as the spec asks (§2.2.2.1, §2.3):
-1. Before any other byte changes: both headers get a new FileWriteGuid (and a new DataWriteGuid when the
+1. Before any other byte changes: a header update gives a new FileWriteGuid (and a new DataWriteGuid when the
    virtual disk's content is about to change).
 2. Payload bytes go straight to their blocks; new blocks are appended at the end of the file (1 MiB aligned).
 3. Metadata (BAT entries, sector bitmaps, metadata region) is held as pending 4 KiB sector images, visible to
-   reads at once through the I/O overlay, and committed by ``flush``: payload flushed, a log entry written and
-   flushed, the header's LogGuid set (first entry only), the sectors written in place and flushed.
-4. ``close`` commits and then clears the LogGuid in both headers, so a cleanly closed file has an empty log.
+   reads at once through the I/O overlay, and committed by ``flush`` through the log
+   (``structures.commit.commit_through_log``, the one implementation of the protocol).
+4. ``close`` commits and then clears the LogGuid, leaving both header copies with the session's content, so a
+   cleanly closed file has an empty log.
 
 A crash at any point leaves either the old or the new metadata: a log entry counts only once it is complete
 (checksum), and is written before the header names its LogGuid and before any sector it carries is applied.
+Every mutation of the image's structures goes through this class (``begin``, ``stage*``, ``set_*``,
+``rewrite_metadata``, ``stage_region_change``, ``move_*``); the image re-reads them when a session ends.
 
 References: [MS-VHDX] §2.2.2 (GUID rules), §2.3 (log), §2.4 (sector bitmap), §2.5 (BAT).
 """
@@ -26,10 +29,11 @@ import numpy as np
 
 from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
-from vhdx.io import ImageIO, Overlay, copy_range
+from vhdx.io import Overlay, copy_range
 from vhdx.structures.bat import ceil_div
-from vhdx.structures.header import HeaderSet, write_both_headers, write_header_update
-from vhdx.structures.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors
+from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
+from vhdx.structures.header import write_header_update
+from vhdx.structures.log import SECTOR, DataWrite
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,29 +41,8 @@ if TYPE_CHECKING:
     from vhdx.disk.image import VhdxImage
 
 _UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, *c.ZERO_READING_STATES)
-
-
-def replay_log_on_disk(io: ImageIO, headers: HeaderSet, log: LogState) -> HeaderSet:
-    """Replay a dirty log into the file (writable opens and ``repair``), then mark the log empty.
-
-    The header gets a new FileWriteGuid before the first replayed byte is written, as §2.2.2 requires.
-    """
-    refusal = log.refusal(io.path)
-    if refusal is not None:  # validated before the first byte changes: a hostile log writes nothing
-        raise refusal
-    current = headers.current
-    headers = write_header_update(io, headers, replace(current, file_write_guid=uuid.uuid4()))
-    apply_replay(io, log.plan)
-    return write_both_headers(io, headers, replace(headers.current, log_guid=c.ZERO_GUID))
-
-
-def max_entry_sectors(log_length: int) -> int:
-    """Most data sectors one log entry may carry in a log of ``log_length`` bytes (one sector kept free)."""
-    room = log_length // SECTOR - 1
-    n = room
-    while n > 0 and n + descriptor_sectors(n) > room:
-        n -= 1
-    return n
+# Imported from here by the image loader and repair; they live with the commit protocol.
+__all__ = ["Writer", "end_of_structures", "max_entry_sectors", "refuse_if_dependents", "replay_log_on_disk"]
 
 
 def end_of_structures(image: VhdxImage) -> int:
@@ -107,12 +90,10 @@ class Writer:
         self.pending: dict[int, bytes] = {}
         self.session_started = False
         self.data_guid_changed = False
-        self.log_guid: uuid.UUID | None = None
+        self.log = LogCursor()  # this session's log: LogGuid, sequence number, where the next entry goes
         # Source of the GUIDs this session writes (FileWriteGuid, DataWriteGuid, LogGuid); random by default,
         # replaced by a seeded callable where identical output is wanted (fixture builder).
         self.new_guid: Callable[[], uuid.UUID] = uuid.uuid4
-        self.log_sequence = 0
-        self.log_position = 0
         self._next_free: int | None = None
         # The file size every committed structure lies within, and whether a commit is under way: what an
         # abort may cut and whether the log may be marked empty (see ``abort``).
@@ -136,7 +117,8 @@ class Writer:
         new = replace(current, data_write_guid=fresh)
         if not self.session_started:
             new = replace(new, file_write_guid=self.new_guid())
-        image.headers = write_both_headers(self.io, image.headers, new)
+        # One copy now (it must precede any other change); the other gets the session's content when it ends.
+        image.headers = write_header_update(self.io, image.headers, new)
         self.session_started = True
         self.data_guid_changed = self.data_guid_changed or changes_data
 
@@ -194,44 +176,15 @@ class Writer:
 
     def _commit(self) -> None:
         self._extend_file()
-        self.io.flush()  # payload first: metadata must never point at data that is not durable
         if not self.pending:
+            self.io.flush()  # payload only
             return
         offsets = sorted(self.pending)
-        per_entry = max_entry_sectors(self.image.headers.current.log_length)
-        if per_entry <= 0:
-            raise VhdxError("the log is too small to hold an entry", structure="Log",
-                            offset=self.image.headers.current.log_offset)
-        for i in range(0, len(offsets), per_entry):
-            group = offsets[i : i + per_entry]
-            self._commit_entry([DataWrite(off, self.pending[off]) for off in group])
-            self.overlay.drop_sectors(group)
+        writes = [DataWrite(off, self.pending[off]) for off in offsets]
+        self.image.headers = commit_through_log(self.io, self.image.headers, writes, cursor=self.log,
+                                                new_guid=self.new_guid)
+        self.overlay.drop_sectors(offsets)
         self.pending.clear()
-
-    def _commit_entry(self, writes: list[DataWrite]) -> None:
-        header = self.image.headers.current
-        log_offset, log_length = header.log_offset, header.log_length
-        if self.log_guid is None:
-            self.log_guid, self.log_sequence, self.log_position = self.new_guid(), 0, 0
-        self.log_sequence += 1
-        size = self.io.real_size
-        aligned_size = ceil_div(size, c.ALIGNMENT) * c.ALIGNMENT
-        length = (descriptor_sectors(len(writes)) + len(writes)) * SECTOR
-        if self.log_position + length > log_length:
-            self.log_position = 0  # earlier entries are applied and flushed: their space is free again
-        entry = build_entry(writes, sequence_number=self.log_sequence, log_guid=self.log_guid,
-                            tail=self.log_position, flushed_file_offset=aligned_size,
-                            last_file_offset=aligned_size)
-        self.io.write_at(log_offset + self.log_position, entry)
-        self.io.flush()
-        if header.log_guid != self.log_guid:
-            # The entry exists before the header names it: a crash in between leaves the log ignored.
-            self.image.headers = write_header_update(self.io, self.image.headers,
-                                                     replace(header, log_guid=self.log_guid))
-        for write in writes:
-            self.io.write_at(write.file_offset, write.data)
-        self.io.flush()
-        self.log_position += length
 
     def abort(self) -> None:
         """Forget what is pending (a ``with`` block that raised): nothing staged since the last commit is written.
@@ -245,17 +198,15 @@ class Writer:
             return
         if self.io.real_size > self._durable_end:
             self.io.truncate(self._durable_end)
-        if self.image.headers.current.log_guid != c.ZERO_GUID:
+        if self.session_started:
             # Every committed entry was applied and flushed: the log holds nothing left to replay.
-            self.image.headers = write_both_headers(self.io, self.image.headers,
-                                                    replace(self.image.headers.current, log_guid=c.ZERO_GUID))
+            self.image.headers = empty_log(self.io, self.image.headers)
 
     def close(self) -> None:
-        """Commit, then mark the log empty in both headers."""
+        """Commit, then mark the log empty in both header copies (which then both hold the session's content)."""
         self.commit()
-        if self.image.headers.current.log_guid != c.ZERO_GUID:
-            self.image.headers = write_both_headers(self.io, self.image.headers,
-                                                    replace(self.image.headers.current, log_guid=c.ZERO_GUID))
+        if self.session_started:
+            self.image.headers = empty_log(self.io, self.image.headers)
 
     # --- space --------------------------------------------------------------------------------------
     def _end_of_structures(self) -> int:
@@ -450,10 +401,11 @@ class Writer:
         self._next_free = max(self._next_free or self._end_of_structures(), aligned)
 
     def move_blocks(self, blocks, new_offsets) -> None:
-        """Copy payload blocks to free file space, flush, then switch their BAT entries there (committed).
+        """Copy payload blocks to free file space, then switch their BAT entries there (one commit).
 
-        The old space is neither changed nor reused before the commit is durable, so a crash leaves either the
-        old or the new mapping, both reading the same bytes.
+        The commit's payload flush makes the copies durable before its log entry. The old space is neither
+        changed nor reused before the commit is durable, so a crash leaves either the old or the new mapping,
+        both reading the same bytes.
         """
         bat = self.image.bat
         blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
@@ -475,6 +427,29 @@ class Writer:
             self.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
         self.commit()
 
+    def stage_region_change(self, guid: uuid.UUID, file_offset: int, length: int) -> None:
+        """Stage both region table copies with region ``guid`` placed at ``file_offset`` (``length`` bytes).
+
+        ``image.regions`` keeps the old placement until the session ends and the structures are read again.
+        """
+        from vhdx.structures.region import build_region_table
+
+        entries = [replace(e, file_offset=file_offset, length=length) if e.guid == guid else e
+                   for e in self.image.regions.entries]
+        table = build_region_table(entries)
+        for offset in c.REGION_TABLE_OFFSETS:
+            self.stage_changed(offset, table)
+
+    def move_region(self, guid: uuid.UUID, new_offset: int) -> None:
+        """Copy a region to fresh space (nothing references it yet), then switch both region tables to it (committed).
+
+        The commit's payload flush makes the copy durable before the log entry that names it.
+        """
+        region = next(e for e in self.image.regions.entries if e.guid == guid)
+        self.io.write_at(new_offset, self.io.read_at(region.file_offset, region.length))
+        self.stage_region_change(guid, new_offset, region.length)
+        self.commit()
+
     def _copy_spans(self, sources: np.ndarray, targets: np.ndarray, length: int) -> None:
         for src, dst in zip(sources.tolist(), targets.tolist(), strict=True):
             # A short last block (the file ends inside it) copies what the file holds.
@@ -483,7 +458,7 @@ class Writer:
                 copy_range(self.io, src, self.io.fd, dst, n)  # in the kernel where it can
             else:
                 self.io.write_at(dst, self.io.read_at(src, n))
-        self.io.flush()
+        # No flush here: the commit that switches the entries flushes payload (these copies) before its log entry.
 
     # --- metadata region ----------------------------------------------------------------------------
     def rewrite_metadata(self, items) -> None:

@@ -213,11 +213,7 @@ def pack(image: VhdxImage, progress: Progress | None = None) -> int:
 
 def finish_session(image: VhdxImage) -> None:
     """Commit, empty the log, and re-read the structures (the next session starts from the file as it is)."""
-    if image._writer is not None:
-        image._writer.close()
-        image._writer = None
-    image._bitmap_cache.clear()
-    image._load()
+    image.end_write_session()
 
 
 def truncate_to_structures(image: VhdxImage) -> int:

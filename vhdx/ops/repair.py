@@ -4,14 +4,14 @@
 the actions out. Each action re-reads the file before it writes, so a repair interrupted anywhere can simply
 be run again. How each stays crash-safe:
 
-- a dirty log is replayed (``writer.replay_log_on_disk``): a new FileWriteGuid first, the sectors, then both
+- a dirty log is replayed (``commit.replay_log_on_disk``): a new FileWriteGuid first, the sectors, then both
   headers with an empty log; replaying twice gives the same bytes;
 - a bad or stale header copy is overwritten from the current one with a higher sequence number
   (``header.write_header_update``): until that write is complete the old current copy stays the valid one;
 - a bad region table copy is overwritten from the good one: a torn write leaves it invalid, and readers then
   use the good copy;
-- metadata table and BAT fixes go through the log (entry written and flushed, header names the log, sectors
-  written, log emptied): a crash leaves the old bytes or a replayable log;
+- metadata table and BAT fixes go through the log (``commit.commit_through_log``: entry written and flushed,
+  header names the log, sectors written, log emptied): a crash leaves the old bytes or a replayable log;
 - a parent is relinked with ``relink.set_parent`` (metadata through the writer's log);
 - trailing leaked space is cut with one truncate (nothing references it).
 
@@ -26,15 +26,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from vhdx.disk.writer import max_entry_sectors, replay_log_on_disk
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.findings import Finding, Severity
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
 from vhdx.ops.check import EXPECTED_ITEM_FLAGS, CheckReport, check_image
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
-from vhdx.structures.header import HeaderSet, load_headers, write_both_headers, write_header_update
-from vhdx.structures.log import SECTOR, DataWrite, build_entry, descriptor_sectors, read_log
+from vhdx.structures.commit import commit_through_log, empty_log, replay_log_on_disk
+from vhdx.structures.header import HeaderSet, load_headers, write_header_update
+from vhdx.structures.log import SECTOR, DataWrite, read_log
 from vhdx.structures.metadata import load_metadata
 from vhdx.structures.region import load_region_table, parse_region_table_copy, region_problems
 
@@ -299,7 +299,7 @@ def _clear_log(io: ImageIO) -> list[str]:
         return _replay_log(io)
     if h.log_guid == c.ZERO_GUID:
         return ["log: already empty"]
-    headers = write_both_headers(io, headers, replace(h, log_guid=c.ZERO_GUID, file_write_guid=uuid.uuid4()))
+    headers = empty_log(io, headers, file_write_guid=uuid.uuid4())
     return [f"headers: log GUID {h.log_guid} cleared in both copies (sequence now "
             f"{headers.current.sequence_number})"]
 
@@ -438,33 +438,9 @@ _APPLY = {
 
 
 def _commit_through_log(io: ImageIO, headers: HeaderSet, sectors: dict[int, bytes]) -> HeaderSet:
-    """Write whole 4 KiB sectors crash-safely: log entry, header names the log, sectors in place, log emptied."""
-    h = headers.current
-    per_entry = max_entry_sectors(h.log_length)
-    if per_entry <= 0:
-        raise VhdxError("the log is too small to carry a repair", structure="Log", offset=h.log_offset, path=io.path)
-    log_guid = uuid.uuid4()
-    headers = write_header_update(io, headers, replace(h, file_write_guid=uuid.uuid4()))
-    offsets = sorted(sectors)
-    position, sequence = 0, 0
-    for i in range(0, len(offsets), per_entry):
-        group = [DataWrite(off, sectors[off]) for off in offsets[i : i + per_entry]]
-        sequence += 1
-        length = (descriptor_sectors(len(group)) + len(group)) * SECTOR
-        if position + length > h.log_length:
-            position = 0  # earlier entries are applied and flushed: their space is free again
-        size = ceil_div(io.real_size, c.ALIGNMENT) * c.ALIGNMENT
-        entry = build_entry(group, sequence_number=sequence, log_guid=log_guid, tail=position,
-                            flushed_file_offset=size, last_file_offset=size)
-        io.write_at(h.log_offset + position, entry)
-        io.flush()
-        if headers.current.log_guid != log_guid:
-            headers = write_header_update(io, headers, replace(headers.current, log_guid=log_guid))
-        for write in group:
-            io.write_at(write.file_offset, write.data)
-        io.flush()
-        position += length
-    return write_both_headers(io, headers, replace(headers.current, log_guid=c.ZERO_GUID))
+    """Write whole 4 KiB sectors crash-safely, as a session of its own (new FileWriteGuid, log emptied after)."""
+    writes = [DataWrite(offset, data) for offset, data in sectors.items()]
+    return commit_through_log(io, headers, writes, flush_payload=False, start_session=True, empty_after=True)
 
 
 # --- the whole job -----------------------------------------------------------------------------------

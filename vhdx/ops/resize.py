@@ -48,7 +48,6 @@ from vhdx.ops.compact import (
 from vhdx.ops.partitions import move_gpt_backup, read_partition_table
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.structures.metadata import read_items
-from vhdx.structures.region import build_region_table
 
 SCAN_STEP = 8 * c.MiB
 
@@ -124,11 +123,7 @@ def _stage_size_and_regions(image: VhdxImage, size: int, bat_offset: int, bat_le
     writer = image.writer
     bat = image.regions.bat
     if (bat_offset, bat_length) != (bat.file_offset, bat.length):
-        entries = [replace(e, file_offset=bat_offset, length=bat_length) if e.guid == c.BAT_REGION_GUID else e
-                   for e in image.regions.entries]
-        table = build_region_table(entries)
-        for offset in c.REGION_TABLE_OFFSETS:
-            writer.stage_changed(offset, table)
+        writer.stage_region_change(c.BAT_REGION_GUID, bat_offset, bat_length)
     items = [replace(item, data=layouts.VirtualDiskSize.build({"virtual_disk_size": size}))
              if item.item_id == c.VIRTUAL_DISK_SIZE_GUID else item for item in read_items(image.io, image.metadata)]
     writer.rewrite_metadata(items)
@@ -228,16 +223,7 @@ def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tup
     result.blocks_moved += len(blocks) + len(chunks)
     if move_meta:
         result.metadata_moved = True
-        new_meta = writer.allocate(meta.length)
-        image.io.write_at(new_meta, image.io.read_at(meta.file_offset, meta.length))  # fresh space: no log needed
-        writer._extend_file()
-        image.io.flush()  # the copy is durable before the region tables name it
-        entries = [replace(e, file_offset=new_meta) if e.guid == c.METADATA_REGION_GUID else e
-                   for e in image.regions.entries]
-        table = build_region_table(entries)
-        for offset in c.REGION_TABLE_OFFSETS:
-            writer.stage_changed(offset, table)
-        writer.commit()
+        writer.move_region(c.METADATA_REGION_GUID, writer.allocate(meta.length))  # fresh space: no log needed
     finish_session(image)
     # The space is unreferenced now: clear it (old block and metadata bytes) before the BAT takes it.
     if image.io.real_size < end:
