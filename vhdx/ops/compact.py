@@ -216,8 +216,7 @@ def finish_session(image: VhdxImage) -> None:
     if image._writer is not None:
         image._writer.close()
         image._writer = None
-    image._bitmap_cache.clear()
-    image._load()
+    image.reload()
 
 
 def truncate_to_structures(image: VhdxImage) -> int:
