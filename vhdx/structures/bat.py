@@ -160,14 +160,28 @@ class RawWindow:
 
 @dataclass(frozen=True)
 class _Decoded:
-    """One window's decoded entries (read-only arrays), as the range accessors cache them."""
+    """One window's decoded entries (read-only arrays), as the range accessors cache them.
+
+    A window whose payload entries are all equal (a hole, or a BAT qemu-img filled with ZERO entries) keeps
+    that one ``uniform`` entry instead of per-block arrays.
+    """
 
     b0: int
     k0: int
-    states: np.ndarray
-    offsets: np.ndarray
+    blocks: int
+    uniform: int | None  # the raw payload entry every block of the window has, or None
+    states: np.ndarray | None  # None when uniform
+    offsets: np.ndarray | None
     bitmap_states: np.ndarray
     bitmap_offsets: np.ndarray
+
+    def payload(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states, offsets) of the window's blocks [lo, hi) (window-relative)."""
+        if self.uniform is None:
+            return self.states[lo:hi], self.offsets[lo:hi]
+        raw = np.array([self.uniform], dtype=BAT_DTYPE)
+        return (np.full(hi - lo, entry_states(raw)[0], dtype=np.uint8),
+                np.full(hi - lo, entry_offsets(raw)[0], dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -184,11 +198,8 @@ class BatSummary:
 
 
 def window_state_counts(payload: np.ndarray) -> np.ndarray:
-    """Payload blocks per state value (8 counts) of raw entries; zero entries are counted without decoding."""
-    nonzero = payload[np.flatnonzero(payload)]
-    counts = np.bincount(entry_states(nonzero), minlength=8).astype(np.int64)
-    counts[c.BatState.NOT_PRESENT] += len(payload) - len(nonzero)
-    return counts
+    """Payload blocks per state value (8 counts) of raw entries."""
+    return np.bincount(entry_states(payload), minlength=8)
 
 
 class StateView:
@@ -204,7 +215,7 @@ class StateView:
         start, stop, step = key.indices(len(self))
         if step != 1:
             raise IndexError("BAT state views take contiguous slices only")
-        return self._bat.payload_range(start, stop)[0]
+        return self._bat.states_of(start, stop)
 
 
 class Bat:
@@ -223,6 +234,7 @@ class Bat:
         self._entries: np.ndarray | None = None
         self._cache: OrderedDict[int, _Decoded] = OrderedDict()
         self._summary: BatSummary | None = None
+        self._uniform: dict[int, int] = {}  # window -> the one payload entry it repeats (no bitmaps), when known
         self.window_chunks = max(1, WINDOW_ENTRIES // (geometry.chunk_ratio + 1))
 
     @classmethod
@@ -246,27 +258,41 @@ class Bat:
     def window_count(self) -> int:
         return ceil_div(self.geometry.sector_bitmap_blocks, self.window_chunks)
 
-    def _read_entries(self, e0: int, e1: int) -> np.ndarray:
-        """Raw entries [e0, e1): holes of the file are not read (they are zeros)."""
+    def _read_entries(self, e0: int, e1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Raw entries [e0, e1) (into ``out`` when given): holes of the file are not read (they are zeros)."""
         if self._entries is not None:
             return self._entries[e0:e1]
-        out = np.zeros(e1 - e0, dtype=BAT_DTYPE)
+        if out is None:
+            out = np.zeros(e1 - e0, dtype=BAT_DTYPE)
+        else:
+            out = out[: e1 - e0]
+            out[:] = 0
         lo = self.file_offset + e0 * c.BAT_ENTRY_SIZE
         raw = out.view(np.uint8)
         for start, stop in self.io.data_spans(lo, len(raw)):
             self.io.readinto_at(start, raw[start - lo : stop - lo])
         return out
 
-    def raw_window(self, w: int) -> RawWindow:
-        """Raw entries of window ``w`` (chunks ``w * window_chunks`` onwards), split into payload and bitmap."""
+    def _bounds(self, w: int) -> tuple[int, int, int, int]:
+        """(first chunk, chunks, first block, blocks) of window ``w``."""
         g = self.geometry
-        ratio, stride = g.chunk_ratio, g.chunk_ratio + 1
         k0 = w * self.window_chunks
         k1 = min(g.sector_bitmap_blocks, k0 + self.window_chunks)
-        b0, b1 = k0 * ratio, min(g.data_blocks, k1 * ratio)
-        raw = self._read_entries(k0 * stride, min(g.bat_entries, k1 * stride))
-        payload, bitmap = split_window(raw, ratio, b1 - b0, k1 - k0)
+        b0 = k0 * g.chunk_ratio
+        return k0, k1 - k0, b0, min(g.data_blocks, k1 * g.chunk_ratio) - b0
+
+    def _window(self, w: int, buffer: np.ndarray | None) -> RawWindow | None:
+        k0, chunks, b0, blocks = self._bounds(w)
+        stride = self.geometry.chunk_ratio + 1
+        raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
+        if buffer is not None and not np.count_nonzero(raw):
+            return None  # all NOT_PRESENT: not worth splitting
+        payload, bitmap = split_window(raw, self.geometry.chunk_ratio, blocks, chunks)
         return RawWindow(b0, k0, payload, bitmap)
+
+    def raw_window(self, w: int) -> RawWindow:
+        """Raw entries of window ``w`` (chunks ``w * window_chunks`` onwards), split into payload and bitmap."""
+        return self._window(w, None)
 
     def windows_with_data(self) -> list[int]:
         """Windows that may hold non-zero entries; every other window is all NOT_PRESENT."""
@@ -280,43 +306,94 @@ class Bat:
         return sorted(marked)
 
     def raw_windows(self) -> Iterator[RawWindow]:
-        """Every window that may hold non-zero entries, in order (one at a time: bounded memory)."""
-        for w in self.windows_with_data():
-            yield self.raw_window(w)
+        """Every window that holds non-zero entries, in order (one at a time: bounded memory).
+
+        Windows in holes of the file are not read; windows read as all zeros (a BAT written as zeros, as
+        qemu-img writes it) are read into one reused buffer and skipped without being split or decoded.
+        """
+        buffer = np.zeros(self.window_chunks * (self.geometry.chunk_ratio + 1), dtype=BAT_DTYPE)
+        with_data = set(self.windows_with_data())
+        for w in range(self.window_count):
+            window = self._window(w, buffer) if w in with_data else None
+            if window is None:
+                self._uniform[w] = 0
+                continue
+            # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of them
+            # (map, chain reads) need neither the file nor per-block arrays.
+            p = window.payload
+            if len(p) and not np.count_nonzero(p != p[0]) and not np.count_nonzero(window.bitmap):
+                self._uniform[w] = int(p[0])
+            yield window
 
     def _decoded(self, w: int) -> _Decoded:
         hit = self._cache.get(w)
         if hit is not None:
             self._cache.move_to_end(w)
             return hit
-        win = self.raw_window(w)
-        arrays = [entry_states(win.payload), entry_offsets(win.payload),
-                  entry_states(win.bitmap), entry_offsets(win.bitmap)]
-        for a in arrays:
-            a.flags.writeable = False
-        decoded = _Decoded(win.b0, win.k0, *arrays)
+        k0, chunks, b0, blocks = self._bounds(w)
+        stride = self.geometry.chunk_ratio + 1
+        lo = self.file_offset + k0 * stride * c.BAT_ENTRY_SIZE
+        uniform = self._uniform.get(w)
+        if uniform is None and self._entries is None and not self.io.data_spans(lo, chunks * stride * c.BAT_ENTRY_SIZE):
+            uniform = 0  # a hole of the file: every entry NOT_PRESENT
+        if uniform is not None and self._entries is None:
+            empty = np.zeros(chunks, dtype=np.int64)
+            decoded = _Decoded(b0, k0, blocks, uniform, None, None, empty.astype(np.uint8), empty)
+        else:
+            win = self.raw_window(w)
+            p = win.payload
+            uniform = int(p[0]) if len(p) and not np.count_nonzero(p != p[0]) else None
+            arrays = [None, None] if uniform is not None else [entry_states(p), entry_offsets(p)]
+            arrays += [entry_states(win.bitmap), entry_offsets(win.bitmap)]
+            for a in arrays:
+                if a is not None:
+                    a.flags.writeable = False
+            decoded = _Decoded(b0, k0, blocks, uniform, *arrays)
         self._cache[w] = decoded
         if len(self._cache) > WINDOW_CACHE:
             self._cache.popitem(last=False)
         return decoded
 
-    # --- ranges (bounded memory) --------------------------------------------------------------------
-    def payload_range(self, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(states uint8, file offsets int64 bytes) of payload blocks [b0, b1); read-only arrays."""
-        if self._entries is not None:
-            return self.states[b0:b1], self.offsets[b0:b1]
+    def _payload_windows(self, b0: int, b1: int):
+        """(decoded window, lo, hi) of the windows that cover payload blocks [b0, b1) (b1 clipped)."""
         per = self.window_chunks * self.geometry.chunk_ratio
         b1 = min(b1, self.geometry.data_blocks)
-        if b1 <= b0:
-            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
-        parts = []
-        for w in range(b0 // per, (b1 - 1) // per + 1):
+        for w in range(b0 // per, (b1 - 1) // per + 1) if b1 > b0 else ():
             d = self._decoded(w)
-            lo, hi = max(b0, d.b0) - d.b0, min(b1, d.b0 + len(d.states)) - d.b0
-            parts.append((d.states[lo:hi], d.offsets[lo:hi]))
+            yield d, max(b0, d.b0) - d.b0, min(b1, d.b0 + d.blocks) - d.b0
+
+    # --- ranges (bounded memory) --------------------------------------------------------------------
+    def payload_range(self, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states uint8, file offsets int64 bytes) of payload blocks [b0, b1); treat them as read-only."""
+        if self._entries is not None:
+            return self.states[b0:b1], self.offsets[b0:b1]
+        parts = [d.payload(lo, hi) for d, lo, hi in self._payload_windows(b0, b1)]
+        if not parts:
+            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
         if len(parts) == 1:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def states_of(self, b0: int, b1: int) -> np.ndarray:
+        """States (uint8) of payload blocks [b0, b1), without their offsets (1 byte per block)."""
+        if self._entries is not None:
+            return self.states[b0:b1]
+        parts = [d.payload(lo, hi)[0] if d.uniform is None else
+                 np.full(hi - lo, d.uniform & c.BAT_STATE_MASK, dtype=np.uint8)
+                 for d, lo, hi in self._payload_windows(b0, b1)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+
+    def uniform_state(self, b0: int, b1: int) -> int | None:
+        """The state of every payload block in [b0, b1) when all of them have the same raw entry, else None.
+
+        Answered from the window cache without per-block arrays: a 64 TiB disk is mostly such runs.
+        """
+        if self._entries is not None or b1 <= b0:
+            return None
+        entries = {d.uniform for d, _lo, _hi in self._payload_windows(b0, b1)}
+        if len(entries) != 1 or None in entries:
+            return None
+        return entries.pop() & c.BAT_STATE_MASK
 
     def bitmap_range(self, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
         """(states uint8, file offsets int64 bytes) of sector bitmap entries of chunks [k0, k1); read-only."""
@@ -386,6 +463,7 @@ class Bat:
             self.__dict__.pop(name, None)
         self._cache.clear()
         self._summary = None
+        self._uniform.clear()
 
     @property
     def payload_entries(self) -> np.ndarray:

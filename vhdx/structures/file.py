@@ -26,7 +26,6 @@ from vhdx.structures.bat import (
     entry_offsets,
     entry_states,
     payload_missing_bytes,
-    window_state_counts,
 )
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
@@ -129,8 +128,10 @@ class VhdxFile:
         rules = BatOpenRules(self.geometry, self.io.size, salvage, self.params.disk_type.label, self.bat)
         counts, bitmaps = np.zeros(8, dtype=np.int64), 0
         for window in self.bat.raw_windows():
-            rules.visit(window)
-            counts += window_state_counts(window.payload)
+            states = entry_states(window.payload)
+            window_counts = np.bincount(states, minlength=8)
+            rules.visit(window, states, window_counts)
+            counts += window_counts
             bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
         rules.raise_first()
         self.bat.set_summary(counts, bitmaps)
@@ -220,21 +221,24 @@ class BatOpenRules:
         hit = self.hits.setdefault(rule, _Hits(int(where[0]), int(states[0])))
         hit.count += len(where)
 
-    def visit(self, win: RawWindow) -> None:
+    def visit(self, win: RawWindow, states: np.ndarray, counts: np.ndarray) -> None:
+        """Apply the rules to one window (``states``: its payload states, ``counts``: blocks per state)."""
         g, size = self.geometry, self.file_size
-        nonzero = np.flatnonzero(win.payload)
-        raw = win.payload[nonzero]
-        blocks = win.b0 + nonzero
-        states = entry_states(raw)
         legal = np.zeros(8, dtype=bool)
         legal[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
         legal[c.BatState.PARTIALLY_PRESENT] = g.has_parent
-        bad = ~legal[states]
-        self._note("illegal_state", blocks[bad], states[bad])
+        # Whole-window passes only where the counts say a rule has something to find: a window of a 64 TiB
+        # disk holds 256 Ki entries, nearly all NOT_PRESENT or ZERO.
+        if counts[~legal].any():
+            bad = np.flatnonzero(~legal[states])
+            self._note("illegal_state", win.b0 + bad, states[bad])
+        if not counts[c.BatState.FULLY_PRESENT] and not counts[c.BatState.PARTIALLY_PRESENT]:
+            self._visit_bitmaps(win, np.zeros(0, dtype=np.int64))
+            return
         # Offsets are checked for allocated blocks only.
-        allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
-        present, present_states = blocks[allocated], states[allocated]
-        offsets = entry_offsets(raw[allocated])
+        allocated = np.flatnonzero((states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT))
+        present, present_states = win.b0 + allocated, states[allocated]
+        offsets = entry_offsets(win.payload[allocated])
         inside = offsets < c.HEADER_SECTION_SIZE
         self._note("inside_header", present[inside], present_states[inside])
         # A block's virtual disk data must lie inside the file (one rule with check: bat.payload_missing_bytes).
@@ -247,13 +251,17 @@ class BatOpenRules:
             self.invented += zip((ends - lost).tolist(), lost.tolist(), strict=True)
         else:
             self._note("beyond_eof", present[beyond], present_states[beyond])
-        if g.has_parent:
+        self._visit_bitmaps(win, present[present_states == c.BatState.PARTIALLY_PRESENT])
+
+    def _visit_bitmaps(self, win: RawWindow, partial_blocks: np.ndarray) -> None:
+        g, size = self.geometry, self.file_size
+        if g.has_parent:  # sector bitmap entries: differencing disks only
             chunks = win.k0 + np.arange(len(win.bitmap))
             sb_states = entry_states(win.bitmap)
             sb_offsets = entry_offsets(win.bitmap)
             sb_present = sb_states == c.SbState.PRESENT
             has_partial = np.zeros(len(win.bitmap), dtype=bool)
-            has_partial[blocks[states == c.BatState.PARTIALLY_PRESENT] // g.chunk_ratio - win.k0] = True
+            has_partial[partial_blocks // g.chunk_ratio - win.k0] = True
             lacking = has_partial & ~sb_present
             self._note("bitmap_missing", chunks[lacking], sb_states[lacking])
             outside = sb_present & ((sb_offsets < c.HEADER_SECTION_SIZE)
