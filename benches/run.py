@@ -14,13 +14,13 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, report
+from . import cases, cases_scale, report
 from .sizes import PROFILES
 from .workloads import build_all
 
-CASES = ("flatten", "reads", "merge", "info", "create", "scan")
+CASES = ("flatten", "reads", "merge", "info", "create", "scan", "scale")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
-         "info": ("sparse",), "create": (), "scan": ()}
+         "info": ("sparse",), "create": (), "scan": (), "scale": ()}
 
 
 def parse_args(argv):
@@ -86,6 +86,9 @@ def run(argv=None) -> dict:
         if "scan" in only:
             log(f"scan {profile.scan_disks} disks", started)
             records += cases.scan_case(tmp, profile)
+        if "scale" in only:
+            log("64 TiB: create, info, chain, map", started)
+            records += cases_scale.scale_cases(tmp, profile)
         results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
                    "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
                    "records": records}

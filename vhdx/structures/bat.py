@@ -13,6 +13,7 @@ References: [MS-VHDX] §2.4 (sector bitmap), §2.5 (BAT), §2.5.1 (entry format)
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,6 +157,19 @@ class RawWindow:
     k0: int
     payload: np.ndarray  # raw u64 entries of blocks [b0, b0 + len(payload))
     bitmap: np.ndarray  # raw u64 entries of chunks [k0, k0 + len(bitmap))
+    uniform: int | None = None  # the one entry every payload slot holds, when raw_windows found one
+
+    def states(self) -> np.ndarray:
+        """Payload states (uint8)."""
+        return entry_states(self.payload)
+
+    def state_counts(self) -> np.ndarray:
+        """Payload blocks per state value (8 counts); a uniform window is counted without decoding."""
+        if self.uniform is None:
+            return np.bincount(self.states(), minlength=8)
+        counts = np.zeros(8, dtype=np.int64)
+        counts[self.uniform & c.BAT_STATE_MASK] = len(self.payload)
+        return counts
 
 
 @dataclass(frozen=True)
@@ -197,11 +211,6 @@ class BatSummary:
         return self.state_counts[c.BatState.FULLY_PRESENT] + self.state_counts[c.BatState.PARTIALLY_PRESENT]
 
 
-def window_state_counts(payload: np.ndarray) -> np.ndarray:
-    """Payload blocks per state value (8 counts) of raw entries."""
-    return np.bincount(entry_states(payload), minlength=8)
-
-
 class StateView:
     """``bat.state_view[b0:b1]``: payload states of a range, for code written against a whole states array."""
 
@@ -233,6 +242,7 @@ class Bat:
         self.file_offset = file_offset  # where the BAT region starts in the file
         self._entries: np.ndarray | None = None
         self._cache: OrderedDict[int, _Decoded] = OrderedDict()
+        self._lock = threading.Lock()
         self._summary: BatSummary | None = None
         self._uniform: dict[int, int] = {}  # window -> the one payload entry it repeats (no bitmaps), when known
         self.window_chunks = max(1, WINDOW_ENTRIES // (geometry.chunk_ratio + 1))
@@ -321,15 +331,18 @@ class Bat:
             # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of them
             # (map, chain reads) need neither the file nor per-block arrays.
             p = window.payload
-            if len(p) and not np.count_nonzero(p != p[0]) and not np.count_nonzero(window.bitmap):
-                self._uniform[w] = int(p[0])
+            if len(p) and not np.count_nonzero(p != p[0]):
+                window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]))
+                if not np.count_nonzero(window.bitmap):
+                    self._uniform[w] = int(p[0])
             yield window
 
     def _decoded(self, w: int) -> _Decoded:
-        hit = self._cache.get(w)
-        if hit is not None:
-            self._cache.move_to_end(w)
-            return hit
+        with self._lock:  # readers may share an image across threads (serve, mount)
+            hit = self._cache.get(w)
+            if hit is not None:
+                self._cache.move_to_end(w)
+                return hit
         k0, chunks, b0, blocks = self._bounds(w)
         stride = self.geometry.chunk_ratio + 1
         lo = self.file_offset + k0 * stride * c.BAT_ENTRY_SIZE
@@ -349,9 +362,10 @@ class Bat:
                 if a is not None:
                     a.flags.writeable = False
             decoded = _Decoded(b0, k0, blocks, uniform, *arrays)
-        self._cache[w] = decoded
-        if len(self._cache) > WINDOW_CACHE:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[w] = decoded
+            while len(self._cache) > WINDOW_CACHE:
+                self._cache.popitem(last=False)
         return decoded
 
     def _payload_windows(self, b0: int, b1: int):
@@ -424,7 +438,7 @@ class Bat:
         if self._summary is None:
             counts, bitmaps = np.zeros(8, dtype=np.int64), 0
             for win in self.raw_windows():
-                counts += window_state_counts(win.payload)
+                counts += win.state_counts()
                 bitmaps += int(np.count_nonzero(entry_states(win.bitmap) == c.SbState.PRESENT))
             self.set_summary(counts, bitmaps)
         return self._summary

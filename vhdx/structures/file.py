@@ -128,9 +128,8 @@ class VhdxFile:
         rules = BatOpenRules(self.geometry, self.io.size, salvage, self.params.disk_type.label, self.bat)
         counts, bitmaps = np.zeros(8, dtype=np.int64), 0
         for window in self.bat.raw_windows():
-            states = entry_states(window.payload)
-            window_counts = np.bincount(states, minlength=8)
-            rules.visit(window, states, window_counts)
+            window_counts = window.state_counts()
+            rules.visit(window, window_counts)
             counts += window_counts
             bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
         rules.raise_first()
@@ -221,20 +220,22 @@ class BatOpenRules:
         hit = self.hits.setdefault(rule, _Hits(int(where[0]), int(states[0])))
         hit.count += len(where)
 
-    def visit(self, win: RawWindow, states: np.ndarray, counts: np.ndarray) -> None:
-        """Apply the rules to one window (``states``: its payload states, ``counts``: blocks per state)."""
+    def visit(self, win: RawWindow, counts: np.ndarray) -> None:
+        """Apply the rules to one window (``counts``: its payload blocks per state)."""
         g, size = self.geometry, self.file_size
         legal = np.zeros(8, dtype=bool)
         legal[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
         legal[c.BatState.PARTIALLY_PRESENT] = g.has_parent
         # Whole-window passes only where the counts say a rule has something to find: a window of a 64 TiB
         # disk holds 256 Ki entries, nearly all NOT_PRESENT or ZERO.
+        if not counts[~legal].any() and not counts[c.BatState.FULLY_PRESENT] \
+                and not counts[c.BatState.PARTIALLY_PRESENT]:
+            self._visit_bitmaps(win, np.zeros(0, dtype=np.int64))
+            return
+        states = win.states()
         if counts[~legal].any():
             bad = np.flatnonzero(~legal[states])
             self._note("illegal_state", win.b0 + bad, states[bad])
-        if not counts[c.BatState.FULLY_PRESENT] and not counts[c.BatState.PARTIALLY_PRESENT]:
-            self._visit_bitmaps(win, np.zeros(0, dtype=np.int64))
-            return
         # Offsets are checked for allocated blocks only.
         allocated = np.flatnonzero((states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT))
         present, present_states = win.b0 + allocated, states[allocated]
