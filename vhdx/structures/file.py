@@ -3,7 +3,8 @@
 ``VhdxFile.load`` reads, in this order: file identifier, both headers (current one chosen by CRC, version,
 sequence), the log (a dirty log is replayed in memory for read-only opens, on disk for writable ones), both
 region tables, the metadata, and (unless ``bat=False``) checks the BAT window by window. The image, check's
-parent probe, repair and ``read_structures`` all load through it.
+parent probe and ``read_structures`` load through it (repair still reads its structures step by step: each
+repair must work on a file this loader refuses).
 
 References: [MS-VHDX] §2.2-§2.6; §2.3.3 note <5> (in-memory replay on read-only opens).
 """
