@@ -321,7 +321,8 @@ class Bat:
         Windows in holes of the file are not read; windows read as all zeros (a BAT written as zeros, as
         qemu-img writes it) are read into one reused buffer and skipped without being split or decoded.
         """
-        buffer = np.zeros(self.window_chunks * (self.geometry.chunk_ratio + 1), dtype=BAT_DTYPE)
+        buffer = np.zeros(min(self.window_chunks * (self.geometry.chunk_ratio + 1), self.geometry.bat_entries),
+                          dtype=BAT_DTYPE)
         with_data = set(self.windows_with_data())
         for w in range(self.window_count):
             window = self._window(w, buffer) if w in with_data else None

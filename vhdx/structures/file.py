@@ -187,6 +187,13 @@ class VhdxFile:
         return self.io.writable
 
 
+# Payload states an open accepts, by state value: PARTIALLY_PRESENT only where a parent supplies the rest.
+_LEGAL_BASE = np.zeros(8, dtype=bool)
+_LEGAL_BASE[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
+_LEGAL_DIFFERENCING = _LEGAL_BASE.copy()
+_LEGAL_DIFFERENCING[c.BatState.PARTIALLY_PRESENT] = True
+_ILLEGAL_BASE, _ILLEGAL_DIFFERENCING = ~_LEGAL_BASE, ~_LEGAL_DIFFERENCING
+
 # Open-time BAT rules in the order a refusal names them (the first rule broken anywhere in the BAT wins).
 _RULES = ("illegal_state", "inside_header", "beyond_eof", "bitmap_missing", "bitmap_outside")
 
@@ -224,17 +231,16 @@ class BatOpenRules:
     def visit(self, win: RawWindow, counts: np.ndarray) -> None:
         """Apply the rules to one window (``counts``: its payload blocks per state)."""
         g, size = self.geometry, self.file_size
-        legal = np.zeros(8, dtype=bool)
-        legal[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
-        legal[c.BatState.PARTIALLY_PRESENT] = g.has_parent
+        legal = _LEGAL_DIFFERENCING if g.has_parent else _LEGAL_BASE
         # Whole-window passes only where the counts say a rule has something to find: a window of a 64 TiB
         # disk holds 256 Ki entries, nearly all NOT_PRESENT or ZERO.
-        if not counts[~legal].any() and not counts[c.BatState.FULLY_PRESENT] \
+        illegal = _ILLEGAL_DIFFERENCING if g.has_parent else _ILLEGAL_BASE
+        if not counts[illegal].any() and not counts[c.BatState.FULLY_PRESENT] \
                 and not counts[c.BatState.PARTIALLY_PRESENT]:
             self._visit_bitmaps(win, np.zeros(0, dtype=np.int64))
             return
         states = win.states()
-        if counts[~legal].any():
+        if counts[illegal].any():
             bad = np.flatnonzero(~legal[states])
             self._note("illegal_state", win.b0 + bad, states[bad])
         # Offsets are checked for allocated blocks only.
