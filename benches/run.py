@@ -14,13 +14,13 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, cases_export, cases_reads, report
+from . import cases, cases_export, cases_reads, cases_scale, report
 from .sizes import PROFILES
 from .workloads import build_all
 
-CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index")
+CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index", "scale")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
-         "info": ("sparse",), "create": (), "scan": (), "export": (), "reads_index": ("chains",)}
+         "info": ("sparse",), "create": (), "scan": (), "export": (), "reads_index": ("chains",), "scale": ()}
 
 
 def parse_args(argv):
@@ -94,6 +94,9 @@ def run(argv=None) -> dict:
         if "export" in only:
             log("convert -O raw of zero-filled blocks", started)
             records.append(cases_export.export_case(tmp, profile))
+        if "scale" in only:
+            log("64 TiB: create, info, chain, map", started)
+            records += cases_scale.scale_cases(tmp, profile)
         results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
                    "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
                    "records": records}

@@ -111,7 +111,7 @@ def map_(ctx, path, as_json, **chain_opts):
             parent_missing, layers = True, [image]
             extents = image.extents(through_parents=False)
         rows = render.map_rows(extents, [os.path.abspath(layer.path) for layer in layers], parent_missing,
-                               [(layer.bat.states, layer.geometry.block_size) for layer in layers])
+                               [(layer.bat.state_view, layer.geometry.block_size) for layer in layers])
         warn_if_being_written(image)
         replayed = log_replayed_in_memory(image)
     if wants_json(ctx, as_json):  # an object like every other command's (qemu-img map prints a bare array)

@@ -232,6 +232,36 @@ class ImageIO:
         self.readinto_at(offset, buf)
         return bytes(buf)
 
+    def data_spans(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The parts of [offset, offset + length) that may hold non-zero bytes; the rest are holes (zeros).
+
+        Asks the file system with ``SEEK_DATA``/``SEEK_HOLE`` (a sparse 64 TiB BAT is mostly holes). Where it
+        cannot answer, for streams, and where an overlay touches the range, the whole range is returned.
+        """
+        end = offset + length
+        if length <= 0:
+            return []
+        if self._fd is None or not hasattr(os, "SEEK_DATA") or (
+                self.overlay is not None and self.overlay.touches(offset, length)):
+            return [(offset, end)]
+        spans, pos = [], offset
+        try:
+            while pos < end:
+                try:
+                    start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data at or after pos
+                        break
+                    raise
+                if start >= end:
+                    break
+                stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end)
+                spans.append((start, stop))
+                pos = stop
+        except OSError:  # the file system does not answer: read everything
+            return [(offset, end)]
+        return spans
+
     def read_file_at(self, offset: int, length: int) -> bytes:
         """The file's own bytes, without the overlay (the log an overlay is read from); zeros past the end."""
         buf = bytearray(length)

@@ -1,17 +1,17 @@
 """An opened VHDX/AVHDX file and the virtual disk it presents through its whole chain.
 
-Opening reads, in this order: file identifier, both headers (current one chosen by CRC, version, sequence),
-the log (a dirty log is replayed in memory for reading; nothing is written), both region tables, the
-metadata, and the BAT. The parent of a differencing disk is opened only when a read needs it.
+Opening loads the file's structures with ``VhdxFile.load`` (vhdx/structures/file.py, the one load sequence);
+the BAT is read in windows as reads need it. The parent of a differencing disk is opened only when a read
+needs it.
 
 References: [MS-VHDX] §2.2-§2.6; §2.3.3 note <5> (in-memory replay on read-only opens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io as _io
 import os
-import uuid
 from functools import cached_property
 
 import numpy as np
@@ -19,16 +19,12 @@ import numpy as np
 from vhdx.disk import chain as _chain
 from vhdx.disk.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
 from vhdx.disk.supply import SupplyIndex
-from vhdx.disk.writer import Writer, replay_log_on_disk
-from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxError
+from vhdx.disk.writer import Writer
+from vhdx.errors import ChainLoopError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
-from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
-from vhdx.structures.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
-from vhdx.structures.header import HeaderSet, load_headers
-from vhdx.structures.log import LogState, overlay_for, read_log
-from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
-from vhdx.structures.region import RegionTable, load_region_table
+from vhdx.structures.file import VhdxFile, foreign_file_reason  # noqa: F401 - foreign_file_reason: re-exported
+from vhdx.structures.metadata import DiskParameters
 
 # Blocks examined per step when walking a whole disk: bounds memory for 64 TiB disks with 1 MiB blocks.
 WINDOW_BLOCKS = 1 << 18
@@ -40,27 +36,11 @@ _ZEROS = memoryview(bytes(64 << 10))
 BITMAP_CACHE_CHUNKS = 32
 
 
-def foreign_file_reason(io: ImageIO) -> str | None:
-    """'empty file ...' or 'this is a VHD (v1) disk ...' for a file that is not VHDX; None when we cannot tell."""
-    size = io.real_size
-    if size == 0:
-        return "empty file (0 bytes), not VHDX"
-    tail_at = max(size - foreign.TAIL_BYTES, 0)
-    name = foreign.foreign_format(io.read_at(0, foreign.HEAD_BYTES), io.read_at(tail_at, size - tail_at))
-    return f"this is {name}, not VHDX" if name else None
+class VhdxImage(VhdxFile):
+    """One VHDX file, read-only by default; ``read`` and ``stream`` see the virtual disk through its chain.
 
-
-def _not_vhdx(io: ImageIO) -> FormatError:
-    """Name an empty file or another disk format (VHD, qcow2, ...); otherwise say it is not VHDX.
-
-    Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
+    A ``VhdxFile`` (its structures, loaded by ``VhdxFile.load``) plus its parent and the reads.
     """
-    reason = foreign_file_reason(io) or "not a VHDX file (it does not start with the 'vhdxfile' signature)"
-    return FormatError(reason, structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
-
-
-class VhdxImage:
-    """One VHDX file, read-only by default; ``read`` and ``stream`` see the virtual disk through its chain."""
 
     def __init__(self, image_io: ImageIO, options: _chain.OpenOptions | None = None, *, _lineage=()) -> None:
         self.io = image_io
@@ -71,9 +51,8 @@ class VhdxImage:
         self._bitmap_cache: dict[int, np.ndarray] = {}
         self._supply: SupplyIndex | None = None
         self._supply_layers: list[VhdxImage] = [self]
-        self.invented: tuple[tuple[int, int], ...] = ()  # (virtual offset, length) read as zeros by --salvage
         try:
-            self._load()
+            self._adopt(VhdxFile.load(image_io, salvage=self.options.salvage))
             self._identity = self._file_identity()
             if self._identity is not None and self._identity in _lineage:
                 raise ChainLoopError("the chain refers back to this file (loop)", structure="Parent Locator")
@@ -88,154 +67,20 @@ class VhdxImage:
             raise
 
     # --- loading ------------------------------------------------------------------------------------
-    def _load(self, *, with_bat: bool = True) -> None:
-        io = self.io
-        if io.read_at(c.FILE_IDENTIFIER_OFFSET, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
-            raise _not_vhdx(io)
-        try:
-            ident = io.read_layout(layouts.FileIdentifier, c.FILE_IDENTIFIER_OFFSET)
-            self.creator: str = ident.creator.rstrip("\x00")
-        except FormatError:
-            # The creator is diagnostic only: text that does not decode must not make the file unreadable.
-            raw = io.read_at(c.FILE_IDENTIFIER_OFFSET + len(c.FILE_SIGNATURE), c.CREATOR_SIZE)
-            self.creator = raw.decode("utf-16-le", "replace").split("\x00")[0]
-        self.headers: HeaderSet = load_headers(io)
-        header = self.headers.current
-        self.log: LogState = read_log(io, header.log_offset, header.log_length, header.log_guid)
-        if self.log.needs_replay:
-            refusal = self.log.refusal()
-            if refusal is not None:
-                raise refusal
-            if io.writable:
-                self.headers = replay_log_on_disk(io, self.headers, self.log)
-                self.log = LogState(header.log_offset, header.log_length, c.ZERO_GUID)
-            else:
-                # Read-only view of the replay: structures are read as if the log had been applied.
-                io.overlay = overlay_for(self.log.plan)
-        # A dirty log without any valid entry holds nothing that was applied (entries are durable before
-        # their sectors are written), so the file reads correctly as it is; `check` reports it.
-        self.regions: RegionTable = load_region_table(io, header.log_offset, header.log_length)
-        self.metadata: Metadata = load_metadata(io, self.regions.metadata)
-        p = self.metadata.params
-        self.geometry = Geometry(p.virtual_size, p.block_size, p.logical_sector_size, p.has_parent)
-        if with_bat:
-            self.bat: Bat = Bat.load(io, self.regions.bat, self.geometry)
-            self._validate_bat()
+    def _adopt(self, loaded: VhdxFile) -> None:
+        for f in dataclasses.fields(VhdxFile):
+            setattr(self, f.name, getattr(loaded, f.name))
 
-    def _validate_bat(self) -> None:
-        """Refuse BATs that would make reads wrong: illegal states, blocks outside the file, missing bitmaps."""
-        g, bat = self.geometry, self.bat
-        states = bat.states
-        legal_states = np.zeros(8, dtype=bool)
-        legal_states[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
-        legal_states[c.BatState.PARTIALLY_PRESENT] = g.has_parent
-        self._raise_first(~legal_states[states], "payload",
-                          lambda s: f"state {s} is not legal in a {self.disk_type.label} disk")
-        # Offsets are checked for allocated blocks only: a 64 TiB disk has 67 million entries, mostly empty.
-        present = np.flatnonzero(bat.allocated_blocks())
-        offsets = entry_offsets(bat.payload_entries[present])
-
-        def flagged(bad: np.ndarray) -> np.ndarray:
-            mask = np.zeros(len(states), dtype=bool)
-            mask[present[bad]] = True
-            return mask
-
-        inside_header = offsets < c.HEADER_SECTION_SIZE
-        if inside_header.any():
-            self._raise_first(flagged(inside_header), "payload", lambda s: "block lies inside the header section")
-        # A block's virtual disk data must lie inside the file (one rule with check: bat.payload_missing_bytes).
-        size = self.io.size
-        missing = payload_missing_bytes(g, present, offsets, size)
-        beyond = missing > 0
-        self.invented = ()
-        if beyond.any() and self.options.salvage:
-            # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
-            blocks, lost = present[beyond], missing[beyond]
-            ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
-            self.invented = tuple(zip((ends - lost).tolist(), lost.tolist(), strict=True))
-        elif beyond.any():
-            self._raise_first(flagged(beyond), "payload",
-                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated? "
-                                        "(--salvage reads the missing bytes as zeros)")
-        if g.has_parent:
-            partial = states == c.BatState.PARTIALLY_PRESENT
-            chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
-            chunk_has_partial[np.flatnonzero(partial) // g.chunk_ratio] = True
-            sb_present = bat.bitmap_states == c.SbState.PRESENT
-            missing = chunk_has_partial & ~sb_present
-            self._raise_first(missing, "bitmap", lambda s: "sector bitmap block missing for a partially present block")
-            bad_sb = sb_present & ((bat.bitmap_offsets < c.HEADER_SECTION_SIZE)
-                                   | (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > size))
-            self._raise_first(bad_sb, "bitmap", lambda s: "sector bitmap block lies outside the file")
-
-    def _raise_first(self, mask: np.ndarray, kind: str, message) -> None:
-        hits = np.flatnonzero(mask)
-        if not len(hits):
-            return
-        i = int(hits[0])
-        if kind == "payload":
-            index = int(self.geometry.payload_index(i))
-            structure, state = f"BAT entry {index} (payload block {i})", int(self.bat.states[i])
-        else:
-            index = int(self.geometry.bitmap_index(i))
-            structure, state = f"BAT entry {index} (sector bitmap block {i})", int(self.bat.bitmap_states[i])
-        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
-        raise FormatError(message(state) + more, structure=structure, offset=self.bat.entry_file_offset(index))
+    def reload(self) -> None:
+        """Load the structures again from the file (after a session of writes was committed and closed)."""
+        self._bitmap_cache.clear()
+        self._adopt(VhdxFile.load(self.io, salvage=self.options.salvage))
 
     def _file_identity(self):
         if self.io.fd is None:
             return None
         st = os.fstat(self.io.fd)
         return (st.st_dev, st.st_ino)
-
-    # --- properties ---------------------------------------------------------------------------------
-    @property
-    def path(self) -> str:
-        return self.io.path
-
-    @property
-    def params(self) -> DiskParameters:
-        return self.metadata.params
-
-    @property
-    def virtual_size(self) -> int:
-        return self.params.virtual_size
-
-    @property
-    def block_size(self) -> int:
-        return self.params.block_size
-
-    @property
-    def logical_sector_size(self) -> int:
-        return self.params.logical_sector_size
-
-    @property
-    def physical_sector_size(self) -> int:
-        return self.params.physical_sector_size
-
-    @property
-    def disk_id(self) -> uuid.UUID:
-        return self.params.virtual_disk_id
-
-    @property
-    def disk_type(self) -> c.DiskType:
-        return self.params.disk_type
-
-    @property
-    def has_parent(self) -> bool:
-        return self.params.has_parent
-
-    @property
-    def data_write_guid(self) -> uuid.UUID:
-        return self.headers.current.data_write_guid
-
-    @property
-    def file_write_guid(self) -> uuid.UUID:
-        return self.headers.current.file_write_guid
-
-    @property
-    def writable(self) -> bool:
-        return self.io.writable
 
     # --- chain --------------------------------------------------------------------------------------
     @property
@@ -288,7 +133,7 @@ class VhdxImage:
             return None  # a writer changes bitmaps through the overlay: always read them afresh
         cached = self._bitmap_cache.get(chunk)
         if cached is None:
-            offset = int(self.bat.bitmap_offsets[chunk])
+            offset = int(self.bat.bitmap_range(chunk, chunk + 1)[1][0])
             # Only the bytes of blocks the disk has (a small disk uses a sliver of its 1 MiB bitmap block),
             # read straight into the array.
             g = self.geometry
@@ -305,7 +150,7 @@ class VhdxImage:
         cached = self._chunk_bitmap(chunk)
         if cached is not None:
             return cached[first_byte : first_byte + length]
-        offset = int(self.bat.bitmap_offsets[chunk]) + first_byte
+        offset = int(self.bat.bitmap_range(chunk, chunk + 1)[1][0]) + first_byte
         return np.frombuffer(self.io.read_at(offset, length), dtype=np.uint8)
 
     def read_bitmap_bits(self, blocks: np.ndarray) -> np.ndarray:
@@ -320,7 +165,7 @@ class VhdxImage:
             sel = np.flatnonzero(chunks == chunk)
             within = blocks[sel] % ratio
             first, last = int(within.min()), int(within.max())
-            if self.bat.bitmap_states[chunk] != c.SbState.PRESENT:
+            if self.bat.bitmap_range(int(chunk), int(chunk) + 1)[0][0] != c.SbState.PRESENT:
                 continue
             data = self._bitmap_bytes(int(chunk), first * per, (last - first + 1) * per)
             raw[sel] = data.reshape(-1, per)[within - first]
@@ -343,18 +188,32 @@ class VhdxImage:
         g = self.geometry
         bs = g.block_size
         b0, b1 = start // bs, (end - 1) // bs + 1
-        blocks = np.arange(b0, b1, dtype=np.int64)
+        uniform = self.bat.uniform_state(b0, b1)
+        kind = kinds_of_states(np.array([uniform or 0], dtype=np.uint8))
+        if uniform is not None and kind[0] in (ExtentKind.ABSENT, ExtentKind.ZERO):  # one run, no per-block arrays
+            ext = Extents(np.array([start], np.int64), np.array([end - start], np.int64), kind,
+                          np.zeros(1, np.int16), np.full(1, -1, np.int64))
+            return ext.with_layer(0)
         states, offsets = self.bat.payload_range(b0, b1)
-        bstart = blocks * bs
-        blen = np.minimum(bs, g.virtual_size - bstart)
         kinds = kinds_of_states(states)
         partial = states == c.BatState.PARTIALLY_PRESENT
-        whole = ~partial
-        fo = np.where(kinds[whole] == ExtentKind.DATA, offsets[whole], -1)
-        parts = [Extents(bstart[whole], blen[whole], kinds[whole], np.full(int(whole.sum()), -1, np.int16), fo)]
+        # One extent per run of whole blocks that read alike (same kind; DATA contiguous in the file), not one
+        # per block: a window of a sparse 64 TiB disk then costs a few extents.
+        cut = np.ones(b1 - b0, dtype=bool)
+        cut[1:] = ((kinds[1:] != kinds[:-1]) | partial[1:] | partial[:-1]
+                   | ((kinds[1:] == ExtentKind.DATA) & (offsets[1:] != offsets[:-1] + bs)))
+        firsts = np.flatnonzero(cut)
+        lasts = np.append(firsts[1:], b1 - b0)
+        whole = ~partial[firsts]
+        firsts, lasts = firsts[whole], lasts[whole]
+        rstart = (firsts + b0) * bs
+        rlen = np.minimum((lasts + b0) * bs, g.virtual_size) - rstart
+        fo = np.where(kinds[firsts] == ExtentKind.DATA, offsets[firsts], -1)
+        parts = [Extents(rstart, rlen, kinds[firsts], np.full(len(firsts), -1, np.int16), fo)]
         if partial.any():
-            bits = self.read_bitmap_bits(blocks[partial])
-            parts.append(bitmap_runs(bits, bstart[partial], offsets[partial], g.logical_sector_size))
+            blocks = np.flatnonzero(partial) + b0
+            bits = self.read_bitmap_bits(blocks)
+            parts.append(bitmap_runs(bits, blocks * bs, offsets[partial], g.logical_sector_size))
         ext = concat_sorted(parts).with_layer(0)
         return coalesce(clip(ext, start, end))
 
@@ -476,7 +335,8 @@ class VhdxImage:
             block, in_block = divmod(offset, g.block_size)
             if in_block + n > g.block_size:
                 return False
-            state = int(image.bat.states[block])
+            states, offsets = image.bat.payload_range(block, block + 1)
+            state = int(states[0])
             if state == c.BatState.PARTIALLY_PRESENT:
                 lss = g.logical_sector_size
                 bits = image._sector_bits(block, in_block // lss, -(-(in_block + n) // lss))
@@ -487,7 +347,7 @@ class VhdxImage:
                 else:
                     return False
             if state == c.BatState.FULLY_PRESENT:
-                image.io.readinto_at(int(image.bat.offsets[block]) + in_block, view)
+                image.io.readinto_at(int(offsets[0]) + in_block, view)
                 return True
             if state == c.BatState.NOT_PRESENT and image.has_parent and not image.options.orphan:
                 image = image.parent
@@ -513,8 +373,9 @@ class VhdxImage:
     @cached_property
     def allocated_bytes(self) -> int:
         """Bytes of the file owned by payload and sector bitmap blocks of this file."""
-        blocks = int(self.bat.allocated_blocks().sum()) * self.block_size
-        bitmaps = int((self.bat.bitmap_states == c.SbState.PRESENT).sum()) * c.SECTOR_BITMAP_BLOCK_SIZE
+        summary = self.bat.summary
+        blocks = summary.allocated_blocks * self.block_size
+        bitmaps = summary.bitmaps_present * c.SECTOR_BITMAP_BLOCK_SIZE
         return blocks + bitmaps if self.has_parent else blocks
 
     # --- writing ------------------------------------------------------------------------------------
@@ -552,8 +413,7 @@ class VhdxImage:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._bitmap_cache.clear()
-        self._load()
+        self.reload()
 
     # --- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -634,23 +494,17 @@ def read_disk_parameters(path) -> DiskParameters:
     return read_structures(path).metadata.params
 
 
-def read_structures(path) -> VhdxImage:
+def read_structures(path) -> VhdxFile:
     """A file's identifier, headers, log state, regions and metadata, without its BAT; the file is closed again.
 
     The result answers ``creator``, ``headers``, ``log``, ``regions``, ``metadata`` and the properties built on
-    them (``disk_type``, ``data_write_guid``...); anything that needs the BAT or the file fails.
+    them (``disk_type``, ``data_write_guid``...); its ``bat`` is None.
     """
-    image = VhdxImage.__new__(VhdxImage)
-    image.io = ImageIO.open(path)
+    io = ImageIO.open(path)
     try:
-        image._load(with_bat=False)
-        image.options = _chain.OpenOptions(orphan=True)
-        image._parent = None
-        return image
-    except VhdxError as exc:
-        raise exc.with_path(image.io.path) from None
+        return VhdxFile.load(io, bat=False)
     finally:
-        image.io.close()
+        io.close()
 
 
 def open_image(source, *, writable: bool = False, parent: str | None = None, search_dirs=(),

@@ -31,7 +31,8 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.io import ImageIO, parse_bytes
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
-from vhdx.structures.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
+from vhdx.structures.file import VhdxFile
+from vhdx.structures.header import Header, HeaderCopy, choose_current, parse_header_copy
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import (
     ITEM_LAYOUTS,
@@ -39,11 +40,10 @@ from vhdx.structures.metadata import (
     DiskParameters,
     MetadataEntry,
     ParentLocator,
-    load_metadata,
     parameter_problems,
     parse_parent_locator,
 )
-from vhdx.structures.region import RegionEntry, RegionTableCopy, load_region_table, parse_region_table_copy
+from vhdx.structures.region import RegionEntry, RegionTableCopy, parse_region_table_copy
 
 # BAT entries examined per step (rounded down to whole chunks): 1 Mi entries = 8 MiB of BAT.
 WINDOW_ENTRIES = 1 << 20
@@ -693,16 +693,8 @@ def _probe_parent(path: str) -> _ParentProbe:
     """Read just enough of a candidate parent to judge it: headers, (log), region table, metadata."""
     io = ImageIO.open(path)
     try:
-        if io.read_at(0, len(c.FILE_SIGNATURE)) != c.FILE_SIGNATURE:
-            raise VhdxError("not a VHDX file (it does not start with the 'vhdxfile' signature)", path=path)
-        headers = load_headers(io)
-        h = headers.current
-        log = read_log(io, h.log_offset, h.log_length, h.log_guid)
-        if log.needs_replay and log.refusal() is None:
-            io.overlay = overlay_for(log.plan)
-        regions = load_region_table(io, h.log_offset, h.log_length)
-        metadata = load_metadata(io, regions.metadata)
-        return _ParentProbe(h.data_write_guid, metadata.params, _identity(io))
+        loaded = VhdxFile.load(io, bat=False, strict_log=False)
+        return _ParentProbe(loaded.data_write_guid, loaded.params, _identity(io))
     finally:
         io.close()
 

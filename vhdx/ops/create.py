@@ -25,7 +25,7 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.format.guid import format_guid_text
 from vhdx.ops import output
-from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.structures.bat import BAT_DTYPE, WINDOW_ENTRIES, Geometry, ceil_div
 from vhdx.structures.header import Header
 from vhdx.structures.metadata import DiskParameters, layout_metadata_region, parameter_problems, system_items
 from vhdx.structures.region import RegionEntry, build_region_table
@@ -197,13 +197,10 @@ def write_new_file(fd: int, path: str, params: DiskParameters, locator, ids: Cre
     bat_length = max(align_up(geometry.bat_entries * c.BAT_ENTRY_SIZE), c.ALIGNMENT)
     data_offset = bat_offset + bat_length
 
-    entries = np.zeros(geometry.bat_entries, dtype=BAT_DTYPE)
+    # An empty BAT is all zeros (NOT_PRESENT): the file is extended over it and the BAT left as a hole, so a
+    # 64 TiB disk's 512 MiB BAT costs neither time nor space. Only a fixed disk's entries are written.
     file_size = data_offset
     if params.leave_block_allocated:
-        # Fixed: every payload block present, laid out contiguously in virtual order.
-        blocks = np.arange(geometry.data_blocks, dtype=np.uint64)
-        offsets = np.uint64(data_offset) + blocks * np.uint64(params.block_size)
-        entries[geometry.payload_index(blocks.astype(np.int64))] = offsets | np.uint64(c.BatState.FULLY_PRESENT)
         file_size = data_offset + geometry.data_blocks * params.block_size
 
     header = Header(sequence_number=1, file_write_guid=ids.file_write_guid, data_write_guid=ids.data_write_guid,
@@ -223,7 +220,22 @@ def write_new_file(fd: int, path: str, params: DiskParameters, locator, ids: Cre
         for offset in c.REGION_TABLE_OFFSETS:
             os.pwrite(fd, table, offset)
         os.pwrite(fd, layout_metadata_region(system_items(params, locator), metadata_length), metadata_offset)
-        os.pwrite(fd, entries.tobytes(), bat_offset)
+        if params.leave_block_allocated:
+            write_fixed_bat(fd, geometry, bat_offset, data_offset)
         os.fsync(fd)
     except OSError as exc:
         raise VhdxError(f"cannot write: {exc.strerror}", path=path) from None
+
+
+def write_fixed_bat(fd: int, geometry: Geometry, bat_offset: int, data_offset: int) -> None:
+    """Write a fixed disk's BAT (every block present, contiguous in virtual order) one window of chunks at a time."""
+    ratio, stride = geometry.chunk_ratio, geometry.chunk_ratio + 1
+    window_chunks = max(1, WINDOW_ENTRIES // stride)
+    for k0 in range(0, geometry.sector_bitmap_blocks, window_chunks):
+        k1 = min(geometry.sector_bitmap_blocks, k0 + window_chunks)
+        e0, e1 = k0 * stride, min(geometry.bat_entries, k1 * stride)
+        blocks = np.arange(k0 * ratio, min(geometry.data_blocks, k1 * ratio), dtype=np.int64)
+        entries = np.zeros(e1 - e0, dtype=BAT_DTYPE)
+        offsets = np.uint64(data_offset) + blocks.astype(np.uint64) * np.uint64(geometry.block_size)
+        entries[geometry.payload_index(blocks) - e0] = offsets | np.uint64(c.BatState.FULLY_PRESENT)
+        os.pwrite(fd, entries.tobytes(), bat_offset + e0 * c.BAT_ENTRY_SIZE)

@@ -124,7 +124,7 @@ def describe_image(image: VhdxImage) -> ImageInfo:
         bat={"file_offset": image.bat.file_offset, "entries": g.bat_entries, "payload_blocks": g.data_blocks,
              "sector_bitmap_blocks": g.sector_bitmap_blocks, "chunk_ratio": g.chunk_ratio,
              "state_counts": image.bat.state_counts(),
-             "sector_bitmaps_present": int((image.bat.bitmap_states == c.SbState.PRESENT).sum())},
+             "sector_bitmaps_present": image.bat.summary.bitmaps_present},
         log={"offset": log.log_offset, "length": log.log_length, "guid": str(log.log_guid), "dirty": log.is_dirty,
              "entries_to_replay": len(log.sequence), "replayed_in_memory": log.needs_replay and not image.writable,
              "problem": log.problem},

@@ -1,14 +1,21 @@
-"""BAT geometry and the whole BAT as numpy arrays.
+"""BAT geometry and the BAT as numpy arrays, read in windows of whole chunks.
 
 The BAT interleaves payload-block entries with one sector-bitmap entry after every ``chunk_ratio`` payload
 entries. Padding the entry array to whole chunks and reshaping it to ``(chunks, chunk_ratio + 1)`` splits
 the two kinds with array indexing alone: column ``chunk_ratio`` holds the bitmap entries.
+
+A 64 TiB disk with 1 MiB blocks has a 512 MiB BAT, mostly empty. ``Bat`` therefore never reads it whole unless
+asked to: ranges come from windows of whole chunks (a bounded LRU cache), windows that lie in holes of the file
+are not read at all (a hole reads as zeros = NOT_PRESENT), and state counts come from one pass over windows.
 
 References: [MS-VHDX] §2.4 (sector bitmap), §2.5 (BAT), §2.5.1 (entry format).
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,6 +29,10 @@ from vhdx.structures.region import RegionEntry
 BAT_DTYPE = np.dtype("<u8")
 _OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
 _STATE_MASK = np.uint64(c.BAT_STATE_MASK)
+# BAT entries per window, rounded down to whole chunks (at least one): 2 MiB of BAT.
+WINDOW_ENTRIES = 1 << 18
+# Decoded windows kept per file (9 bytes per entry): bounds a reader's BAT memory to about 20 MiB.
+WINDOW_CACHE = 8
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -108,17 +119,15 @@ def entry_offsets(entries: np.ndarray) -> np.ndarray:
     return (entries & _OFFSET_MASK).astype(np.int64)
 
 
-def split_entries(entries: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """Split a raw BAT into (payload entries per block, bitmap entries per chunk) by reshaping, no loops.
+def split_window(entries: np.ndarray, ratio: int, blocks: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split raw entries from a chunk boundary into (payload entries, bitmap entries) by reshaping, no loops.
 
-    Whole chunks are viewed as a ``(chunks, chunk_ratio + 1)`` table and copied once into the outputs; the
-    last, partial chunk is copied as a flat run. Entries the array does not hold read as 0 (not present),
-    e.g. the last chunk's bitmap slot, which a non-differencing BAT may stop before.
+    ``blocks`` payload and ``chunks`` bitmap entries are returned. Whole chunks are viewed as a
+    ``(chunks, ratio + 1)`` table and copied once into the outputs; the last, partial chunk is copied as a flat run.
+    Entries the array does not hold read as 0 (not present), e.g. the last chunk's bitmap slot, which a
+    non-differencing BAT may stop before.
     """
-    ratio = geometry.chunk_ratio
     stride = ratio + 1
-    blocks = geometry.data_blocks
-    chunks = geometry.sector_bitmap_blocks
     entries = entries[: chunks * stride]
     rows = min(len(entries) // stride, blocks // ratio)
     table = entries[: rows * stride].reshape(rows, stride)
@@ -135,17 +144,112 @@ def split_entries(entries: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, 
     return payload, bitmap
 
 
-@dataclass
-class Bat:
-    """The BAT of one file: raw entries plus decoded per-block and per-chunk arrays."""
+def split_entries(entries: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Split a whole raw BAT into (payload entries per block, bitmap entries per chunk); see ``split_window``."""
+    return split_window(entries, geometry.chunk_ratio, geometry.data_blocks, geometry.sector_bitmap_blocks)
 
-    entries: np.ndarray  # raw little-endian u64 entries, length geometry.bat_entries
-    geometry: Geometry
-    file_offset: int  # where the BAT region starts in the file
+
+@dataclass(frozen=True)
+class RawWindow:
+    """Raw entries of whole chunks: payload blocks from ``b0`` and sector bitmap chunks from ``k0``."""
+
+    b0: int
+    k0: int
+    payload: np.ndarray  # raw u64 entries of blocks [b0, b0 + len(payload))
+    bitmap: np.ndarray  # raw u64 entries of chunks [k0, k0 + len(bitmap))
+    uniform: int | None = None  # the one entry every payload slot holds, when raw_windows found one
+
+    def states(self) -> np.ndarray:
+        """Payload states (uint8)."""
+        return entry_states(self.payload)
+
+    def state_counts(self) -> np.ndarray:
+        """Payload blocks per state value (8 counts); a uniform window is counted without decoding."""
+        if self.uniform is None:
+            return np.bincount(self.states(), minlength=8)
+        counts = np.zeros(8, dtype=np.int64)
+        counts[self.uniform & c.BAT_STATE_MASK] = len(self.payload)
+        return counts
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One window's decoded entries (read-only arrays), as the range accessors cache them.
+
+    A window whose payload entries are all equal (a hole, or a BAT qemu-img filled with ZERO entries) keeps
+    that one ``uniform`` entry instead of per-block arrays.
+    """
+
+    b0: int
+    k0: int
+    blocks: int
+    uniform: int | None  # the raw payload entry every block of the window has, or None
+    states: np.ndarray | None  # None when uniform
+    offsets: np.ndarray | None
+    bitmap_states: np.ndarray
+    bitmap_offsets: np.ndarray
+
+    def payload(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states, offsets) of the window's blocks [lo, hi) (window-relative)."""
+        if self.uniform is None:
+            return self.states[lo:hi], self.offsets[lo:hi]
+        raw = np.array([self.uniform], dtype=BAT_DTYPE)
+        return (np.full(hi - lo, entry_states(raw)[0], dtype=np.uint8),
+                np.full(hi - lo, entry_offsets(raw)[0], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class BatSummary:
+    """What ``info`` and ``chain`` show of a BAT, gathered in one pass over its windows."""
+
+    state_counts: tuple[int, ...]  # payload blocks per state value 0..7
+    bitmaps_present: int  # sector bitmap entries in state PRESENT
+
+    @property
+    def allocated_blocks(self) -> int:
+        """Payload blocks that own space in the file (fully or partially present)."""
+        return self.state_counts[c.BatState.FULLY_PRESENT] + self.state_counts[c.BatState.PARTIALLY_PRESENT]
+
+
+class StateView:
+    """``bat.state_view[b0:b1]``: payload states of a range, for code written against a whole states array."""
+
+    def __init__(self, bat: Bat) -> None:
+        self._bat = bat
+
+    def __len__(self) -> int:
+        return self._bat.geometry.data_blocks
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("BAT state views take contiguous slices only")
+        return self._bat.states_of(start, stop)
+
+
+class Bat:
+    """The BAT of one file, read lazily in windows of whole chunks.
+
+    Range accessors (``payload_range``, ``bitmap_range``, ``state_view``) and the one-pass ``summary`` work in
+    bounded memory on any disk size. The whole-array properties (``entries``, ``states``, ``offsets``,
+    ``bitmap_states``...) read the whole BAT once and keep it: for small disks and for writers, which update
+    it in place; once read whole, every accessor answers from those arrays.
+    """
+
+    def __init__(self, io: ImageIO, geometry: Geometry, file_offset: int) -> None:
+        self.io = io
+        self.geometry = geometry
+        self.file_offset = file_offset  # where the BAT region starts in the file
+        self._entries: np.ndarray | None = None
+        self._cache: OrderedDict[int, _Decoded] = OrderedDict()
+        self._lock = threading.Lock()
+        self._summary: BatSummary | None = None
+        self._uniform: dict[int, int] = {}  # window -> the one payload entry it repeats (no bitmaps), when known
+        self.window_chunks = max(1, WINDOW_ENTRIES // (geometry.chunk_ratio + 1))
 
     @classmethod
     def load(cls, io: ImageIO, region: RegionEntry, geometry: Geometry) -> Bat:
-        """Read the BAT with one read into a numpy array; the region must hold every entry."""
+        """The BAT of ``region`` (nothing is read yet); the region and the file must hold every entry."""
         needed = geometry.bat_entries * c.BAT_ENTRY_SIZE
         if region.length < needed:
             raise FormatError(
@@ -157,18 +261,224 @@ class Bat:
         if region.file_offset + needed > io.size:
             raise FormatError(f"{needed} bytes needed but the file ends at {io.size:#x} (truncated?)",
                               structure="BAT", offset=region.file_offset, path=io.path)
-        entries = np.zeros(geometry.bat_entries, dtype=BAT_DTYPE)
-        io.readinto_at(region.file_offset, entries)
-        return cls(entries, geometry, region.file_offset)
+        return cls(io, geometry, region.file_offset)
+
+    # --- windows ------------------------------------------------------------------------------------
+    @property
+    def window_count(self) -> int:
+        return ceil_div(self.geometry.sector_bitmap_blocks, self.window_chunks)
+
+    def _read_entries(self, e0: int, e1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Raw entries [e0, e1) (into ``out`` when given): holes of the file are not read (they are zeros)."""
+        if self._entries is not None:
+            return self._entries[e0:e1]
+        if out is None:
+            out = np.zeros(e1 - e0, dtype=BAT_DTYPE)
+        else:
+            out = out[: e1 - e0]
+            out[:] = 0
+        lo = self.file_offset + e0 * c.BAT_ENTRY_SIZE
+        raw = out.view(np.uint8)
+        for start, stop in self.io.data_spans(lo, len(raw)):
+            self.io.readinto_at(start, raw[start - lo : stop - lo])
+        return out
+
+    def _bounds(self, w: int) -> tuple[int, int, int, int]:
+        """(first chunk, chunks, first block, blocks) of window ``w``."""
+        g = self.geometry
+        k0 = w * self.window_chunks
+        k1 = min(g.sector_bitmap_blocks, k0 + self.window_chunks)
+        b0 = k0 * g.chunk_ratio
+        return k0, k1 - k0, b0, min(g.data_blocks, k1 * g.chunk_ratio) - b0
+
+    def _window(self, w: int, buffer: np.ndarray | None) -> RawWindow | None:
+        k0, chunks, b0, blocks = self._bounds(w)
+        stride = self.geometry.chunk_ratio + 1
+        raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
+        if buffer is not None and not np.count_nonzero(raw):
+            return None  # all NOT_PRESENT: not worth splitting
+        payload, bitmap = split_window(raw, self.geometry.chunk_ratio, blocks, chunks)
+        return RawWindow(b0, k0, payload, bitmap)
+
+    def raw_window(self, w: int) -> RawWindow:
+        """Raw entries of window ``w`` (chunks ``w * window_chunks`` onwards), split into payload and bitmap."""
+        return self._window(w, None)
+
+    def windows_with_data(self) -> list[int]:
+        """Windows that may hold non-zero entries; every other window is all NOT_PRESENT."""
+        if self._entries is not None:
+            return list(range(self.window_count))
+        window_bytes = self.window_chunks * (self.geometry.chunk_ratio + 1) * c.BAT_ENTRY_SIZE
+        lo = self.file_offset
+        marked: set[int] = set()
+        for start, stop in self.io.data_spans(lo, self.geometry.bat_entries * c.BAT_ENTRY_SIZE):
+            marked.update(range((start - lo) // window_bytes, (stop - 1 - lo) // window_bytes + 1))
+        return sorted(marked)
+
+    def raw_windows(self) -> Iterator[RawWindow]:
+        """Every window that holds non-zero entries, in order (one at a time: bounded memory).
+
+        Windows in holes of the file are not read; windows read as all zeros (a BAT written as zeros, as
+        qemu-img writes it) are read into one reused buffer and skipped without being split or decoded.
+        """
+        buffer = np.zeros(min(self.window_chunks * (self.geometry.chunk_ratio + 1), self.geometry.bat_entries),
+                          dtype=BAT_DTYPE)
+        with_data = set(self.windows_with_data())
+        for w in range(self.window_count):
+            window = self._window(w, buffer) if w in with_data else None
+            if window is None:
+                self._uniform[w] = 0
+                continue
+            # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of them
+            # (map, chain reads) need neither the file nor per-block arrays.
+            p = window.payload
+            if len(p) and not np.count_nonzero(p != p[0]):
+                window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]))
+                if not np.count_nonzero(window.bitmap):
+                    self._uniform[w] = int(p[0])
+            yield window
+
+    def _decoded(self, w: int) -> _Decoded:
+        with self._lock:  # readers may share an image across threads (serve, mount)
+            hit = self._cache.get(w)
+            if hit is not None:
+                self._cache.move_to_end(w)
+                return hit
+        k0, chunks, b0, blocks = self._bounds(w)
+        stride = self.geometry.chunk_ratio + 1
+        lo = self.file_offset + k0 * stride * c.BAT_ENTRY_SIZE
+        uniform = self._uniform.get(w)
+        if uniform is None and self._entries is None and not self.io.data_spans(lo, chunks * stride * c.BAT_ENTRY_SIZE):
+            uniform = 0  # a hole of the file: every entry NOT_PRESENT
+        if uniform is not None and self._entries is None:
+            empty = np.zeros(chunks, dtype=np.int64)
+            decoded = _Decoded(b0, k0, blocks, uniform, None, None, empty.astype(np.uint8), empty)
+        else:
+            win = self.raw_window(w)
+            p = win.payload
+            uniform = int(p[0]) if len(p) and not np.count_nonzero(p != p[0]) else None
+            arrays = [None, None] if uniform is not None else [entry_states(p), entry_offsets(p)]
+            arrays += [entry_states(win.bitmap), entry_offsets(win.bitmap)]
+            for a in arrays:
+                if a is not None:
+                    a.flags.writeable = False
+            decoded = _Decoded(b0, k0, blocks, uniform, *arrays)
+        with self._lock:
+            self._cache[w] = decoded
+            while len(self._cache) > WINDOW_CACHE:
+                self._cache.popitem(last=False)
+        return decoded
+
+    def _payload_windows(self, b0: int, b1: int):
+        """(decoded window, lo, hi) of the windows that cover payload blocks [b0, b1) (b1 clipped)."""
+        per = self.window_chunks * self.geometry.chunk_ratio
+        b1 = min(b1, self.geometry.data_blocks)
+        for w in range(b0 // per, (b1 - 1) // per + 1) if b1 > b0 else ():
+            d = self._decoded(w)
+            yield d, max(b0, d.b0) - d.b0, min(b1, d.b0 + d.blocks) - d.b0
+
+    # --- ranges (bounded memory) --------------------------------------------------------------------
+    def payload_range(self, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states uint8, file offsets int64 bytes) of payload blocks [b0, b1); treat them as read-only."""
+        if self._entries is not None:
+            return self.states[b0:b1], self.offsets[b0:b1]
+        parts = [d.payload(lo, hi) for d, lo, hi in self._payload_windows(b0, b1)]
+        if not parts:
+            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def states_of(self, b0: int, b1: int) -> np.ndarray:
+        """States (uint8) of payload blocks [b0, b1), without their offsets (1 byte per block)."""
+        if self._entries is not None:
+            return self.states[b0:b1]
+        parts = [d.payload(lo, hi)[0] if d.uniform is None else
+                 np.full(hi - lo, d.uniform & c.BAT_STATE_MASK, dtype=np.uint8)
+                 for d, lo, hi in self._payload_windows(b0, b1)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+
+    def uniform_state(self, b0: int, b1: int) -> int | None:
+        """The state of every payload block in [b0, b1) when all of them have the same raw entry, else None.
+
+        Answered from the window cache without per-block arrays: a 64 TiB disk is mostly such runs.
+        """
+        if self._entries is not None or b1 <= b0:
+            return None
+        entries = {d.uniform for d, _lo, _hi in self._payload_windows(b0, b1)}
+        if len(entries) != 1 or None in entries:
+            return None
+        return entries.pop() & c.BAT_STATE_MASK
+
+    def bitmap_range(self, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states uint8, file offsets int64 bytes) of sector bitmap entries of chunks [k0, k1); read-only."""
+        if self._entries is not None:
+            return self.bitmap_states[k0:k1], self.bitmap_offsets[k0:k1]
+        per = self.window_chunks
+        k1 = min(k1, self.geometry.sector_bitmap_blocks)
+        if k1 <= k0:
+            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+        parts = []
+        for w in range(k0 // per, (k1 - 1) // per + 1):
+            d = self._decoded(w)
+            lo, hi = max(k0, d.k0) - d.k0, min(k1, d.k0 + len(d.bitmap_states)) - d.k0
+            parts.append((d.bitmap_states[lo:hi], d.bitmap_offsets[lo:hi]))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @property
+    def state_view(self) -> StateView:
+        """Payload states sliceable like an array (``[b0:b1]``), read window by window."""
+        return StateView(self)
+
+    # --- counts (one pass) --------------------------------------------------------------------------
+    @property
+    def summary(self) -> BatSummary:
+        """State counts and present bitmaps, from one pass over the windows that hold data (kept)."""
+        if self._summary is None:
+            counts, bitmaps = np.zeros(8, dtype=np.int64), 0
+            for win in self.raw_windows():
+                counts += win.state_counts()
+                bitmaps += int(np.count_nonzero(entry_states(win.bitmap) == c.SbState.PRESENT))
+            self.set_summary(counts, bitmaps)
+        return self._summary
+
+    def set_summary(self, counts: np.ndarray, bitmaps_present: int) -> None:
+        """Record counts of the windows with data; blocks in skipped windows count as NOT_PRESENT."""
+        counts = counts.copy()
+        counts[c.BatState.NOT_PRESENT] += self.geometry.data_blocks - int(counts.sum())
+        self._summary = BatSummary(tuple(int(n) for n in counts), int(bitmaps_present))
+
+    def state_counts(self) -> dict[str, int]:
+        """How many payload blocks are in each state, by spec name (zero counts left out)."""
+        names = {s.value: s.name for s in c.BatState}
+        return {names.get(v, f"RESERVED_{v}"): n for v, n in enumerate(self.summary.state_counts) if n}
+
+    def entry_file_offset(self, bat_index: int) -> int:
+        """File offset of one BAT entry (for error messages and findings)."""
+        return self.file_offset + bat_index * c.BAT_ENTRY_SIZE
+
+    # --- the whole BAT (small disks and writers only) ------------------------------------------------
+    @property
+    def entries(self) -> np.ndarray:
+        """Every raw entry (length geometry.bat_entries), read once and kept: small disks and writers only."""
+        if self._entries is None:
+            self._entries = self._read_entries(0, self.geometry.bat_entries)
+            self._cache.clear()
+        return self._entries
 
     @cached_property
     def _split(self) -> tuple[np.ndarray, np.ndarray]:
         return split_entries(self.entries, self.geometry)
 
     def invalidate(self) -> None:
-        """Forget decoded arrays after ``entries`` changed."""
+        """Forget decoded arrays and counts after ``entries`` changed."""
         for name in ("_split", "states", "offsets", "bitmap_states", "bitmap_offsets"):
             self.__dict__.pop(name, None)
+        self._cache.clear()
+        self._summary = None
+        self._uniform.clear()
 
     @property
     def payload_entries(self) -> np.ndarray:
@@ -180,12 +490,12 @@ class Bat:
 
     @cached_property
     def states(self) -> np.ndarray:
-        """BatState of every payload block (uint8)."""
+        """BatState of every payload block (uint8); the whole BAT (small disks and writers only)."""
         return entry_states(self.payload_entries)
 
     @cached_property
     def offsets(self) -> np.ndarray:
-        """File offset of every payload block (int64 bytes; meaningful only for present blocks)."""
+        """File offset of every payload block (int64 bytes; meaningful only for present blocks); whole BAT."""
         return entry_offsets(self.payload_entries)
 
     def payload_range(self, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,19 +510,8 @@ class Bat:
     def bitmap_offsets(self) -> np.ndarray:
         return entry_offsets(self.bitmap_entries)
 
-    def entry_file_offset(self, bat_index: int) -> int:
-        """File offset of one BAT entry (for error messages and findings)."""
-        return self.file_offset + bat_index * c.BAT_ENTRY_SIZE
-
-    def state_counts(self) -> dict[str, int]:
-        """How many payload blocks are in each state, by spec name (zero counts left out)."""
-        # Eight vectorised passes over uint8 states; bincount would first widen them to 64-bit integers.
-        counts = [np.count_nonzero(self.states == v) for v in range(8)]
-        names = {s.value: s.name for s in c.BatState}
-        return {names.get(v, f"RESERVED_{v}"): int(n) for v, n in enumerate(counts) if n}
-
     def allocated_blocks(self) -> np.ndarray:
-        """Mask of payload blocks that own space in the file (fully or partially present)."""
+        """Mask of payload blocks that own space in the file (fully or partially present); whole BAT."""
         return (self.states == c.BatState.FULLY_PRESENT) | (self.states == c.BatState.PARTIALLY_PRESENT)
 
     # --- in-place updates (writer) ------------------------------------------------------------------
@@ -227,6 +526,7 @@ class Bat:
             self.states[blocks] = state
         if "offsets" in self.__dict__:
             self.offsets[blocks] = offsets
+        self._summary = None
         return index
 
     def set_bitmap(self, chunks: np.ndarray, state: int, offset: int) -> np.ndarray:
@@ -239,4 +539,5 @@ class Bat:
             self.bitmap_states[chunks] = state
         if "bitmap_offsets" in self.__dict__:
             self.bitmap_offsets[chunks] = offset
+        self._summary = None
         return index
