@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from vhdx.errors import (
+from vhdx.hyperv.errors import (
     CheckpointNotFoundError,
     HyperVAccessDeniedError,
     HyperVJobFailedError,
