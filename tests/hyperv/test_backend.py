@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from vhdx.hyperv import HyperV, scripts
 from vhdx.hyperv.errors import (
     CheckpointNotFoundError,
     HyperVAccessDeniedError,
@@ -10,7 +11,6 @@ from vhdx.hyperv.errors import (
     HyperVUnavailableError,
     VmNotFoundError,
 )
-from vhdx.hyperv import HyperV, scripts
 from vhdx.ops.inspect import DiskInfo
 
 APP = "C:\\ProgramData\\Microsoft\\Windows\\Virtual Hard Disks\\"

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable
 
+from vhdx.hyperv import scripts
 from vhdx.hyperv.errors import (
     CheckpointNotFoundError,
     HyperVAccessDeniedError,
@@ -28,7 +29,6 @@ from vhdx.hyperv.errors import (
     HyperVUnavailableError,
     VmNotFoundError,
 )
-from vhdx.hyperv import scripts
 from vhdx.hyperv.models import (
     CheckpointTree,
     DiskProblem,
