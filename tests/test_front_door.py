@@ -132,3 +132,11 @@ def test_every_leaf_error_class_is_raised_somewhere_in_the_library():
                if isinstance(obj, type) and issubclass(obj, vhdx.errors.VhdxError)]
     leaves = [cls for cls in classes if not any(other is not cls and issubclass(other, cls) for other in classes)]
     assert sorted(cls.__name__ for cls in leaves if cls.__name__ not in _constructed_names()) == []
+
+
+def test_hypothesis_strategies_live_in_the_fixtures_package_not_the_library():
+    import importlib.util
+
+    assert importlib.util.find_spec("vhdx.testing") is None
+    assert callable(importlib.import_module("vhdx_fixtures.strategies").chain_specs)
+    assert not [m for m in all_submodules() if "hypothesis" in Path(importlib.util.find_spec(m).origin).read_text()]
