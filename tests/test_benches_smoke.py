@@ -58,7 +58,7 @@ def test_benches_no_workload_files_left_behind(tiny_results):
 
 
 def test_bench_cmd_measure_storage_reports_flatten_and_limit(tmp_path):
-    from benches.userbench import measure_storage
+    from vhdx_cli.storage_bench import measure_storage
 
     result = measure_storage(str(tmp_path), 64 << 20, repeats=1)
     rows = {row.operation: row for row in result.rows}
