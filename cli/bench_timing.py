@@ -30,7 +30,7 @@ class Method:
         setup: untimed, before each run.
         teardown: untimed, after each run (also after a failed one).
         verify: untimed, after the first run: a digest of what the run produced (compared with ours).
-        missing: why the method cannot run here (tool not installed, function not built yet); never run then.
+        missing: why the method cannot run here (e.g. a peer tool not installed); never run then.
     """
 
     name: str
