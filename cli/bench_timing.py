@@ -7,6 +7,7 @@ dirty pages do not slow the next. Lives in the CLI package because ``vhdx bench`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -90,7 +91,7 @@ def run_methods(methods: list[Method], repeats: int) -> list[Outcome]:
                     o.peak_rss_kib = max(o.peak_rss_kib or 0, int(extra["peak_rss_kib"]))
                 if round_index == 0 and m.verify:
                     o.digest = m.verify()
-            except Exception as exc:  # noqa: BLE001 - a peer failing is a result to report, not a crash
+            except Exception as exc:  # a peer failing is a result to report, not a crash
                 o.status, o.note = "failed", _first_line(exc)
                 o.times.clear()
             finally:
@@ -129,7 +130,5 @@ def copy_file_range_all(src: str, dst: str, length: int) -> None:
 
 def remove(*paths: str) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass

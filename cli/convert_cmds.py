@@ -9,6 +9,7 @@ import click
 import vhdx
 from vhdx.format.constants import FILE_SIGNATURE
 from vhdx.ops.convert import flatten, import_raw
+from vhdx.ops.convert_type import make_child
 from vhdx.ops.export import export_raw, stream_raw
 from vhdx_cli import render
 from vhdx_cli.common import (
@@ -100,8 +101,6 @@ def _convert_type(source, destination, output_format, source_format, disk_type, 
     with vhdx.open(source, **open_kwargs(**chain_opts)) as image:
         progress = Progress(image.virtual_size, "convert")
         if new_parent:
-            from vhdx.ops.convert_type import make_child
-
             make_child(image, destination, new_parent, block_size=block_size, keep_id=keep_id, overwrite=force,
                        progress=progress, sync=sync)
         else:

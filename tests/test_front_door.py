@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import pkgutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 import vhdx
 import vhdx.errors
+from vhdx.hyperv import errors as hyperv_errors
 
 PACKAGE_DIR = Path(vhdx.__file__).parent
 HEAVY = ("numpy", "vhdx.ops.merge")
@@ -105,8 +107,6 @@ def test_submodules_are_reachable_as_attributes_without_importing_them():
 
 
 def test_hyperv_errors_live_in_vhdx_hyperv_and_are_vhdx_errors():
-    from vhdx.hyperv import errors as hyperv_errors
-
     names = ["HyperVError", "HyperVUnavailableError", "HyperVAccessDeniedError", "VmNotFoundError",
              "CheckpointNotFoundError", "HyperVJobFailedError", "HyperVTimeoutError"]
     for name in names:
@@ -135,8 +135,6 @@ def test_every_leaf_error_class_is_raised_somewhere_in_the_library():
 
 
 def test_hypothesis_strategies_live_in_the_fixtures_package_not_the_library():
-    import importlib.util
-
     assert importlib.util.find_spec("vhdx.testing") is None
     assert callable(importlib.import_module("vhdx_fixtures.strategies").chain_specs)
     assert not [m for m in all_submodules() if "hypothesis" in Path(importlib.util.find_spec(m).origin).read_text()]
