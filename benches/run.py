@@ -14,13 +14,14 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, report
+from . import cases, cases_startup, report
 from .sizes import PROFILES
 from .workloads import build_all
 
 CASES = ("flatten", "reads", "merge", "info", "create", "scan")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
          "info": ("sparse",), "create": (), "scan": ()}
+CASES, NEEDS = (*CASES, "startup"), {**NEEDS, "startup": ()}
 
 
 def parse_args(argv):
@@ -86,6 +87,9 @@ def run(argv=None) -> dict:
         if "scan" in only:
             log(f"scan {profile.scan_disks} disks", started)
             records += cases.scan_case(tmp, profile)
+        if "startup" in only:
+            log("start-up", started)
+            records += cases_startup.startup_case(tmp, profile)
         results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
                    "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
                    "records": records}
