@@ -138,3 +138,14 @@ def test_hypothesis_strategies_live_in_the_fixtures_package_not_the_library():
     assert importlib.util.find_spec("vhdx.testing") is None
     assert callable(importlib.import_module("vhdx_fixtures.strategies").chain_specs)
     assert not [m for m in all_submodules() if "hypothesis" in Path(importlib.util.find_spec(m).origin).read_text()]
+
+
+def test_vhdx_check_in_a_fresh_process_reports_an_interrupted_merge(tmp_path):
+    # The interrupted-merge check must not depend on some earlier import having loaded the merge engine.
+    path = tmp_path / "base.vhdx"
+    vhdx.create_image(path, 8 << 20)
+    (tmp_path / "base.vhdx.merge-journal").write_text("{not json")
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'check', '--json', {str(path)!r}]\n"
+            "cli()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "MERGE_INTERRUPTED" in done.stdout, done.stdout + done.stderr
