@@ -150,20 +150,6 @@ def reads(w: Workload, tmp: str, profile: Profile, pattern: str) -> dict:
 
 
 # --- merge --------------------------------------------------------------------------------------------------
-def merge_function():
-    """``vhdx.ops.merge`` (issue 6) if it exists, else None."""
-    fn = getattr(vhdx, "merge", None)
-    if fn is not None and inspect.ismodule(fn):
-        fn = getattr(fn, "merge", None)
-    if fn is None:
-        try:
-            import vhdx.ops.merge as module  # noqa: PLC0415 - optional until issue 6 lands
-        except ImportError:
-            return None
-        fn = getattr(module, "merge", None)
-    return fn if callable(fn) else None
-
-
 def copy_sparse(src: str, dst: str) -> None:
     subprocess.run(["cp", "--sparse=always", "--reflink=never", src, dst], check=True)
 
@@ -198,8 +184,7 @@ def merge(w: Workload, tmp: str, profile: Profile, limit_src: str) -> dict:
             export_raw(image, flat, overwrite=True)
         return file_digest(flat, w.virtual_size)
 
-    missing = None if merge_function() else "missing (not built yet): vhdx.merge (issue 6)"
-    methods = [Method("ours", "ours", ours, setup=setup, verify=verify, missing=missing,
+    methods = [Method("ours", "ours", ours, setup=setup, verify=verify,
                       teardown=lambda: shutil.rmtree(work, ignore_errors=True)),
                Method("raw copy_file_range", "limit", lambda: copy_file_range_all(limit_src, limit_out,
                                                                                    w.top_data_bytes),
@@ -240,15 +225,11 @@ def cli_has(command: str) -> str | None:
 
     # Commands load lazily: ask the group, not its dict of already imported commands.
     known = cli.list_commands(click.Context(cli))
-    return None if command in known else f"missing (not built yet): vhdx {command}"
+    return None if command in known else f"missing: vhdx {command} (not registered)"
 
 
 def check_function():
-    try:
-        from vhdx.ops.check import check_image  # noqa: PLC0415 - optional until the check issue lands
-    except ImportError:
-        return None
-    return check_image
+    return vhdx.check_image
 
 
 def _call_check(fn, path: str):
@@ -282,8 +263,7 @@ def info_check(w: Workload, tmp: str, profile: Profile) -> list[dict]:
     ]
     check_fn = check_function()
     check_methods = [
-        Method("ours (library)", "ours-lib", lambda: _call_check(check_fn, w.path),
-               missing=None if check_fn else "missing (not built yet): vhdx.ops.check.check_image"),
+        Method("ours (library)", "ours-lib", lambda: _call_check(check_fn, w.path)),
         Method("ours (vhdx check)", "ours", lambda: run_tool([vhdx_cmd, "check", w.path], ok_codes=(0, 2, 3)),
                missing=cli_has("check")),
         Method("qemu-img check (same file)", "peer", lambda: run_tool([qemu, "check", w.path], ok_codes=(0, 2, 3)),

@@ -1,7 +1,7 @@
 """Compaction speed: a dynamic disk with every other block all zeros, compacted in place, next to copying the data
 it keeps with ``copy_file_range`` (the floor for any tool that must move that data).
 
-Run: ``python -m vhdx_benches.compact_bench [--dir FOLDER] [--size 4G]``; prints one JSON object. Both sides fsync
+Run: ``python -m benches.compact_bench [--dir FOLDER] [--size 4G]``; prints one JSON object. Both sides fsync
 their result, and each starts with a cold page cache when the process may drop it (root), else warm.
 """
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+from vhdx_cli.storage_bench import filesystem_of
+
 from .sizes import human_size
 
 
@@ -29,11 +31,6 @@ def _qemu_version() -> str | None:
     out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"version (\S+)", out)
     return m.group(1) if m else out.strip().splitlines()[0]
-
-
-def filesystem_of(path: str) -> str:
-    out = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True).stdout.split()
-    return out[-1] if len(out) > 1 else "unknown"
 
 
 def machine(work_dir: str) -> dict:

@@ -14,13 +14,14 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, cases_export, cases_reads, cases_scale, report
+from . import cases, cases_export, cases_reads, cases_scale, cases_startup, report
 from .sizes import PROFILES
 from .workloads import build_all
 
-CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index", "scale")
+CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index", "scale", "startup")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
-         "info": ("sparse",), "create": (), "scan": (), "export": (), "reads_index": ("chains",), "scale": ()}
+         "info": ("sparse",), "create": (), "scan": (), "export": (), "reads_index": ("chains",), "scale": (),
+         "startup": ()}
 
 
 def parse_args(argv):
@@ -97,6 +98,9 @@ def run(argv=None) -> dict:
         if "scale" in only:
             log("64 TiB: create, info, chain, map", started)
             records += cases_scale.scale_cases(tmp, profile)
+        if "startup" in only:
+            log("start-up", started)
+            records += cases_startup.startup_case(tmp, profile)
         results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
                    "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
                    "records": records}

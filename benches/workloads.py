@@ -10,15 +10,12 @@ import os
 import random
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import vhdx
-from vhdx.disk.extents import ExtentKind
 from vhdx.ops.create import create
+from vhdx_cli.storage_bench import CHUNK, Payload, data_bytes_of, write_merge_chain, write_range  # noqa: F401
 
 from .sizes import MiB, Profile, human_size
 
-CHUNK = 8 * MiB
 CHAIN_BLOCK_SIZE = 2 * MiB
 
 
@@ -42,40 +39,6 @@ class Workload:
     @property
     def depth(self) -> int:
         return len(self.layers) - 1
-
-
-class Payload:
-    """Seeded, cheap, incompressible payload: views into one random pool, each chunk stamped with its offset."""
-
-    def __init__(self, seed: int, pool_size: int = 2 * CHUNK) -> None:
-        self.pool = np.random.default_rng(seed).integers(0, 256, pool_size, dtype=np.uint8)
-        self.seed = seed
-
-    def chunk(self, offset: int, length: int) -> bytes:
-        start = (offset * 2654435761 + self.seed) % (len(self.pool) - length + 1) if length < len(self.pool) else 0
-        buf = bytearray(self.pool[start : start + length].tobytes())
-        buf[:8] = offset.to_bytes(8, "little")
-        return bytes(buf)
-
-
-def write_range(image, payload: Payload, offset: int, length: int) -> None:
-    pos = offset
-    while pos < offset + length:
-        n = min(CHUNK, offset + length - pos)
-        image.write(pos, payload.chunk(pos, n))
-        pos += n
-
-
-def data_bytes_of(path: str) -> tuple[int, int]:
-    """(data bytes of the whole virtual disk, data bytes held by the file itself)."""
-    with vhdx.open(path) as image:
-        ext = image.extents()  # walks the disk in windows: fine for 64 TiB
-        total = int(ext.length[ext.kind == ExtentKind.DATA].sum())
-        if not image.has_parent:
-            return total, total
-        own = image.layer_extents(0, image.virtual_size)  # one array per block: only for the small chains
-        top = int(own.length[own.kind == ExtentKind.DATA].sum())
-    return total, top
 
 
 def _finish(w: Workload) -> Workload:
@@ -145,18 +108,9 @@ def merge_chain(folder: str, size: int, child_bytes: int, *, name: str = "merge"
     """A dynamic parent with a quarter of ``size`` written and a child holding ``child_bytes`` in 8 MiB writes."""
     parent = os.path.join(folder, f"{name}-base.vhdx")
     child = os.path.join(folder, f"{name}-1.avhdx")
-    create(parent, size, creator=creator)
-    quarter = size // 4 // CHUNK * CHUNK or CHUNK
-    with vhdx.open(parent, writable=True) as image:
-        write_range(image, Payload(1), 0, quarter)
-    create(child, parent=parent, creator=creator)
-    slots = random.Random(2).sample(range(size // CHUNK), max(1, min(child_bytes, size) // CHUNK))
-    payload = Payload(3)
-    with vhdx.open(child, writable=True) as image:
-        for slot in sorted(slots):
-            image.write(slot * CHUNK, payload.chunk(slot * CHUNK, CHUNK))
+    written = write_merge_chain(parent, child, size, child_bytes, creator)
     desc = (f"parent {human_size(size)} dynamic (32 MiB blocks, a quarter written), child with "
-            f"{human_size(len(slots) * CHUNK)} in 8 MiB writes (2 MiB blocks)")
+            f"{human_size(written)} in 8 MiB writes (2 MiB blocks)")
     return _finish(Workload(f"{name}-d1", desc, (parent, child), size, qemu_readable=False))
 
 

@@ -8,6 +8,7 @@ import click
 
 from vhdx_cli import render
 from vhdx_cli.common import SIZE, handle_errors, json_wanted
+from vhdx_cli.storage_bench import measure_storage
 
 
 @click.command()
@@ -19,8 +20,6 @@ from vhdx_cli.common import SIZE, handle_errors, json_wanted
 @handle_errors
 def bench(folder, size, as_json):
     """Time flatten and merge in FOLDER against copy_file_range of the same bytes there (no peers needed)."""
-    from vhdx_benches.userbench import measure_storage  # late: keeps `vhdx` start-up light
-
     as_json = as_json or json_wanted()  # the global --json too
 
     result = measure_storage(os.path.abspath(folder), size,

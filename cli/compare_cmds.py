@@ -12,7 +12,7 @@ from vhdx.errors import VhdxError
 from vhdx.forensics.compare import RawDisk, compare_disks
 from vhdx_cli import render
 from vhdx_cli.common import Progress, current_state, fail, log_replayed_in_memory
-from vhdx_cli.main import is_vhdx_file
+from vhdx_cli.convert_cmds import is_vhdx_file
 
 # As qemu-img compare: 0 identical, 1 different, 2 could not compare (an error must not read as "different").
 IDENTICAL, DIFFERENT, COULD_NOT_COMPARE = 0, 1, 2

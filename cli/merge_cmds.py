@@ -55,7 +55,7 @@ def merge(ctx, child, into, dry_run, verify, resume, abort, keep, search_dirs, f
             click.echo(abort_text(done))
         return
     bar, report = _progress("merge")
-    result = vhdx.merge(child, into, dry_run=dry_run, verify=verify, progress=report, keep=keep,
+    result = vhdx.merge_chain(child, into, dry_run=dry_run, verify=verify, progress=report, keep=keep,
                         search_dirs=search_dirs, force=force, resume=resume)
     bar.finish()
     if json_out:

@@ -58,7 +58,7 @@ def test_benches_no_workload_files_left_behind(tiny_results):
 
 
 def test_bench_cmd_measure_storage_reports_flatten_and_limit(tmp_path):
-    from benches.userbench import measure_storage
+    from vhdx_cli.storage_bench import measure_storage
 
     result = measure_storage(str(tmp_path), 64 << 20, repeats=1)
     rows = {row.operation: row for row in result.rows}
@@ -82,3 +82,14 @@ def test_benches_scan_case_times_every_method_against_the_floor(tmp_path):
         assert by_role["ours"].status == "ok" and by_role["limit"].status == "ok"
         assert len(by_role["ours"].times) == TINY.repeats
     assert not (tmp_path / "fleet").exists()
+
+
+def test_benches_startup_case_times_each_command_against_the_import_floor(tmp_path):
+    from benches import cases_startup
+    from benches.sizes import TINY
+
+    records = cases_startup.startup_case(str(tmp_path), TINY)
+    assert [r["workload"] for r in records] == ["vhdx --version", "vhdx info small.vhdx", "import vhdx"]
+    for r in records:
+        assert [(o.role, o.status) for o in r["outcomes"]] == [("ours", "ok"), ("limit", "ok")], r["workload"]
+        assert all(len(o.times) == cases_startup.STARTUP_RUNS for o in r["outcomes"])

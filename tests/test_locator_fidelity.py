@@ -32,7 +32,7 @@ def test_windows_absolute_path_is_a_drive_or_unc_path_or_nothing(path, windows, 
 
 def test_create_parent_on_posix_stores_no_posix_absolute_path(tmp_path):
     base, child = tmp_path / "base.vhdx", tmp_path / "child.avhdx"
-    vhdx.create(base, 4 * MiB, block_size=MiB)
+    vhdx.create_image(base, 4 * MiB, block_size=MiB)
     assert run("create", child, "--parent", base).exit_code == 0
     with vhdx.open(child) as image:
         entries = dict(image.params.parent_locator.entries)
@@ -59,9 +59,9 @@ def test_set_parent_dry_run_lists_every_key_that_changes_or_disappears(windows_p
 
 def test_set_parent_ignoring_id_mismatch_still_warns_about_size_and_disk_id(tmp_path):
     base, other, child = tmp_path / "base.vhdx", tmp_path / "other.vhdx", tmp_path / "child.avhdx"
-    vhdx.create(base, 8 * MiB, block_size=MiB)
-    vhdx.create(other, 4 * MiB, block_size=MiB)
-    vhdx.create(child, parent=base)
+    vhdx.create_image(base, 8 * MiB, block_size=MiB)
+    vhdx.create_image(other, 4 * MiB, block_size=MiB)
+    vhdx.create_image(child, parent=base)
     result = run("set-parent", "--ignore-id-mismatch", child, other)
     assert result.exit_code == 0, result.output
     assert "virtual size" in result.stderr and "disk id" in result.stderr
@@ -69,7 +69,7 @@ def test_set_parent_ignoring_id_mismatch_still_warns_about_size_and_disk_id(tmp_
 
 def test_set_parent_to_the_same_parent_has_no_warning(tmp_path):
     base, child = tmp_path / "base.vhdx", tmp_path / "child.avhdx"
-    vhdx.create(base, 8 * MiB, block_size=MiB)
-    vhdx.create(child, parent=base)
+    vhdx.create_image(base, 8 * MiB, block_size=MiB)
+    vhdx.create_image(child, parent=base)
     result = run("set-parent", child, base)
     assert result.exit_code == 0 and "warning" not in result.stderr

@@ -156,7 +156,7 @@ def test_plan_merge_digest_follows_the_plan_content():
 # --- real merges ---------------------------------------------------------------------------------------
 def merged_view(paths, model, into_index=1, **kw):
     assert read_view(paths[0]) == bytes(model)
-    vhdx.merge(paths[0], into=paths[into_index], verify=True, **kw)
+    vhdx.merge_chain(paths[0], into=paths[into_index], verify=True, **kw)
     for p in paths[:into_index]:
         assert not p.exists()
     report = check_image(paths[into_index], chain=True)
@@ -203,14 +203,14 @@ def test_merge_grows_the_destination_to_a_larger_child(tmp_path):
 def test_merge_relinks_the_children_of_the_merged_child(tmp_path):
     paths, model = build_chain(tmp_path, child_blocks=[2 * MiB, 1 * MiB], seed=5)
     grandchild, child, base = paths
-    result = vhdx.merge(child)
+    result = vhdx.merge_chain(child)
     assert result.relinked == (str(grandchild),)
     assert not child.exists() and read_view(grandchild) == bytes(model)
 
 
 def test_merge_keep_renames_the_merged_files(tmp_path):
     paths, model = build_chain(tmp_path, child_blocks=[2 * MiB], seed=6)
-    vhdx.merge(paths[0], keep=True)
+    vhdx.merge_chain(paths[0], keep=True)
     assert not paths[0].exists() and (tmp_path / (paths[0].name + ".merged")).exists()
     assert read_view(paths[1]) == bytes(model)
 
@@ -218,7 +218,7 @@ def test_merge_keep_renames_the_merged_files(tmp_path):
 def test_merge_dry_run_changes_no_byte(tmp_path):
     paths, model = build_chain(tmp_path, child_blocks=[2 * MiB], seed=8)
     before = {p: p.read_bytes() for p in paths}
-    result = vhdx.merge(paths[0], dry_run=True)
+    result = vhdx.merge_chain(paths[0], dry_run=True)
     assert result.dry_run and result.plan["bytes_to_copy"] > 0
     assert {p: p.read_bytes() for p in paths} == before and sorted(os.listdir(tmp_path)) == sorted(
         p.name for p in paths)
@@ -228,14 +228,14 @@ def test_merge_refuses_when_a_sibling_depends_on_the_destination(tmp_path):
     paths, model = build_chain(tmp_path, child_blocks=[2 * MiB], seed=9)
     create(tmp_path / "sibling.avhdx", parent=paths[1])
     with pytest.raises(MergeError, match="sibling.avhdx depends on the destination"):
-        vhdx.merge(paths[0])
+        vhdx.merge_chain(paths[0])
     assert read_view(paths[0]) == bytes(model)
 
 
 def test_merge_force_merges_and_the_sibling_then_refuses_to_open(tmp_path):
     paths, model = build_chain(tmp_path, child_blocks=[2 * MiB], seed=9)
     sibling = create(tmp_path / "sibling.avhdx", parent=paths[1])
-    result = vhdx.merge(paths[0], force=True)
+    result = vhdx.merge_chain(paths[0], force=True)
     assert result.warnings and read_view(paths[1]) == bytes(model)
     with pytest.raises(vhdx.ParentMismatchError):
         read_view(sibling)
@@ -248,20 +248,20 @@ def test_merge_refuses_a_dirty_log(tmp_path):
     disk.flush()  # the log now holds an entry and the header names it; the process "dies" here
     disk.io.close()
     with pytest.raises(MergeError, match="vhdx repair"):
-        vhdx.merge(paths[0])
+        vhdx.merge_chain(paths[0])
 
 
 def test_merge_refuses_a_destination_that_is_not_an_ancestor(tmp_path):
     paths, _ = build_chain(tmp_path, child_blocks=[2 * MiB], seed=2)
     other = create(tmp_path / "other.vhdx", 8 * MiB)
     with pytest.raises(MergeError, match="not an ancestor"):
-        vhdx.merge(paths[0], into=other)
+        vhdx.merge_chain(paths[0], into=other)
 
 
 def test_merge_refuses_a_base_disk(tmp_path):
     base = create(tmp_path / "base.vhdx", 8 * MiB)
     with pytest.raises(MergeError, match="not a differencing disk"):
-        vhdx.merge(base)
+        vhdx.merge_chain(base)
 
 
 def test_merge_refuses_when_free_space_is_short(tmp_path, monkeypatch):
@@ -275,12 +275,12 @@ def test_merge_refuses_when_free_space_is_short(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "statvfs", lambda _p: Tiny)
     with pytest.raises(MergeError, match="not enough free space"):
-        vhdx.merge(child)
+        vhdx.merge_chain(child)
 
 
 def test_merge_resume_when_nothing_was_begun_runs_the_merge(tmp_path):
     paths, model = build_chain(tmp_path, child_blocks=[2 * MiB], seed=1)
-    result = vhdx.merge(paths[0], resume=True)
+    result = vhdx.merge_chain(paths[0], resume=True)
     assert not result.resumed and not paths[0].exists() and read_view(paths[1]) == bytes(model)
 
 

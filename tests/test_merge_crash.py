@@ -80,7 +80,7 @@ def scenario(folder):
 
 
 def run_merge(paths, power, **kw):
-    return vhdx.merge(paths[1], into=paths[3], opener=faulty_opener(power), **kw)
+    return vhdx.merge_chain(paths[1], into=paths[3], opener=faulty_opener(power), **kw)
 
 
 def sweep(tmp_path, journal_steps, stride: int) -> None:
@@ -109,10 +109,10 @@ def sweep(tmp_path, journal_steps, stride: int) -> None:
         assert read_view(wp[0]) == bytes(model), f"crash at step {crash_at}"
         journal_steps["power"] = Power(None)
         if find_interrupted(str(wp[1])) is not None:
-            result = vhdx.merge(wp[1], resume=True)
+            result = vhdx.merge_chain(wp[1], resume=True)
             assert result.resumed
         else:  # stopped before the intent record existed: nothing had changed, so merge afresh
-            vhdx.merge(wp[1], into=wp[3])
+            vhdx.merge_chain(wp[1], into=wp[3])
         assert read_view(wp[0]) == bytes(model) and read_view(wp[3]) == expected_base, f"crash at {crash_at}"
         assert not wp[1].exists() and not wp[2].exists()
         assert not list(work.glob("*.merge-*")), f"journal left behind after crash at {crash_at}"
@@ -137,7 +137,7 @@ def test_merge_resume_finishes_to_the_same_destination_file(tmp_path, journal_st
     shutil.copytree(pristine, reference)
     ref = [reference / p.name for p in paths]
     journal_steps["power"] = Power(None)
-    vhdx.merge(ref[1], into=ref[3])
+    vhdx.merge_chain(ref[1], into=ref[3])
     work = tmp_path / "work"
     shutil.copytree(pristine, work)
     wp = [work / p.name for p in paths]
@@ -146,7 +146,7 @@ def test_merge_resume_finishes_to_the_same_destination_file(tmp_path, journal_st
     with pytest.raises(SimulatedCrash):
         run_merge(wp, power)
     journal_steps["power"] = Power(None)
-    vhdx.merge(wp[1], resume=True)
+    vhdx.merge_chain(wp[1], resume=True)
     # Same payload layout and BAT as the uninterrupted run (headers differ only in their GUIDs).
     with vhdx.open(ref[3]) as a, vhdx.open(wp[3]) as b:
         assert (a.bat.entries == b.bat.entries).all()
@@ -169,7 +169,7 @@ def test_merge_interrupted_is_reported_by_check_chain(tmp_path, journal_steps):
 
 MERGE_SCRIPT = """
 import sys, vhdx
-vhdx.merge(sys.argv[1], into=sys.argv[2])
+vhdx.merge_chain(sys.argv[1], into=sys.argv[2])
 """
 
 
@@ -180,7 +180,7 @@ def test_merge_survives_sigkill_at_random_moments(tmp_path, seed):
     paths, model = build_chain(pristine, size=48 * MiB, child_blocks=[1 * MiB, 2 * MiB, 1 * MiB], seed=seed, ops=14)
     reference = tmp_path / "reference"
     shutil.copytree(pristine, reference)
-    vhdx.merge(reference / paths[1].name, into=reference / paths[3].name)
+    vhdx.merge_chain(reference / paths[1].name, into=reference / paths[3].name)
     expected = read_view(reference / paths[3].name)
     start = time.monotonic()
     probe = subprocess.run([sys.executable, "-c", MERGE_SCRIPT, str(reference / "x"), "y"], capture_output=True)
@@ -197,8 +197,8 @@ def test_merge_survives_sigkill_at_random_moments(tmp_path, seed):
         if wp[1].exists() or find_interrupted(str(wp[1])) is not None:
             assert read_view(wp[0]) == bytes(model)
         if find_interrupted(str(wp[1])) is not None:
-            vhdx.merge(wp[1], resume=True)
+            vhdx.merge_chain(wp[1], resume=True)
         elif wp[1].exists():
-            vhdx.merge(wp[1], into=wp[3])  # killed before the journal existed: nothing had changed
+            vhdx.merge_chain(wp[1], into=wp[3])  # killed before the journal existed: nothing had changed
         assert read_view(wp[0]) == bytes(model) and read_view(wp[3]) == expected
         shutil.rmtree(work)

@@ -115,7 +115,7 @@ def test_a_partition_past_the_disk_end_is_a_format_error(tmp_path):
 
 def test_a_disk_without_a_partition_table_has_no_partitions(tmp_path):
     path = tmp_path / "blank.vhdx"
-    vhdx.create(path, 8 * MiB, block_size=MiB)
+    vhdx.create_image(path, 8 * MiB, block_size=MiB)
     result = CliRunner().invoke(cli, ["partitions", str(path)])
     assert result.exit_code == 0 and "no MBR or GPT" in result.output
 

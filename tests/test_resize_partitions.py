@@ -83,7 +83,7 @@ def test_growing_a_gpt_disk_moves_its_backup_to_the_new_end(tmp_path):
 
 def test_to_minimum_needs_a_partition_table(tmp_path):
     path = str(tmp_path / "blank.vhdx")
-    vhdx.create(path, 8 * MiB, block_size=MiB)
+    vhdx.create_image(path, 8 * MiB, block_size=MiB)
     with pytest.raises(InvalidRequestError, match="needs a partition table"):
         resize_image(path, to_minimum=True)
 
@@ -98,5 +98,5 @@ def test_to_minimum_refuses_data_between_the_last_partition_and_the_end(tmp_path
 
 def test_a_disk_shrunk_below_two_sectors_has_no_gpt_to_move(tmp_path):
     path = str(tmp_path / "tiny.vhdx")
-    vhdx.create(path, 8 * MiB, block_size=MiB)
+    vhdx.create_image(path, 8 * MiB, block_size=MiB)
     assert not resize_image(path, 512).gpt_backup_moved

@@ -13,9 +13,9 @@ import pytest
 
 import vhdx
 from tests.support.faulty_io import DeadAfterCrash, SimulatedCrash
-from vhdx.structures import commit as commit_module
 from vhdx.ops.create import create
 from vhdx.ops.relink import set_parent
+from vhdx.structures import commit as commit_module
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -1,62 +1,71 @@
 """vhdx-chain: read, check, repair and merge VHDX/AVHDX disks and their checkpoint chains.
 
-Public API: ``open`` (alias ``open_image``), the image and stream classes, and the error tree.
+Public API (verb + noun, never the name of a submodule): ``open_image`` (alias ``open``), ``create_image``,
+``merge_chain``, ``abort_merge``, ``flatten``, ``check_image``, ``repair_image``, ``set_parent``, the image and
+stream classes, the state enums and the error tree. Each name is imported on first use (PEP 562), so
+``import vhdx`` costs almost nothing and loads neither numpy nor the merge engine.
 """
 
 from __future__ import annotations
 
-from vhdx.disk.image import VhdxImage, VirtualDiskStream, open_image
-from vhdx.errors import (
-    ChainError,
-    ChainLoopError,
-    ChecksumError,
-    DependentsError,
-    FormatError,
-    InvalidRequestError,
-    LockedError,
-    LogReplayRequired,
-    MergeError,
-    ParentMismatchError,
-    ParentNotFoundError,
-    UnsupportedError,
-    VhdxError,
-)
-from vhdx.format.constants import BatState, DiskType, SbState
-from vhdx.ops.convert import flatten
-from vhdx.ops.create import create
-from vhdx.ops.merge import MergeResult, abort_merge, merge
-from vhdx.ops.relink import set_parent
+import importlib
 
-# ``vhdx.ops.create``, ``vhdx.ops.merge`` and ``vhdx.set_parent`` are the functions (the documented API); their modules
-# stay importable by name (``from vhdx.ops.merge import plan_merge``).
+# The one list of public names: name -> "module:attribute".
+_PUBLIC = {
+    "open_image": "vhdx.disk.image:open_image",
+    "open": "vhdx.disk.image:open_image",  # ``vhdx.open(path)``: the documented short alias
+    "create_image": "vhdx.ops.create:create",
+    "merge_chain": "vhdx.ops.merge:merge",
+    "abort_merge": "vhdx.ops.merge:abort_merge",
+    "MergeResult": "vhdx.ops.merge:MergeResult",
+    "flatten": "vhdx.ops.convert:flatten",
+    "check_image": "vhdx.ops.check:check_image",
+    "repair_image": "vhdx.ops.repair:repair_image",
+    "set_parent": "vhdx.ops.relink:set_parent",
+    "VhdxImage": "vhdx.disk.image:VhdxImage",
+    "VirtualDiskStream": "vhdx.disk.image:VirtualDiskStream",
+    "BatState": "vhdx.format.constants:BatState",
+    "DiskType": "vhdx.format.constants:DiskType",
+    "SbState": "vhdx.format.constants:SbState",
+    "VhdxError": "vhdx.errors:VhdxError",
+    "FormatError": "vhdx.errors:FormatError",
+    "ChecksumError": "vhdx.errors:ChecksumError",
+    "UnsupportedError": "vhdx.errors:UnsupportedError",
+    "ChainError": "vhdx.errors:ChainError",
+    "ParentNotFoundError": "vhdx.errors:ParentNotFoundError",
+    "ParentMismatchError": "vhdx.errors:ParentMismatchError",
+    "ChainLoopError": "vhdx.errors:ChainLoopError",
+    "ChainTooDeepError": "vhdx.errors:ChainTooDeepError",
+    "LockedError": "vhdx.errors:LockedError",
+    "DependentsError": "vhdx.errors:DependentsError",
+    "InvalidRequestError": "vhdx.errors:InvalidRequestError",
+    "MergeError": "vhdx.errors:MergeError",
+}
 
-open = open_image  # noqa: A001 - ``vhdx.open(path)`` is the documented entry point
+__all__ = sorted(_PUBLIC)
 
-__all__ = [
-    "BatState",
-    "ChainError",
-    "ChainLoopError",
-    "ChecksumError",
-    "DependentsError",
-    "DiskType",
-    "FormatError",
-    "InvalidRequestError",
-    "LockedError",
-    "LogReplayRequired",
-    "MergeError",
-    "ParentMismatchError",
-    "ParentNotFoundError",
-    "SbState",
-    "UnsupportedError",
-    "VhdxError",
-    "VhdxImage",
-    "VirtualDiskStream",
-    "open",
-    "open_image",
-    "create",
-    "flatten",
-    "merge",
-    "abort_merge",
-    "MergeResult",
-    "set_parent",
-]
+
+def __getattr__(name: str) -> object:
+    """Import a public name (or a submodule, ``vhdx.ops``) on first use and keep it in the module."""
+    target = _PUBLIC.get(name)
+    if target is None:
+        return _submodule(name)
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def _submodule(name: str) -> object:
+    """``vhdx.<name>`` for a submodule not imported yet (as an eager package would have offered it)."""
+    full = f"{__name__}.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name != full:
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -34,7 +34,7 @@ class Finding:
         return d
 
 
-# Code -> what it means. Each code is used in exactly one place in check.py.
+# Code -> what it means. check.py reports them (MERGE_INTERRUPTED: vhdx/ops/merge/journal.py); repair plans by them.
 CODES = {
     "NOT_VHDX": "file does not start with the 'vhdxfile' signature",
     "FILE_TRUNCATED": "file ends before a structure it must hold",

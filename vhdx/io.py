@@ -18,7 +18,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from io import BytesIO as _BytesIO
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from construct import ConstructError, Container
 
@@ -90,7 +90,9 @@ class ImageIO:
 
     def __init__(self, fd: int | None, fileobj: BinaryIO | None, *, path: str, writable: bool, owns: bool) -> None:
         self._fd = fd
-        self._fileobj = fileobj
+        # A seekable binary file object (BinaryIO declares no readinto); None only when _fd is set, and every
+        # use checks _fd first.
+        self._fileobj: Any = fileobj
         self.path = path
         self.writable = writable
         self._owns = owns
@@ -529,8 +531,11 @@ class BackgroundFlush:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            fd = self._io.fd
+            if fd is None:
+                return  # not reached: __enter__ starts the thread only for a file descriptor
             try:
-                os.fdatasync(self._io.fd)
+                os.fdatasync(fd)
             except OSError:
                 return  # the caller's own flush reports I/O errors
 

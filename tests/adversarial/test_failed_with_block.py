@@ -19,7 +19,7 @@ class Boom(Exception):
 
 def test_a_with_block_that_raises_commits_nothing_it_staged(tmp_path):
     path = tmp_path / "d.vhdx"
-    vhdx.create(path, 8 * MiB, block_size=MiB)
+    vhdx.create_image(path, 8 * MiB, block_size=MiB)
     size = path.stat().st_size
     with pytest.raises(Boom), vhdx.open(path, writable=True) as image:
         image.write(0, b"\x11" * 4096)
@@ -33,7 +33,7 @@ def test_a_with_block_that_raises_commits_nothing_it_staged(tmp_path):
 
 def test_a_with_block_that_raises_keeps_what_was_flushed_before(tmp_path):
     path = tmp_path / "d.vhdx"
-    vhdx.create(path, 8 * MiB, block_size=MiB)
+    vhdx.create_image(path, 8 * MiB, block_size=MiB)
     with pytest.raises(Boom), vhdx.open(path, writable=True) as image:
         image.write(0, b"\x11" * 4096)
         image.flush()
@@ -47,8 +47,8 @@ def test_a_with_block_that_raises_keeps_what_was_flushed_before(tmp_path):
 
 def test_rewrite_metadata_never_commits_a_locator_it_rejected(tmp_path):
     base, child = tmp_path / "base.vhdx", tmp_path / "child.avhdx"
-    vhdx.create(base, 8 * MiB)
-    vhdx.create(child, parent=base)
+    vhdx.create_image(base, 8 * MiB)
+    vhdx.create_image(child, parent=base)
     with vhdx.open(child, orphan=True) as image:
         entries = list(image.params.parent_locator.entries)
         region = image.regions.metadata

@@ -30,7 +30,7 @@ def _write_and_hold(path, ready, release):
 @pytest.fixture
 def live_writer(tmp_path):
     path = tmp_path / "d.vhdx"
-    vhdx.create(path, 4 * MiB, block_size=MiB)
+    vhdx.create_image(path, 4 * MiB, block_size=MiB)
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_write_and_hold, args=(str(path), ready, release))

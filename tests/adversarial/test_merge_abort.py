@@ -45,7 +45,7 @@ def test_abort_before_the_destination_changed_rolls_everything_back(tmp_path):
     paths, model = chain(tmp_path)
     dest_before, locator_before = digest(paths[2]), locator(paths[1])
     with pytest.raises(SimulatedCrash):
-        vhdx.merge(paths[0], into=paths[2], opener=crash_on_first_write_of(paths[2]))
+        vhdx.merge_chain(paths[0], into=paths[2], opener=crash_on_first_write_of(paths[2]))
     assert locator(paths[1]).get(c.PARENT_LINKAGE2_KEY) != locator_before.get(c.PARENT_LINKAGE2_KEY)
     done = vhdx.abort_merge(paths[0])
     assert done.rolled_back and not done.remains
@@ -61,12 +61,12 @@ def test_abort_after_the_destination_changed_says_what_stays_and_the_chain_reads
         raise SimulatedCrash("killed while copying")
 
     with pytest.raises(SimulatedCrash):
-        vhdx.merge(paths[0], into=paths[2], progress=die)
+        vhdx.merge_chain(paths[0], into=paths[2], progress=die)
     done = vhdx.abort_merge(paths[0])
     assert not done.rolled_back and done.state == "planned"
     assert any("part of the merged data" in s for s in done.remains)
     assert find_interrupted(str(paths[0])) is None and read_view(paths[0]) == bytes(model)
-    vhdx.merge(paths[0], into=paths[2])  # and a fresh merge works at once
+    vhdx.merge_chain(paths[0], into=paths[2])  # and a fresh merge works at once
     assert read_view(paths[2]) == bytes(model)
 
 
@@ -78,7 +78,7 @@ def test_abort_after_the_data_phase_keeps_every_file_readable(tmp_path, monkeypa
 
     monkeypatch.setattr(merge_journal, "remove_file", die)
     with pytest.raises(SimulatedCrash):
-        vhdx.merge(paths[0], into=paths[2])
+        vhdx.merge_chain(paths[0], into=paths[2])
     monkeypatch.undo()
     done = vhdx.abort_merge(paths[0])
     assert done.state == "relinked" and any("holds the whole merge" in s for s in done.remains)
@@ -89,11 +89,11 @@ def test_a_merge_stopped_by_a_changed_layer_can_be_given_up_and_merged_again(tmp
     paths, model = chain(tmp_path)
     progress, _ = once(lambda: lock_free_write(paths[0]))
     with pytest.raises(MergeError):
-        vhdx.merge(paths[0], into=paths[2], progress=progress)
+        vhdx.merge_chain(paths[0], into=paths[2], progress=progress)
     with pytest.raises(MergeError, match="no longer the one the merge was planned for"):
-        vhdx.merge(paths[0], resume=True)
+        vhdx.merge_chain(paths[0], resume=True)
     vhdx.abort_merge(paths[0])
-    vhdx.merge(paths[0], into=paths[2])
+    vhdx.merge_chain(paths[0], into=paths[2])
     expected = bytearray(model)
     expected[RACER_OFFSET : RACER_OFFSET + len(RACER_BYTES)] = RACER_BYTES
     assert read_view(paths[2]) == bytes(expected)
@@ -102,7 +102,7 @@ def test_a_merge_stopped_by_a_changed_layer_can_be_given_up_and_merged_again(tmp
 def test_abort_of_a_merge_that_is_still_running_is_refused(tmp_path):
     paths, model = chain(tmp_path)
     progress, box = once(lambda: vhdx_cli("merge", "--abort", paths[0]))
-    vhdx.merge(paths[0], into=paths[2], progress=progress)
+    vhdx.merge_chain(paths[0], into=paths[2], progress=progress)
     assert box["result"].returncode == 1 and "in use by another process" in box["result"].stderr
     assert read_view(paths[2]) == bytes(model)
 
@@ -117,7 +117,7 @@ def test_abort_without_an_interrupted_merge_is_a_one_line_error(tmp_path):
 def test_cli_abort_reports_the_rollback(tmp_path):
     paths, model = chain(tmp_path)
     with pytest.raises(SimulatedCrash):
-        vhdx.merge(paths[0], into=paths[2], opener=crash_on_first_write_of(paths[2]))
+        vhdx.merge_chain(paths[0], into=paths[2], opener=crash_on_first_write_of(paths[2]))
     result = CliRunner().invoke(cli, ["merge", "--abort", str(paths[0]), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["rolled_back"] is True and read_view(paths[0]) == bytes(model)

@@ -59,13 +59,13 @@ def test_enospc_during_a_merge_names_the_file_and_says_resume(tmp_path, full_dis
     paths, model = chain(tmp_path)
     full_disk(paths[2])
     with pytest.raises(MergeError) as err:
-        vhdx.merge(paths[0], into=paths[2])
+        vhdx.merge_chain(paths[0], into=paths[2])
     message = str(err.value)
     assert message.startswith(f"{paths[2]}:") and f"vhdx merge --resume {paths[0]}" in message
     assert "No space left on device" in message
     monkeypatch.undo()  # space freed
     assert read_view(paths[0]) == bytes(model)
-    vhdx.merge(paths[0], resume=True)
+    vhdx.merge_chain(paths[0], resume=True)
     assert read_view(paths[2]) == bytes(model) and not paths[0].exists()
 
 
@@ -85,8 +85,8 @@ def test_enospc_writing_the_merge_journal_leaves_no_temporary_and_says_resume(tm
 
     monkeypatch.setattr(os, "write", no_room)
     with pytest.raises(MergeError, match=f"vhdx merge --resume {paths[0]}"):
-        vhdx.merge(paths[0], into=paths[2])
+        vhdx.merge_chain(paths[0], into=paths[2])
     monkeypatch.undo()
     assert not list(tmp_path.glob("*.tmp")) and read_view(paths[0]) == bytes(model)
-    vhdx.merge(paths[0], into=paths[2], resume=True)  # nothing had begun: --resume simply merges
+    vhdx.merge_chain(paths[0], into=paths[2], resume=True)  # nothing had begun: --resume simply merges
     assert read_view(paths[2]) == bytes(model)

@@ -48,7 +48,7 @@ def test_a_writer_racing_a_merge_is_refused_while_the_merge_holds_the_file(tmp_p
     paths, model = chain(tmp_path)
     progress, box = once(lambda: vhdx_cli("write", paths[target], "--offset", RACER_OFFSET, "--pattern", "0x5a",
                                           "--length", len(RACER_BYTES), "--force"))
-    vhdx.merge(paths[0], into=paths[2], progress=progress)
+    vhdx.merge_chain(paths[0], into=paths[2], progress=progress)
     racer = box["result"]
     assert racer.returncode == 1, racer.stdout
     assert "in use by another process" in racer.stderr or "open for writing" in racer.stderr
@@ -60,7 +60,7 @@ def test_a_write_acknowledged_during_a_merge_is_never_lost(tmp_path):
     progress, box = once(lambda: vhdx_cli("write", paths[0], "--offset", RACER_OFFSET, "--pattern", "0x5a",
                                           "--length", len(RACER_BYTES)))
     try:
-        vhdx.merge(paths[0], into=paths[2], progress=progress)
+        vhdx.merge_chain(paths[0], into=paths[2], progress=progress)
     except MergeError:
         pass
     if box["result"].returncode == 0:  # the racer was told its write is durable: it must be readable
@@ -79,7 +79,7 @@ def test_a_merge_stops_before_deleting_a_layer_changed_behind_its_lock(tmp_path)
     paths, model = chain(tmp_path)
     progress, _ = once(lambda: lock_free_write(paths[0]))
     with pytest.raises(MergeError, match="changed while the merge ran") as err:
-        vhdx.merge(paths[0], into=paths[2], progress=progress)
+        vhdx.merge_chain(paths[0], into=paths[2], progress=progress)
     assert str(paths[0]) in str(err.value)
     assert paths[0].exists() and paths[1].exists()
     expected = bytearray(model)
@@ -105,7 +105,7 @@ def after_first_journal_write(monkeypatch, action) -> dict:
 def test_a_second_merge_of_the_same_chain_is_refused_up_front(tmp_path, monkeypatch, second):
     paths, model = chain(tmp_path)
     box = after_first_journal_write(monkeypatch, lambda: vhdx_cli("merge", paths[second]))
-    vhdx.merge(paths[0], into=paths[2])
+    vhdx.merge_chain(paths[0], into=paths[2])
     second = box["result"]
     assert second.returncode == 1 and "in use by another process" in second.stderr, second.stderr
     assert read_view(paths[2]) == bytes(model) and find_interrupted(str(paths[0])) is None
@@ -114,6 +114,6 @@ def test_a_second_merge_of_the_same_chain_is_refused_up_front(tmp_path, monkeypa
 def test_resuming_a_merge_that_is_still_running_is_refused(tmp_path):
     paths, model = chain(tmp_path)
     progress, box = once(lambda: vhdx_cli("merge", "--resume", paths[0]))
-    vhdx.merge(paths[0], into=paths[2], progress=progress)
+    vhdx.merge_chain(paths[0], into=paths[2], progress=progress)
     assert box["result"].returncode == 1 and "in use by another process" in box["result"].stderr
     assert read_view(paths[2]) == bytes(model)

@@ -16,6 +16,6 @@ def test_a_symlink_planted_at_a_merge_temporary_does_not_redirect_the_write(tmp_
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"precious")
     (tmp_path / (paths[2].name + suffix + ".tmp")).symlink_to(victim)
-    vhdx.merge(paths[0], into=paths[2])
+    vhdx.merge_chain(paths[0], into=paths[2])
     assert victim.read_bytes() == b"precious"
     assert read_view(paths[2]) == bytes(model) and not list(tmp_path.glob("*.tmp"))

@@ -27,7 +27,7 @@ def one_line(*args):
 def non_utf8_parent(tmp_path):
     path = os.path.join(os.fsencode(tmp_path), b"parent-\xff.vhdx")
     try:
-        vhdx.create(os.fsdecode(path), 4 * MiB)
+        vhdx.create_image(os.fsdecode(path), 4 * MiB)
     except vhdx.VhdxError as exc:
         pytest.skip(f"this file system refuses non-UTF-8 names: {exc}")
     return path
@@ -41,8 +41,8 @@ def test_create_with_a_non_utf8_parent_name_is_one_line(non_utf8_parent, tmp_pat
 
 def test_set_parent_to_a_non_utf8_parent_name_is_one_line(non_utf8_parent, tmp_path):
     base, child = tmp_path / "base.vhdx", tmp_path / "child.avhdx"
-    vhdx.create(base, 4 * MiB)
-    vhdx.create(child, parent=base)
+    vhdx.create_image(base, 4 * MiB)
+    vhdx.create_image(child, parent=base)
     before = child.read_bytes()
     line = one_line("set-parent", "--ignore-id-mismatch", child, non_utf8_parent)
     assert "not valid UTF-8" in line
@@ -58,18 +58,18 @@ def test_psrp_auth_that_cannot_be_encrypted_over_http_is_one_line(auth):
 
 def test_memory_error_is_one_line(tmp_path, monkeypatch):
     disk = tmp_path / "d.vhdx"
-    vhdx.create(disk, 4 * MiB)
+    vhdx.create_image(disk, 4 * MiB)
 
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("vhdx_cli.main.describe_image", exhausted)
+    monkeypatch.setattr("vhdx_cli.read_cmds.describe_image", exhausted)
     assert "out of memory" in one_line("info", disk)
 
 
 def test_a_full_disk_error_names_the_file(tmp_path):
     disk = tmp_path / "d.vhdx"
-    vhdx.create(disk, 4 * MiB)
+    vhdx.create_image(disk, 4 * MiB)
     full = tmp_path / "full"
     try:
         os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # a /dev/full of our own: writes fail with ENOSPC
@@ -82,7 +82,7 @@ def test_a_full_disk_error_names_the_file(tmp_path):
 
 def test_a_full_disk_while_building_a_vhdx_names_the_destination_and_leaves_nothing(tmp_path, monkeypatch):
     disk = tmp_path / "d.vhdx"
-    vhdx.create(disk, 4 * MiB)
+    vhdx.create_image(disk, 4 * MiB)
     with vhdx.open(disk, writable=True) as image:
         image.write(0, b"\x01" * MiB)
 

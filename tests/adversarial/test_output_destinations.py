@@ -27,7 +27,7 @@ def run(*args):
 @pytest.fixture
 def disk(tmp_path):
     path = tmp_path / "d.vhdx"
-    vhdx.create(path, 4 * MiB, block_size=MiB)
+    vhdx.create_image(path, 4 * MiB, block_size=MiB)
     with vhdx.open(path, writable=True) as image:
         image.write(MiB + 17, b"payload" * 1000)
     return path
@@ -172,7 +172,7 @@ def test_create_leaves_no_temporary_when_the_final_rename_fails(tmp_path, monkey
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(vhdx.VhdxError, match="Permission denied"):
-        vhdx.create(tmp_path / "new.vhdx", 4 * MiB)
+        vhdx.create_image(tmp_path / "new.vhdx", 4 * MiB)
     assert os.listdir(tmp_path) == []
 
 
@@ -180,7 +180,7 @@ def test_create_leaves_no_temporary_when_the_final_rename_fails(tmp_path, monkey
                                      ["convert", "{other}", "{disk}", "-O", "vhdx", "--force"]])
 def test_force_refuses_to_replace_a_file_another_process_is_writing(disk, tmp_path, command):
     other = tmp_path / "other.vhdx"
-    vhdx.create(other, 4 * MiB)
+    vhdx.create_image(other, 4 * MiB)
     before = disk.read_bytes()
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()

@@ -28,10 +28,10 @@ def digest(path) -> str:
 def chain(tmp_path):
     """base.vhdx <- mid.avhdx <- top.avhdx, each with data of its own."""
     base, mid, top = tmp_path / "base.vhdx", tmp_path / "mid.avhdx", tmp_path / "top.avhdx"
-    vhdx.create(base, 4 * MiB, block_size=MiB)
+    vhdx.create_image(base, 4 * MiB, block_size=MiB)
     for i, path in enumerate((base, mid, top)):
         if i:
-            vhdx.create(path, parent=(base, mid)[i - 1])  # after the parent's last write, which breaks children
+            vhdx.create_image(path, parent=(base, mid)[i - 1])  # after the parent's last write, which breaks children
         with vhdx.open(path, writable=True) as image:
             image.write(i * MiB, bytes([i + 1]) * 4096)
     return base, mid, top

@@ -116,7 +116,7 @@ def test_merge_refuses_when_a_sibling_in_a_search_dir_depends_on_the_destination
     elsewhere.mkdir()
     create(elsewhere / "sibling.avhdx", parent=base)
     with pytest.raises(MergeError, match="sibling.avhdx depends on the destination"):
-        vhdx.merge(child, search_dirs=[elsewhere])
+        vhdx.merge_chain(child, search_dirs=[elsewhere])
     result = CliRunner().invoke(cli, ["merge", str(child), "--search-dir", str(elsewhere)])
     assert result.exit_code == 1 and "sibling.avhdx" in result.output
     assert Path(child).exists()

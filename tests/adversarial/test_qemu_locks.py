@@ -15,7 +15,7 @@ from vhdx_cli.main import cli
 
 def _disk(tmp_path):
     path = tmp_path / "d.vhdx"
-    vhdx.create(path, 8 << 20, logical_sector_size=512)  # qemu only opens 512-byte-sector VHDX
+    vhdx.create_image(path, 8 << 20, logical_sector_size=512)  # qemu only opens 512-byte-sector VHDX
     return path
 
 

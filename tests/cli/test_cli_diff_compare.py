@@ -46,7 +46,7 @@ def make_pair(tmp_path, a_writes, b_writes, *, size_a=8 * MiB, size_b=8 * MiB):
     paths = []
     for name, size, writes in (("a.vhdx", size_a, a_writes), ("b.vhdx", size_b, b_writes)):
         path = tmp_path / name
-        vhdx.create(path, size, block_size=MiB)
+        vhdx.create_image(path, size, block_size=MiB)
         with vhdx.open(path, writable=True) as image:
             for offset, data in writes:
                 image.write(offset, data)

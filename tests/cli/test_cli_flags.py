@@ -24,7 +24,7 @@ def run(*args):
 @pytest.fixture()
 def disk(tmp_path):
     path = tmp_path / "d.vhdx"
-    vhdx.create(path, 4 * MiB, block_size=MiB)
+    vhdx.create_image(path, 4 * MiB, block_size=MiB)
     with vhdx.open(path, writable=True) as image:
         image.write(MiB, b"\x5a" * MiB)
     return path

@@ -14,8 +14,8 @@ MiB = 1 << 20
 
 def make_child(tmp_path):
     base, child = tmp_path / "base.vhdx", tmp_path / "snap.avhdx"
-    vhdx.create(base, 8 * MiB, block_size=MiB)
-    vhdx.create(child, parent=base, block_size=MiB)
+    vhdx.create_image(base, 8 * MiB, block_size=MiB)
+    vhdx.create_image(child, parent=base, block_size=MiB)
     with vhdx.open(child, writable=True) as disk:
         disk.write(MiB, b"\x01" * 4096)
     return base, child

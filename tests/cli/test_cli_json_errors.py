@@ -47,7 +47,7 @@ def test_a_usage_error_in_json_mode_is_json_on_stdout(tmp_path):
 
 def test_compare_error_in_json_mode_keeps_its_exit_code(tmp_path, not_vhdx):
     good = tmp_path / "g.vhdx"
-    vhdx.create(good, 4 * MiB, block_size=MiB)
+    vhdx.create_image(good, 4 * MiB, block_size=MiB)
     bad = tmp_path / "bad.vhdx"
     bad.write_bytes(b"vhdxfile" + bytes(100))
     result = run("compare", "--json", good, bad)
@@ -62,6 +62,6 @@ def test_errors_without_json_stay_off_stdout(not_vhdx):
 
 def test_json_documents_carry_a_schema_version(tmp_path):
     disk = tmp_path / "d.vhdx"
-    vhdx.create(disk, 4 * MiB, block_size=MiB)
+    vhdx.create_image(disk, 4 * MiB, block_size=MiB)
     for command in (["info"], ["chain"], ["check"], ["hash", "--no-layers"]):
         assert json.loads(run("--json", *command, disk).stdout)["schema_version"] == 1, command

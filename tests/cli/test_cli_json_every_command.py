@@ -50,7 +50,7 @@ def vm_folder() -> str:
 def interrupted_merge(names) -> None:
     """Leave the merge of the top layer into the base interrupted before the base changed."""
     with pytest.raises(SimulatedCrash):
-        vhdx.merge(names[-1], into=names[0], opener=crash_on_first_write_of(os.path.abspath(names[0])))
+        vhdx.merge_chain(names[-1], into=names[0], opener=crash_on_first_write_of(os.path.abspath(names[0])))
 
 
 # Schema name -> (command, options of its group, its arguments given the chain's file names, expected exit code).

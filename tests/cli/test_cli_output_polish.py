@@ -30,7 +30,7 @@ def test_human_size_shows_exact_units_without_a_decimal():
 
 def test_info_shows_the_block_size_in_binary_units(tmp_path):
     disk = tmp_path / "d.vhdx"
-    vhdx.create(disk, 16 * MiB, block_size=MiB)
+    vhdx.create_image(disk, 16 * MiB, block_size=MiB)
     out = run("info", disk).output
     assert "block size: 1 MiB (1048576 bytes)" in out
 
@@ -55,7 +55,7 @@ def test_hash_orphan_json_still_lists_every_absent_range(tmp_path):
 
 def test_output_into_a_closed_pipe_exits_quietly(tmp_path):
     disk = tmp_path / "d.vhdx"
-    vhdx.create(disk, 64 * MiB, block_size=MiB)
+    vhdx.create_image(disk, 64 * MiB, block_size=MiB)
     # 16384 lines of piece hashes: far more than a pipe buffer holds once the reader has gone (like `| head -1`).
     proc = subprocess.Popen([sys.executable, "-m", "vhdx_cli.main", "hash", "--no-layers", "--piece-size", "4K",
                              str(disk)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from vhdx.errors import (
+from vhdx.hyperv import HyperV, scripts
+from vhdx.hyperv.errors import (
     CheckpointNotFoundError,
     HyperVAccessDeniedError,
     HyperVJobFailedError,
@@ -10,7 +11,6 @@ from vhdx.errors import (
     HyperVUnavailableError,
     VmNotFoundError,
 )
-from vhdx.hyperv import HyperV, scripts
 from vhdx.ops.inspect import DiskInfo
 
 APP = "C:\\ProgramData\\Microsoft\\Windows\\Virtual Hard Disks\\"

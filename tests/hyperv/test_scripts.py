@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vhdx.errors import HyperVError, HyperVTimeoutError, HyperVUnavailableError
 from vhdx.hyperv import FakeTransport, HyperV, scripts
+from vhdx.hyperv.errors import HyperVError, HyperVTimeoutError, HyperVUnavailableError
 from vhdx.hyperv.scripts import ScriptCall
 from vhdx.hyperv.transport import LocalPowerShellTransport, PsrpTransport, parse_envelope
 

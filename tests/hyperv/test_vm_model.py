@@ -92,7 +92,7 @@ def test_search_dir_is_used_for_a_disk_outside_the_vm_folder(tmp_path, vm_dir):
     extra.mkdir()
     import vhdx
 
-    vhdx.create(extra / "web01-data.vhdx", 1 << 20)
+    vhdx.create_image(extra / "web01-data.vhdx", 1 << 20)
     vm = load_folder(str(vm_dir), search_dirs=[str(extra)]).vms[0]
     drive = [d for d in vm.drives if d.slot == "SCSI 0:1"][0]
     assert Path(drive.local) == extra / "web01-data.vhdx"

@@ -102,7 +102,7 @@ class MergeMachine(RuleBasedStateMachine):
     def merge(self, data):
         src = data.draw(st.integers(0, len(self.paths) - 2))
         dst = data.draw(st.integers(src + 1, len(self.paths) - 1))
-        vhdx.merge(self.paths[src], into=self.paths[dst])
+        vhdx.merge_chain(self.paths[src], into=self.paths[dst])
         del self.paths[src:dst]
         report = check_image(self.paths[0], chain=True)
         assert report.exit_code == 0, [(f.code, f.path, f.offset, f.message) for f in report.all_findings]

@@ -1,7 +1,7 @@
 """The Hyper-V backend: what a host knows about VMs, checkpoints and disks, and the merges it can run.
 
 ``HyperV(transport)`` turns each request into one fixed script call (``vhdx.hyperv.scripts``), runs it, and
-parses the JSON envelope into ``vhdx.hyperv.models``. Failures become ``vhdx.errors.HyperVError``
+parses the JSON envelope into ``vhdx.hyperv.models``. Failures become ``vhdx.hyperv.errors.HyperVError``
 subclasses carrying Hyper-V's own message and code.
 
 Write-side requests come in pairs: ``plan_*`` returns the exact ``ScriptCall`` (for ``--dry-run``) and the
@@ -19,7 +19,8 @@ import re
 import time
 from collections.abc import Callable
 
-from vhdx.errors import (
+from vhdx.hyperv import scripts
+from vhdx.hyperv.errors import (
     CheckpointNotFoundError,
     HyperVAccessDeniedError,
     HyperVError,
@@ -28,7 +29,6 @@ from vhdx.errors import (
     HyperVUnavailableError,
     VmNotFoundError,
 )
-from vhdx.hyperv import scripts
 from vhdx.hyperv.models import (
     CheckpointTree,
     DiskProblem,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vhdx.errors import HyperVAccessDeniedError, HyperVError, HyperVTimeoutError, HyperVUnavailableError
+from vhdx.hyperv.errors import HyperVAccessDeniedError, HyperVError, HyperVTimeoutError, HyperVUnavailableError
 from vhdx.hyperv.scripts import LOCAL_BRIDGE, ScriptCall
 
 

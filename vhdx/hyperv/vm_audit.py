@@ -3,7 +3,7 @@
 The VM read from its folder is turned into the same ``CheckpointTree``/``VmDisks`` a live host reports, so
 ``audit_vm`` (shared with ``vhdx hyperv audit``) classifies the layers and builds the clean-up steps; this
 module adds what only a folder shows (files no configuration reaches, missing files, broken chains) and the
-numbers of each offline merge, from ``vhdx.merge(..., dry_run=True)``: nothing is written.
+numbers of each offline merge, from ``vhdx.merge_chain(..., dry_run=True)``: nothing is written.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def _dry_run(merge: tuple[str, str], search_dirs) -> dict:
 
     child, target = merge
     try:
-        result = vhdx.merge(child, into=target or None, dry_run=True, search_dirs=search_dirs)
+        result = vhdx.merge_chain(child, into=target or None, dry_run=True, search_dirs=search_dirs)
     except VhdxError as exc:
         return {"dry_run_error": str(exc)}
     plan = result.plan or {}

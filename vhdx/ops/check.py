@@ -30,6 +30,7 @@ from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.io import ImageIO, parse_bytes
+from vhdx.ops.merge.journal import report_interrupted_merge
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
 from vhdx.structures.file import VhdxFile
 from vhdx.structures.header import Header, HeaderCopy, choose_current, parse_header_copy
@@ -211,7 +212,7 @@ class CheckContext:
         return any(f.severity == Severity.ERROR for f in self.findings)
 
 
-# Checks other modules add (e.g. the merge engine's interrupted-merge marker): each gets the CheckContext
+# Checks other modules add: each gets the CheckContext
 # after the built-in checks and records findings with ``ctx.add``. ``ctx.params`` is None when the
 # metadata could not be read.
 EXTRA_CHECKERS: list[Callable[[CheckContext], None]] = []
@@ -342,6 +343,7 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[Check
         parent_path = _check_parent(ctx, options, visited)
     _check_bat(ctx)
     _check_leaks(ctx)
+    report_interrupted_merge(ctx)  # called, not registered: a fresh `vhdx check` has not imported the merge engine
     for checker in EXTRA_CHECKERS:
         checker(ctx)
     ctx.summarise()

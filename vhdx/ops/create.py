@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vhdx.disk.image import open_image
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.format import layouts
@@ -147,8 +148,6 @@ def create(
     locator = None
     disk_id = ids.disk_id
     if type == "differencing":
-        from vhdx.disk.image import open_image  # late import: image imports nothing from here
-
         if os.path.abspath(os.fspath(parent)) == os.path.abspath(path):
             raise InvalidRequestError("a disk cannot be its own parent")
         with open_image(parent, search_dirs=parent_search_dirs) as parent_image:

@@ -498,10 +498,6 @@ class Bat:
         """File offset of every payload block (int64 bytes; meaningful only for present blocks); whole BAT."""
         return entry_offsets(self.payload_entries)
 
-    def payload_range(self, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(states, offsets) of payload blocks [b0, b1): the one accessor readers use for a range of the BAT."""
-        return self.states[b0:b1], self.offsets[b0:b1]
-
     @cached_property
     def bitmap_states(self) -> np.ndarray:
         return entry_states(self.bitmap_entries)

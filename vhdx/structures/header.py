@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
+from typing import cast
 
 from vhdx.errors import FormatError, UnsupportedError
 from vhdx.format import checksum, layouts
@@ -80,12 +81,12 @@ class HeaderCopy:
 class HeaderSet:
     """Both header copies and which one is current."""
 
-    copies: tuple[HeaderCopy, HeaderCopy]
+    copies: tuple[HeaderCopy, ...]  # always two: Header 1, Header 2
     current_index: int
 
     @property
     def current(self) -> Header:
-        return self.copies[self.current_index].header
+        return cast(Header, self.copies[self.current_index].header)  # the current copy is valid, hence parsed
 
     @property
     def current_copy(self) -> HeaderCopy:
@@ -123,17 +124,17 @@ def parse_header_copy(raw: bytes, index: int) -> HeaderCopy:
     return HeaderCopy(index, offset, raw, header, None)
 
 
-def choose_current(copies: tuple[HeaderCopy, HeaderCopy]) -> int | None:
+def choose_current(copies: tuple[HeaderCopy, ...]) -> int | None:
     """Index of the current header, or None when there is none (no valid copy, or an ambiguous tie)."""
     valid = [copy for copy in copies if copy.valid]
     if not valid:
         return None
     if len(valid) == 1:
         return valid[0].index
-    first, second = copies
-    if first.header.sequence_number == second.header.sequence_number:
-        return 0 if first.raw == second.raw else None
-    return 0 if first.header.sequence_number > second.header.sequence_number else 1
+    first, second = (cast(Header, copy.header) for copy in copies)  # both valid, hence parsed
+    if first.sequence_number == second.sequence_number:
+        return 0 if copies[0].raw == copies[1].raw else None
+    return 0 if first.sequence_number > second.sequence_number else 1
 
 
 def load_headers(io: ImageIO) -> HeaderSet:
@@ -145,7 +146,7 @@ def load_headers(io: ImageIO) -> HeaderSet:
     index = choose_current(copies)
     if index is None:
         if any(copy.valid for copy in copies):
-            seq = copies[0].header.sequence_number
+            seq = cast(Header, copies[0].header).sequence_number  # a tie of two valid copies
             raise FormatError(
                 f"both headers have sequence number {seq} but differ; no current header",
                 structure="Header 1",

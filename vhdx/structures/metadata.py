@@ -78,7 +78,7 @@ class ParentLocator:
     @property
     def paths(self) -> tuple[tuple[str, str], ...]:
         """(key, path) for the locator paths present, in the order the spec says to try them."""
-        return tuple((key, self.get(key)) for key in c.PARENT_PATH_KEYS if self.get(key))
+        return tuple((key, value) for key in c.PARENT_PATH_KEYS if (value := self.get(key)))
 
 
 @dataclass(frozen=True)
@@ -232,17 +232,17 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
     values = {}
     items_raw = _items_buffer(io, region, items.values())
     for guid, (name, layout, size) in ITEM_LAYOUTS.items():
-        entry = items.get(guid)
-        if entry is None:
+        item = items.get(guid)
+        if item is None:
             raise FormatError(f"required item {name} is missing", structure="Metadata Table",
                               offset=region.file_offset, path=io.path)
-        where = region.file_offset + entry.offset
-        if entry.length != size:
-            raise FormatError(f"length {entry.length}, expected {size}", structure=name, offset=where, path=io.path)
+        where = region.file_offset + item.offset
+        if item.length != size:
+            raise FormatError(f"length {item.length}, expected {size}", structure=name, offset=where, path=io.path)
         if items_raw is None:
             values[guid] = io.read_layout(layout, where, name)
         else:
-            lo = entry.offset - items_raw[0]
+            lo = item.offset - items_raw[0]
             values[guid] = parse_bytes(layout, items_raw[1][lo : lo + size], offset=where, structure=name,
                                        path=io.path)
     file_params = values[c.FILE_PARAMETERS_GUID]
@@ -275,7 +275,8 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
                                   params.virtual_size)
     if problems:
         raise FormatError("; ".join(problems), structure="Metadata", offset=region.file_offset, path=io.path)
-    if has_parent and locator.locator_type != c.VHDX_PARENT_LOCATOR_TYPE_GUID:
+    if locator is not None and locator_entry is not None and has_parent \
+            and locator.locator_type != c.VHDX_PARENT_LOCATOR_TYPE_GUID:
         raise UnsupportedError(f"unknown parent locator type {locator.locator_type}", structure="Parent Locator",
                                offset=region.file_offset + locator_entry.offset, path=io.path)
     return Metadata(region, entries, params, tuple(unknown))

@@ -54,7 +54,7 @@ class RegionTableCopy:
 
 @dataclass(frozen=True)
 class RegionTable:
-    copies: tuple[RegionTableCopy, RegionTableCopy]
+    copies: tuple[RegionTableCopy, ...]  # always two: Region Table 1, Region Table 2
     used_index: int
 
     @property

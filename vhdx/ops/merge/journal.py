@@ -235,7 +235,7 @@ def remove_journal(journal: MergeJournal) -> None:
 
 
 def report_interrupted_merge(ctx) -> None:
-    """``check`` hook: a pending journal next to the checked file means a merge into it did not finish."""
+    """Part of ``check``: a pending journal next to the checked file means a merge into it did not finish."""
     from vhdx.findings import Severity
 
     try:
@@ -250,12 +250,3 @@ def report_interrupted_merge(ctx) -> None:
             f"the merge of {journal.child} into this disk stopped at step '{journal.state}'; the chain still "
             f"reads its original data; finish it with `vhdx merge --resume {journal.child}` (or undo it with "
             f"`vhdx merge --abort {journal.child}`)")
-
-
-def _register_check() -> None:
-    from vhdx.ops.check import register_checker
-
-    register_checker(report_interrupted_merge)
-
-
-_register_check()

@@ -8,20 +8,23 @@ Runs are cold-cache for the inputs: every input file is fsynced and dropped from
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 import vhdx
+from vhdx.disk.extents import ExtentKind
 from vhdx.errors import InvalidRequestError
 from vhdx.ops.export import export_raw
+from vhdx_cli.bench_timing import Method, copy_file_range_all, remove, run_methods
 
-from .measure import Method, copy_file_range_all, remove, run_methods
-from .report import filesystem_of
-from .sizes import MiB
-from .workloads import CHUNK, Payload, merge_chain
+MiB = 1 << 20
+CHUNK = 8 * MiB
 
 MIN_SIZE = 64 * MiB
 FREE_FACTOR = 2.2  # peak use: chain + a copy of it + flat output + copy source/target, each ~half the size
@@ -62,11 +65,61 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
-def _merge_function():
-    fn = getattr(vhdx, "merge", None)
-    if fn is not None and not callable(fn):
-        fn = getattr(fn, "merge", None)
-    return fn if callable(fn) else None
+class Payload:
+    """Seeded, cheap, incompressible payload: views into one random pool, each chunk stamped with its offset."""
+
+    def __init__(self, seed: int, pool_size: int = 2 * CHUNK) -> None:
+        self.pool = np.random.default_rng(seed).integers(0, 256, pool_size, dtype=np.uint8)
+        self.seed = seed
+
+    def chunk(self, offset: int, length: int) -> bytes:
+        start = (offset * 2654435761 + self.seed) % (len(self.pool) - length + 1) if length < len(self.pool) else 0
+        buf = bytearray(self.pool[start : start + length].tobytes())
+        buf[:8] = offset.to_bytes(8, "little")
+        return bytes(buf)
+
+
+def write_range(image, payload: Payload, offset: int, length: int) -> None:
+    pos = offset
+    while pos < offset + length:
+        n = min(CHUNK, offset + length - pos)
+        image.write(pos, payload.chunk(pos, n))
+        pos += n
+
+
+def data_bytes_of(path: str) -> tuple[int, int]:
+    """(data bytes of the whole virtual disk, data bytes held by the file itself)."""
+    with vhdx.open(path) as image:
+        ext = image.extents()  # walks the disk in windows: fine for 64 TiB
+        total = int(ext.length[ext.kind == ExtentKind.DATA].sum())
+        if not image.has_parent:
+            return total, total
+        own = image.layer_extents(0, image.virtual_size)  # one array per block: only for the small chains
+        top = int(own.length[own.kind == ExtentKind.DATA].sum())
+    return total, top
+
+
+def write_merge_chain(parent: str, child: str, size: int, child_bytes: int, creator: str) -> int:
+    """A dynamic parent with a quarter of ``size`` written and a child holding ``child_bytes`` in 8 MiB writes.
+
+    Returns the bytes the child holds.
+    """
+    vhdx.create_image(parent, size, creator=creator)
+    quarter = size // 4 // CHUNK * CHUNK or CHUNK
+    with vhdx.open(parent, writable=True) as image:
+        write_range(image, Payload(1), 0, quarter)
+    vhdx.create_image(child, parent=parent, creator=creator)
+    slots = random.Random(2).sample(range(size // CHUNK), max(1, min(child_bytes, size) // CHUNK))
+    payload = Payload(3)
+    with vhdx.open(child, writable=True) as image:
+        for slot in sorted(slots):
+            image.write(slot * CHUNK, payload.chunk(slot * CHUNK, CHUNK))
+    return len(slots) * CHUNK
+
+
+def filesystem_of(path: str) -> str:
+    out = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True).stdout.split()
+    return out[-1] if len(out) > 1 else "unknown"
 
 
 def measure_storage(folder: str, size: int = 4 << 30, *, repeats: int = 3,
@@ -88,9 +141,9 @@ def measure_storage(folder: str, size: int = 4 << 30, *, repeats: int = 3,
     tmp = tempfile.mkdtemp(prefix=".vhdx-bench-", dir=folder)
     try:
         say(f"writing a {size >> 20} MiB chain in {tmp}")
-        chain = merge_chain(tmp, size, size // 4, name="bench", creator="vhdx-bench")
-        parent, child = chain.layers
-        flat_bytes, child_bytes = chain.data_bytes, chain.top_data_bytes
+        parent, child = os.path.join(tmp, "bench-base.vhdx"), os.path.join(tmp, "bench-1.avhdx")
+        write_merge_chain(parent, child, size, size // 4, creator="vhdx-bench")
+        flat_bytes, child_bytes = data_bytes_of(child)
         source = os.path.join(tmp, "copy-source.bin")
         with open(source, "wb") as f:
             payload = Payload(4)
@@ -105,8 +158,7 @@ def measure_storage(folder: str, size: int = 4 << 30, *, repeats: int = 3,
 
         say("timing flatten against raw copy")
         rows += _pair("flatten chain to raw", flat_bytes, flatten, source, out, [parent, child, source], repeats)
-        merge = _merge_function()
-        say("timing merge against raw copy" if merge else "merge: vhdx.ops.merge is not built yet")
+        say("timing merge against raw copy")
         work = os.path.join(tmp, "merge")
 
         def merge_setup():
@@ -117,15 +169,14 @@ def measure_storage(folder: str, size: int = 4 << 30, *, repeats: int = 3,
             drop_cache([os.path.join(work, os.path.basename(p)) for p in (parent, child)])
 
         rows += _pair("merge child into parent", child_bytes,
-                      (lambda: merge(os.path.join(work, os.path.basename(child)))) if merge else None, source, out,
-                      [source], 1, setup=merge_setup, missing=None if merge else "missing: vhdx.ops.merge")
+                      lambda: vhdx.merge_chain(os.path.join(work, os.path.basename(child))), source, out, [source], 1,
+                      setup=merge_setup)
         return StorageBench(folder, filesystem_of(folder), size, repeats, tuple(rows))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pair(label: str, nbytes: int, ours, source: str, out: str, inputs, repeats: int, *, setup=None,
-          missing=None) -> list[Row]:
+def _pair(label: str, nbytes: int, ours, source: str, out: str, inputs, repeats: int, *, setup=None) -> list[Row]:
     """Our operation and the raw copy of the same byte count, interleaved; two rows."""
 
     def ours_setup():
@@ -133,7 +184,7 @@ def _pair(label: str, nbytes: int, ours, source: str, out: str, inputs, repeats:
             setup()
         drop_cache(inputs)
 
-    methods = [Method(label, "ours", ours, setup=ours_setup, teardown=lambda: remove(out), missing=missing),
+    methods = [Method(label, "ours", ours, setup=ours_setup, teardown=lambda: remove(out)),
                Method("raw copy_file_range, same bytes", "limit",
                       lambda: copy_file_range_all(source, out, nbytes), setup=lambda: drop_cache([source]),
                       teardown=lambda: remove(out))]

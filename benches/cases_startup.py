@@ -1,0 +1,40 @@
+"""Start-up (issue 15, row 4): ``vhdx --version``, ``vhdx info small.vhdx`` and ``import vhdx`` against the floor.
+
+The floor is ``python -c "import numpy, click"``: what any command that reads a disk must load anyway. The target
+is at most 1.5x the floor for ``--version`` and ``info`` (the ratio column of the table).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import vhdx
+
+from .cases import record
+from .measure import Method, run_methods, run_tool
+from .sizes import Profile
+
+FLOOR = [sys.executable, "-c", "import numpy, click"]
+STARTUP_RUNS = 3  # runs per profile repeat: a start-up is short and noisy, its minimum is what counts
+
+
+def _commands(small: str) -> dict[str, list[str]]:
+    vhdx_cmd = shutil.which("vhdx")
+    cli = [vhdx_cmd] if vhdx_cmd else [sys.executable, "-m", "vhdx_cli.main"]
+    return {"vhdx --version": [*cli, "--version"], "vhdx info small.vhdx": [*cli, "info", small],
+            "import vhdx": [sys.executable, "-c", "import vhdx"]}
+
+
+def startup_case(tmp: str, profile: Profile) -> list[dict]:
+    """One record per command: ours (a fresh process each run) next to the import-numpy-and-click floor."""
+    small = os.path.join(tmp, "startup-small.vhdx")
+    vhdx.create_image(small, 16 << 20)
+    records = []
+    for name, args in _commands(small).items():
+        methods = [Method("ours", "ours", lambda args=args: run_tool(args)),
+                   Method("python -c 'import numpy, click'", "limit", lambda: run_tool(FLOOR))]
+        desc = f"`{' '.join(os.path.basename(a) for a in args)}` in a new process, against importing numpy and click"
+        records.append(record("start-up", name, desc, None, run_methods(methods, profile.repeats * STARTUP_RUNS)))
+    return records

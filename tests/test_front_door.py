@@ -1,0 +1,151 @@
+"""The package's front door: lazy public names, no name hiding a module, cheap start-up."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vhdx
+import vhdx.errors
+from vhdx.hyperv import errors as hyperv_errors
+
+PACKAGE_DIR = Path(vhdx.__file__).parent
+HEAVY = ("numpy", "vhdx.ops.merge")
+
+
+def loaded_after(code: str) -> set[str]:
+    """Modules loaded by a fresh interpreter that runs ``code`` (then prints sys.modules as JSON)."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def heavy_in(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
+
+
+def all_submodules() -> list[str]:
+    return [info.name for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="vhdx.")]
+
+
+def test_import_vhdx_loads_neither_numpy_nor_the_merge_engine():
+    assert heavy_in(loaded_after("import vhdx")) == []
+
+
+def test_import_format_constants_loads_neither_numpy_nor_the_merge_engine():
+    assert heavy_in(loaded_after("import vhdx.format.constants")) == []
+
+
+def test_vhdx_version_imports_neither_numpy_nor_the_merge_engine():
+    code = ("import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', '--version']\n"
+            "try:\n    cli()\nexcept SystemExit:\n    pass")
+    modules = loaded_after(code)
+    assert "vhdx_cli.main" in modules
+    assert heavy_in(modules) == []
+
+
+def test_vhdx_info_does_not_import_the_merge_engine_check_or_convert(tmp_path):
+    path = tmp_path / "small.vhdx"
+    vhdx.create_image(path, 8 << 20)
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'info', {str(path)!r}]\n"
+            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
+    modules = loaded_after(code)
+    assert "vhdx.ops.inspect" in modules
+    assert [m for m in modules if m.startswith(("vhdx.ops.merge", "vhdx.ops.check", "vhdx.ops.convert"))] == []
+
+
+def test_every_public_name_resolves_and_is_listed():
+    for name in vhdx.__all__:
+        assert getattr(vhdx, name) is not None
+        assert name in dir(vhdx)
+
+
+def test_open_is_the_alias_of_open_image():
+    assert vhdx.open is vhdx.open_image
+
+
+def test_public_names_are_the_documented_verbs():
+    for name in ("open_image", "create_image", "merge_chain", "abort_merge", "flatten", "check_image",
+                 "repair_image", "set_parent"):
+        assert callable(getattr(vhdx, name)), name
+
+
+def test_unknown_attribute_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        _ = vhdx.no_such_name
+
+
+@pytest.mark.parametrize("name", ["create", "merge", "check", "repair", "convert", "relink", "inspect"])
+def test_old_function_names_are_not_attributes_of_vhdx(name):
+    assert not callable(getattr(vhdx, name, None))
+
+
+def test_no_public_name_is_also_the_name_of_a_submodule():
+    leaf_names = {name.rsplit(".", 1)[-1] for name in all_submodules()}
+    assert sorted(set(vhdx.__all__) & leaf_names) == []
+
+
+def test_no_attribute_of_a_package_shadows_its_submodule():
+    for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="vhdx."):
+        parent_name, _, leaf = info.name.rpartition(".")
+        parent = importlib.import_module(parent_name)
+        module = importlib.import_module(info.name)
+        assert getattr(parent, leaf) is module, f"{parent_name}.{leaf} is not the module {info.name}"
+
+
+def test_submodules_are_reachable_as_attributes_without_importing_them():
+    code = "import vhdx\nassert vhdx.ops.__name__ == 'vhdx.ops'"
+    assert "vhdx.ops" in loaded_after(code)
+
+
+def test_hyperv_errors_live_in_vhdx_hyperv_and_are_vhdx_errors():
+    names = ["HyperVError", "HyperVUnavailableError", "HyperVAccessDeniedError", "VmNotFoundError",
+             "CheckpointNotFoundError", "HyperVJobFailedError", "HyperVTimeoutError"]
+    for name in names:
+        assert issubclass(getattr(hyperv_errors, name), vhdx.errors.VhdxError)
+        assert not hasattr(vhdx.errors, name), f"{name} is still in vhdx.errors"
+
+
+def _constructed_names() -> set[str]:
+    """Names called anywhere in the library outside vhdx/errors.py (``SomeError(...)``)."""
+    called = set()
+    for path in PACKAGE_DIR.rglob("*.py"):
+        if path == PACKAGE_DIR / "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", None))
+    return called
+
+
+def test_every_leaf_error_class_is_raised_somewhere_in_the_library():
+    classes = [obj for obj in vars(vhdx.errors).values()
+               if isinstance(obj, type) and issubclass(obj, vhdx.errors.VhdxError)]
+    leaves = [cls for cls in classes if not any(other is not cls and issubclass(other, cls) for other in classes)]
+    assert sorted(cls.__name__ for cls in leaves if cls.__name__ not in _constructed_names()) == []
+
+
+def test_hypothesis_strategies_live_in_the_fixtures_package_not_the_library():
+    assert importlib.util.find_spec("vhdx.testing") is None
+    assert callable(importlib.import_module("vhdx_fixtures.strategies").chain_specs)
+    assert not [m for m in all_submodules() if "hypothesis" in Path(importlib.util.find_spec(m).origin).read_text()]
+
+
+def test_vhdx_check_in_a_fresh_process_reports_an_interrupted_merge(tmp_path):
+    # The interrupted-merge check must not depend on some earlier import having loaded the merge engine.
+    path = tmp_path / "base.vhdx"
+    vhdx.create_image(path, 8 << 20)
+    (tmp_path / "base.vhdx.merge-journal").write_text("{not json")
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'check', '--json', {str(path)!r}]\n"
+            "cli()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "MERGE_INTERRUPTED" in done.stdout, done.stdout + done.stderr
