@@ -25,9 +25,11 @@ class VhdxError(Exception):
         path: str | None = None,
         expected: object = None,
         actual: object = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code  # the finding code of the broken rule (vhdx.findings.Code), when one applies
         self.structure = structure
         self.offset = offset
         self.path = path
@@ -43,6 +45,17 @@ class VhdxError(Exception):
             parts.append(f"{where}:")
         parts.append(self.message)
         return " ".join(parts)
+
+    @classmethod
+    def from_problem(cls, problem, path: str | None = None) -> VhdxError:
+        """The error for a ``vhdx.findings.Problem`` that stops the reader (its code, structure and offset).
+
+        A failed CRC-32C gives a ``ChecksumError``, an unknown required structure an ``UnsupportedError``;
+        anything else an instance of ``cls``.
+        """
+        kind = _ERROR_CLASS_BY_CODE.get(str(problem.code), cls)
+        return kind(problem.message, structure=problem.structure, offset=problem.offset, path=path,
+                    code=str(problem.code))
 
     def with_path(self, path: str) -> VhdxError:
         """Return self after recording the file path (first one wins)."""
@@ -61,6 +74,17 @@ class ChecksumError(FormatError):
 
 class UnsupportedError(VhdxError):
     """A legal file uses something we do not handle (version, required unknown region/item, ...)."""
+
+
+# Finding codes whose error is more specific than FormatError (see ``VhdxError.from_problem``).
+_ERROR_CLASS_BY_CODE: dict[str, type[VhdxError]] = {
+    "HEADER_CHECKSUM": ChecksumError,
+    "REGION_TABLE_CHECKSUM": ChecksumError,
+    "HEADER_VERSION": UnsupportedError,
+    "REGION_UNKNOWN_REQUIRED": UnsupportedError,
+    "METADATA_UNKNOWN_REQUIRED": UnsupportedError,
+    "LOCATOR_TYPE": UnsupportedError,
+}
 
 
 class LogReplayRequired(VhdxError):

@@ -26,12 +26,12 @@ import numpy as np
 from vhdx.disk import chain as _chain
 from vhdx.disk.image import foreign_file_reason
 from vhdx.errors import VhdxError
-from vhdx.findings import CODES, Finding, Severity
+from vhdx.findings import CODES, Code, Finding, Problem, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.io import ImageIO, parse_bytes
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
-from vhdx.structures.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
+from vhdx.structures.header import HeaderCopy, choose_current, header_problems, load_headers, read_header_copies
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import (
     ITEM_LAYOUTS,
@@ -174,11 +174,18 @@ class CheckContext:
     def add(self, severity: Severity, code: str, structure: str, offset: int | None, message: str, *,
             repairable: bool = False) -> None:
         """Record a finding; past MAX_FINDINGS_PER_CODE of one code only the count grows."""
-        assert code in CODES, code
+        if code not in CODES:
+            raise ValueError(f"unknown finding code {code}")
+        code = str(code)
         n = self._counts.get(code, 0)
         self._counts[code] = n + 1
         if n < MAX_FINDINGS_PER_CODE:
             self.findings.append(Finding(severity, code, structure, offset, message, self.path, repairable))
+
+    def add_problems(self, problems: list[Problem]) -> None:
+        """Record each problem a structure module reported."""
+        for p in problems:
+            self.add(p.severity, p.code, p.structure, p.offset, p.message, repairable=p.repairable)
 
     def summarise(self) -> None:
         """One more finding per code whose findings were cut off."""
@@ -336,70 +343,18 @@ def _check_identifier(ctx: CheckContext) -> bool:
 
 
 # --- §2.2.2 headers --------------------------------------------------------------------------------
-def _header_problem_code(problem: str) -> str:
-    if problem.startswith("bad signature") or problem == "truncated":
-        return "HEADER_SIGNATURE"
-    if problem.startswith("checksum"):
-        return "HEADER_CHECKSUM"
-    return "HEADER_VERSION"
-
-
-def _parse_header_safely(raw: bytes, index: int) -> HeaderCopy:
-    try:
-        return parse_header_copy(raw, index)
-    except VhdxError as exc:
-        return HeaderCopy(index, c.HEADER_OFFSETS[index], raw, None, f"bad signature ({exc.message})")
-
-
 def _check_headers(ctx: CheckContext) -> None:
-    copies = tuple(_parse_header_safely(ctx.io.read_at(off, c.HEADER_SIZE), i)
-                   for i, off in enumerate(c.HEADER_OFFSETS))
+    copies = read_header_copies(ctx.io, exact=False)
     ctx.header_copies = copies
+    ctx.add_problems(header_problems(copies, ctx.io.real_size))
     index = choose_current(copies)
-    for copy in copies:
-        if not copy.valid:
-            twin_ok = index is not None
-            ctx.add(Severity.ERROR, _header_problem_code(copy.problem), copy.name, copy.offset,
-                    f"{copy.problem}" + ("; the other copy is valid and current" if twin_ok else ""),
-                    repairable=twin_ok)
-        elif copy.header.log_version != c.LOG_VERSION:
-            ctx.add(Severity.ERROR, "HEADER_VERSION", copy.name, copy.offset,
-                    f"log version {copy.header.log_version} (only 0 is defined)")
     if index is None:
-        if all(copy.valid for copy in copies):
-            ctx.add(Severity.ERROR, "HEADER_NO_CURRENT", "Header 1", copies[0].offset,
-                    f"both headers have sequence number {copies[0].header.sequence_number} but differ")
-        else:
-            ctx.add(Severity.ERROR, "HEADER_NO_CURRENT", "Header 1", copies[0].offset, "no header copy is valid")
         return
-    current, other = copies[index], copies[1 - index]
+    current = copies[index]
     ctx.header = current.header
-    if other.valid:
-        if other.header.sequence_number == current.header.sequence_number:
-            ctx.add(Severity.WARNING, "HEADER_SEQUENCE_TIE", other.name, other.offset,
-                    f"both headers are identical with sequence number {current.header.sequence_number}")
-        elif _header_content(other.header) != _header_content(current.header):
-            # Normal: the update protocol writes the two copies alternately, so the other one is one step behind.
-            ctx.add(Severity.INFO, "HEADER_STALE", other.name, other.offset,
-                    f"the older copy (sequence number {other.header.sequence_number}, current "
-                    f"{current.header.sequence_number}), as every header update leaves it")
     h = current.header
-    if h.log_length or h.log_guid != c.ZERO_GUID:
-        if h.log_offset % c.ALIGNMENT or h.log_length % c.ALIGNMENT or h.log_offset < c.HEADER_SECTION_SIZE \
-                or h.log_length == 0:
-            ctx.add(Severity.ERROR, "HEADER_LOG_PLACEMENT", current.name, current.offset,
-                    f"log at {h.log_offset:#x} length {h.log_length:#x} is not 1 MiB aligned after the header "
-                    "section")
-            return
-    if h.log_length:
-        if h.log_offset + h.log_length > ctx.io.real_size:
-            ctx.add(Severity.ERROR, "FILE_TRUNCATED", "Log", h.log_offset,
-                    f"the log ends at {h.log_offset + h.log_length:#x} but the file at {ctx.io.real_size:#x}")
+    if h.log_length and not any(f.code == Code.HEADER_LOG_PLACEMENT for f in ctx.findings):
         ctx.reference(h.log_offset, h.log_offset + h.log_length)
-
-
-def _header_content(h: Header) -> tuple:
-    return (h.file_write_guid, h.data_write_guid, h.log_guid, h.log_version, h.version, h.log_length, h.log_offset)
 
 
 # --- §2.3 log --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, Overlay
 from vhdx.structures.bat import Geometry
+from vhdx.structures.header import log_placement_problems
 from vhdx.structures.metadata import load_metadata
 from vhdx.structures.region import load_region_table
 
@@ -493,12 +494,8 @@ def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID)
         return LogState(log_offset, log_length, log_guid)
     if log_length == 0:
         return LogState(log_offset, log_length, log_guid, problem="log GUID set but log length is 0")
-    if log_offset % c.ALIGNMENT or log_length % c.ALIGNMENT or log_offset < c.HEADER_SECTION_SIZE:
-        raise FormatError(f"log at {log_offset:#x} length {log_length:#x} is misplaced (1 MiB alignment, after "
-                          "the header section)", structure="Log", offset=log_offset, path=io.path)
-    if log_offset + log_length > io.size:
-        raise FormatError(f"{log_length} bytes needed but the file ends at {io.size:#x} (truncated?)",
-                          structure="Log", offset=log_offset, path=io.path)
+    for problem in log_placement_problems(log_offset, log_length, log_guid, io.size, "Log", log_offset):
+        raise FormatError.from_problem(problem, io.path)
     reader = LogReader(io, log_offset, log_length)
     entries: dict[int, LogEntry] = {}
     torn = []
