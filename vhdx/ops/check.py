@@ -43,7 +43,14 @@ from vhdx.structures.metadata import (
     parameter_problems,
     parse_parent_locator,
 )
-from vhdx.structures.region import RegionEntry, RegionTableCopy, load_region_table, parse_region_table_copy
+from vhdx.structures.region import (
+    RegionEntry,
+    RegionTableCopy,
+    load_region_table,
+    read_region_table_copies,
+    region_problems,
+    usable_copy,
+)
 
 # BAT entries examined per step (rounded down to whole chunks): 1 Mi entries = 8 MiB of BAT.
 WINDOW_ENTRIES = 1 << 20
@@ -399,79 +406,16 @@ def _check_log(ctx: CheckContext) -> None:
 
 
 # --- §2.2.3 region tables --------------------------------------------------------------------------
-def _region_problem_code(problem: str) -> str:
-    if problem.startswith("checksum"):
-        return "REGION_TABLE_CHECKSUM"
-    if problem.startswith("entry count"):
-        return "REGION_TABLE_ENTRY_COUNT"
-    return "REGION_TABLE_SIGNATURE"
-
-
-def _region_rules(ctx: CheckContext, copy: RegionTableCopy, record: bool) -> int:
-    """Check the entries of one region table copy; returns the number of problems (recorded if ``record``)."""
-    problems = 0
-
-    def add(code, offset, message):
-        nonlocal problems
-        problems += 1
-        if record:
-            ctx.add(Severity.ERROR, code, copy.name, offset, message)
-
-    def entry_offset(i):
-        return copy.offset + c.REGION_TABLE_HEADER_SIZE + i * c.REGION_ENTRY_SIZE
-
-    for guid, name in c.KNOWN_REGIONS.items():
-        where = [i for i, e in enumerate(copy.entries) if e.guid == guid]
-        if not where:
-            add("REGION_MISSING", copy.offset, f"the {name} region is missing")
-        elif len(where) > 1:
-            add("REGION_DUPLICATE", entry_offset(where[1]), f"the {name} region appears {len(where)} times")
-    h = ctx.header
-    spans = [("log", h.log_offset, h.log_offset + h.log_length, copy.offset)] if h and h.log_length else []
-    for i, e in enumerate(copy.entries):
-        if e.file_offset % c.ALIGNMENT or e.length % c.ALIGNMENT or e.file_offset < c.HEADER_SECTION_SIZE \
-                or e.length == 0:
-            add("REGION_ALIGNMENT", entry_offset(i),
-                f"{e.name} region at {e.file_offset:#x} length {e.length:#x} is not a non-empty 1 MiB-aligned "
-                "span after the header section")
-        if e.end > ctx.size:
-            add("REGION_BEYOND_EOF", entry_offset(i),
-                f"{e.name} region ends at {e.end:#x} but the file at {ctx.size:#x}")
-        if e.required and e.guid not in c.KNOWN_REGIONS:
-            add("REGION_UNKNOWN_REQUIRED", entry_offset(i), f"unknown region {e.guid} is marked required")
-        spans.append((f"{e.name} region", e.file_offset, e.end, entry_offset(i)))
-    spans.sort(key=lambda s: s[1])
-    for (name_a, _, end_a, _), (name_b, start_b, _, where_b) in zip(spans, spans[1:], strict=False):
-        if start_b < end_a:
-            add("REGION_OVERLAP", where_b, f"{name_b} overlaps {name_a}")
-    return problems
-
-
 def _check_region_tables(ctx: CheckContext) -> None:
-    copies = []
-    for i, off in enumerate(c.REGION_TABLE_OFFSETS):
-        raw = ctx.io.read_at(off, c.REGION_TABLE_SIZE)
-        try:
-            copies.append(parse_region_table_copy(raw, i))
-        except VhdxError as exc:
-            copies.append(RegionTableCopy(i, off, raw, (), f"bad signature ({exc.message})"))
-    ctx.region_copies = tuple(copies)
-    valid = [copy for copy in copies if copy.valid]
-    good = [copy for copy in valid if _region_rules(ctx, copy, record=False) == 0]
-    for copy in copies:
-        if not copy.valid:
-            ctx.add(Severity.ERROR, _region_problem_code(copy.problem), copy.name, copy.offset,
-                    copy.problem + ("; the other copy is good" if good else ""), repairable=bool(good))
-    if not valid:
+    copies = read_region_table_copies(ctx.io, exact=False)
+    ctx.region_copies = copies
+    h = ctx.header
+    log_offset, log_length = (h.log_offset, h.log_length) if h else (0, 0)
+    ctx.add_problems(region_problems(copies, log_offset, log_length, ctx.size))
+    # The reader would use a bad first copy; the repaired file will use the good one, so check on with it.
+    used = usable_copy(copies, log_offset, log_length, ctx.size)
+    if used is None:
         return
-    used = valid[0]  # the reader's choice: the first copy with a good signature and checksum
-    if len(valid) == 2 and valid[0].raw != valid[1].raw:
-        ctx.add(Severity.ERROR, "REGION_TABLE_MISMATCH", valid[1].name, valid[1].offset,
-                "the two region table copies differ", repairable=bool(good))
-    _region_rules(ctx, used, record=True)
-    if used not in good and good:
-        # The reader would use the bad copy; the repaired file will use the good one, so check on with it.
-        used = good[0]
     ctx.regions = used.entries
     for e in used.entries:
         if e.file_offset >= c.HEADER_SECTION_SIZE and e.length:

@@ -36,7 +36,7 @@ from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.structures.header import HeaderSet, load_headers, write_both_headers, write_header_update
 from vhdx.structures.log import SECTOR, DataWrite, build_entry, descriptor_sectors, read_log
 from vhdx.structures.metadata import load_metadata
-from vhdx.structures.region import load_region_table, parse_region_table_copy, region_problems
+from vhdx.structures.region import load_region_table, read_region_table_copies, table_problems
 
 # Why each kind of finding is not repaired (refusals name these reasons).
 UNREPAIRABLE = {
@@ -319,17 +319,8 @@ def _restore_header(io: ImageIO) -> list[str]:
 
 def _restore_region_table(io: ImageIO) -> list[str]:
     h = _headers(io).current
-    copies = []
-    for i, off in enumerate(c.REGION_TABLE_OFFSETS):
-        raw = io.read_at(off, c.REGION_TABLE_SIZE)
-        try:
-            copies.append(parse_region_table_copy(raw, i))
-        except VhdxError:
-            copies.append(None)
-    good = [cp for cp in copies if cp is not None and cp.valid
-            and not region_problems(cp.entries, h.log_offset, h.log_length)
-            and all(e.end <= io.size for e in cp.entries)
-            and not any(e.required and e.guid not in c.KNOWN_REGIONS for e in cp.entries)]
+    copies = read_region_table_copies(io, exact=False)
+    good = [cp for cp in copies if cp.valid and not table_problems(cp, h.log_offset, h.log_length, io.size)]
     if not good:
         raise VhdxError("no region table copy is good enough to restore the other from", structure="Region Table",
                         offset=c.REGION_TABLE_OFFSETS[0], path=io.path)
