@@ -11,10 +11,13 @@ class VhdxError(Exception):
     """Root of every error the library raises.
 
     Attributes:
+        code: the finding code (``vhdx.findings.Code``) of the rule the file breaks, when one applies.
         structure: name of the on-disk structure concerned (e.g. ``"Header 2"``, ``"BAT entry 17"``).
         offset: file offset in bytes of that structure, or ``None`` when it has no single place.
         path: the file concerned, when known.
     """
+
+    default_code: str | None = None  # the code of every error of this class (chain errors)
 
     def __init__(
         self,
@@ -29,7 +32,8 @@ class VhdxError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code  # the finding code of the broken rule (vhdx.findings.Code), when one applies
+        # The finding code of the broken rule (vhdx.findings.Code), as check reports it, when one applies.
+        self.code = code if code is not None else self.default_code
         self.structure = structure
         self.offset = offset
         self.path = path
@@ -98,6 +102,8 @@ class ChainError(VhdxError):
 class ParentNotFoundError(ChainError):
     """No locator path leads to a usable parent file."""
 
+    default_code = "PARENT_NOT_FOUND"
+
     def __init__(self, message: str, *, tried: list[str] | None = None, **kw) -> None:
         super().__init__(message, **kw)
         self.tried = list(tried or [])
@@ -106,13 +112,19 @@ class ParentNotFoundError(ChainError):
 class ParentMismatchError(ChainError):
     """The parent's DataWriteGuid matches neither parent_linkage nor parent_linkage2."""
 
+    default_code = "PARENT_MISMATCH"
+
 
 class ChainLoopError(ChainError):
     """The chain refers back to a file already in it."""
 
+    default_code = "CHAIN_LOOP"
+
 
 class ChainTooDeepError(ChainError):
     """The chain holds more files than ``vhdx.disk.chain.MAX_CHAIN_DEPTH``."""
+
+    default_code = "CHAIN_TOO_DEEP"
 
 
 class LockedError(VhdxError):

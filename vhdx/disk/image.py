@@ -23,7 +23,7 @@ from vhdx.errors import ChainLoopError, FormatError, InvalidRequestError, VhdxEr
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
-from vhdx.structures.bat import Bat, Geometry, entry_offsets, payload_missing_bytes
+from vhdx.structures.bat import Bat, Geometry, bat_problems, structure_spans, windows
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
@@ -118,64 +118,23 @@ class VhdxImage:
             self._validate_bat()
 
     def _validate_bat(self) -> None:
-        """Refuse BATs that would make reads wrong: illegal states, blocks outside the file, missing bitmaps."""
-        g, bat = self.geometry, self.bat
-        states = bat.states
-        legal_states = np.zeros(8, dtype=bool)
-        legal_states[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
-        legal_states[c.BatState.PARTIALLY_PRESENT] = g.has_parent
-        self._raise_first(~legal_states[states], "payload",
-                          lambda s: f"state {s} is not legal in a {self.disk_type.label} disk")
-        # Offsets are checked for allocated blocks only: a 64 TiB disk has 67 million entries, mostly empty.
-        present = np.flatnonzero(bat.allocated_blocks())
-        offsets = entry_offsets(bat.payload_entries[present])
-
-        def flagged(bad: np.ndarray) -> np.ndarray:
-            mask = np.zeros(len(states), dtype=bool)
-            mask[present[bad]] = True
-            return mask
-
-        inside_header = offsets < c.HEADER_SECTION_SIZE
-        if inside_header.any():
-            self._raise_first(flagged(inside_header), "payload", lambda s: "block lies inside the header section")
-        # A block's virtual disk data must lie inside the file (one rule with check: bat.payload_missing_bytes).
-        size = self.io.size
-        missing = payload_missing_bytes(g, present, offsets, size)
-        beyond = missing > 0
-        self.invented = ()
-        if beyond.any() and self.options.salvage:
+        """Refuse BATs that would make reads wrong (``bat_problems``, the rules check reports), window by window."""
+        g, bat, h = self.geometry, self.bat, self.headers.current
+        structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
+        invented = []
+        for lo, hi in windows(g, len(bat.entries)):
+            window = bat_problems(g, lo, bat.entries[lo:hi], self.io.size, bat_offset=bat.file_offset,
+                                  structures=structures, disk_label=self.disk_type.label,
+                                  salvage=self.options.salvage)
+            problem = window.refusal()
+            if problem is not None:
+                raise FormatError.from_problem(problem)
             # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
-            blocks, lost = present[beyond], missing[beyond]
+            lost_at = np.flatnonzero(window.beyond & ~window.is_sb)
+            blocks, lost = window.block[lost_at], window.missing[lost_at]
             ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
-            self.invented = tuple(zip((ends - lost).tolist(), lost.tolist(), strict=True))
-        elif beyond.any():
-            self._raise_first(flagged(beyond), "payload",
-                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated? "
-                                        "(--salvage reads the missing bytes as zeros)")
-        if g.has_parent:
-            partial = states == c.BatState.PARTIALLY_PRESENT
-            chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
-            chunk_has_partial[np.flatnonzero(partial) // g.chunk_ratio] = True
-            sb_present = bat.bitmap_states == c.SbState.PRESENT
-            missing = chunk_has_partial & ~sb_present
-            self._raise_first(missing, "bitmap", lambda s: "sector bitmap block missing for a partially present block")
-            bad_sb = sb_present & ((bat.bitmap_offsets < c.HEADER_SECTION_SIZE)
-                                   | (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > size))
-            self._raise_first(bad_sb, "bitmap", lambda s: "sector bitmap block lies outside the file")
-
-    def _raise_first(self, mask: np.ndarray, kind: str, message) -> None:
-        hits = np.flatnonzero(mask)
-        if not len(hits):
-            return
-        i = int(hits[0])
-        if kind == "payload":
-            index = int(self.geometry.payload_index(i))
-            structure, state = f"BAT entry {index} (payload block {i})", int(self.bat.states[i])
-        else:
-            index = int(self.geometry.bitmap_index(i))
-            structure, state = f"BAT entry {index} (sector bitmap block {i})", int(self.bat.bitmap_states[i])
-        more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
-        raise FormatError(message(state) + more, structure=structure, offset=self.bat.entry_file_offset(index))
+            invented += zip((ends - lost).tolist(), lost.tolist(), strict=True)
+        self.invented = tuple(invented)
 
     def _file_identity(self):
         if self.io.fd is None:

@@ -81,7 +81,6 @@ METADATA_MAX_USER_ENTRIES = 1024
 METADATA_ITEM_MAX_LENGTH = 1 * MiB
 METADATA_TABLE_HEADER_SIZE = 32
 METADATA_ENTRY_COUNT_OFFSET = 10  # of the 16-bit EntryCount inside the table header
-METADATA_ENTRY_FLAGS_OFFSET = 24  # of the 32-bit flags inside a table entry
 # §2.6.2.6 parent locator: a 20-byte header, then 12-byte key/value entries, then the UTF-16LE strings.
 LOCATOR_HEADER_SIZE = 20
 LOCATOR_ENTRY_SIZE = 12

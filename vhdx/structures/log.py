@@ -22,6 +22,7 @@ import numpy as np
 from crc32c import crc32c
 
 from vhdx.errors import FormatError, VhdxError
+from vhdx.findings import Code, Problem, Severity
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, Overlay
@@ -478,14 +479,37 @@ class LogState:
     def needs_replay(self) -> bool:
         return self.is_dirty and bool(self.sequence)
 
+    def problems(self, in_use: bool = False) -> list[Problem]:
+        """What a dirty log means (§2.3.3); ``in_use``: a live writer's log (how it works, not damage)."""
+        if not self.is_dirty:
+            return []
+        at = self.log_offset
+        out = [Problem(Code.LOG_TORN_ENTRY, "Log entry", at + pos, "an entry with the current log GUID is incomplete "
+                       "or fails its checksum (never applied)", Severity.WARNING, True, False) for pos in self.torn]
+        if not self.sequence:
+            return [*out, Problem(Code.LOG_NO_VALID_SEQUENCE, "Log", at, f"the header names log GUID {self.log_guid} "
+                                  "but no complete log sequence exists (nothing to replay)", Severity.WARNING, True,
+                                  False)]
+        first, head = self.sequence[0], self.sequence[-1]
+        if self.violation is not None:
+            return [*out, Problem(Code.LOG_INVALID, "Log entry", self.violation.entry_offset,
+                                  f"invalid log: {self.violation.message}; the log is not replayed (not even in "
+                                  "memory) and no repair replays it")]
+        if self.problem:
+            return [*out, Problem(Code.LOG_TRUNCATED, "Log", at + head.log_offset, self.problem)]
+        entries = (f"{len(self.sequence)} log entr{'y' if len(self.sequence) == 1 else 'ies'} (sequence "
+                   f"{first.sequence_number}..{head.sequence_number})")
+        if in_use:
+            return [*out, Problem(Code.LOG_IN_USE, "Log", at + first.log_offset, f"{entries} of the process writing "
+                                  "the file; replayed in memory to check the structures below", Severity.INFO,
+                                  refuses_open=False)]
+        return [*out, Problem(Code.LOG_DIRTY, "Log", at + first.log_offset, f"{entries} must be replayed; structures "
+                              "below are checked as replayed", repairable=True, refuses_open=False)]
+
     def refusal(self, path: str | None = None) -> FormatError | None:
         """The error that stops any replay of this log (in memory or on disk), or None when it may be replayed."""
-        if self.violation is not None:
-            return FormatError(f"invalid log: {self.violation.message}", structure="Log entry",
-                               offset=self.violation.entry_offset, path=path)
-        if self.problem:
-            return FormatError(self.problem, structure="Log", offset=self.log_offset, path=path)
-        return None
+        problem = next((p for p in self.problems() if p.refuses_open), None)
+        return None if problem is None else FormatError.from_problem(problem, path)
 
 
 def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID) -> LogState:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from vhdx.errors import FormatError, VhdxError
+from vhdx.errors import FormatError
 from vhdx.findings import Code, Problem
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
@@ -181,7 +181,7 @@ def load_region_table(io: ImageIO, log_offset: int, log_length: int) -> RegionTa
     copies = read_region_table_copies(io)
     problem = next((p for p in region_problems(copies, log_offset, log_length, io.size) if p.refuses_open), None)
     if problem is not None:
-        raise VhdxError.from_problem(problem, io.path)
+        raise FormatError.from_problem(problem, io.path)
     return RegionTable(copies, next(copy.index for copy in copies if copy.valid))
 
 
