@@ -113,7 +113,7 @@ def test_both_header_checksums_bad_raise_a_checksum_error_naming_no_current_head
         raw[off + 100] ^= 0xFF
     dynamic.write_bytes(bytes(raw))
     error = assert_agree(dynamic)
-    assert error is not None and error.code == "HEADER_NO_CURRENT"
+    assert isinstance(error, ChecksumError) and error.code == "HEADER_NO_CURRENT"
 
 
 def test_a_failed_region_table_crc_raises_checksum_error(dynamic):

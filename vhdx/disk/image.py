@@ -129,6 +129,8 @@ class VhdxImage:
             problem = window.refusal()
             if problem is not None:
                 raise FormatError.from_problem(problem)
+            if not window.beyond.any():
+                continue
             # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
             lost_at = np.flatnonzero(window.beyond & ~window.is_sb)
             blocks, lost = window.block[lost_at], window.missing[lost_at]

@@ -246,6 +246,15 @@ class BatWindow:
         return None
 
 
+# Lookup tables by state (3 bits): legal payload states (index 1: differencing, where PARTIALLY_PRESENT is legal)
+# and the states that read as zeros.
+_LEGAL_PAYLOAD = np.zeros((2, 8), dtype=bool)
+_LEGAL_PAYLOAD[:, [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
+_LEGAL_PAYLOAD[1, c.BatState.PARTIALLY_PRESENT] = True
+_ZERO_READING = np.zeros(8, dtype=bool)
+_ZERO_READING[list(c.ZERO_READING_STATES)] = True
+
+
 def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_size: int, *, bat_offset: int,
                  structures: list[tuple[str, int, int]], disk_label: str, salvage: bool = False) -> BatWindow:
     """Judge a window of raw BAT entries (whole chunks from ``first_index``) against §2.5.1; pure numpy.
@@ -281,11 +290,9 @@ def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_siz
     payload = ~is_sb & (block < g.data_blocks)
     # A block owns block_size bytes (Hyper-V allocates the last block whole even when the disk ends inside it).
     length = np.where(is_sb, c.SECTOR_BITMAP_BLOCK_SIZE, g.block_size).astype(np.int64)
-    legal = [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]
-    legal_payload = np.array(legal + ([c.BatState.PARTIALLY_PRESENT] if diff else []), dtype=np.uint8)
     present = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
     owned = (payload & present) | (is_sb & (states == c.SbState.PRESENT) & diff)
-    kept = payload & np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)
+    kept = payload & _ZERO_READING[states] & (offsets > 0)
     if not diff:
         kept |= is_sb & (states != c.SbState.NOT_PRESENT) & (offsets > 0)
     missing = np.where(owned & ~is_sb, payload_missing_bytes(g, block, offsets, file_size), 0)
@@ -304,7 +311,7 @@ def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_siz
     reserved = (raw & np.uint64(c.BAT_RESERVED_MASK)) != 0
     add(RESERVED_BITS, reserved & (payload | is_sb),
         lambda i: f"reserved bits {int(raw[i]) & c.BAT_RESERVED_MASK:#x} are set")
-    illegal = payload & ~np.isin(states, legal_payload)
+    illegal = payload & ~_LEGAL_PAYLOAD[int(diff)][states]
     if diff:
         illegal |= is_sb & (states != c.SbState.NOT_PRESENT) & (states != c.SbState.PRESENT)
     add(STATE_ILLEGAL, illegal, lambda i: f"state {states[i]} is not legal here in a {label} disk")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 
-from vhdx.errors import FormatError
+from vhdx.errors import ChecksumError, FormatError
 from vhdx.findings import Code, Problem, Severity
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
@@ -228,7 +228,9 @@ def load_headers(io: ImageIO) -> HeaderSet:
     problem = refusal(header_problems(copies, io.size))
     # A misplaced log is the log reader's to refuse (it knows whether the log must be read).
     if problem is not None and problem.code not in (Code.HEADER_LOG_PLACEMENT, Code.FILE_TRUNCATED):
-        raise FormatError.from_problem(problem, io.path)
+        # No current header because every copy fails its CRC-32C: a checksum error (with the finding's code).
+        crc = all(copy.code == Code.HEADER_CHECKSUM for copy in copies)
+        raise (ChecksumError if crc else FormatError).from_problem(problem, io.path)
     return HeaderSet(copies, choose_current(copies))
 
 

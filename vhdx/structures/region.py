@@ -156,7 +156,8 @@ def region_problems(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset:
     good one is repairable. The rules of the used copy follow (``table_problems``).
     """
     valid = [copy for copy in copies if copy.valid]
-    good = [copy for copy in valid if not table_problems(copy, log_offset, log_length, file_size)]
+    rules = {copy.index: table_problems(copy, log_offset, log_length, file_size) for copy in valid}
+    good = [copy for copy in valid if not rules[copy.index]]
     problems = [Problem(copy.code, copy.name, copy.offset, copy.problem + ("; the other copy is good" if good else ""),
                         repairable=bool(good), refuses_open=not valid)
                 for copy in copies if not copy.valid]
@@ -165,7 +166,7 @@ def region_problems(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset:
     if len(valid) == 2 and valid[0].raw != valid[1].raw:
         problems.append(Problem(Code.REGION_TABLE_MISMATCH, valid[1].name, valid[1].offset,
                                 "the two region table copies differ", repairable=bool(good), refuses_open=False))
-    return problems + table_problems(valid[0], log_offset, log_length, file_size)
+    return problems + rules[valid[0].index]
 
 
 def usable_copy(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset: int, log_length: int,
