@@ -3,7 +3,7 @@
 The log is never read whole: slots are scanned a piece at a time, entries are checked in growing pieces and
 sector images stay in the log until they are written or patched into a read, so memory does not grow with the
 log's length, and finding the active sequence is linear in the number of entries. Every write of the active
-sequence is checked against what a log may change (``target_problem``, the one rule) before any replay, in
+sequence is checked against what a log may change (``log_rules.target_problem``, the one rule) before any replay, in
 memory or on disk; ``LogState.refusal`` is the error every caller raises for a log that must not be replayed.
 
 References: [MS-VHDX] §2.3 (log), §2.3.1 (entry, descriptors, data sector), §2.3.2 (entry validity),
@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from crc32c import crc32c
 
-from vhdx.errors import FormatError, VhdxError
+from vhdx.errors import FormatError
 from vhdx.findings import Code, Problem, Severity
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, Overlay
-from vhdx.structures.bat import Geometry
 from vhdx.structures.header import log_placement_problems
-from vhdx.structures.metadata import load_metadata
-from vhdx.structures.region import load_region_table
+from vhdx.structures.log_rules import LogBounds, align, log_bounds, region_table_problem, target_problem
 
 SECTOR = c.LOG_SECTOR_SIZE
 
@@ -65,20 +63,6 @@ class LogEntry:
     log_guid: uuid.UUID
     descriptor_count: int = 0
     data_count: int = 0
-
-
-@dataclass(frozen=True)
-class LogBounds:
-    """Where a log may write in one file: past the header section, outside the log itself, below ``end``.
-
-    ``end`` is the largest file the layout can need: its structures (or the file, if longer) plus room for every
-    payload block and, in a differencing disk, every sector bitmap block. Metadata, BAT, payload and bitmap
-    blocks all lie in that span; the header section (headers and region tables) is never logged.
-    """
-
-    log_offset: int
-    log_length: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -274,50 +258,6 @@ def find_active_sequence(entries: dict[int, LogEntry], size: int) -> tuple[LogEn
         pos = follower[pos]
 
 
-def log_bounds(io: ImageIO, log_offset: int, log_length: int) -> LogBounds:
-    """The span a log of this file may write: see ``LogBounds``. Damaged regions or metadata leave no room."""
-    structures = max(c.HEADER_SECTION_SIZE, log_offset + log_length, _align(io.real_size))
-    room = 0
-    try:
-        regions = load_region_table(io, log_offset, log_length)
-        structures = max(structures, *(e.end for e in regions.entries))
-        p = load_metadata(io, regions.metadata).params
-        g = Geometry(p.virtual_size, p.block_size, p.logical_sector_size, p.has_parent)
-        room = g.data_blocks * g.block_size + (g.sector_bitmap_blocks * c.SECTOR_BITMAP_BLOCK_SIZE
-                                               if p.has_parent else 0)
-    except VhdxError:
-        pass
-    return LogBounds(log_offset, log_length, structures + room)
-
-
-def _align(n: int) -> int:
-    return -(-n // c.ALIGNMENT) * c.ALIGNMENT
-
-
-def _in_region_tables(offset: int, end: int) -> bool:
-    first, last = c.REGION_TABLE_OFFSETS[0], c.REGION_TABLE_OFFSETS[-1] + c.REGION_TABLE_SIZE
-    return first <= offset and end <= last
-
-
-def target_problem(offset: int, length: int, bounds: LogBounds, *, data: bool = True) -> str | None:
-    """Why a log may not write ``length`` bytes at ``offset`` (None when it may): the one rule for targets.
-
-    The header section is never logged (the headers have their own two-copy update), except the region tables:
-    [MS-VHDX] 2.2.3 has region table updates go through the log, as sector images. Such images must leave a
-    valid table (``region_table_problem``, checked once the whole sequence is folded); zero ranges never may.
-    """
-    end = offset + length
-    if offset < c.HEADER_SECTION_SIZE and not (data and _in_region_tables(offset, end)):
-        return (f"targets {offset:#x}, inside the header section (only region tables may be logged there, as "
-                "whole valid tables)")
-    if offset < bounds.log_offset + bounds.log_length and bounds.log_offset < end:
-        return f"targets {offset:#x}+{length:#x}, inside the log itself"
-    if end > bounds.end:
-        return (f"writes {length:#x} bytes at {offset:#x}, past {bounds.end:#x}, the largest file this layout "
-                "can need")
-    return None
-
-
 @dataclass
 class ReplayPlan:
     """What a replay writes: the latest image of each target sector, zero ranges, the size the file reaches.
@@ -401,23 +341,8 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
     if head is not None:
         last = max(head.last_file_offset, max((o + SECTOR for o in plan.sources), default=0),
                    max((o + n for o, n in plan.zeros), default=0))
-        plan.min_file_size = _align(last)
+        plan.min_file_size = align(last)
     return plan, None
-
-
-def region_table_problem(io: ImageIO, plan: ReplayPlan) -> str | None:
-    """Why the replayed region tables would be broken (None when each table the plan touches stays valid)."""
-    for table_offset in c.REGION_TABLE_OFFSETS:
-        touched = [t for t in plan.sources if table_offset <= t < table_offset + c.REGION_TABLE_SIZE]
-        if not touched:
-            continue
-        table = bytearray(io.read_file_at(table_offset, c.REGION_TABLE_SIZE))
-        for target in touched:
-            table[target - table_offset : target - table_offset + SECTOR] = plan.sector(target)
-        if table[:4] != c.REGION_TABLE_SIGNATURE or not checksum.verify(table, c.REGION_TABLE_CHECKSUM_OFFSET):
-            return (f"rewrites the region table at {table_offset:#x} into one that fails its signature or "
-                    "checksum")
-    return None
 
 
 def _hidden_by_later_zeros(order: dict[int, int], zeros: list[tuple[int, int, int]]) -> list[int]:
