@@ -7,6 +7,7 @@ one-line error ends with that code in brackets.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -149,3 +150,17 @@ def test_every_code_is_a_plain_string_in_check_json(dynamic):
     codes = [f["code"] for f in check_image(dynamic).to_json()["findings"]]
     assert codes and all(type(code) is str for code in codes)
     assert np.all([code in CODES for code in codes])
+
+
+def test_a_file_that_is_not_vhdx_is_refused_as_not_vhdx(tmp_path):
+    path = tmp_path / "other.vhdx"
+    path.write_bytes(b"QFI\xfb" + bytes(4 << 20))
+    error = assert_agree(path)
+    assert error is not None and error.code == "NOT_VHDX"
+
+
+@pytest.mark.parametrize("size", [64 << 10, 300 << 10, 2 * MiB + 4096])
+def test_a_file_cut_short_is_refused_with_a_code_check_reports(dynamic, size):
+    os.truncate(dynamic, size)
+    error = assert_agree(dynamic)
+    assert error is not None and type(error.code) is str

@@ -33,7 +33,7 @@ class VhdxError(Exception):
         super().__init__(message)
         self.message = message
         # The finding code of the broken rule (vhdx.findings.Code), as check reports it, when one applies.
-        self.code = code if code is not None else self.default_code
+        self.code = str(code) if code is not None else self.default_code
         self.structure = structure
         self.offset = offset
         self.path = path

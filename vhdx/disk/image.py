@@ -53,7 +53,7 @@ def _not_vhdx(io: ImageIO) -> FormatError:
     Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
     """
     reason = foreign_file_reason(io) or "not a VHDX file (it does not start with the 'vhdxfile' signature)"
-    return FormatError(reason, structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
+    return FormatError(reason, structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET, code="NOT_VHDX")
 
 
 class VhdxImage:

@@ -359,10 +359,11 @@ class Bat:
                 structure="BAT",
                 offset=region.file_offset,
                 path=io.path,
+                code=Code.BAT_REGION_SIZE,
             )
         if region.file_offset + needed > io.size:
             raise FormatError(f"{needed} bytes needed but the file ends at {io.size:#x} (truncated?)",
-                              structure="BAT", offset=region.file_offset, path=io.path)
+                              structure="BAT", offset=region.file_offset, path=io.path, code=Code.REGION_BEYOND_EOF)
         entries = np.zeros(geometry.bat_entries, dtype=BAT_DTYPE)
         io.readinto_at(region.file_offset, entries)
         return cls(entries, geometry, region.file_offset)
