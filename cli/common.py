@@ -128,6 +128,8 @@ def fail(message: str, code: int = 1, error: VhdxError | None = None) -> None:
         details = {"message": printable(message), "exit_code": code}
         if error is not None:
             details.update(structure=error.structure, offset=error.offset, path=error.path)
+            if isinstance(getattr(error, "code", None), str):
+                details["code"] = error.code
         click.echo(json.dumps({"schema_version": SCHEMA_VERSION, "error": details}, indent=2))
     click.echo(f"vhdx: error: {printable(message)}", err=True)
     sys.exit(code)
@@ -178,6 +180,13 @@ class OneLineErrorGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def error_line(exc: VhdxError) -> str:
+    """A library error as one line; a broken format rule ends with its finding code, as ``check`` names it."""
+    code = getattr(exc, "code", None)
+    tail = f" [{code}]" if isinstance(code, str) else ""  # HyperVError.code is Hyper-V's number, not a rule
+    return " ".join(str(exc).split("\n")) + tail
+
+
 def handle_errors(func):
     """Turn library errors into one line on stderr and a non-zero exit code (never a traceback)."""
 
@@ -186,7 +195,7 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")), error=exc)
+            fail(error_line(exc), error=exc)
         except BrokenPipeError:
             exit_on_broken_pipe()
         except OSError as exc:

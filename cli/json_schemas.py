@@ -42,7 +42,8 @@ def document(required: dict, optional: dict | None = None) -> dict:
 RANGE = obj({"start": UINT, "length": UINT})
 
 ERROR = document({"error": obj({"message": STR, "exit_code": {"type": "integer", "minimum": 1}},
-                               {"structure": OPT_STR, "offset": OPT_UINT, "path": OPT_STR})})
+                               {"structure": OPT_STR, "offset": OPT_UINT, "path": OPT_STR,
+                                "code": OPT_STR})})
 
 INFO = document({
     "path": ABS_PATH, "path_given": STR, "format": {"const": "vhdx"},

@@ -279,6 +279,7 @@ class ImageIO:
                 structure=structure,
                 offset=offset,
                 path=self.path,
+                code="FILE_TRUNCATED",
             )
         return self.read_at(offset, length)
 

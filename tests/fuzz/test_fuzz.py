@@ -4,7 +4,7 @@ Allowed outcomes: a correct result or a ``VhdxError``. Any other exception, a ha
 an alarm) or an inconsistency fails:
 
 - ``check`` never raises; when the reader refuses a file (other than for a missing parent), ``check`` has
-  reported at least one error;
+  reported at least one error, and the finding code the refusal names (``VhdxError.code``) is among them;
 - when the file opens, the full read returns the virtual size, and ``convert`` to raw gives the same bytes.
 
 Mutations: byte flips near every structure, truncations, structure fields set to random or extreme values
@@ -237,6 +237,9 @@ def exercise(path: Path, out: Path) -> None:
         return
     except VhdxError as exc:
         assert report.exit_code in (1, 2), f"open refused ({exc}) but check found no error: {report.all_findings}"
+        # One rule, one code: a refusal that names a rule names one check reports as an error.
+        errors = {f.code for f in report.all_findings if f.severity.value == "error"}
+        assert exc.code is None or exc.code in errors, f"open refused with {exc.code} ({exc}), check: {errors}"
         return
     try:
         with image:

@@ -168,7 +168,7 @@ def find_slack_areas(image: VhdxImage) -> list[tuple[str, int, int, str]]:
     # Metadata region: outside the table's entries and the items.
     md = image.metadata
     region = md.region
-    used = [(region.file_offset, 32 + c.METADATA_ENTRY_SIZE * len(md.entries))]
+    used = [(region.file_offset, c.METADATA_TABLE_HEADER_SIZE + c.METADATA_ENTRY_SIZE * len(md.entries))]
     used += [(region.file_offset + en.offset, en.length) for en in md.entries if en.length]
     us, ue = _ranges(used)
     s, e = _subtract(np.array([region.file_offset]), np.array([region.end]), us, ue)

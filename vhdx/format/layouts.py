@@ -192,8 +192,16 @@ LOG_ENTRY_HEADER_DTYPE = np.dtype([
     ("flushed_file_offset", "<u8"), ("last_file_offset", "<u8")])
 LOG_DESCRIPTOR_DTYPE = np.dtype([("signature", "S4"), ("low", "<u4"), ("middle", "<u8"), ("file_offset", "<u8"),
                                  ("sequence_number", "<u8")])
-assert LOG_ENTRY_HEADER_DTYPE.itemsize == c.LOG_ENTRY_HEADER_SIZE
-assert LOG_DESCRIPTOR_DTYPE.itemsize == c.LOG_DESCRIPTOR_SIZE
+
+
+def _require_size(what, actual: int, expected: int) -> None:
+    """A wrong declaration fails at import (``assert`` would vanish under ``python -O``)."""
+    if actual != expected:
+        raise ImportError(f"vhdx.format.layouts: {what} is {actual} bytes, the spec gives {expected}")
+
+
+_require_size("LOG_ENTRY_HEADER_DTYPE", LOG_ENTRY_HEADER_DTYPE.itemsize, c.LOG_ENTRY_HEADER_SIZE)
+_require_size("LOG_DESCRIPTOR_DTYPE", LOG_DESCRIPTOR_DTYPE.itemsize, c.LOG_DESCRIPTOR_SIZE)
 
 # Sizes the rest of the code relies on; a wrong declaration fails at import, not on a customer's disk.
 _FIXED_SIZES = {
@@ -206,18 +214,18 @@ _FIXED_SIZES = {
     DataDescriptor: c.LOG_DESCRIPTOR_SIZE,
     DataSector: c.LOG_SECTOR_SIZE,
     BatEntry: c.BAT_ENTRY_SIZE,
-    MetadataTableHeader: 32,
+    MetadataTableHeader: c.METADATA_TABLE_HEADER_SIZE,
     MetadataTableEntry: c.METADATA_ENTRY_SIZE,
     FileParameters: 8,
     VirtualDiskSize: 8,
     VirtualDiskId: 16,
     LogicalSectorSize: 4,
     PhysicalSectorSize: 4,
-    ParentLocatorHeader: 20,
-    ParentLocatorEntry: 12,
+    ParentLocatorHeader: c.LOCATOR_HEADER_SIZE,
+    ParentLocatorEntry: c.LOCATOR_ENTRY_SIZE,
 }
 for _layout, _size in _FIXED_SIZES.items():
-    assert _layout.sizeof() == _size, (_layout, _layout.sizeof(), _size)
+    _require_size(_layout, _layout.sizeof(), _size)
 del _layout, _size
 
 # Names used in error messages (construct objects have no name of their own).

@@ -62,4 +62,8 @@ GptEntry = Struct(
     "name" / PaddedString(72, "utf-16-le"),
 )
 
-assert Mbr.sizeof() == 512 and GptHeader.sizeof() == 92 and GptEntry.sizeof() == 128
+# A wrong declaration fails at import (an ``assert`` would vanish under ``python -O``).
+for _name, _layout, _size in (("MBR", Mbr, 512), ("GPT header", GptHeader, 92), ("GPT entry", GptEntry, 128)):
+    if _layout.sizeof() != _size:
+        raise ImportError(f"vhdx.format.partition_table: {_name} is {_layout.sizeof()} bytes, not {_size}")
+del _name, _layout, _size

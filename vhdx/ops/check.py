@@ -17,56 +17,44 @@ References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (m
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from vhdx.disk import chain as _chain
 from vhdx.disk.image import foreign_file_reason
 from vhdx.errors import VhdxError
-from vhdx.findings import CODES, Finding, Severity
+from vhdx.findings import CODES, Code, Finding, Problem, Severity
 from vhdx.format import constants as c
-from vhdx.format import layouts
-from vhdx.io import ImageIO, parse_bytes
+from vhdx.io import ImageIO
+from vhdx.ops.check_chain import check_parent, file_identity
 from vhdx.ops.merge.journal import report_interrupted_merge
-from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
-from vhdx.structures.file import VhdxFile
-from vhdx.structures.header import Header, HeaderCopy, choose_current, parse_header_copy
-from vhdx.structures.log import LogState, overlay_for, read_log
-from vhdx.structures.metadata import (
-    ITEM_LAYOUTS,
-    KNOWN_ITEMS,
-    DiskParameters,
-    MetadataEntry,
-    ParentLocator,
-    parameter_problems,
-    parse_parent_locator,
+from vhdx.structures.bat import (
+    BAT_DTYPE,
+    WINDOW_ENTRIES,
+    Geometry,
+    bat_problems,
+    ceil_div,
+    entry_name,
+    structure_spans,
+    windows,
 )
-from vhdx.structures.region import RegionEntry, RegionTableCopy, parse_region_table_copy
+from vhdx.structures.header import Header, HeaderCopy, choose_current, header_problems, read_header_copies
+from vhdx.structures.log import LogState, overlay_for, read_log
+from vhdx.structures.metadata import DiskParameters, MetadataEntry, ParentLocator, scan_metadata
+from vhdx.structures.region import (
+    RegionEntry,
+    RegionTableCopy,
+    read_region_table_copies,
+    region_problems,
+    usable_copy,
+)
 
-# BAT entries examined per step (rounded down to whole chunks): 1 Mi entries = 8 MiB of BAT.
-WINDOW_ENTRIES = 1 << 20
 # Findings of one code reported one by one; the rest are summed up in one more finding.
 MAX_FINDINGS_PER_CODE = 32
 
-_OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
 _EMPTY = np.uint32(0xFFFFFFFF)
-_PRESENT_STATES = (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
-# States whose entry may keep the file offset it had while present (the writer reuses that space).
-_KEEPING_STATES = c.ZERO_READING_STATES
 
-# Flags (IsUser, IsVirtualDisk, IsRequired) the spec's table gives each system item (§2.6.2).
-EXPECTED_ITEM_FLAGS = {
-    c.FILE_PARAMETERS_GUID: c.META_IS_REQUIRED,
-    c.VIRTUAL_DISK_SIZE_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
-    c.VIRTUAL_DISK_ID_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
-    c.LOGICAL_SECTOR_SIZE_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
-    c.PHYSICAL_SECTOR_SIZE_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
-    c.PARENT_LOCATOR_GUID: c.META_IS_REQUIRED,
-}
-_FLAG_BITS = c.META_IS_USER | c.META_IS_VIRTUAL_DISK | c.META_IS_REQUIRED
 
 
 @dataclass(frozen=True)
@@ -175,11 +163,18 @@ class CheckContext:
     def add(self, severity: Severity, code: str, structure: str, offset: int | None, message: str, *,
             repairable: bool = False) -> None:
         """Record a finding; past MAX_FINDINGS_PER_CODE of one code only the count grows."""
-        assert code in CODES, code
+        if code not in CODES:
+            raise ValueError(f"unknown finding code {code}")
+        code = str(code)
         n = self._counts.get(code, 0)
         self._counts[code] = n + 1
         if n < MAX_FINDINGS_PER_CODE:
             self.findings.append(Finding(severity, code, structure, offset, message, self.path, repairable))
+
+    def add_problems(self, problems: list[Problem]) -> None:
+        """Record each problem a structure module reported."""
+        for p in problems:
+            self.add(p.severity, p.code, p.structure, p.offset, p.message, repairable=p.repairable)
 
     def summarise(self) -> None:
         """One more finding per code whose findings were cut off."""
@@ -251,9 +246,6 @@ def _report_interrupted_layout(ctx: CheckContext) -> None:
                 f"bytes; finish it with `vhdx {journal.operation} --resume {ctx.path}`")
 
 
-register_checker(_report_interrupted_layout)
-
-
 @dataclass(frozen=True)
 class CheckOptions:
     """Where to look for parents (same meaning as for opening a chain)."""
@@ -317,20 +309,13 @@ def _check_source(source, options: CheckOptions, visited: tuple) -> tuple[CheckR
             io.overlay = saved_overlay
 
 
-def _identity(io: ImageIO):
-    if io.fd is None:
-        return None
-    st = os.fstat(io.fd)
-    return (st.st_dev, st.st_ino)
-
-
 def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[CheckReport, str | None, tuple]:
     ctx = CheckContext(io, io.path)
     if not _check_identifier(ctx):
         return CheckReport(io.path, tuple(ctx.findings), checked=False, file_size=io.real_size,
                            error=ctx.findings[-1].message), None, visited
     parent_path = None
-    visited = (*visited, _identity(io))
+    visited = (*visited, file_identity(io))
     ctx.in_use = not io.writable and io.writer_lock_held()
     if ctx.in_use:
         ctx.add(Severity.WARNING, "IN_USE", "File", None,
@@ -340,10 +325,11 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[Check
     _check_region_tables(ctx)
     _check_metadata(ctx)
     if ctx.params is not None and ctx.params.has_parent:
-        parent_path = _check_parent(ctx, options, visited)
+        parent_path = check_parent(ctx, options, visited)
     _check_bat(ctx)
     _check_leaks(ctx)
     report_interrupted_merge(ctx)  # called, not registered: a fresh `vhdx check` has not imported the merge engine
+    _report_interrupted_layout(ctx)
     for checker in EXTRA_CHECKERS:
         checker(ctx)
     ctx.summarise()
@@ -367,70 +353,18 @@ def _check_identifier(ctx: CheckContext) -> bool:
 
 
 # --- §2.2.2 headers --------------------------------------------------------------------------------
-def _header_problem_code(problem: str) -> str:
-    if problem.startswith("bad signature") or problem == "truncated":
-        return "HEADER_SIGNATURE"
-    if problem.startswith("checksum"):
-        return "HEADER_CHECKSUM"
-    return "HEADER_VERSION"
-
-
-def _parse_header_safely(raw: bytes, index: int) -> HeaderCopy:
-    try:
-        return parse_header_copy(raw, index)
-    except VhdxError as exc:
-        return HeaderCopy(index, c.HEADER_OFFSETS[index], raw, None, f"bad signature ({exc.message})")
-
-
 def _check_headers(ctx: CheckContext) -> None:
-    copies = tuple(_parse_header_safely(ctx.io.read_at(off, c.HEADER_SIZE), i)
-                   for i, off in enumerate(c.HEADER_OFFSETS))
+    copies = read_header_copies(ctx.io, exact=False)
     ctx.header_copies = copies
+    ctx.add_problems(header_problems(copies, ctx.io.real_size))
     index = choose_current(copies)
-    for copy in copies:
-        if not copy.valid:
-            twin_ok = index is not None
-            ctx.add(Severity.ERROR, _header_problem_code(copy.problem), copy.name, copy.offset,
-                    f"{copy.problem}" + ("; the other copy is valid and current" if twin_ok else ""),
-                    repairable=twin_ok)
-        elif copy.header.log_version != c.LOG_VERSION:
-            ctx.add(Severity.ERROR, "HEADER_VERSION", copy.name, copy.offset,
-                    f"log version {copy.header.log_version} (only 0 is defined)")
     if index is None:
-        if all(copy.valid for copy in copies):
-            ctx.add(Severity.ERROR, "HEADER_NO_CURRENT", "Header 1", copies[0].offset,
-                    f"both headers have sequence number {copies[0].header.sequence_number} but differ")
-        else:
-            ctx.add(Severity.ERROR, "HEADER_NO_CURRENT", "Header 1", copies[0].offset, "no header copy is valid")
         return
-    current, other = copies[index], copies[1 - index]
+    current = copies[index]
     ctx.header = current.header
-    if other.valid:
-        if other.header.sequence_number == current.header.sequence_number:
-            ctx.add(Severity.WARNING, "HEADER_SEQUENCE_TIE", other.name, other.offset,
-                    f"both headers are identical with sequence number {current.header.sequence_number}")
-        elif _header_content(other.header) != _header_content(current.header):
-            # Normal: the update protocol writes the two copies alternately, so the other one is one step behind.
-            ctx.add(Severity.INFO, "HEADER_STALE", other.name, other.offset,
-                    f"the older copy (sequence number {other.header.sequence_number}, current "
-                    f"{current.header.sequence_number}), as every header update leaves it")
     h = current.header
-    if h.log_length or h.log_guid != c.ZERO_GUID:
-        if h.log_offset % c.ALIGNMENT or h.log_length % c.ALIGNMENT or h.log_offset < c.HEADER_SECTION_SIZE \
-                or h.log_length == 0:
-            ctx.add(Severity.ERROR, "HEADER_LOG_PLACEMENT", current.name, current.offset,
-                    f"log at {h.log_offset:#x} length {h.log_length:#x} is not 1 MiB aligned after the header "
-                    "section")
-            return
-    if h.log_length:
-        if h.log_offset + h.log_length > ctx.io.real_size:
-            ctx.add(Severity.ERROR, "FILE_TRUNCATED", "Log", h.log_offset,
-                    f"the log ends at {h.log_offset + h.log_length:#x} but the file at {ctx.io.real_size:#x}")
+    if h.log_length and not any(f.code == Code.HEADER_LOG_PLACEMENT for f in ctx.findings):
         ctx.reference(h.log_offset, h.log_offset + h.log_length)
-
-
-def _header_content(h: Header) -> tuple:
-    return (h.file_write_guid, h.data_write_guid, h.log_guid, h.log_version, h.version, h.log_length, h.log_offset)
 
 
 # --- §2.3 log --------------------------------------------------------------------------------------
@@ -445,109 +379,23 @@ def _check_log(ctx: CheckContext) -> None:
         ctx.add(Severity.ERROR, "LOG_NO_VALID_SEQUENCE", "Log", where, f"log cannot be read: {exc.message}")
         return
     ctx.log = log
-    for pos in log.torn:
-        ctx.add(Severity.WARNING, "LOG_TORN_ENTRY", "Log entry", h.log_offset + pos,
-                "an entry with the current log GUID is incomplete or fails its checksum (never applied)",
-                repairable=True)
-    if not log.sequence:
-        ctx.add(Severity.WARNING, "LOG_NO_VALID_SEQUENCE", "Log", where,
-                f"the header names log GUID {h.log_guid} but no complete log sequence exists (nothing to replay)",
-                repairable=True)
+    ctx.add_problems(log.problems(ctx.in_use))
+    if not log.needs_replay or log.refusal() is not None:
         return
-    head = log.sequence[-1]
-    if log.violation is not None:
-        ctx.add(Severity.ERROR, "LOG_INVALID", "Log entry", log.violation.entry_offset,
-                f"{log.violation.message}; the log is not replayed (not even in memory) and no repair replays it")
-        return
-    if log.problem:
-        ctx.add(Severity.ERROR, "LOG_TRUNCATED", "Log", where + head.log_offset, log.problem)
-        return
-    entries = (f"{len(log.sequence)} log entr{'y' if len(log.sequence) == 1 else 'ies'} (sequence "
-               f"{log.sequence[0].sequence_number}..{head.sequence_number})")
-    if ctx.in_use:
-        # A live writer's log is how it works, not damage: it empties the log when it closes the file.
-        ctx.add(Severity.INFO, "LOG_IN_USE", "Log", where + log.sequence[0].log_offset,
-                f"{entries} of the process writing the file; replayed in memory to check the structures below")
-    else:
-        ctx.add(Severity.ERROR, "LOG_DIRTY", "Log", where + log.sequence[0].log_offset,
-                f"{entries} must be replayed; structures below are checked as replayed", repairable=True)
     ctx.io.overlay = overlay_for(log.plan)
 
 
 # --- §2.2.3 region tables --------------------------------------------------------------------------
-def _region_problem_code(problem: str) -> str:
-    if problem.startswith("checksum"):
-        return "REGION_TABLE_CHECKSUM"
-    if problem.startswith("entry count"):
-        return "REGION_TABLE_ENTRY_COUNT"
-    return "REGION_TABLE_SIGNATURE"
-
-
-def _region_rules(ctx: CheckContext, copy: RegionTableCopy, record: bool) -> int:
-    """Check the entries of one region table copy; returns the number of problems (recorded if ``record``)."""
-    problems = 0
-
-    def add(code, offset, message):
-        nonlocal problems
-        problems += 1
-        if record:
-            ctx.add(Severity.ERROR, code, copy.name, offset, message)
-
-    def entry_offset(i):
-        return copy.offset + c.REGION_TABLE_HEADER_SIZE + i * c.REGION_ENTRY_SIZE
-
-    for guid, name in c.KNOWN_REGIONS.items():
-        where = [i for i, e in enumerate(copy.entries) if e.guid == guid]
-        if not where:
-            add("REGION_MISSING", copy.offset, f"the {name} region is missing")
-        elif len(where) > 1:
-            add("REGION_DUPLICATE", entry_offset(where[1]), f"the {name} region appears {len(where)} times")
-    h = ctx.header
-    spans = [("log", h.log_offset, h.log_offset + h.log_length, copy.offset)] if h and h.log_length else []
-    for i, e in enumerate(copy.entries):
-        if e.file_offset % c.ALIGNMENT or e.length % c.ALIGNMENT or e.file_offset < c.HEADER_SECTION_SIZE \
-                or e.length == 0:
-            add("REGION_ALIGNMENT", entry_offset(i),
-                f"{e.name} region at {e.file_offset:#x} length {e.length:#x} is not a non-empty 1 MiB-aligned "
-                "span after the header section")
-        if e.end > ctx.size:
-            add("REGION_BEYOND_EOF", entry_offset(i),
-                f"{e.name} region ends at {e.end:#x} but the file at {ctx.size:#x}")
-        if e.required and e.guid not in c.KNOWN_REGIONS:
-            add("REGION_UNKNOWN_REQUIRED", entry_offset(i), f"unknown region {e.guid} is marked required")
-        spans.append((f"{e.name} region", e.file_offset, e.end, entry_offset(i)))
-    spans.sort(key=lambda s: s[1])
-    for (name_a, _, end_a, _), (name_b, start_b, _, where_b) in zip(spans, spans[1:], strict=False):
-        if start_b < end_a:
-            add("REGION_OVERLAP", where_b, f"{name_b} overlaps {name_a}")
-    return problems
-
-
 def _check_region_tables(ctx: CheckContext) -> None:
-    copies = []
-    for i, off in enumerate(c.REGION_TABLE_OFFSETS):
-        raw = ctx.io.read_at(off, c.REGION_TABLE_SIZE)
-        try:
-            copies.append(parse_region_table_copy(raw, i))
-        except VhdxError as exc:
-            copies.append(RegionTableCopy(i, off, raw, (), f"bad signature ({exc.message})"))
-    ctx.region_copies = tuple(copies)
-    valid = [copy for copy in copies if copy.valid]
-    good = [copy for copy in valid if _region_rules(ctx, copy, record=False) == 0]
-    for copy in copies:
-        if not copy.valid:
-            ctx.add(Severity.ERROR, _region_problem_code(copy.problem), copy.name, copy.offset,
-                    copy.problem + ("; the other copy is good" if good else ""), repairable=bool(good))
-    if not valid:
+    copies = read_region_table_copies(ctx.io, exact=False)
+    ctx.region_copies = copies
+    h = ctx.header
+    log_offset, log_length = (h.log_offset, h.log_length) if h else (0, 0)
+    ctx.add_problems(region_problems(copies, log_offset, log_length, ctx.size))
+    # The reader would use a bad first copy; the repaired file will use the good one, so check on with it.
+    used = usable_copy(copies, log_offset, log_length, ctx.size)
+    if used is None:
         return
-    used = valid[0]  # the reader's choice: the first copy with a good signature and checksum
-    if len(valid) == 2 and valid[0].raw != valid[1].raw:
-        ctx.add(Severity.ERROR, "REGION_TABLE_MISMATCH", valid[1].name, valid[1].offset,
-                "the two region table copies differ", repairable=bool(good))
-    _region_rules(ctx, used, record=True)
-    if used not in good and good:
-        # The reader would use the bad copy; the repaired file will use the good one, so check on with it.
-        used = good[0]
     ctx.regions = used.entries
     for e in used.entries:
         if e.file_offset >= c.HEADER_SECTION_SIZE and e.length:
@@ -563,219 +411,21 @@ def _check_metadata(ctx: CheckContext) -> None:
     region = ctx.metadata_region
     if region is None or region.length < c.METADATA_TABLE_SIZE or region.file_offset < c.HEADER_SECTION_SIZE:
         return
-    raw = ctx.io.read_at(region.file_offset, c.METADATA_TABLE_SIZE)
-    table_ok = raw[:8] == c.METADATA_SIGNATURE
-    count = int.from_bytes(raw[10:12], "little")
-    if count > c.METADATA_TABLE_MAX_ENTRIES:
-        ctx.add(Severity.ERROR, "METADATA_ENTRY_COUNT", "Metadata Table", region.file_offset,
-                f"entry count {count} > {c.METADATA_TABLE_MAX_ENTRIES}")
+    scan = scan_metadata(ctx.io.read_at, region, ctx.path)
+    ctx.add_problems(scan.problems)
+    ctx.metadata_entries = scan.entries
+    if scan.params is None or any(p.code == Code.METADATA_VALUE for p in scan.problems):
         return
-    entries = []
-    for i in range(count):
-        start = 32 + i * c.METADATA_ENTRY_SIZE
-        e = parse_bytes(layouts.MetadataTableEntry, raw[start : start + 32], offset=region.file_offset + start)
-        entries.append(MetadataEntry(e.item_id, e.offset, e.length, e.flags, region.file_offset + start))
-    ctx.metadata_entries = tuple(entries)
-    if sum(e.is_user for e in entries) > c.METADATA_MAX_USER_ENTRIES:
-        ctx.add(Severity.ERROR, "METADATA_ENTRY_COUNT", "Metadata Table", region.file_offset,
-                f"more than {c.METADATA_MAX_USER_ENTRIES} user items")
-    in_bounds, seen, items = [], set(), {}
-    for e in entries:
-        if e.length > c.METADATA_ITEM_MAX_LENGTH or (e.length and (
-                e.offset < c.METADATA_TABLE_SIZE or e.offset + e.length > region.length)):
-            ctx.add(Severity.ERROR, "METADATA_ITEM_BOUNDS", "Metadata Table Entry", e.table_offset,
-                    f"{e.name} at region offset {e.offset:#x} length {e.length} lies outside the item area")
-        elif e.length:
-            in_bounds.append(e)
-        key = (e.item_id, e.is_user)
-        if key in seen:
-            ctx.add(Severity.ERROR, "METADATA_ITEM_DUPLICATE", "Metadata Table Entry", e.table_offset,
-                    f"{e.name} appears more than once")
-        seen.add(key)
-        if e.item_id in KNOWN_ITEMS and not e.is_user:
-            items.setdefault(e.item_id, e)
-        elif e.is_required:
-            ctx.add(Severity.ERROR, "METADATA_UNKNOWN_REQUIRED", "Metadata Table Entry", e.table_offset,
-                    f"unknown metadata item {e.item_id} is marked required")
-    in_bounds.sort(key=lambda e: e.offset)
-    for a, b in zip(in_bounds, in_bounds[1:], strict=False):
-        if b.offset < a.offset + a.length:
-            ctx.add(Severity.ERROR, "METADATA_ITEM_OVERLAP", "Metadata Table Entry", b.table_offset,
-                    f"{b.name} overlaps {a.name}")
-    values, usable = {}, True
-    for guid, (name, layout, size) in ITEM_LAYOUTS.items():
-        e = items.get(guid)
-        if e is None:
-            ctx.add(Severity.ERROR, "METADATA_ITEM_MISSING", "Metadata Table", region.file_offset,
-                    f"required item {name} is missing")
-            usable = False
-            continue
-        if e.length != size:
-            ctx.add(Severity.ERROR, "METADATA_ITEM_LENGTH", name, e.table_offset, f"length {e.length}, expected {size}")
-            usable = False
-            continue
-        if e not in in_bounds:
-            usable = False
-            continue
-        values[guid] = parse_bytes(layout, ctx.io.read_at(region.file_offset + e.offset, size),
-                                   offset=region.file_offset + e.offset, structure=name)
-    for guid, e in items.items():
-        if e.flags & _FLAG_BITS != EXPECTED_ITEM_FLAGS[guid]:
-            ctx.add(Severity.WARNING, "METADATA_FLAGS", KNOWN_ITEMS[guid], e.table_offset,
-                    f"flags {e.flags:#x}, the spec gives {EXPECTED_ITEM_FLAGS[guid]:#x}", repairable=True)
-    if not usable:
-        _report_signature(ctx, table_ok, raw, region, repairable=False)
-        return
-    fp = values[c.FILE_PARAMETERS_GUID]
-    has_parent = bool(fp.flags & c.FILE_PARAM_HAS_PARENT)
-    params = DiskParameters(
-        block_size=fp.block_size, leave_block_allocated=bool(fp.flags & c.FILE_PARAM_LEAVE_BLOCK_ALLOCATED),
-        has_parent=has_parent, virtual_size=values[c.VIRTUAL_DISK_SIZE_GUID].virtual_disk_size,
-        virtual_disk_id=values[c.VIRTUAL_DISK_ID_GUID].virtual_disk_id,
-        logical_sector_size=values[c.LOGICAL_SECTOR_SIZE_GUID].logical_sector_size,
-        physical_sector_size=values[c.PHYSICAL_SECTOR_SIZE_GUID].physical_sector_size,
-        file_parameter_flags=fp.flags)
-    problems = parameter_problems(params.block_size, params.logical_sector_size, params.physical_sector_size,
-                                  params.virtual_size)
-    _report_signature(ctx, table_ok, raw, region, repairable=not problems)
-    if problems:
-        ctx.add(Severity.ERROR, "METADATA_VALUE", "Metadata", region.file_offset, "; ".join(problems))
-        return
-    _check_locator(ctx, items.get(c.PARENT_LOCATOR_GUID), params, in_bounds)
+    params = scan.params
+    ctx.locator = scan.locator if params.has_parent else None
     ctx.params = params
-    ctx.geometry = Geometry(params.virtual_size, params.block_size, params.logical_sector_size, has_parent)
-
-
-def _report_signature(ctx: CheckContext, table_ok: bool, raw: bytes, region: RegionEntry, *, repairable: bool):
-    if not table_ok:
-        ctx.add(Severity.ERROR, "METADATA_SIGNATURE", "Metadata Table", region.file_offset,
-                f"signature {raw[:8]!r} instead of 'metadata'"
-                + ("; every system item is intact" if repairable else ""), repairable=repairable)
-
-
-def _check_locator(ctx: CheckContext, entry: MetadataEntry | None, params: DiskParameters, in_bounds) -> None:
-    region = ctx.metadata_region
-    if entry is None:
-        if params.has_parent:
-            ctx.add(Severity.ERROR, "LOCATOR_MISSING", "Metadata Table", region.file_offset,
-                    "a differencing disk without a Parent Locator item")
-        return
-    where = region.file_offset + entry.offset
-    if entry.length == 0 or entry not in in_bounds:
-        if params.has_parent:
-            ctx.add(Severity.ERROR, "LOCATOR_MALFORMED", "Parent Locator", entry.table_offset,
-                    f"the parent locator item is empty or out of bounds (length {entry.length})")
-        return
-    try:
-        locator = parse_parent_locator(ctx.io.read_at(where, entry.length), where)
-    except VhdxError as exc:
-        ctx.add(Severity.ERROR, "LOCATOR_MALFORMED", "Parent Locator", exc.offset, exc.message)
-        return
-    if not params.has_parent:
-        return
-    if locator.locator_type != c.VHDX_PARENT_LOCATOR_TYPE_GUID:
-        ctx.add(Severity.ERROR, "LOCATOR_TYPE", "Parent Locator", where,
-                f"locator type {locator.locator_type} is not the VHDX one")
-        return
-    if locator.get(c.PARENT_LINKAGE_KEY) is None or not locator.paths:
-        missing = "parent_linkage" if locator.get(c.PARENT_LINKAGE_KEY) is None else "every parent path"
-        ctx.add(Severity.ERROR, "LOCATOR_KEYS", "Parent Locator", where, f"{missing} is missing")
-    ctx.locator = locator
-
-
-# --- chain -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _ParentProbe:
-    data_write_guid: uuid.UUID
-    params: DiskParameters
-    identity: tuple | None
-
-
-def _probe_parent(path: str) -> _ParentProbe:
-    """Read just enough of a candidate parent to judge it: headers, (log), region table, metadata."""
-    io = ImageIO.open(path)
-    try:
-        loaded = VhdxFile.load(io, bat=False, strict_log=False)
-        return _ParentProbe(loaded.data_write_guid, loaded.params, _identity(io))
-    finally:
-        io.close()
-
-
-def _check_parent(ctx: CheckContext, options: CheckOptions, visited: tuple) -> str | None:
-    """Find and judge the parent; returns its path when the chain goes on being checked (``options.chain``)."""
-    locator = ctx.locator
-    if locator is None:
-        return None
-    region = ctx.metadata_region
-    entry = next(e for e in ctx.metadata_entries if e.item_id == c.PARENT_LOCATOR_GUID and not e.is_user)
-    where = region.file_offset + entry.offset
-    linkages = locator.linkages
-    open_options = _chain.OpenOptions(parent=options.parent, search_dirs=options.search_dirs,
-                                      ignore_id_mismatch=options.ignore_id_mismatch)
-    tried, mismatched, found = [], [], None
-    for cand in _chain.candidates(ctx.path, locator, open_options, options.parent):
-        try:
-            st = os.stat(cand.path)
-        except OSError as exc:
-            tried.append(f"{cand.path} ({exc.strerror})")
-            continue
-        except ValueError:  # e.g. a NUL inside the locator's path
-            tried.append(f"{cand.path!r} (not a usable path)")
-            continue
-        if (st.st_dev, st.st_ino) in visited:
-            ctx.add(Severity.ERROR, "CHAIN_LOOP", "Parent Locator", where,
-                    f"the parent {cand.path} (from {cand.source}) is already part of this chain")
-            return None
-        try:
-            probe = _probe_parent(cand.path)
-        except VhdxError as exc:
-            tried.append(f"{cand.path} (unreadable: {exc})")
-            continue
-        if probe.data_write_guid in linkages or (options.ignore_id_mismatch and not cand.name_only):
-            found = (cand, probe)
-            break
-        tried.append(f"{cand.path} (DataWriteGuid {probe.data_write_guid} does not match)")
-        if not cand.name_only:
-            mismatched.append((cand, probe))
-    if found is None:
-        listing = "; ".join(tried) or "the locator holds no usable path"
-        if mismatched:
-            cand, probe = mismatched[0]
-            ctx.add(Severity.ERROR, "PARENT_MISMATCH", "Parent Locator", where,
-                    f"parent {cand.path} has DataWriteGuid {probe.data_write_guid}, the child expects "
-                    f"{' or '.join(str(g) for g in linkages) or 'no linkage'}; tried: {listing}", repairable=True)
-        else:
-            ctx.add(Severity.ERROR, "PARENT_NOT_FOUND", "Parent Locator", where,
-                    f"no locator path leads to the parent; tried: {listing}", repairable=True)
-        return None
-    cand, probe = found
-    if probe.params.logical_sector_size != ctx.params.logical_sector_size:
-        ctx.add(Severity.ERROR, "CHAIN_SECTOR_SIZE", "Logical Sector Size", where,
-                f"the parent {cand.path} has {probe.params.logical_sector_size}-byte sectors, this file "
-                f"{ctx.params.logical_sector_size}")
-    if probe.params.virtual_size > ctx.params.virtual_size:
-        ctx.add(Severity.ERROR, "CHAIN_VIRTUAL_SIZE", "Virtual Disk Size", where,
-                f"the parent {cand.path} ({probe.params.virtual_size} bytes) is larger than this disk "
-                f"({ctx.params.virtual_size} bytes)")
-    if not options.chain:
-        return None
-    limit = _chain.depth_limit()
-    if len(visited) >= limit:
-        ctx.add(Severity.ERROR, "CHAIN_TOO_DEEP", "Parent Locator", where,
-                f"{_chain.too_deep(limit).message}; the parent {cand.path} and its ancestors were not checked")
-        return None
-    return cand.path
+    ctx.geometry = Geometry(params.virtual_size, params.block_size, params.logical_sector_size, params.has_parent)
 
 
 # --- §2.5 BAT --------------------------------------------------------------------------------------
 def _structure_spans(ctx: CheckContext) -> list[tuple[str, int, int]]:
-    spans = [("the header section", 0, c.HEADER_SECTION_SIZE)]
     h = ctx.header
-    if h is not None and h.log_length:
-        spans.append(("the log", h.log_offset, h.log_offset + h.log_length))
-    for e in ctx.regions:
-        spans.append((f"the {e.name} region", e.file_offset, e.end))
-    return spans
+    return structure_spans(h.log_offset if h else 0, h.log_length if h else 0, ctx.regions)
 
 
 def _check_bat(ctx: CheckContext) -> None:
@@ -790,11 +440,8 @@ def _check_bat(ctx: CheckContext) -> None:
     n_entries = max(0, min(needed, region.length // c.BAT_ENTRY_SIZE,
                            (ctx.size - region.file_offset) // c.BAT_ENTRY_SIZE))
     scan = _BatScan(ctx, g, region, _structure_spans(ctx))
-    stride = g.chunk_ratio + 1
-    step = max(1, WINDOW_ENTRIES // stride) * stride
-    buf = np.zeros(step, dtype=BAT_DTYPE)
-    for lo in range(0, n_entries, step):
-        hi = min(n_entries, lo + step)
+    buf = np.zeros(min(n_entries, WINDOW_ENTRIES + g.chunk_ratio + 1), dtype=BAT_DTYPE)
+    for lo, hi in windows(g, n_entries, WINDOW_ENTRIES):
         raw = buf[: hi - lo]
         ctx.io.readinto_at(region.file_offset + lo * c.BAT_ENTRY_SIZE, raw)
         scan.window(lo, raw)
@@ -802,136 +449,57 @@ def _check_bat(ctx: CheckContext) -> None:
 
 
 class _BatScan:
-    """BAT checks done window by window; what needs the whole BAT (overlaps, bitmaps) is gathered compactly."""
+    """BAT rules window by window (``bat_problems``); overlaps between blocks and the space map are check's own."""
 
     def __init__(self, ctx: CheckContext, g: Geometry, region: RegionEntry, structures) -> None:
         self.ctx, self.g, self.region, self.structures = ctx, g, region, structures
-        self.size = ctx.size
-        self.diff = g.has_parent
-        self.chunk_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
-        self.chunk_bitmap = np.zeros(g.sector_bitmap_blocks, dtype=bool)
         # Which BAT entry owns each 1 MiB granule of the file (EMPTY: none yet), to name both sides of an
         # overlap; entries found sharing space are gathered in ``clashes``.
         self.owner = np.full(ceil_div(ctx.io.real_size, c.ALIGNMENT), _EMPTY, dtype=np.uint32)
         self.clashes: list[np.ndarray] = []
         self.partner: dict[int, int] = {}
-        legal = [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]
-        self.legal_payload = np.array(legal + ([c.BatState.PARTIALLY_PRESENT] if self.diff else []), dtype=np.uint8)
-        self.last_block_len = g.virtual_size - (g.data_blocks - 1) * g.block_size
 
-    def _where(self, index: int) -> tuple[str, int]:
-        stride = self.g.chunk_ratio + 1
-        if index % stride == self.g.chunk_ratio:
-            what = f"sector bitmap block {index // stride}"
-        else:
-            what = f"payload block {index - index // stride}"
-        return f"BAT entry {index} ({what})", self.region.file_offset + index * c.BAT_ENTRY_SIZE
-
-    def _report(self, mask: np.ndarray, index: np.ndarray, severity, code, message, repairable=False) -> None:
-        hits = np.flatnonzero(mask)
-        for i in hits[: MAX_FINDINGS_PER_CODE + 1].tolist():
-            structure, offset = self._where(int(index[i]))
-            self.ctx.add(severity, code, structure, offset, message(i), repairable=repairable)
-        for _ in range(max(0, len(hits) - MAX_FINDINGS_PER_CODE - 1)):
-            self.ctx._counts[code] = self.ctx._counts.get(code, 0) + 1
+    def _record(self, window) -> None:
+        """Findings of one window: up to MAX_FINDINGS_PER_CODE + 1 each, the rest only counted."""
+        ctx = self.ctx
+        for p in window.problems(MAX_FINDINGS_PER_CODE + 1):
+            ctx.add(p.severity, p.code, p.structure, p.offset, p.message, repairable=p.repairable)
+        for rule, n in window.counts():
+            extra = max(0, n - MAX_FINDINGS_PER_CODE - 1)
+            ctx._counts[rule.code.value] = ctx._counts.get(rule.code.value, 0) + extra
 
     def window(self, lo: int, raw: np.ndarray) -> None:
-        g = self.g
-        stride = g.chunk_ratio + 1
-        # Payload entries 0..3 (no offset, no reserved bit, a state legal in every disk) need nothing more;
-        # a sector bitmap entry needs a look whenever it is not 0. Everything below works on the rest only.
-        active = raw > 3
-        sb_pos = np.arange(g.chunk_ratio, len(raw), stride)
-        active[sb_pos] = raw[sb_pos] != 0
-        pos = np.flatnonzero(active)
-        if not len(pos):
-            return
-        raw = raw[pos]
-        index = pos.astype(np.int64) + lo
-        is_sb = index % stride == g.chunk_ratio
-        block = index - index // stride
-        chunk = index // stride
-        states = (raw & np.uint64(c.BAT_STATE_MASK)).astype(np.uint8)
-        # FileOffsetMB has 44 bits: offsets past 2**62 would wrap negative in int64; clamp them far past EOF.
-        offsets = np.minimum(raw & _OFFSET_MASK, np.uint64(1 << 62)).astype(np.int64)
-        payload = ~is_sb & (block < g.data_blocks)
-        # A block owns block_size bytes (Hyper-V allocates the last block whole even when the disk ends inside
-        # it); only the part holding virtual disk bytes must lie inside the file.
-        length = np.where(is_sb, c.SECTOR_BITMAP_BLOCK_SIZE, g.block_size).astype(np.int64)
-        needed = np.where(~is_sb & (block == g.data_blocks - 1), self.last_block_len, length)
-        ctx = self.ctx
-
-        reserved = (raw & np.uint64(c.BAT_RESERVED_MASK)) != 0
-        self._report(reserved & (payload | is_sb), index, Severity.WARNING, "BAT_RESERVED_BITS",
-                     lambda i: f"reserved bits {int(raw[i]) & c.BAT_RESERVED_MASK:#x} are set", repairable=True)
-        illegal = payload & ~np.isin(states, self.legal_payload)
-        if self.diff:
-            illegal |= is_sb & (states != c.SbState.NOT_PRESENT) & (states != c.SbState.PRESENT)
-        self._report(illegal, index, Severity.ERROR, "BAT_STATE_ILLEGAL",
-                     lambda i: f"state {states[i]} is not legal here in a {self._type_label()} disk")
-        if not self.diff:
-            # Only NOT_PRESENT is legal here. A PRESENT (6) entry is an error: QEMU takes it for a payload block
-            # and refuses the file when it lies past the end; other stray values are harmless garbage.
-            stray = is_sb & (states != c.SbState.NOT_PRESENT)
-            for severity, mask in ((Severity.ERROR, stray & (states == c.SbState.PRESENT)),
-                                   (Severity.WARNING, stray & (states != c.SbState.PRESENT))):
-                self._report(mask, index, severity, "BAT_SB_IN_NON_DIFFERENCING",
-                             lambda i: f"sector bitmap entry has state {states[i]} in a {self._type_label()} disk",
-                             repairable=True)
-        owned = (payload & np.isin(states, _PRESENT_STATES)) | (is_sb & (states == c.SbState.PRESENT) & self.diff)
-        kept = payload & np.isin(states, _KEEPING_STATES) & (offsets > 0)
-        if not self.diff:
-            kept |= is_sb & (states != c.SbState.NOT_PRESENT) & (offsets > 0)
-        # Only what lies beyond the virtual disk's end may be missing from the file (one rule with the reader).
-        beyond = owned & np.where(is_sb, offsets + needed > self.size,
-                                  payload_missing_bytes(g, block, offsets, self.size) > 0)
-        end = np.minimum(offsets + length, self.size)
-        self._report(beyond, index, Severity.ERROR, "BAT_BEYOND_EOF",
-                     lambda i: f"block at {offsets[i]:#x} length {needed[i]:#x} ends past the end of the file "
-                               f"({self.size:#x})")
-        hits_structure = np.zeros(len(raw), dtype=bool)
-        names = np.full(len(raw), -1, dtype=np.int16)
-        for k, (_name, s_lo, s_hi) in enumerate(self.structures):
-            hit = owned & (offsets < s_hi) & (end > s_lo)
-            names[hit & ~hits_structure] = k
-            hits_structure |= hit
-        self._report(hits_structure, index, Severity.ERROR, "BAT_OVERLAPS_STRUCTURE",
-                     lambda i: f"block at {offsets[i]:#x} overlaps {self.structures[names[i]][0]}")
-        inside = owned & ~beyond & ~hits_structure
-        start_mb = offsets // c.ALIGNMENT
-        self._claim(start_mb[inside & is_sb], 1, index[inside & is_sb])
-        self._claim(start_mb[inside & ~is_sb], g.block_size // c.ALIGNMENT, index[inside & ~is_sb])
-        keep_ok = kept & (offsets + length <= self.size)
+        g, ctx = self.g, self.ctx
+        w = bat_problems(g, lo, raw, ctx.size, bat_offset=self.region.file_offset, structures=self.structures,
+                         disk_label=ctx.params.disk_type.label)
+        self._record(w)
+        inside = w.owned & ~w.beyond & ~w.overlapping
+        start_mb = w.offsets // c.ALIGNMENT
+        index = w.index[: len(w.raw)]
+        self._claim(start_mb[inside & w.is_sb], 1, index[inside & w.is_sb])
+        self._claim(start_mb[inside & ~w.is_sb], g.block_size // c.ALIGNMENT, index[inside & ~w.is_sb])
+        keep_ok = w.kept & (w.offsets + w.length <= ctx.size)
         for _name, s_lo, s_hi in self.structures:
-            keep_ok &= ~((offsets < s_hi) & (offsets + length > s_lo))
-        ctx.reference_blocks(start_mb[keep_ok & is_sb], 1)
-        ctx.reference_blocks(start_mb[keep_ok & ~is_sb], g.block_size // c.ALIGNMENT)
-        ctx.placed_blocks += int(np.count_nonzero(payload & ((inside & ~is_sb) | keep_ok)))
-        if self.diff:
-            partial = payload & (states == c.BatState.PARTIALLY_PRESENT)
-            self.chunk_partial[(block[partial] // g.chunk_ratio)] = True
-            sb_present = is_sb & (states == c.SbState.PRESENT) & ~beyond & ~hits_structure
-            self.chunk_bitmap[chunk[sb_present]] = True
+            keep_ok &= ~((w.offsets < s_hi) & (w.offsets + w.length > s_lo))
+        ctx.reference_blocks(start_mb[keep_ok & w.is_sb], 1)
+        ctx.reference_blocks(start_mb[keep_ok & ~w.is_sb], g.block_size // c.ALIGNMENT)
+        ctx.placed_blocks += int(np.count_nonzero(w.payload & ((inside & ~w.is_sb) | keep_ok)))
 
-    def _type_label(self) -> str:
-        p = self.ctx.params
-        return p.disk_type.label
+    def _where(self, index: int) -> tuple[str, int]:
+        return entry_name(self.g, index), self.region.file_offset + index * c.BAT_ENTRY_SIZE
 
     def finish(self) -> None:
-        g = self.g
-        if self.diff:
-            missing = self.chunk_partial & ~self.chunk_bitmap
-            chunks = np.flatnonzero(missing)
-            self._report(np.ones(len(chunks), dtype=bool), g.bitmap_index(chunks), Severity.ERROR,
-                         "BAT_BITMAP_MISSING",
-                         lambda i: f"chunk {chunks[i]} has partially present blocks but no usable sector bitmap block")
         if not self.clashes:
             return
         entries = np.unique(np.concatenate(self.clashes))
         partner = self.partner
-        self._report(np.ones(len(entries), dtype=bool), entries, Severity.ERROR, "BAT_OVERLAP",
-                     lambda i: f"block shares file space with "
-                               f"{self._where(partner.get(int(entries[i]), int(entries[i])))[0]}")
+        for k, index in enumerate(entries.tolist()):
+            if k > MAX_FINDINGS_PER_CODE:
+                self.ctx._counts["BAT_OVERLAP"] = self.ctx._counts.get("BAT_OVERLAP", 0) + len(entries) - k
+                break
+            structure, offset = self._where(index)
+            self.ctx.add(Severity.ERROR, "BAT_OVERLAP", structure, offset,
+                         f"block shares file space with {self._where(partner.get(index, index))[0]}")
 
     def _claim(self, start_mb: np.ndarray, length_mb: int, index: np.ndarray) -> None:
         """Record granules owned by blocks; a granule claimed twice is an overlap (both entries reported).

@@ -29,14 +29,15 @@ import numpy as np
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.findings import Finding, Severity
 from vhdx.format import constants as c
+from vhdx.format import layouts
 from vhdx.io import ImageIO
-from vhdx.ops.check import EXPECTED_ITEM_FLAGS, CheckReport, check_image
+from vhdx.ops.check import CheckReport, check_image
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.structures.commit import commit_through_log, empty_log, replay_log_on_disk
 from vhdx.structures.header import HeaderSet, load_headers, write_header_update
 from vhdx.structures.log import SECTOR, DataWrite, read_log
-from vhdx.structures.metadata import load_metadata
-from vhdx.structures.region import load_region_table, parse_region_table_copy, region_problems
+from vhdx.structures.metadata import EXPECTED_ITEM_FLAGS, ITEM_FLAG_BITS, load_metadata
+from vhdx.structures.region import load_region_table, read_region_table_copies, table_problems
 
 # Why each kind of finding is not repaired (refusals name these reasons).
 UNREPAIRABLE = {
@@ -320,17 +321,8 @@ def _restore_header(io: ImageIO) -> list[str]:
 
 def _restore_region_table(io: ImageIO) -> list[str]:
     h = _headers(io).current
-    copies = []
-    for i, off in enumerate(c.REGION_TABLE_OFFSETS):
-        raw = io.read_at(off, c.REGION_TABLE_SIZE)
-        try:
-            copies.append(parse_region_table_copy(raw, i))
-        except VhdxError:
-            copies.append(None)
-    good = [cp for cp in copies if cp is not None and cp.valid
-            and not region_problems(cp.entries, h.log_offset, h.log_length)
-            and all(e.end <= io.size for e in cp.entries)
-            and not any(e.required and e.guid not in c.KNOWN_REGIONS for e in cp.entries)]
+    copies = read_region_table_copies(io, exact=False)
+    good = [cp for cp in copies if cp.valid and not table_problems(cp, h.log_offset, h.log_length, io.size)]
     if not good:
         raise VhdxError("no region table copy is good enough to restore the other from", structure="Region Table",
                         offset=c.REGION_TABLE_OFFSETS[0], path=io.path)
@@ -351,19 +343,20 @@ def _rewrite_metadata_table(io: ImageIO) -> list[str]:
     region = regions.metadata
     table = bytearray(io.read_at(region.file_offset, c.METADATA_TABLE_SIZE))
     changes = []
-    if table[:8] != c.METADATA_SIGNATURE:
-        table[:8] = c.METADATA_SIGNATURE
+    if table[: len(c.METADATA_SIGNATURE)] != c.METADATA_SIGNATURE:
+        table[: len(c.METADATA_SIGNATURE)] = c.METADATA_SIGNATURE
         changes.append("signature restored")
-    count = int.from_bytes(table[10:12], "little")
+    count = layouts.MetadataTableHeader.parse(bytes(table[: c.METADATA_TABLE_HEADER_SIZE])).entry_count
     for i in range(min(count, c.METADATA_TABLE_MAX_ENTRIES)):
-        pos = 32 + 32 * i
-        item = uuid.UUID(bytes_le=bytes(table[pos : pos + 16]))
-        flags = int.from_bytes(table[pos + 24 : pos + 28], "little")
-        if item in EXPECTED_ITEM_FLAGS and not flags & c.META_IS_USER:
-            want = (flags & ~0x7) | EXPECTED_ITEM_FLAGS[item]
-            if want != flags:
-                table[pos + 24 : pos + 28] = want.to_bytes(4, "little")
-                changes.append(f"entry {i} flags {flags:#x} -> {want:#x}")
+        pos = c.METADATA_TABLE_HEADER_SIZE + c.METADATA_ENTRY_SIZE * i
+        e = layouts.MetadataTableEntry.parse(bytes(table[pos : pos + c.METADATA_ENTRY_SIZE]))
+        if e.item_id in EXPECTED_ITEM_FLAGS and not e.flags & c.META_IS_USER:
+            want = (e.flags & ~ITEM_FLAG_BITS) | EXPECTED_ITEM_FLAGS[e.item_id]
+            if want != e.flags:
+                table[pos : pos + c.METADATA_ENTRY_SIZE] = layouts.MetadataTableEntry.build(
+                    {"item_id": e.item_id, "offset": e.offset, "length": e.length, "flags": want,
+                     "reserved2": e.reserved2})
+                changes.append(f"entry {i} flags {e.flags:#x} -> {want:#x}")
     if not changes:
         return ["metadata table: nothing to change any more"]
     sectors = {region.file_offset + off: bytes(table[off : off + SECTOR]) for off in range(0, len(table), SECTOR)

@@ -12,7 +12,7 @@ References: [MS-VHDX] §2.2-§2.6; §2.3.3 note <5> (in-memory replay on read-on
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,14 +20,7 @@ from vhdx.errors import FormatError, VhdxError
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
-from vhdx.structures.bat import (
-    Bat,
-    Geometry,
-    RawWindow,
-    entry_offsets,
-    entry_states,
-    payload_missing_bytes,
-)
+from vhdx.structures.bat import Bat, Geometry, bat_problems, entry_states, structure_spans
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
@@ -50,7 +43,7 @@ def _not_vhdx(io: ImageIO) -> FormatError:
     Never quote the bytes found: a parent locator can point at any file (/etc/shadow).
     """
     reason = foreign_file_reason(io) or "not a VHDX file (it does not start with the 'vhdxfile' signature)"
-    return FormatError(reason, structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET)
+    return FormatError(reason, structure="File Type Identifier", offset=c.FILE_IDENTIFIER_OFFSET, code="NOT_VHDX")
 
 
 def _read_creator(io: ImageIO) -> str:
@@ -125,17 +118,33 @@ class VhdxFile:
         return loaded
 
     def _check_bat(self, salvage: bool) -> tuple[tuple[int, int], ...]:
-        """Refuse BATs that would make reads wrong, one window at a time; counts are gathered on the way."""
-        rules = BatOpenRules(self.geometry, self.io.size, salvage, self.params.disk_type.label, self.bat)
-        counts, bitmaps = np.zeros(8, dtype=np.int64), 0
-        for window in self.bat.raw_windows():
-            window_counts = window.state_counts()
-            rules.visit(window, window_counts)
-            counts += window_counts
+        """Refuse BATs that would make reads wrong, one window at a time, by the rules check reports.
+
+        ``bat_problems`` judges each window (the one BAT rule set); state counts are gathered on the way. Windows
+        of NOT_PRESENT/ZERO entries only (a sparse 64 TiB disk) break no rule and are not judged.
+        """
+        g, bat, h = self.geometry, self.bat, self.headers.current
+        structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
+        stride = g.chunk_ratio + 1
+        counts, bitmaps, invented = np.zeros(8, dtype=np.int64), 0, []
+        for window in bat.raw_windows():
+            counts += window.state_counts()
             bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
-        rules.raise_first()
-        self.bat.set_summary(counts, bitmaps)
-        return tuple(rules.invented)
+            if window.uniform is not None and window.uniform <= c.BatState.UNMAPPED \
+                    and not np.count_nonzero(window.bitmap):
+                continue
+            judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,
+                                  structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
+            problem = judged.refusal()
+            if problem is not None:
+                raise FormatError.from_problem(problem)
+            lost_at = np.flatnonzero(judged.beyond & ~judged.is_sb)
+            if len(lost_at):  # --salvage: the missing bytes read as zeros, and every range so invented is listed
+                blocks, lost = judged.block[lost_at], judged.missing[lost_at]
+                ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
+                invented += zip((ends - lost).tolist(), lost.tolist(), strict=True)
+        bat.set_summary(counts, bitmaps)
+        return tuple(invented)
 
     # --- properties ---------------------------------------------------------------------------------
     @property
@@ -185,122 +194,3 @@ class VhdxFile:
     @property
     def writable(self) -> bool:
         return self.io.writable
-
-
-# Payload states an open accepts, by state value: PARTIALLY_PRESENT only where a parent supplies the rest.
-_LEGAL_BASE = np.zeros(8, dtype=bool)
-_LEGAL_BASE[[s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
-_LEGAL_DIFFERENCING = _LEGAL_BASE.copy()
-_LEGAL_DIFFERENCING[c.BatState.PARTIALLY_PRESENT] = True
-_ILLEGAL_BASE, _ILLEGAL_DIFFERENCING = ~_LEGAL_BASE, ~_LEGAL_DIFFERENCING
-
-# Open-time BAT rules in the order a refusal names them (the first rule broken anywhere in the BAT wins).
-_RULES = ("illegal_state", "inside_header", "beyond_eof", "bitmap_missing", "bitmap_outside")
-
-
-@dataclass
-class _Hits:
-    first: int  # payload block or chunk of the first hit
-    state: int  # its entry's state
-    count: int = 0
-
-
-@dataclass
-class BatOpenRules:
-    """The BAT rules an open enforces (illegal states, blocks outside the file, missing bitmaps), per window.
-
-    Windows are visited in order; each rule keeps its first hit and a count, so the refusal is the one a pass
-    over the whole BAT would give, in bounded memory. Only non-zero entries are examined: a zero entry is
-    NOT_PRESENT, legal everywhere, and a 64 TiB disk has 67 million of them.
-    """
-
-    geometry: Geometry
-    file_size: int
-    salvage: bool
-    disk_label: str
-    bat: Bat
-    invented: list[tuple[int, int]] = field(default_factory=list)
-    hits: dict[str, _Hits] = field(default_factory=dict)
-
-    def _note(self, rule: str, where: np.ndarray, states: np.ndarray) -> None:
-        if not len(where):
-            return
-        hit = self.hits.setdefault(rule, _Hits(int(where[0]), int(states[0])))
-        hit.count += len(where)
-
-    def visit(self, win: RawWindow, counts: np.ndarray) -> None:
-        """Apply the rules to one window (``counts``: its payload blocks per state)."""
-        g, size = self.geometry, self.file_size
-        legal = _LEGAL_DIFFERENCING if g.has_parent else _LEGAL_BASE
-        # Whole-window passes only where the counts say a rule has something to find: a window of a 64 TiB
-        # disk holds 256 Ki entries, nearly all NOT_PRESENT or ZERO.
-        illegal = _ILLEGAL_DIFFERENCING if g.has_parent else _ILLEGAL_BASE
-        if not counts[illegal].any() and not counts[c.BatState.FULLY_PRESENT] \
-                and not counts[c.BatState.PARTIALLY_PRESENT]:
-            self._visit_bitmaps(win, np.zeros(0, dtype=np.int64))
-            return
-        states = win.states()
-        if counts[illegal].any():
-            bad = np.flatnonzero(~legal[states])
-            self._note("illegal_state", win.b0 + bad, states[bad])
-        # Offsets are checked for allocated blocks only.
-        allocated = np.flatnonzero((states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT))
-        present, present_states = win.b0 + allocated, states[allocated]
-        offsets = entry_offsets(win.payload[allocated])
-        inside = offsets < c.HEADER_SECTION_SIZE
-        self._note("inside_header", present[inside], present_states[inside])
-        # A block's virtual disk data must lie inside the file (one rule with check: bat.payload_missing_bytes).
-        missing = payload_missing_bytes(g, present, offsets, size)
-        beyond = missing > 0
-        if beyond.any() and self.salvage:
-            # --salvage: the missing bytes read as zeros, and every virtual range so invented is listed.
-            lost_blocks, lost = present[beyond], missing[beyond]
-            ends = np.minimum((lost_blocks + 1) * g.block_size, g.virtual_size)
-            self.invented += zip((ends - lost).tolist(), lost.tolist(), strict=True)
-        else:
-            self._note("beyond_eof", present[beyond], present_states[beyond])
-        self._visit_bitmaps(win, present[present_states == c.BatState.PARTIALLY_PRESENT])
-
-    def _visit_bitmaps(self, win: RawWindow, partial_blocks: np.ndarray) -> None:
-        g, size = self.geometry, self.file_size
-        if g.has_parent:  # sector bitmap entries: differencing disks only
-            chunks = win.k0 + np.arange(len(win.bitmap))
-            sb_states = entry_states(win.bitmap)
-            sb_offsets = entry_offsets(win.bitmap)
-            sb_present = sb_states == c.SbState.PRESENT
-            has_partial = np.zeros(len(win.bitmap), dtype=bool)
-            has_partial[partial_blocks // g.chunk_ratio - win.k0] = True
-            lacking = has_partial & ~sb_present
-            self._note("bitmap_missing", chunks[lacking], sb_states[lacking])
-            outside = sb_present & ((sb_offsets < c.HEADER_SECTION_SIZE)
-                                    | (sb_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > size))
-            self._note("bitmap_outside", chunks[outside], sb_states[outside])
-
-    def _message(self, rule: str, state: int) -> str:
-        if rule == "illegal_state":
-            return f"state {state} is not legal in a {self.disk_label} disk"
-        if rule == "inside_header":
-            return "block lies inside the header section"
-        if rule == "beyond_eof":
-            return (f"block lies beyond the end of the file ({self.file_size:#x}); truncated? "
-                    "(--salvage reads the missing bytes as zeros)")
-        if rule == "bitmap_missing":
-            return "sector bitmap block missing for a partially present block"
-        return "sector bitmap block lies outside the file"
-
-    def raise_first(self) -> None:
-        """Raise the refusal for the first rule broken anywhere (nothing when the BAT is fine)."""
-        for rule in _RULES:
-            hit = self.hits.get(rule)
-            if hit is None:
-                continue
-            i = hit.first
-            if rule.startswith("bitmap"):
-                index = int(self.geometry.bitmap_index(i))
-                structure = f"BAT entry {index} (sector bitmap block {i})"
-            else:
-                index = int(self.geometry.payload_index(i))
-                structure = f"BAT entry {index} (payload block {i})"
-            more = f" (and {hit.count - 1} more)" if hit.count > 1 else ""
-            raise FormatError(self._message(rule, hit.state) + more, structure=structure,
-                              offset=self.bat.entry_file_offset(index))

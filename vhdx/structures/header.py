@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import cast
 
-from vhdx.errors import FormatError, UnsupportedError
+from vhdx.errors import ChecksumError, FormatError
+from vhdx.findings import Code, Problem, Severity
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, parse_bytes
@@ -67,6 +68,7 @@ class HeaderCopy:
     raw: bytes
     header: Header | None
     problem: str | None  # None when the copy is valid
+    code: Code | None = None  # the rule the copy breaks (None when valid)
 
     @property
     def valid(self) -> bool:
@@ -101,9 +103,9 @@ def parse_header_copy(raw: bytes, index: int) -> HeaderCopy:
     """Judge one 4 KiB header slot: signature, then checksum, then version."""
     offset = c.HEADER_OFFSETS[index]
     if len(raw) < c.HEADER_SIZE:
-        return HeaderCopy(index, offset, raw, None, "truncated")
-    if raw[:4] != c.HEADER_SIGNATURE:
-        return HeaderCopy(index, offset, raw, None, f"bad signature {raw[:4]!r}")
+        return HeaderCopy(index, offset, raw, None, "truncated", Code.HEADER_SIGNATURE)
+    if raw[: len(c.HEADER_SIGNATURE)] != c.HEADER_SIGNATURE:
+        return HeaderCopy(index, offset, raw, None, f"bad signature {raw[:4]!r}", Code.HEADER_SIGNATURE)
     parsed = parse_bytes(layouts.Header, raw, offset=offset, structure=f"Header {index + 1}")
     header = Header(
         sequence_number=parsed.sequence_number,
@@ -118,9 +120,11 @@ def parse_header_copy(raw: bytes, index: int) -> HeaderCopy:
     )
     if not checksum.verify(raw, c.HEADER_CHECKSUM_OFFSET):
         computed = checksum.crc32c_of(raw, c.HEADER_CHECKSUM_OFFSET)
-        return HeaderCopy(index, offset, raw, header, f"checksum {parsed.checksum:#010x} != computed {computed:#010x}")
+        return HeaderCopy(index, offset, raw, header, f"checksum {parsed.checksum:#010x} != computed {computed:#010x}",
+                          Code.HEADER_CHECKSUM)
     if parsed.version != c.HEADER_VERSION:
-        return HeaderCopy(index, offset, raw, header, f"version {parsed.version} (only 1 is defined)")
+        return HeaderCopy(index, offset, raw, header, f"version {parsed.version} (only 1 is defined)",
+                          Code.HEADER_VERSION)
     return HeaderCopy(index, offset, raw, header, None)
 
 
@@ -137,39 +141,98 @@ def choose_current(copies: tuple[HeaderCopy, ...]) -> int | None:
     return 0 if first.sequence_number > second.sequence_number else 1
 
 
-def load_headers(io: ImageIO) -> HeaderSet:
-    """Read both headers and pick the current one; raise FormatError when there is none."""
-    copies = tuple(
-        parse_header_copy(io.read_exact_at(offset, c.HEADER_SIZE, f"Header {i + 1}"), i)
-        for i, offset in enumerate(c.HEADER_OFFSETS)
-    )
+def _content(h: Header) -> tuple:
+    return (h.file_write_guid, h.data_write_guid, h.log_guid, h.log_version, h.version, h.log_length, h.log_offset)
+
+
+def log_placement_problems(log_offset: int, log_length: int, log_guid, file_size: int, structure: str,
+                           offset: int) -> list[Problem]:
+    """Rules on where the header puts the log (§2.2.2): 1 MiB aligned, after the header section, inside the file.
+
+    Only a log that must be read (LogGuid set, length not 0) stops the reader; check reports every misplaced log.
+    """
+    if not log_length and log_guid == c.ZERO_GUID:
+        return []
+    in_use = log_guid != c.ZERO_GUID and log_length != 0
+    if log_offset % c.ALIGNMENT or log_length % c.ALIGNMENT or log_offset < c.HEADER_SECTION_SIZE or not log_length:
+        return [Problem(Code.HEADER_LOG_PLACEMENT, structure, offset,
+                        f"log at {log_offset:#x} length {log_length:#x} is not 1 MiB aligned after the header "
+                        "section", refuses_open=in_use)]
+    if log_offset + log_length > file_size:
+        return [Problem(Code.FILE_TRUNCATED, "Log", log_offset,
+                        f"the log ends at {log_offset + log_length:#x} but the file at {file_size:#x}",
+                        refuses_open=in_use)]
+    return []
+
+
+def header_problems(copies: tuple[HeaderCopy, HeaderCopy], file_size: int) -> list[Problem]:
+    """Every rule the two header copies break (§2.2.2, §2.2.2.1), in the order check reports them.
+
+    A damaged copy beside a valid current one is repairable and does not stop the reader; no current header,
+    a current header with an unknown log version or a misplaced log in use does.
+    """
+    problems = []
     index = choose_current(copies)
+    for copy in copies:
+        if not copy.valid:
+            twin_ok = index is not None
+            problems.append(Problem(copy.code, copy.name, copy.offset,
+                                    copy.problem + ("; the other copy is valid and current" if twin_ok else ""),
+                                    repairable=twin_ok, refuses_open=False))
+        elif copy.header.log_version != c.LOG_VERSION:
+            current = copy.index == index and not copy.header.log_is_empty
+            problems.append(Problem(Code.HEADER_VERSION, copy.name, copy.offset,
+                                    f"log version {copy.header.log_version} (only 0 is defined)",
+                                    refuses_open=current))
     if index is None:
-        if any(copy.valid for copy in copies):
-            seq = cast(Header, copies[0].header).sequence_number  # a tie of two valid copies
-            raise FormatError(
-                f"both headers have sequence number {seq} but differ; no current header",
-                structure="Header 1",
-                offset=c.HEADER_OFFSETS[0],
-                path=io.path,
-            )
-        first = copies[0]
-        raise FormatError(
-            f"no valid header (Header 1: {first.problem}; Header 2: {copies[1].problem})",
-            structure="Header 1",
-            offset=first.offset,
-            path=io.path,
-        )
-    headers = HeaderSet(copies, index)
-    current = headers.current
-    if current.log_version != c.LOG_VERSION and not current.log_is_empty:
-        raise UnsupportedError(
-            f"log version {current.log_version} (only 0 is defined)",
-            structure=headers.current_copy.name,
-            offset=headers.current_copy.offset,
-            path=io.path,
-        )
-    return headers
+        if all(copy.valid for copy in copies):
+            message = f"both headers have sequence number {copies[0].header.sequence_number} but differ"
+        else:
+            message = f"no valid header (Header 1: {copies[0].problem}; Header 2: {copies[1].problem})"
+        problems.append(Problem(Code.HEADER_NO_CURRENT, "Header 1", copies[0].offset, message))
+        return problems
+    current, other = copies[index], copies[1 - index]
+    if other.valid:
+        if other.header.sequence_number == current.header.sequence_number:
+            problems.append(Problem(Code.HEADER_SEQUENCE_TIE, other.name, other.offset,
+                                    f"both headers are identical with sequence number "
+                                    f"{current.header.sequence_number}", Severity.WARNING, refuses_open=False))
+        elif _content(other.header) != _content(current.header):
+            # Normal: the update protocol writes the two copies alternately, so the other one is one step behind.
+            problems.append(Problem(Code.HEADER_STALE, other.name, other.offset,
+                                    f"the older copy (sequence number {other.header.sequence_number}, current "
+                                    f"{current.header.sequence_number}), as every header update leaves it",
+                                    Severity.INFO, refuses_open=False))
+    h = current.header
+    problems.extend(log_placement_problems(h.log_offset, h.log_length, h.log_guid, file_size, current.name,
+                                           current.offset))
+    return problems
+
+
+def refusal(problems: list[Problem]) -> Problem | None:
+    """The first problem that stops the reader, or None."""
+    return next((p for p in problems if p.refuses_open), None)
+
+
+def read_header_copies(io: ImageIO, *, exact: bool = True) -> tuple[HeaderCopy, HeaderCopy]:
+    """Both 4 KiB header slots as parsed copies (``exact``: a short file is an error, else a short copy)."""
+    copies = []
+    for i, offset in enumerate(c.HEADER_OFFSETS):
+        raw = io.read_exact_at(offset, c.HEADER_SIZE, f"Header {i + 1}") if exact else io.read_at(offset, c.HEADER_SIZE)
+        copies.append(parse_header_copy(raw, i))
+    return tuple(copies)
+
+
+def load_headers(io: ImageIO) -> HeaderSet:
+    """Read both headers and pick the current one; raise the first rule that stops the reader."""
+    copies = read_header_copies(io)
+    problem = refusal(header_problems(copies, io.size))
+    # A misplaced log is the log reader's to refuse (it knows whether the log must be read).
+    if problem is not None and problem.code not in (Code.HEADER_LOG_PLACEMENT, Code.FILE_TRUNCATED):
+        # No current header because every copy fails its CRC-32C: a checksum error (with the finding's code).
+        crc = all(copy.code == Code.HEADER_CHECKSUM for copy in copies)
+        raise (ChecksumError if crc else FormatError).from_problem(problem, io.path)
+    return HeaderSet(copies, choose_current(copies))
 
 
 def write_header_update(io: ImageIO, headers: HeaderSet, new: Header) -> HeaderSet:

@@ -3,7 +3,7 @@
 The log is never read whole: slots are scanned a piece at a time, entries are checked in growing pieces and
 sector images stay in the log until they are written or patched into a read, so memory does not grow with the
 log's length, and finding the active sequence is linear in the number of entries. Every write of the active
-sequence is checked against what a log may change (``target_problem``, the one rule) before any replay, in
+sequence is checked against what a log may change (``log_rules.target_problem``, the one rule) before any replay, in
 memory or on disk; ``LogState.refusal`` is the error every caller raises for a log that must not be replayed.
 
 References: [MS-VHDX] §2.3 (log), §2.3.1 (entry, descriptors, data sector), §2.3.2 (entry validity),
@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from crc32c import crc32c
 
-from vhdx.errors import FormatError, VhdxError
+from vhdx.errors import FormatError
+from vhdx.findings import Code, Problem, Severity
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, Overlay
-from vhdx.structures.bat import Geometry
-from vhdx.structures.metadata import load_metadata
-from vhdx.structures.region import load_region_table
+from vhdx.structures.header import log_placement_problems
+from vhdx.structures.log_rules import LogBounds, align, log_bounds, region_table_problem, target_problem
 
 SECTOR = c.LOG_SECTOR_SIZE
 
@@ -63,20 +63,6 @@ class LogEntry:
     log_guid: uuid.UUID
     descriptor_count: int = 0
     data_count: int = 0
-
-
-@dataclass(frozen=True)
-class LogBounds:
-    """Where a log may write in one file: past the header section, outside the log itself, below ``end``.
-
-    ``end`` is the largest file the layout can need: its structures (or the file, if longer) plus room for every
-    payload block and, in a differencing disk, every sector bitmap block. Metadata, BAT, payload and bitmap
-    blocks all lie in that span; the header section (headers and region tables) is never logged.
-    """
-
-    log_offset: int
-    log_length: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -272,50 +258,6 @@ def find_active_sequence(entries: dict[int, LogEntry], size: int) -> tuple[LogEn
         pos = follower[pos]
 
 
-def log_bounds(io: ImageIO, log_offset: int, log_length: int) -> LogBounds:
-    """The span a log of this file may write: see ``LogBounds``. Damaged regions or metadata leave no room."""
-    structures = max(c.HEADER_SECTION_SIZE, log_offset + log_length, _align(io.real_size))
-    room = 0
-    try:
-        regions = load_region_table(io, log_offset, log_length)
-        structures = max(structures, *(e.end for e in regions.entries))
-        p = load_metadata(io, regions.metadata).params
-        g = Geometry(p.virtual_size, p.block_size, p.logical_sector_size, p.has_parent)
-        room = g.data_blocks * g.block_size + (g.sector_bitmap_blocks * c.SECTOR_BITMAP_BLOCK_SIZE
-                                               if p.has_parent else 0)
-    except VhdxError:
-        pass
-    return LogBounds(log_offset, log_length, structures + room)
-
-
-def _align(n: int) -> int:
-    return -(-n // c.ALIGNMENT) * c.ALIGNMENT
-
-
-def _in_region_tables(offset: int, end: int) -> bool:
-    first, last = c.REGION_TABLE_OFFSETS[0], c.REGION_TABLE_OFFSETS[-1] + c.REGION_TABLE_SIZE
-    return first <= offset and end <= last
-
-
-def target_problem(offset: int, length: int, bounds: LogBounds, *, data: bool = True) -> str | None:
-    """Why a log may not write ``length`` bytes at ``offset`` (None when it may): the one rule for targets.
-
-    The header section is never logged (the headers have their own two-copy update), except the region tables:
-    [MS-VHDX] 2.2.3 has region table updates go through the log, as sector images. Such images must leave a
-    valid table (``region_table_problem``, checked once the whole sequence is folded); zero ranges never may.
-    """
-    end = offset + length
-    if offset < c.HEADER_SECTION_SIZE and not (data and _in_region_tables(offset, end)):
-        return (f"targets {offset:#x}, inside the header section (only region tables may be logged there, as "
-                "whole valid tables)")
-    if offset < bounds.log_offset + bounds.log_length and bounds.log_offset < end:
-        return f"targets {offset:#x}+{length:#x}, inside the log itself"
-    if end > bounds.end:
-        return (f"writes {length:#x} bytes at {offset:#x}, past {bounds.end:#x}, the largest file this layout "
-                "can need")
-    return None
-
-
 @dataclass
 class ReplayPlan:
     """What a replay writes: the latest image of each target sector, zero ranges, the size the file reaches.
@@ -399,23 +341,8 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
     if head is not None:
         last = max(head.last_file_offset, max((o + SECTOR for o in plan.sources), default=0),
                    max((o + n for o, n in plan.zeros), default=0))
-        plan.min_file_size = _align(last)
+        plan.min_file_size = align(last)
     return plan, None
-
-
-def region_table_problem(io: ImageIO, plan: ReplayPlan) -> str | None:
-    """Why the replayed region tables would be broken (None when each table the plan touches stays valid)."""
-    for table_offset in c.REGION_TABLE_OFFSETS:
-        touched = [t for t in plan.sources if table_offset <= t < table_offset + c.REGION_TABLE_SIZE]
-        if not touched:
-            continue
-        table = bytearray(io.read_file_at(table_offset, c.REGION_TABLE_SIZE))
-        for target in touched:
-            table[target - table_offset : target - table_offset + SECTOR] = plan.sector(target)
-        if table[:4] != c.REGION_TABLE_SIGNATURE or not checksum.verify(table, c.REGION_TABLE_CHECKSUM_OFFSET):
-            return (f"rewrites the region table at {table_offset:#x} into one that fails its signature or "
-                    "checksum")
-    return None
 
 
 def _hidden_by_later_zeros(order: dict[int, int], zeros: list[tuple[int, int, int]]) -> list[int]:
@@ -477,14 +404,37 @@ class LogState:
     def needs_replay(self) -> bool:
         return self.is_dirty and bool(self.sequence)
 
+    def problems(self, in_use: bool = False) -> list[Problem]:
+        """What a dirty log means (§2.3.3); ``in_use``: a live writer's log (how it works, not damage)."""
+        if not self.is_dirty:
+            return []
+        at = self.log_offset
+        out = [Problem(Code.LOG_TORN_ENTRY, "Log entry", at + pos, "an entry with the current log GUID is incomplete "
+                       "or fails its checksum (never applied)", Severity.WARNING, True, False) for pos in self.torn]
+        if not self.sequence:
+            return [*out, Problem(Code.LOG_NO_VALID_SEQUENCE, "Log", at, f"the header names log GUID {self.log_guid} "
+                                  "but no complete log sequence exists (nothing to replay)", Severity.WARNING, True,
+                                  False)]
+        first, head = self.sequence[0], self.sequence[-1]
+        if self.violation is not None:
+            return [*out, Problem(Code.LOG_INVALID, "Log entry", self.violation.entry_offset,
+                                  f"invalid log: {self.violation.message}; the log is not replayed (not even in "
+                                  "memory) and no repair replays it")]
+        if self.problem:
+            return [*out, Problem(Code.LOG_TRUNCATED, "Log", at + head.log_offset, self.problem)]
+        entries = (f"{len(self.sequence)} log entr{'y' if len(self.sequence) == 1 else 'ies'} (sequence "
+                   f"{first.sequence_number}..{head.sequence_number})")
+        if in_use:
+            return [*out, Problem(Code.LOG_IN_USE, "Log", at + first.log_offset, f"{entries} of the process writing "
+                                  "the file; replayed in memory to check the structures below", Severity.INFO,
+                                  refuses_open=False)]
+        return [*out, Problem(Code.LOG_DIRTY, "Log", at + first.log_offset, f"{entries} must be replayed; structures "
+                              "below are checked as replayed", repairable=True, refuses_open=False)]
+
     def refusal(self, path: str | None = None) -> FormatError | None:
         """The error that stops any replay of this log (in memory or on disk), or None when it may be replayed."""
-        if self.violation is not None:
-            return FormatError(f"invalid log: {self.violation.message}", structure="Log entry",
-                               offset=self.violation.entry_offset, path=path)
-        if self.problem:
-            return FormatError(self.problem, structure="Log", offset=self.log_offset, path=path)
-        return None
+        problem = next((p for p in self.problems() if p.refuses_open), None)
+        return None if problem is None else FormatError.from_problem(problem, path)
 
 
 def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID) -> LogState:
@@ -493,12 +443,8 @@ def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID)
         return LogState(log_offset, log_length, log_guid)
     if log_length == 0:
         return LogState(log_offset, log_length, log_guid, problem="log GUID set but log length is 0")
-    if log_offset % c.ALIGNMENT or log_length % c.ALIGNMENT or log_offset < c.HEADER_SECTION_SIZE:
-        raise FormatError(f"log at {log_offset:#x} length {log_length:#x} is misplaced (1 MiB alignment, after "
-                          "the header section)", structure="Log", offset=log_offset, path=io.path)
-    if log_offset + log_length > io.size:
-        raise FormatError(f"{log_length} bytes needed but the file ends at {io.size:#x} (truncated?)",
-                          structure="Log", offset=log_offset, path=io.path)
+    for problem in log_placement_problems(log_offset, log_length, log_guid, io.size, "Log", log_offset):
+        raise FormatError.from_problem(problem, io.path)
     reader = LogReader(io, log_offset, log_length)
     entries: dict[int, LogEntry] = {}
     torn = []

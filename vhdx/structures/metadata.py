@@ -9,9 +9,10 @@ References: [MS-VHDX] §2.6.1 (table), §2.6.2 (items), §2.6.2.6 (parent locato
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from vhdx.errors import FormatError, UnsupportedError
+from vhdx.errors import FormatError, VhdxError
+from vhdx.findings import Code, Problem, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.format.guid import parse_guid_text
@@ -27,6 +28,16 @@ ITEM_LAYOUTS = {
     c.PHYSICAL_SECTOR_SIZE_GUID: ("Physical Sector Size", layouts.PhysicalSectorSize, 4),
 }
 KNOWN_ITEMS = {**{guid: spec[0] for guid, spec in ITEM_LAYOUTS.items()}, c.PARENT_LOCATOR_GUID: "Parent Locator"}
+# Flags (IsUser, IsVirtualDisk, IsRequired) the spec's table gives each system item (§2.6.2).
+EXPECTED_ITEM_FLAGS = {
+    c.FILE_PARAMETERS_GUID: c.META_IS_REQUIRED,
+    c.VIRTUAL_DISK_SIZE_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
+    c.VIRTUAL_DISK_ID_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
+    c.LOGICAL_SECTOR_SIZE_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
+    c.PHYSICAL_SECTOR_SIZE_GUID: c.META_IS_REQUIRED | c.META_IS_VIRTUAL_DISK,
+    c.PARENT_LOCATOR_GUID: c.META_IS_REQUIRED,
+}
+ITEM_FLAG_BITS = c.META_IS_USER | c.META_IS_VIRTUAL_DISK | c.META_IS_REQUIRED
 
 
 @dataclass(frozen=True)
@@ -126,160 +137,258 @@ def parameter_problems(block_size: int, logical: int, physical: int, virtual_siz
     return problems
 
 
-def parse_table(raw: bytes, region: RegionEntry, path: str | None = None) -> tuple[MetadataEntry, ...]:
-    """Parse the 64 KiB metadata table and check each entry's bounds inside the region."""
-    head = parse_bytes(layouts.MetadataTableHeader, raw[:32], offset=region.file_offset, path=path)
-    if head.entry_count > c.METADATA_TABLE_MAX_ENTRIES:
-        raise FormatError(
-            f"entry count {head.entry_count} > {c.METADATA_TABLE_MAX_ENTRIES}",
-            structure="Metadata Table Header",
-            offset=region.file_offset,
-            path=path,
-        )
-    entries = []
-    for i in range(head.entry_count):
-        start = 32 + i * c.METADATA_ENTRY_SIZE
-        where = region.file_offset + start
-        e = parse_bytes(layouts.MetadataTableEntry, raw[start : start + 32], offset=where, path=path)
-        entry = MetadataEntry(e.item_id, e.offset, e.length, e.flags, where)
-        if entry.length > c.METADATA_ITEM_MAX_LENGTH:
-            raise FormatError(f"{entry.name} length {entry.length} > 1 MiB", structure="Metadata Table Entry",
-                              offset=where, path=path)
-        if entry.length and (entry.offset < c.METADATA_TABLE_SIZE or entry.offset + entry.length > region.length):
-            raise FormatError(
-                f"{entry.name} at region offset {entry.offset:#x} length {entry.length} lies outside the item area",
-                structure="Metadata Table Entry",
-                offset=where,
-                path=path,
-            )
-        entries.append(entry)
-    keys = [(e.item_id, e.is_user) for e in entries]
-    if len(set(keys)) != len(keys):
-        raise FormatError("an item appears more than once", structure="Metadata Table", offset=region.file_offset,
-                          path=path)
-    if sum(e.is_user for e in entries) > c.METADATA_MAX_USER_ENTRIES:
-        raise FormatError("more than 1024 user items", structure="Metadata Table", offset=region.file_offset,
-                          path=path)
-    return tuple(entries)
+def _locator_error(message: str, offset: int, path: str | None) -> FormatError:
+    return FormatError(message, structure="Parent Locator", offset=offset, path=path, code=Code.LOCATOR_MALFORMED)
 
 
 def parse_parent_locator(raw: bytes, item_offset: int, path: str | None = None) -> ParentLocator:
-    """Parse the parent locator item bytes (header, key/value entries, UTF-16LE strings)."""
-    name = "Parent Locator"
-    if len(raw) < 20:
-        raise FormatError(f"item is {len(raw)} bytes, shorter than its 20-byte header", structure=name,
-                          offset=item_offset, path=path)
-    head = parse_bytes(layouts.ParentLocatorHeader, raw[:20], offset=item_offset, structure=name, path=path)
-    if 20 + 12 * head.key_value_count > len(raw):
-        raise FormatError(f"{head.key_value_count} key/value entries do not fit in {len(raw)} bytes",
-                          structure=name, offset=item_offset, path=path)
+    """Parse the parent locator item bytes (header, key/value entries, UTF-16LE strings); LOCATOR_MALFORMED if bad."""
+    if len(raw) < c.LOCATOR_HEADER_SIZE:
+        raise _locator_error(f"item is {len(raw)} bytes, shorter than its {c.LOCATOR_HEADER_SIZE}-byte header",
+                             item_offset, path)
+    head = parse_bytes(layouts.ParentLocatorHeader, raw[: c.LOCATOR_HEADER_SIZE], offset=item_offset,
+                       structure="Parent Locator", path=path)
+    if c.LOCATOR_HEADER_SIZE + c.LOCATOR_ENTRY_SIZE * head.key_value_count > len(raw):
+        raise _locator_error(f"{head.key_value_count} key/value entries do not fit in {len(raw)} bytes",
+                             item_offset, path)
     pairs = []
     for i in range(head.key_value_count):
-        start = 20 + 12 * i
-        e = parse_bytes(layouts.ParentLocatorEntry, raw[start : start + 12], offset=item_offset + start, path=path)
+        start = c.LOCATOR_HEADER_SIZE + c.LOCATOR_ENTRY_SIZE * i
+        e = parse_bytes(layouts.ParentLocatorEntry, raw[start : start + c.LOCATOR_ENTRY_SIZE],
+                        offset=item_offset + start, path=path)
         strings = []
         for what, off, length in (("key", e.key_offset, e.key_length), ("value", e.value_offset, e.value_length)):
             if length == 0 or off == 0 or off + length > len(raw) or length % 2:
-                raise FormatError(f"entry {i} {what} at {off:#x} length {length} is out of bounds or empty",
-                                  structure=name, offset=item_offset + start, path=path)
+                raise _locator_error(f"entry {i} {what} at {off:#x} length {length} is out of bounds or empty",
+                                     item_offset + start, path)
             try:
                 strings.append(raw[off : off + length].decode("utf-16-le"))
             except UnicodeDecodeError:
-                raise FormatError(f"entry {i} {what} is not valid UTF-16", structure=name,
-                                  offset=item_offset + off, path=path) from None
+                raise _locator_error(f"entry {i} {what} is not valid UTF-16", item_offset + off, path) from None
         pairs.append((strings[0], strings[1]))
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise FormatError("duplicate key", structure=name, offset=item_offset, path=path)
+        raise _locator_error("duplicate key", item_offset, path)
     return ParentLocator(head.locator_type, tuple(pairs))
 
 
-# Known items that lie this close together are read with one pread (they usually share a few KiB).
-ITEMS_SPAN_MAX = 1 << 20
+@dataclass
+class MetadataScan:
+    """What the metadata region holds and every rule it breaks (§2.6), as ``scan_metadata`` finds them.
 
-
-def _items_buffer(io: ImageIO, region: RegionEntry, entries) -> tuple[int, bytes] | None:
-    """(region offset, bytes) covering every known item, read at once.
-
-    None when the items lie far apart or the file ends before them: then each item is read, and reported, alone.
+    Attributes:
+        entries: the table entries (empty when the table cannot be read).
+        params: the disk parameters, None when a system item is missing, unreadable or illegal.
+        locator: the parent locator of a differencing disk, when it parses.
+        locator_entry: its table entry.
+        problems: the broken rules, in the order check reports them.
     """
-    spans = [(e.offset, e.offset + e.length) for e in entries if e.length]
-    if not spans:
-        return None
-    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    if hi - lo > ITEMS_SPAN_MAX or region.file_offset + hi > io.size:
-        return None
-    return lo, io.read_at(region.file_offset + lo, hi - lo)
+
+    entries: tuple[MetadataEntry, ...] = ()
+    params: DiskParameters | None = None
+    locator: ParentLocator | None = None
+    locator_entry: MetadataEntry | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, code: Code, structure: str, offset: int | None, message: str, severity=Severity.ERROR, *,
+            repairable: bool = False, refuses_open: bool = True) -> None:
+        self.problems.append(Problem(code, structure, offset, message, severity, repairable, refuses_open))
+
+    @property
+    def unknown_entries(self) -> tuple[MetadataEntry, ...]:
+        return tuple(e for e in self.entries if e.is_user or e.item_id not in KNOWN_ITEMS)
 
 
-def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
-    """Read the metadata table and every system item; validate what the reader depends on."""
-    if region.length < c.METADATA_TABLE_SIZE:
-        raise FormatError(f"metadata region length {region.length} is smaller than its 64 KiB table",
-                          structure="Metadata region", offset=region.file_offset, path=io.path)
-    raw_table = io.read_exact_at(region.file_offset, c.METADATA_TABLE_SIZE, "Metadata Table")
-    entries = parse_table(raw_table, region, io.path)
-    items: dict[uuid.UUID, MetadataEntry] = {}
-    unknown = []
-    for entry in entries:
-        if entry.item_id in KNOWN_ITEMS and not entry.is_user:
-            items[entry.item_id] = entry
-        else:
-            if entry.is_required:
-                raise UnsupportedError(f"unknown required metadata item {entry.item_id}",
-                                       structure="Metadata Table Entry", offset=entry.table_offset, path=io.path)
-            unknown.append(entry)
-    values = {}
-    items_raw = _items_buffer(io, region, items.values())
+def _table_entries(raw: bytes, region: RegionEntry, scan: MetadataScan) -> list[MetadataEntry] | None:
+    count = int.from_bytes(raw[c.METADATA_ENTRY_COUNT_OFFSET : c.METADATA_ENTRY_COUNT_OFFSET + 2], "little")
+    if count > c.METADATA_TABLE_MAX_ENTRIES:
+        scan.add(Code.METADATA_ENTRY_COUNT, "Metadata Table", region.file_offset,
+                 f"entry count {count} > {c.METADATA_TABLE_MAX_ENTRIES}")
+        return None
+    entries = []
+    for i in range(count):
+        start = c.METADATA_TABLE_HEADER_SIZE + i * c.METADATA_ENTRY_SIZE
+        e = parse_bytes(layouts.MetadataTableEntry, raw[start : start + c.METADATA_ENTRY_SIZE],
+                        offset=region.file_offset + start)
+        entries.append(MetadataEntry(e.item_id, e.offset, e.length, e.flags, region.file_offset + start))
+    if sum(e.is_user for e in entries) > c.METADATA_MAX_USER_ENTRIES:
+        scan.add(Code.METADATA_ENTRY_COUNT, "Metadata Table", region.file_offset,
+                 f"more than {c.METADATA_MAX_USER_ENTRIES} user items")
+    return entries
+
+
+def _entry_problems(entries: list[MetadataEntry], region: RegionEntry, scan: MetadataScan):
+    """Bounds, duplicates, unknown required items and overlaps; returns (items in bounds, known system items)."""
+    in_bounds, seen, items = [], set(), {}
+    for e in entries:
+        if e.length > c.METADATA_ITEM_MAX_LENGTH or (e.length and (
+                e.offset < c.METADATA_TABLE_SIZE or e.offset + e.length > region.length)):
+            scan.add(Code.METADATA_ITEM_BOUNDS, "Metadata Table Entry", e.table_offset,
+                     f"{e.name} at region offset {e.offset:#x} length {e.length} lies outside the item area")
+        elif e.length:
+            in_bounds.append(e)
+        key = (e.item_id, e.is_user)
+        if key in seen:
+            scan.add(Code.METADATA_ITEM_DUPLICATE, "Metadata Table Entry", e.table_offset,
+                     f"{e.name} appears more than once")
+        seen.add(key)
+        if e.item_id in KNOWN_ITEMS and not e.is_user:
+            items.setdefault(e.item_id, e)
+        elif e.is_required:
+            scan.add(Code.METADATA_UNKNOWN_REQUIRED, "Metadata Table Entry", e.table_offset,
+                     f"unknown metadata item {e.item_id} is marked required")
+    in_bounds.sort(key=lambda e: e.offset)
+    for a, b in zip(in_bounds, in_bounds[1:], strict=False):
+        if b.offset < a.offset + a.length:
+            # The reader reads each item on its own: an overlap is reported, it does not stop reads.
+            scan.add(Code.METADATA_ITEM_OVERLAP, "Metadata Table Entry", b.table_offset,
+                     f"{b.name} overlaps {a.name}", refuses_open=False)
+    for guid, e in items.items():
+        if e.flags & ITEM_FLAG_BITS != EXPECTED_ITEM_FLAGS[guid]:
+            scan.add(Code.METADATA_FLAGS, KNOWN_ITEMS[guid], e.table_offset,
+                     f"flags {e.flags:#x}, the spec gives {EXPECTED_ITEM_FLAGS[guid]:#x}", Severity.WARNING,
+                     repairable=True, refuses_open=False)
+    return in_bounds, items
+
+
+def _read_item(read_at, region: RegionEntry, e: MetadataEntry, scan: MetadataScan, name: str, layout):
+    where = region.file_offset + e.offset
+    raw = read_at(where, e.length)
+    if len(raw) < e.length:
+        scan.add(Code.FILE_TRUNCATED, name, where, f"the file ends inside the item ({len(raw)} of {e.length} bytes)")
+        return None
+    return raw if layout is None else parse_bytes(layout, raw, offset=where, structure=name)
+
+
+def scan_metadata(read_at, region: RegionEntry, path: str | None = None) -> MetadataScan:
+    """Read the metadata table, the system items and the parent locator, and judge them (§2.6).
+
+    Args:
+        read_at: ``(offset, length) -> bytes`` of the file (as the reader sees it; may return less at the end).
+        region: the metadata region.
+        path: the file, for error messages.
+    """
+    scan = MetadataScan()
+    raw = read_at(region.file_offset, c.METADATA_TABLE_SIZE)
+    if len(raw) < c.METADATA_TABLE_SIZE:
+        scan.add(Code.FILE_TRUNCATED, "Metadata Table", region.file_offset, "the file ends inside the metadata table")
+        return scan
+    table_ok = raw[: len(c.METADATA_SIGNATURE)] == c.METADATA_SIGNATURE
+    entries = _table_entries(raw, region, scan)
+    if entries is None:
+        return scan
+    scan.entries = tuple(entries)
+    in_bounds, items = _entry_problems(entries, region, scan)
+    values, usable = {}, True
     for guid, (name, layout, size) in ITEM_LAYOUTS.items():
-        item = items.get(guid)
-        if item is None:
-            raise FormatError(f"required item {name} is missing", structure="Metadata Table",
-                              offset=region.file_offset, path=io.path)
-        where = region.file_offset + item.offset
-        if item.length != size:
-            raise FormatError(f"length {item.length}, expected {size}", structure=name, offset=where, path=io.path)
-        if items_raw is None:
-            values[guid] = io.read_layout(layout, where, name)
+        e = items.get(guid)
+        if e is None:
+            scan.add(Code.METADATA_ITEM_MISSING, "Metadata Table", region.file_offset,
+                     f"required item {name} is missing")
+            usable = False
+        elif e.length != size:
+            scan.add(Code.METADATA_ITEM_LENGTH, name, e.table_offset, f"length {e.length}, expected {size}")
+            usable = False
+        elif e not in in_bounds:
+            usable = False
         else:
-            lo = item.offset - items_raw[0]
-            values[guid] = parse_bytes(layout, items_raw[1][lo : lo + size], offset=where, structure=name,
-                                       path=io.path)
-    file_params = values[c.FILE_PARAMETERS_GUID]
-    has_parent = bool(file_params.flags & c.FILE_PARAM_HAS_PARENT)
-    locator = None
-    locator_entry = items.get(c.PARENT_LOCATOR_GUID)
-    if has_parent and (locator_entry is None or locator_entry.length == 0):
-        raise FormatError("differencing disk without a Parent Locator item (or an empty one)",
-                          structure="Metadata Table", offset=region.file_offset, path=io.path)
-    if locator_entry is not None and locator_entry.length:
-        where = region.file_offset + locator_entry.offset
-        if items_raw is None:
-            raw = io.read_exact_at(where, locator_entry.length, "Parent Locator")
-        else:
-            lo = locator_entry.offset - items_raw[0]
-            raw = items_raw[1][lo : lo + locator_entry.length]
-        locator = parse_parent_locator(raw, where, io.path)
-    params = DiskParameters(
-        block_size=file_params.block_size,
-        leave_block_allocated=bool(file_params.flags & c.FILE_PARAM_LEAVE_BLOCK_ALLOCATED),
-        has_parent=has_parent,
+            values[guid] = _read_item(read_at, region, e, scan, name, layout)
+            usable = usable and values[guid] is not None
+    params = _parameters(values) if usable else None
+    problems = parameter_problems(params.block_size, params.logical_sector_size, params.physical_sector_size,
+                                  params.virtual_size) if params else []
+    if not table_ok:
+        intact = usable and not problems
+        scan.add(Code.METADATA_SIGNATURE, "Metadata Table", region.file_offset,
+                 f"signature {raw[:8]!r} instead of 'metadata'" + ("; every system item is intact" if intact else ""),
+                 repairable=intact)
+    if problems:
+        scan.add(Code.METADATA_VALUE, "Metadata", region.file_offset, "; ".join(problems))
+    if params is None or problems:
+        return scan
+    _scan_locator(read_at, region, items.get(c.PARENT_LOCATOR_GUID), params, in_bounds, scan, path)
+    scan.params = params if scan.locator is None else _with_locator(params, scan.locator)
+    return scan
+
+
+def _parameters(values: dict) -> DiskParameters:
+    fp = values[c.FILE_PARAMETERS_GUID]
+    return DiskParameters(
+        block_size=fp.block_size,
+        leave_block_allocated=bool(fp.flags & c.FILE_PARAM_LEAVE_BLOCK_ALLOCATED),
+        has_parent=bool(fp.flags & c.FILE_PARAM_HAS_PARENT),
         virtual_size=values[c.VIRTUAL_DISK_SIZE_GUID].virtual_disk_size,
         virtual_disk_id=values[c.VIRTUAL_DISK_ID_GUID].virtual_disk_id,
         logical_sector_size=values[c.LOGICAL_SECTOR_SIZE_GUID].logical_sector_size,
         physical_sector_size=values[c.PHYSICAL_SECTOR_SIZE_GUID].physical_sector_size,
-        parent_locator=locator,
-        file_parameter_flags=file_params.flags,
+        file_parameter_flags=fp.flags,
     )
-    problems = parameter_problems(params.block_size, params.logical_sector_size, params.physical_sector_size,
-                                  params.virtual_size)
-    if problems:
-        raise FormatError("; ".join(problems), structure="Metadata", offset=region.file_offset, path=io.path)
-    if locator is not None and locator_entry is not None and has_parent \
-            and locator.locator_type != c.VHDX_PARENT_LOCATOR_TYPE_GUID:
-        raise UnsupportedError(f"unknown parent locator type {locator.locator_type}", structure="Parent Locator",
-                               offset=region.file_offset + locator_entry.offset, path=io.path)
-    return Metadata(region, entries, params, tuple(unknown))
+
+
+def _with_locator(params: DiskParameters, locator: ParentLocator) -> DiskParameters:
+    return replace(params, parent_locator=locator)
+
+
+def _scan_locator(read_at, region: RegionEntry, entry: MetadataEntry | None, params: DiskParameters, in_bounds,
+                  scan: MetadataScan, path: str | None) -> None:
+    """Parent locator rules (§2.6.2.6): present and well formed in a differencing disk, of the VHDX type."""
+    scan.locator_entry = entry
+    if entry is None:
+        if params.has_parent:
+            scan.add(Code.LOCATOR_MISSING, "Metadata Table", region.file_offset,
+                     "a differencing disk without a Parent Locator item")
+        return
+    where = region.file_offset + entry.offset
+    if entry.length == 0 or entry not in in_bounds:
+        if params.has_parent:
+            scan.add(Code.LOCATOR_MALFORMED, "Parent Locator", entry.table_offset,
+                     f"the parent locator item is empty or out of bounds (length {entry.length})")
+        return
+    raw = _read_item(read_at, region, entry, scan, "Parent Locator", None)
+    if raw is None:
+        return
+    try:
+        locator = parse_parent_locator(raw, where, path)
+    except VhdxError as exc:
+        scan.add(Code.LOCATOR_MALFORMED, "Parent Locator", exc.offset, exc.message)
+        return
+    if not params.has_parent:
+        scan.locator = locator
+        return
+    if locator.locator_type != c.VHDX_PARENT_LOCATOR_TYPE_GUID:
+        scan.add(Code.LOCATOR_TYPE, "Parent Locator", where, f"locator type {locator.locator_type} is not the VHDX one")
+        return
+    if locator.get(c.PARENT_LINKAGE_KEY) is None or not locator.paths:
+        # The reader can still read this file's own blocks; resolving the parent fails later (PARENT_NOT_FOUND).
+        missing = "parent_linkage" if locator.get(c.PARENT_LINKAGE_KEY) is None else "every parent path"
+        scan.add(Code.LOCATOR_KEYS, "Parent Locator", where, f"{missing} is missing", refuses_open=False)
+    scan.locator = locator
+
+
+# The table and the items that follow it are read with one pread (items usually lie in the next few KiB).
+METADATA_READ_AHEAD = 2 * c.METADATA_TABLE_SIZE
+
+
+def _read_ahead(io: ImageIO, region: RegionEntry):
+    """A ``read_at`` that serves the start of the metadata region from one read, and the rest from the file."""
+    start = region.file_offset
+    head = io.read_at(start, max(0, min(region.length, METADATA_READ_AHEAD, io.size - start)))
+
+    def read_at(offset: int, length: int) -> bytes:
+        if start <= offset and offset + length <= start + len(head):
+            return head[offset - start : offset - start + length]
+        return io.read_at(offset, length)
+
+    return read_at
+
+
+def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
+    """Read the metadata table and every system item; raise the first rule the reader depends on."""
+    scan = scan_metadata(_read_ahead(io, region), region, io.path)
+    problem = next((p for p in scan.problems if p.refuses_open), None)
+    if problem is not None:
+        raise FormatError.from_problem(problem, io.path)
+    return Metadata(region, scan.entries, scan.params, scan.unknown_entries)
 
 
 # --- building (create, set-parent, merge) -----------------------------------------------------------

@@ -12,7 +12,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from vhdx.errors import FormatError, UnsupportedError
+from vhdx.errors import FormatError
+from vhdx.findings import Code, Problem
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, parse_bytes
@@ -42,6 +43,7 @@ class RegionTableCopy:
     raw: bytes
     entries: tuple[RegionEntry, ...]
     problem: str | None
+    code: Code | None = None  # the rule the copy breaks (None when valid)
 
     @property
     def valid(self) -> bool:
@@ -77,73 +79,111 @@ def parse_region_table_copy(raw: bytes, index: int) -> RegionTableCopy:
     """Parse one 64 KiB copy; structural problems are recorded, not raised."""
     offset = c.REGION_TABLE_OFFSETS[index]
     name = f"Region Table {index + 1}"
-    if raw[:4] != c.REGION_TABLE_SIGNATURE:
-        return RegionTableCopy(index, offset, raw, (), f"bad signature {raw[:4]!r}")
+    if raw[: len(c.REGION_TABLE_SIGNATURE)] != c.REGION_TABLE_SIGNATURE or len(raw) < c.REGION_TABLE_SIZE:
+        return RegionTableCopy(index, offset, raw, (), f"bad signature {raw[:4]!r}", Code.REGION_TABLE_SIGNATURE)
     head = parse_bytes(layouts.RegionTableHeader, raw[: c.REGION_TABLE_HEADER_SIZE], offset=offset, structure=name)
     if not checksum.verify(raw, c.REGION_TABLE_CHECKSUM_OFFSET):
         computed = checksum.crc32c_of(raw, c.REGION_TABLE_CHECKSUM_OFFSET)
-        return RegionTableCopy(index, offset, raw, (), f"checksum {head.checksum:#010x} != computed {computed:#010x}")
+        return RegionTableCopy(index, offset, raw, (), f"checksum {head.checksum:#010x} != computed {computed:#010x}",
+                               Code.REGION_TABLE_CHECKSUM)
     if head.entry_count > c.REGION_TABLE_MAX_ENTRIES:
-        return RegionTableCopy(index, offset, raw, (), f"entry count {head.entry_count} > {c.REGION_TABLE_MAX_ENTRIES}")
+        return RegionTableCopy(index, offset, raw, (), f"entry count {head.entry_count} > {c.REGION_TABLE_MAX_ENTRIES}",
+                               Code.REGION_TABLE_ENTRY_COUNT)
     entries = []
     for i in range(head.entry_count):
         start = c.REGION_TABLE_HEADER_SIZE + i * c.REGION_ENTRY_SIZE
         e = parse_bytes(layouts.RegionTableEntry, raw[start : start + c.REGION_ENTRY_SIZE], offset=offset + start)
-        entries.append(RegionEntry(e.guid, e.file_offset, e.length, bool(e.flags & 1), e.flags))
+        entries.append(RegionEntry(e.guid, e.file_offset, e.length, bool(e.flags & c.REGION_REQUIRED_FLAG), e.flags))
     return RegionTableCopy(index, offset, raw, tuple(entries), None)
 
 
-def region_problems(entries: tuple[RegionEntry, ...], log_offset: int, log_length: int) -> list[str]:
-    """Every rule a region table breaks (empty list = acceptable).
+def read_region_table_copies(io: ImageIO, *, exact: bool = True) -> tuple[RegionTableCopy, RegionTableCopy]:
+    """Both region table copies, parsed (``exact``: a short file is an error, else a bad signature)."""
+    copies = []
+    for i, off in enumerate(c.REGION_TABLE_OFFSETS):
+        name = f"Region Table {i + 1}"
+        raw = io.read_exact_at(off, c.REGION_TABLE_SIZE, name) if exact else io.read_at(off, c.REGION_TABLE_SIZE)
+        copies.append(parse_region_table_copy(raw, i))
+    return tuple(copies)
 
-    Rules: BAT and metadata present exactly once; offsets and lengths multiples of 1 MiB; offsets past the
-    header section; no overlap between regions or with the log.
+
+def table_problems(copy: RegionTableCopy, log_offset: int, log_length: int, file_size: int) -> list[Problem]:
+    """Every rule the entries of one valid copy break (§2.2.3), in entry order; empty when the copy is good.
+
+    Rules: BAT and metadata present exactly once; each region a non-empty 1 MiB-aligned span after the header
+    section, inside the file; no unknown region marked required; no overlap between regions or with the log.
+    A region past the end of the file does not stop the reader by itself (it refuses what it cannot read).
     """
     problems = []
+
+    def entry_offset(i: int) -> int:
+        return copy.offset + c.REGION_TABLE_HEADER_SIZE + i * c.REGION_ENTRY_SIZE
+
+    def add(code: Code, offset: int, message: str, refuses_open: bool = True) -> None:
+        problems.append(Problem(code, copy.name, offset, message, refuses_open=refuses_open))
+
     for guid, name in c.KNOWN_REGIONS.items():
-        count = sum(1 for e in entries if e.guid == guid)
-        if count != 1:
-            problems.append(f"{name} region appears {count} times (must be exactly once)")
-    spans = [("log", log_offset, log_offset + log_length)] if log_length else []
-    for e in entries:
-        if e.file_offset % c.ALIGNMENT or e.length % c.ALIGNMENT:
-            problems.append(f"{e.name} region at {e.file_offset:#x} length {e.length:#x} is not 1 MiB aligned")
-        if e.file_offset < c.HEADER_SECTION_SIZE:
-            problems.append(f"{e.name} region at {e.file_offset:#x} lies inside the header section")
-        if e.length == 0:
-            problems.append(f"{e.name} region has length 0")
-        spans.append((f"{e.name} region", e.file_offset, e.end))
+        where = [i for i, e in enumerate(copy.entries) if e.guid == guid]
+        if not where:
+            add(Code.REGION_MISSING, copy.offset, f"the {name} region is missing")
+        elif len(where) > 1:
+            add(Code.REGION_DUPLICATE, entry_offset(where[1]), f"the {name} region appears {len(where)} times")
+    spans = [("log", log_offset, log_offset + log_length, copy.offset)] if log_length else []
+    for i, e in enumerate(copy.entries):
+        if e.file_offset % c.ALIGNMENT or e.length % c.ALIGNMENT or e.file_offset < c.HEADER_SECTION_SIZE \
+                or e.length == 0:
+            add(Code.REGION_ALIGNMENT, entry_offset(i),
+                f"{e.name} region at {e.file_offset:#x} length {e.length:#x} is not a non-empty 1 MiB-aligned "
+                "span after the header section")
+        if e.end > file_size:
+            add(Code.REGION_BEYOND_EOF, entry_offset(i),
+                f"{e.name} region ends at {e.end:#x} but the file at {file_size:#x}", refuses_open=False)
+        if e.required and e.guid not in c.KNOWN_REGIONS:
+            add(Code.REGION_UNKNOWN_REQUIRED, entry_offset(i), f"unknown region {e.guid} is marked required")
+        spans.append((f"{e.name} region", e.file_offset, e.end, entry_offset(i)))
     spans.sort(key=lambda s: s[1])
-    for (name_a, _, end_a), (name_b, start_b, _) in zip(spans, spans[1:], strict=False):
+    for (name_a, _, end_a, _), (name_b, start_b, _, where_b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
-            problems.append(f"{name_a} overlaps {name_b}")
+            add(Code.REGION_OVERLAP, where_b, f"{name_b} overlaps {name_a}")
     return problems
 
 
+def region_problems(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset: int, log_length: int,
+                    file_size: int) -> list[Problem]:
+    """Every rule the two region table copies break, in the order check reports them.
+
+    The reader uses the first copy with a good signature and checksum; a damaged or differing copy beside a
+    good one is repairable. The rules of the used copy follow (``table_problems``).
+    """
+    valid = [copy for copy in copies if copy.valid]
+    rules = {copy.index: table_problems(copy, log_offset, log_length, file_size) for copy in valid}
+    good = [copy for copy in valid if not rules[copy.index]]
+    problems = [Problem(copy.code, copy.name, copy.offset, copy.problem + ("; the other copy is good" if good else ""),
+                        repairable=bool(good), refuses_open=not valid)
+                for copy in copies if not copy.valid]
+    if not valid:
+        return problems
+    if len(valid) == 2 and valid[0].raw != valid[1].raw:
+        problems.append(Problem(Code.REGION_TABLE_MISMATCH, valid[1].name, valid[1].offset,
+                                "the two region table copies differ", repairable=bool(good), refuses_open=False))
+    return problems + rules[valid[0].index]
+
+
+def usable_copy(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset: int, log_length: int,
+                file_size: int) -> RegionTableCopy | None:
+    """The copy the reader uses (the first valid one), or for check and repair the first good one if it is not."""
+    valid = [copy for copy in copies if copy.valid]
+    good = [copy for copy in valid if not table_problems(copy, log_offset, log_length, file_size)]
+    return (good or valid or [None])[0]
+
+
 def load_region_table(io: ImageIO, log_offset: int, log_length: int) -> RegionTable:
-    """Read both copies, use the first valid one, validate it and refuse unknown required regions."""
-    copies = tuple(
-        parse_region_table_copy(io.read_exact_at(off, c.REGION_TABLE_SIZE, f"Region Table {i + 1}"), i)
-        for i, off in enumerate(c.REGION_TABLE_OFFSETS)
-    )
-    usable = [copy for copy in copies if copy.valid]
-    if not usable:
-        raise FormatError(
-            f"no valid region table (1: {copies[0].problem}; 2: {copies[1].problem})",
-            structure="Region Table 1",
-            offset=copies[0].offset,
-            path=io.path,
-        )
-    used = usable[0]
-    problems = region_problems(used.entries, log_offset, log_length)
-    if problems:
-        raise FormatError("; ".join(problems), structure=used.name, offset=used.offset, path=io.path)
-    for entry in used.entries:
-        if entry.required and entry.guid not in c.KNOWN_REGIONS:
-            raise UnsupportedError(
-                f"unknown required region {entry.guid}", structure=used.name, offset=used.offset, path=io.path
-            )
-    return RegionTable(copies, used.index)
+    """Read both copies, use the first valid one and raise the first rule that stops the reader."""
+    copies = read_region_table_copies(io)
+    problem = next((p for p in region_problems(copies, log_offset, log_length, io.size) if p.refuses_open), None)
+    if problem is not None:
+        raise FormatError.from_problem(problem, io.path)
+    return RegionTable(copies, next(copy.index for copy in copies if copy.valid))
 
 
 def build_region_table(entries: list[RegionEntry]) -> bytes:
@@ -155,6 +195,6 @@ def build_region_table(entries: list[RegionEntry]) -> bytes:
         start = c.REGION_TABLE_HEADER_SIZE + i * c.REGION_ENTRY_SIZE
         buf[start : start + c.REGION_ENTRY_SIZE] = layouts.RegionTableEntry.build(
             {"guid": e.guid, "file_offset": e.file_offset, "length": e.length,
-             "flags": (e.flags & ~1) | (1 if e.required else 0)})
+             "flags": (e.flags & ~c.REGION_REQUIRED_FLAG) | (c.REGION_REQUIRED_FLAG if e.required else 0)})
     checksum.stamp(buf, c.REGION_TABLE_CHECKSUM_OFFSET)
     return bytes(buf)
