@@ -30,6 +30,7 @@ from vhdx.findings import CODES, Finding, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.io import ImageIO, parse_bytes
+from vhdx.ops.merge.journal import report_interrupted_merge
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div, payload_missing_bytes
 from vhdx.structures.header import Header, HeaderCopy, choose_current, load_headers, parse_header_copy
 from vhdx.structures.log import LogState, overlay_for, read_log
@@ -313,6 +314,7 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[Check
         parent_path = _check_parent(ctx, options, visited)
     _check_bat(ctx)
     _check_leaks(ctx)
+    report_interrupted_merge(ctx)
     for checker in EXTRA_CHECKERS:
         checker(ctx)
     ctx.summarise()

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from vhdx.errors import MergeError
+from vhdx.findings import Severity
 
 JOURNAL_SUFFIX = ".merge-journal"
 PLAN_SUFFIX = ".merge-plan.npz"
@@ -235,9 +236,7 @@ def remove_journal(journal: MergeJournal) -> None:
 
 
 def report_interrupted_merge(ctx) -> None:
-    """``check`` hook: a pending journal next to the checked file means a merge into it did not finish."""
-    from vhdx.findings import Severity
-
+    """Called by ``check``: a pending journal next to the checked file means a merge into it did not finish."""
     try:
         journal = journal_for_destination(ctx.path)
     except MergeError as exc:
@@ -250,12 +249,3 @@ def report_interrupted_merge(ctx) -> None:
             f"the merge of {journal.child} into this disk stopped at step '{journal.state}'; the chain still "
             f"reads its original data; finish it with `vhdx merge --resume {journal.child}` (or undo it with "
             f"`vhdx merge --abort {journal.child}`)")
-
-
-def _register_check() -> None:
-    from vhdx.ops.check import register_checker
-
-    register_checker(report_interrupted_merge)
-
-
-_register_check()
