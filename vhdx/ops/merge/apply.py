@@ -51,7 +51,8 @@ def apply_merge(dest: VhdxImage, plan: MergePlan, sources: Sequence[ImageIO], *,
     for chunk, offset in zip(plan.sb_chunks.tolist(), plan.sb_offsets.tolist(), strict=True):
         writer.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
     _stage_bitmaps(dest, plan)
-    writer.commit()
+    if writer.pending:  # (nothing staged: the BAT commit below flushes the data first all the same)
+        writer.commit()
     for state in np.unique(plan.bat_states).tolist():
         sel = plan.bat_states == state
         writer.set_payload(plan.bat_blocks[sel], state, plan.bat_offsets[sel])

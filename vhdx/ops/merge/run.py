@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -196,7 +196,12 @@ def _merged_items(dest_items, child_items):
 
 def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Sequence[ImageIO], child_items,
                        opener: Opener, progress) -> int:
-    # Session 1: new DataWriteGuid, then the IsVirtualDisk items (and a larger size) through the log.
+    """New DataWriteGuid, the IsVirtualDisk items (and a larger size), then the data and the BAT.
+
+    One writing session: the items are staged first and committed with the sector bitmaps, after the data is
+    flushed. A destination that grows is closed and opened again in between, so that its BAT is read at the
+    new size before entries past the old end are written.
+    """
     with open_writable(journal.destination, opener) as image:
         if image.data_write_guid not in (journal.old_guid, journal.new_guid):
             raise MergeError(f"the destination's DataWriteGuid is {image.data_write_guid}, neither the one the "
@@ -205,7 +210,8 @@ def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Seque
         image.writer.begin(changes_data=True, data_write_guid=journal.new_guid)
         current = read_items(image.io, image.metadata)
         wanted = _merged_items(current, child_items)
-        if plan.virtual_size > image.virtual_size:
+        grows = plan.virtual_size > image.virtual_size
+        if grows:
             g = Geometry(plan.virtual_size, image.block_size, image.logical_sector_size, image.has_parent)
             needed = g.bat_entries * c.BAT_ENTRY_SIZE
             if needed > image.regions.bat.length:
@@ -215,7 +221,8 @@ def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Seque
             image.writer.stage(image.bat.file_offset + have, bytes(needed - have))
         if wanted != current:
             image.writer.rewrite_metadata(wanted)
-    # Session 2: the data and the BAT.
+        if not grows:
+            return apply_merge(image, plan, sources, progress=progress)
     with open_writable(journal.destination, opener) as image:
         image.writer.begin(changes_data=True, data_write_guid=journal.new_guid)
         return apply_merge(image, plan, sources, progress=progress)
@@ -232,10 +239,11 @@ def _check_chain_matches(journal: mj.MergeJournal, layers: Sequence[VhdxImage]) 
 
 
 def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verify: bool, progress,
-         held: HeldFiles, resumed: bool, started: float, warnings=()) -> MergeResult:
+         held: HeldFiles, resumed: bool, started: float, warnings=(), top: VhdxImage | None = None) -> MergeResult:
+    """Carry the journal from its step to the end; ``top``: the chain as planned, opened under the locks."""
     moved, verified = 0, None
     if journal.state == "planned":
-        with open_image(journal.child, search_dirs=search_dirs) as top:
+        with nullcontext(top) if top is not None else open_image(journal.child, search_dirs=search_dirs) as top:
             layers = top.layers
             _check_chain_matches(journal, layers)
             k = len(journal.layers)
@@ -266,18 +274,22 @@ def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verif
     if journal.state == "data_done":
         for path in journal.dependents:
             relink_child(path, journal.destination, journal.new_guid, held.open)
-        journal = journal.advanced("relinked")
-        mj.write_journal(journal)
+        if journal.dependents:  # (without any, resuming from data_done does the same as from relinked)
+            journal = journal.advanced("relinked")
+            mj.write_journal(journal)
     removed, kept = [], []
     for layer in journal.layers:
         if held.holds(layer.path):  # gone already when a crash came after its deletion
             held.verify(layer)  # right before it goes: a write that got past the lock must not be lost
         if journal.keep:
-            mj.rename_file(layer.path, layer.path + mj.MERGED_SUFFIX)
+            mj.rename_file(layer.path, layer.path + mj.MERGED_SUFFIX, flush_folder=False)
             kept.append(layer.path + mj.MERGED_SUFFIX)
         else:
-            mj.remove_file(layer.path)
+            mj.remove_file(layer.path, flush_folder=False)
             removed.append(layer.path)
+    # The merged files are gone for good before the record that names them goes (one flush per folder).
+    for folder in dict.fromkeys(os.path.dirname(layer.path) for layer in journal.layers):
+        mj.fsync_dir(folder)
     mj.remove_journal(journal)
     return MergeResult(journal.child, journal.destination, tuple(layer.path for layer in journal.layers), False,
                        plan.summary() if plan is not None else None, relinked, tuple(removed), tuple(kept), moved,
@@ -326,7 +338,7 @@ def merge(child, into=None, *, dry_run: bool = False, verify: bool = False,
                 for layer in layers[: destination_index(layers, into) + 1]:
                     held.hold(layer.path)
         # (Re)opened under the locks: what is planned now cannot change before the merge ends.
-        with open_image(child, search_dirs=search_dirs) as top:
+        with open_image(child, search_dirs=search_dirs) as top, ExitStack() as hint:
             layers = top.layers
             k = destination_index(layers, into)
             if not dry_run and not all(held.holds(layer.path) for layer in layers[: k + 1]):
@@ -352,12 +364,13 @@ def merge(child, into=None, *, dry_run: bool = False, verify: bool = False,
                              for path, layer in zip(merged, upper, strict=True)),
                 dependents=tuple(os.path.abspath(p) for p in dependents), plan_digest=plan.digest, keep=keep,
                 previous_linkage2=locator.get(c.PARENT_LINKAGE2_KEY))
-        with _resume_hint_when_full(child, journal.destination):
-            # The plan and the intent are durable before the first byte of any disk changes.
-            mj.atomic_write(journal.plan_path, plan.to_bytes())
+            hint.enter_context(_resume_hint_when_full(child, journal.destination))
+            # The plan and the intent are durable before the first byte of any disk changes (the journal's
+            # folder flush covers the plan's rename too: both sit next to the destination).
+            mj.atomic_write(journal.plan_path, plan.to_bytes(), flush_folder=False)
             mj.write_journal(journal)
             return _run(journal, plan, search_dirs=search_dirs, verify=verify, progress=progress, held=held,
-                        resumed=False, started=started, warnings=warnings)
+                        resumed=False, started=started, warnings=warnings, top=top)
     finally:
         held.close()
 
