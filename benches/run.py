@@ -14,13 +14,14 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, report
+from . import cases, cases_merge, report
 from .sizes import PROFILES
 from .workloads import build_all
 
 CASES = ("flatten", "reads", "merge", "info", "create", "scan")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
          "info": ("sparse",), "create": (), "scan": ()}
+CASES, NEEDS = (*CASES, "merge_cost"), {**NEEDS, "merge_cost": ()}  # benches/cases_merge.py
 
 
 def parse_args(argv):
@@ -76,6 +77,8 @@ def run(argv=None) -> dict:
             for w in [w for w in chains if w.depth == 1] + work["merge"]:
                 log(f"merge {w.name}", started)
                 records.append(cases.merge(w, tmp, profile, limit_src))
+        if "merge_cost" in only:
+            records += cases_merge.merge_cost(tmp, profile, limit_src)
         if "info" in only:
             log("info/check sparse", started)
             records += cases.info_check(work["sparse"][0], tmp, profile)

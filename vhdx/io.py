@@ -330,11 +330,11 @@ class ImageIO:
     def copy_through_buffer(self, src: ImageIO, src_offset: int, offset: int, length: int,
                             buf: bytearray | None = None) -> None:
         """Copy through a buffer with ``readinto_at`` and ``write_at`` (one write per ``COPY_CHUNK``)."""
-        buf = buf if buf is not None and len(buf) >= COPY_CHUNK else bytearray(COPY_CHUNK)
+        buf = buf if buf is not None and len(buf) >= min(COPY_CHUNK, length) else bytearray(COPY_CHUNK)
         view = memoryview(buf)
         done = 0
         while done < length:
-            n = min(COPY_CHUNK, length - done)
+            n = min(len(buf), length - done)
             src.readinto_at(src_offset + done, view[:n])
             self.write_at(offset + done, view[:n])
             done += n
@@ -459,10 +459,10 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
                 break
             done += n
     if done < length:
-        buf = buf if buf is not None and len(buf) >= COPY_CHUNK else bytearray(COPY_CHUNK)
+        buf = buf if buf is not None and len(buf) >= min(COPY_CHUNK, length - done) else bytearray(COPY_CHUNK)
         view = memoryview(buf)
         while done < length:
-            n = min(COPY_CHUNK, length - done)
+            n = min(len(buf), length - done)
             src.readinto_at(src_offset + done, view[:n])
             try:
                 os.pwrite(dst_fd, view[:n], dst_offset + done)

@@ -31,14 +31,15 @@ def apply_merge(dest: VhdxImage, plan: MergePlan, sources: Sequence[ImageIO], *,
         io.truncate(plan.final_file_size)
     total = plan.bytes_to_copy + plan.bytes_to_zero
     done = 0
-    zeros = bytes(COPY_CHUNK)
+    # Buffers no larger than the largest run: a small merge must not pay for two 8 MiB allocations.
+    zeros = bytes(min(COPY_CHUNK, int(plan.zero_len.max()))) if len(plan.zero_len) else b""
     for dst, n in zip(plan.zero_dst.tolist(), plan.zero_len.tolist(), strict=True):
-        for pos in range(0, n, COPY_CHUNK):
-            io.write_at(dst + pos, zeros[: min(COPY_CHUNK, n - pos)])
+        for pos in range(0, n, len(zeros)):
+            io.write_at(dst + pos, zeros[: min(len(zeros), n - pos)])
         done += n
         if progress:
             progress(done, total)
-    buf = bytearray(COPY_CHUNK)
+    buf = bytearray(min(COPY_CHUNK, int(plan.copy_len.max()))) if len(plan.copy_len) else None
     with BackgroundFlush(io):
         for layer, src, dst, n in zip(plan.copy_layer.tolist(), plan.copy_src.tolist(), plan.copy_dst.tolist(),
                                       plan.copy_len.tolist(), strict=True):
