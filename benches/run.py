@@ -14,14 +14,15 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, cases_export, cases_reads, cases_scale, cases_startup, report
+from . import cases, cases_export, cases_merge, cases_reads, cases_scale, cases_startup, report
 from .sizes import PROFILES
 from .workloads import build_all
 
-CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index", "scale", "startup")
+CASES = ("flatten", "reads", "merge", "info", "create", "scan", "export", "reads_index", "scale", "startup",
+         "merge_cost")
 NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "merge": ("chains", "merge"),
          "info": ("sparse",), "create": (), "scan": (), "export": (), "reads_index": ("chains",), "scale": (),
-         "startup": ()}
+         "startup": (), "merge_cost": ()}
 
 
 def parse_args(argv):
@@ -77,6 +78,8 @@ def run(argv=None) -> dict:
             for w in [w for w in chains if w.depth == 1] + work["merge"]:
                 log(f"merge {w.name}", started)
                 records.append(cases.merge(w, tmp, profile, limit_src))
+        if "merge_cost" in only:
+            records += cases_merge.merge_cost(tmp, profile, limit_src)
         if "info" in only:
             log("info/check sparse", started)
             records += cases.info_check(work["sparse"][0], tmp, profile)

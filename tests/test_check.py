@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 import vhdx
-from vhdx.findings import CODES, Severity
+from vhdx.findings import CODES
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
-from vhdx.ops.check import EXTRA_CHECKERS, check_image, register_checker
+from vhdx.ops.check import check_image
 from vhdx.ops.create import create
 from vhdx.ops.relink import set_parent
 from vhdx.structures.header import load_headers
@@ -372,17 +372,6 @@ def test_check_space_freed_inside_the_file_is_free_space_not_a_leak(dynamic):
 
 
 # --- interface --------------------------------------------------------------------------------------
-def test_check_extra_checker_runs_and_reports(dynamic):
-    def marker(ctx):
-        ctx.add(Severity.ERROR, "MERGE_INTERRUPTED", "test", 0, "pretend")
-
-    register_checker(marker)
-    try:
-        assert check_image(dynamic).codes() == ["MERGE_INTERRUPTED"]
-    finally:
-        EXTRA_CHECKERS.remove(marker)
-
-
 def test_check_findings_use_known_codes_only(tmp_path, dynamic):
     set_bat_entry(dynamic, 5, bat_entry(dynamic, 0) | 0x10)
     pwrite(dynamic, c.HEADER_OFFSETS[0] + 8, b"\x01")

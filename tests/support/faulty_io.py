@@ -39,6 +39,10 @@ class FaultyIO(ImageIO):
         self._step()
         super().truncate(size)
 
+    def copy_from(self, src, src_offset, offset, length, buf=None):
+        self.copy_through_buffer(src, src_offset, offset, length, buf)  # each chunk written is a step
+        return 0
+
 
 class DeadAfterCrash(FaultyIO):
     """Like FaultyIO, and once crashed nothing more reaches the file (as after a power cut)."""

@@ -9,7 +9,8 @@ the file), both region tables, the metadata table and its items, the parent loca
 (numpy, in windows of whole chunks so a 64 Mi-entry BAT needs bounded memory), overlaps (by sorting block
 offsets), and unreferenced space (a 1 MiB-granular map of the file minus every structure that references it):
 free space between structures, or a leak when a tail of at least one block lies past everything referenced.
-Checks added by other modules run last (see ``register_checker``).
+Last, the markers of an interrupted merge or resize/compaction next to the file (called explicitly: nothing
+registers itself into check as an import side effect).
 
 References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (metadata, parent locator).
 """
@@ -17,7 +18,6 @@ References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (m
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -207,18 +207,6 @@ class CheckContext:
         return any(f.severity == Severity.ERROR for f in self.findings)
 
 
-# Checks other modules add: each gets the CheckContext
-# after the built-in checks and records findings with ``ctx.add``. ``ctx.params`` is None when the
-# metadata could not be read.
-EXTRA_CHECKERS: list[Callable[[CheckContext], None]] = []
-
-
-def register_checker(checker: Callable[[CheckContext], None]) -> Callable[[CheckContext], None]:
-    """Add a check that runs after the built-in ones (usable as a decorator)."""
-    if checker not in EXTRA_CHECKERS:
-        EXTRA_CHECKERS.append(checker)
-    return checker
-
 
 def _report_interrupted_layout(ctx: CheckContext) -> None:
     """A ``.layout-journal`` next to the file: a resize or compaction stopped before its end (as MERGE_INTERRUPTED)."""
@@ -330,8 +318,6 @@ def _check_io(io: ImageIO, options: CheckOptions, visited: tuple) -> tuple[Check
     _check_leaks(ctx)
     report_interrupted_merge(ctx)  # called, not registered: a fresh `vhdx check` has not imported the merge engine
     _report_interrupted_layout(ctx)
-    for checker in EXTRA_CHECKERS:
-        checker(ctx)
     ctx.summarise()
     return CheckReport(io.path, tuple(ctx.findings), True, io.real_size, ctx.leaked_bytes,
                        free_bytes=ctx.free_bytes), parent_path, visited

@@ -37,6 +37,19 @@ def plan_locator(child_path: str, parent_path: str, old_entries, parent_guid) ->
     return [(c.PARENT_LINKAGE_KEY, format_guid_text(parent_guid)), *locator_paths(child_path, parent_path), *kept]
 
 
+def rewrite_locator(image, entries) -> None:
+    """Write ``entries`` as the parent locator of ``image`` (open for writing) through its log.
+
+    The one locator rewrite, used by set-parent and by merge (relinking, parent_linkage2). A user item that
+    happens to carry the locator's GUID is a different item and stays as it is.
+    """
+    items = [MetadataItem(i.item_id, i.flags, build_parent_locator(entries))
+             if i.item_id == c.PARENT_LOCATOR_GUID and not i.flags & c.META_IS_USER else i
+             for i in read_items(image.io, image.metadata)]
+    image.writer.begin(changes_data=False)
+    image.writer.rewrite_metadata(items)
+
+
 def set_parent(child_path, parent_path, *, ignore_id_mismatch: bool = False, dry_run: bool = False) -> RelinkResult:
     """Point ``child_path`` at ``parent_path``; refuse a parent whose DataWriteGuid does not match unless told."""
     child_path, parent_path = os.fspath(child_path), os.fspath(parent_path)
@@ -61,10 +74,7 @@ def set_parent(child_path, parent_path, *, ignore_id_mismatch: bool = False, dry
         warnings = parent_differences(parent, child)
         new_entries = plan_locator(child_path, parent_path, locator.entries, parent.data_write_guid)
         if not dry_run:
-            items = [MetadataItem(i.item_id, i.flags, build_parent_locator(new_entries))
-                     if i.item_id == c.PARENT_LOCATOR_GUID else i for i in read_items(child.io, child.metadata)]
-            child.writer.begin(changes_data=False)
-            child.writer.rewrite_metadata(items)
+            rewrite_locator(child, new_entries)
         return RelinkResult(child_path, parent_path, locator.entries, tuple(new_entries), matched, warnings)
 
 

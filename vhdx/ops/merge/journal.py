@@ -25,6 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 from vhdx.errors import MergeError
+from vhdx.findings import Severity
 
 JOURNAL_SUFFIX = ".merge-journal"
 PLAN_SUFFIX = ".merge-plan.npz"
@@ -136,8 +137,11 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``path`` so that a crash leaves either its old content or ``data`` (tmp, fsync, rename, fsync dir)."""
+def atomic_write(path: str, data: bytes, *, flush_folder: bool = True) -> None:
+    """Write ``path`` so that a crash leaves either its old content or ``data`` (tmp, fsync, rename, fsync dir).
+
+    ``flush_folder=False`` leaves the folder flush to the caller's next one (several renames, one flush).
+    """
     tmp = path + ".tmp"
     try:
         # A stale or planted temporary goes first (unlinking a symlink leaves its target alone); then a file of
@@ -160,21 +164,23 @@ def atomic_write(path: str, data: bytes) -> None:
             except OSError:
                 pass
         raise MergeError(f"cannot write: {exc.strerror}", path=path) from None
-    fsync_dir(os.path.dirname(path))
+    if flush_folder:
+        fsync_dir(os.path.dirname(path))
 
 
-def remove_file(path: str) -> None:
-    """Delete ``path`` if it exists and flush its folder."""
+def remove_file(path: str, *, flush_folder: bool = True) -> None:
+    """Delete ``path`` if it exists and flush its folder (``flush_folder=False``: the caller flushes it later)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return
     except OSError as exc:
         raise MergeError(f"cannot delete: {exc.strerror}", path=path) from None
-    fsync_dir(os.path.dirname(path))
+    if flush_folder:
+        fsync_dir(os.path.dirname(path))
 
 
-def rename_file(src: str, dst: str) -> None:
+def rename_file(src: str, dst: str, *, flush_folder: bool = True) -> None:
     """Rename ``src`` to ``dst`` (nothing to do when ``src`` is gone and ``dst`` exists: done before a crash)."""
     if not os.path.exists(src) and os.path.exists(dst):
         return
@@ -182,7 +188,8 @@ def rename_file(src: str, dst: str) -> None:
         os.replace(src, dst)
     except OSError as exc:
         raise MergeError(f"cannot rename to {dst}: {exc.strerror}", path=src) from None
-    fsync_dir(os.path.dirname(dst))
+    if flush_folder:
+        fsync_dir(os.path.dirname(dst))
 
 
 def write_journal(journal: MergeJournal) -> None:
@@ -229,15 +236,13 @@ def find_journals_for_child(child: str, folders) -> list[MergeJournal]:
 
 
 def remove_journal(journal: MergeJournal) -> None:
-    """Last step of a merge: the plan, then the record itself."""
-    remove_file(journal.plan_path)
+    """Last step of a merge: the plan, then the record itself (one folder flush for both)."""
+    remove_file(journal.plan_path, flush_folder=False)
     remove_file(journal.path)
 
 
 def report_interrupted_merge(ctx) -> None:
-    """Part of ``check``: a pending journal next to the checked file means a merge into it did not finish."""
-    from vhdx.findings import Severity
-
+    """Called by ``check``: a pending journal next to the checked file means a merge into it did not finish."""
     try:
         journal = journal_for_destination(ctx.path)
     except MergeError as exc:
