@@ -73,8 +73,8 @@ def current_state() -> State:
 # Flags every command also takes after its name (`vhdx info X -v`), as qemu-img users type them.
 SHARED_FLAGS = (("verbose", "-v", "--verbose", "More detail."),
                 ("progress", "-p", "--progress", "Show progress bars even when stderr is not a terminal."),
-                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."),
-                ("as_json", None, "--json", "Machine-readable JSON output (same as the global flag)."))
+                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."))
+# (--json after the command name is vhdx_cli.options.json_option, which every command declares.)
 
 
 def _set_shared_flag(ctx, param, value) -> None:
@@ -197,31 +197,6 @@ def handle_errors(func):
             fail("interrupted", 130)
 
     return wrapper
-
-
-def chain_options(func):
-    """--parent, --search-dir, --ignore-id-mismatch, --orphan: how to find the parents of a disk."""
-    func = click.option("--orphan", is_flag=True,
-                        help="Read a differencing disk alone: what it does not hold reads as zeros.")(func)
-    func = click.option("--ignore-id-mismatch", is_flag=True,
-                        help="Accept a parent whose DataWriteGuid does not match the child's linkage.")(func)
-    func = click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(file_okay=False),
-                        help="Also look for parents by file name in this folder (repeatable).")(func)
-    func = click.option("--parent", "parent", type=click.Path(dir_okay=False),
-                        help="Use this file as the parent, whatever the locator says.")(func)
-    return func
-
-
-def open_kwargs(parent, search_dirs, ignore_id_mismatch, orphan) -> dict:
-    return {"parent": parent, "search_dirs": search_dirs, "ignore_id_mismatch": ignore_id_mismatch,
-            "orphan": orphan}
-
-
-def salvage_option(func):
-    """--salvage: read payload a truncated file lacks as zeros (default: refuse), listing what was invented."""
-    return click.option("--salvage", is_flag=True,
-                        help="Read payload missing from a truncated file as zeros instead of refusing it; every "
-                             "range so invented is listed on stderr.")(func)
 
 
 def report_invented(image) -> None:

@@ -63,7 +63,7 @@ def test_memory_error_is_one_line(tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr("vhdx_cli.main.describe_image", exhausted)
+    monkeypatch.setattr("vhdx_cli.read_cmds.describe_image", exhausted)
     assert "out of memory" in one_line("info", disk)
 
 

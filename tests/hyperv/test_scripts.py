@@ -211,7 +211,7 @@ def test_psrp_missing_pypsrp_gives_install_hint(monkeypatch):
 
 def test_hyperv_package_imports_without_pypsrp():
     code = ("import sys; sys.modules['pypsrp'] = None; sys.modules['pypsrp.powershell'] = None; "
-            "sys.modules['pypsrp.wsman'] = None; import vhdx.hyperv, vhdx_cli.hyperv; print('ok')")
+            "sys.modules['pypsrp.wsman'] = None; import vhdx.hyperv, vhdx_cli.hyperv_cmds; print('ok')")
     done = subprocess.run([sys_executable(), "-c", code], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr
 
