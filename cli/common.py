@@ -13,6 +13,7 @@ import time
 import click
 
 from vhdx.errors import VhdxError
+from vhdx_cli.hints import error_line
 from vhdx_cli.text import printable
 
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -186,7 +187,7 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")), error=exc)
+            fail(error_line(exc), error=exc)
         except BrokenPipeError:
             exit_on_broken_pipe()
         except OSError as exc:

@@ -13,6 +13,7 @@ from vhdx.forensics.compare import RawDisk, compare_disks
 from vhdx_cli import render
 from vhdx_cli.common import Progress, fail, json_wanted, log_replayed_in_memory
 from vhdx_cli.convert_cmds import is_vhdx_file
+from vhdx_cli.hints import error_line
 from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs
 
 # As qemu-img compare: 0 identical, 1 different, 2 could not compare (an error must not read as "different").
@@ -25,7 +26,7 @@ def _errors_exit_2(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")), COULD_NOT_COMPARE, error=exc)
+            fail(error_line(exc), COULD_NOT_COMPARE, error=exc)
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", COULD_NOT_COMPARE)
 

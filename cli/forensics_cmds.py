@@ -58,6 +58,8 @@ def diff(child, ancestor, blocks, sectors, algorithm, salvage, **chain_opts):
     """
     if blocks and sectors:
         raise click.UsageError("--blocks and --sectors exclude each other")
+    if ancestor and chain_opts["orphan"]:
+        raise click.UsageError("--against needs the chain; it cannot be used with --orphan")
     (algorithm,) = check_algorithms([algorithm])
     with vhdx.open(child, **open_kwargs(**chain_opts), salvage=salvage) as image:
         result = diff_layers(image, ancestor, sectors=not blocks, algorithm=algorithm)

@@ -14,6 +14,9 @@ class VhdxError(Exception):
         structure: name of the on-disk structure concerned (e.g. ``"Header 2"``, ``"BAT entry 17"``).
         offset: file offset in bytes of that structure, or ``None`` when it has no single place.
         path: the file concerned, when known.
+        hint: what the caller may ask for to go ahead, as a name (``"overwrite"``, ``"force"``,
+            ``"ignore_id_mismatch"``, ``"salvage"``); the command line turns it into its flag, the library
+            never names a flag itself.
     """
 
     def __init__(
@@ -25,6 +28,7 @@ class VhdxError(Exception):
         path: str | None = None,
         expected: object = None,
         actual: object = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -33,6 +37,7 @@ class VhdxError(Exception):
         self.path = path
         self.expected = expected
         self.actual = actual
+        self.hint = hint
 
     def __str__(self) -> str:
         parts = []

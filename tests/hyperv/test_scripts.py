@@ -135,8 +135,9 @@ def test_local_transport_timeout_raises(monkeypatch):
 
 def test_local_transport_missing_powershell_names_remote_option(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(HyperVUnavailableError, match="--transport psrp"):
+    with pytest.raises(HyperVUnavailableError, match="remote") as refused:
         LocalPowerShellTransport().argv()
+    assert refused.value.hint == "remote"  # the command line names --transport psrp --host HOST
 
 
 def test_parse_envelope_without_json_raises():

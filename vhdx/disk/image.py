@@ -150,8 +150,8 @@ class VhdxImage:
             self.invented = tuple(zip((ends - lost).tolist(), lost.tolist(), strict=True))
         elif beyond.any():
             self._raise_first(flagged(beyond), "payload",
-                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated? "
-                                        "(--salvage reads the missing bytes as zeros)")
+                              lambda s: f"block lies beyond the end of the file ({size:#x}); truncated?",
+                              hint="salvage")
         if g.has_parent:
             partial = states == c.BatState.PARTIALLY_PRESENT
             chunk_has_partial = np.zeros(g.sector_bitmap_blocks, dtype=bool)
@@ -163,7 +163,7 @@ class VhdxImage:
                                    | (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > size))
             self._raise_first(bad_sb, "bitmap", lambda s: "sector bitmap block lies outside the file")
 
-    def _raise_first(self, mask: np.ndarray, kind: str, message) -> None:
+    def _raise_first(self, mask: np.ndarray, kind: str, message, hint: str | None = None) -> None:
         hits = np.flatnonzero(mask)
         if not len(hits):
             return
@@ -175,7 +175,8 @@ class VhdxImage:
             index = int(self.geometry.bitmap_index(i))
             structure, state = f"BAT entry {index} (sector bitmap block {i})", int(self.bat.bitmap_states[i])
         more = f" (and {len(hits) - 1} more)" if len(hits) > 1 else ""
-        raise FormatError(message(state) + more, structure=structure, offset=self.bat.entry_file_offset(index))
+        raise FormatError(message(state) + more, structure=structure, offset=self.bat.entry_file_offset(index),
+                          hint=hint)
 
     def _file_identity(self):
         if self.io.fd is None:
@@ -610,7 +611,7 @@ def open_image(source, *, writable: bool = False, parent: str | None = None, sea
             lists the virtual ranges so filled (read-only opens only).
     """
     if salvage and writable:
-        raise InvalidRequestError("--salvage is for reading; a truncated file is not opened for writing")
+        raise InvalidRequestError("salvage is for reading; a truncated file is not opened for writing")
     options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
                                  search_dirs=tuple(os.fspath(d) for d in search_dirs),
                                  ignore_id_mismatch=ignore_id_mismatch, orphan=orphan, force=force,

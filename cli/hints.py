@@ -1,0 +1,23 @@
+"""What a library error's ``hint`` means on the command line: the flag that asks for it (one place)."""
+
+from __future__ import annotations
+
+# VhdxError.hint -> the words appended to the one-line error (the library names no flag).
+HINT_FLAGS = {
+    "overwrite": "use --force to overwrite it",
+    "force": "use --force to go ahead anyway",
+    "ignore_id_mismatch": "use --ignore-id-mismatch to accept it",
+    "salvage": "use --salvage to read the missing bytes as zeros",
+    "cut": "use --force to cut them",
+    "resume": "run that command with --resume",
+    "mode_full": "use --mode full",
+    "dynamic_copy": "`vhdx convert --type dynamic` makes one",
+    "remote": "use --transport psrp --host HOST",
+}
+
+
+def error_line(exc) -> str:
+    """The one-line message of library error EXC, ending with the flag its hint asks for."""
+    text = " ".join(str(exc).split("\n"))
+    flag = HINT_FLAGS.get(getattr(exc, "hint", None))
+    return f"{text} ({flag})" if flag else text
