@@ -18,11 +18,10 @@ from vhdx_cli.common import (
     SIZE,
     Progress,
     handle_errors,
-    log_replayed_in_memory,
     report_invented,
     warn_if_being_written,
 )
-from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs, salvage_option
+from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs, reading, salvage_option
 
 
 def _layer_option(func):
@@ -61,12 +60,9 @@ def diff(child, ancestor, blocks, sectors, algorithm, salvage, **chain_opts):
     if ancestor and chain_opts["orphan"]:
         raise click.UsageError("--against needs the chain; it cannot be used with --orphan")
     (algorithm,) = check_algorithms([algorithm])
-    with vhdx.open(child, **open_kwargs(**chain_opts), salvage=salvage) as image:
-        result = diff_layers(image, ancestor, sectors=not blocks, algorithm=algorithm)
-        warn_if_being_written(image)
-        report_invented(image)
-        replayed = log_replayed_in_memory(image)
-    render.diff(result, algorithm, replayed)
+    with reading(child, chain_opts, salvage=salvage) as opened:
+        result = diff_layers(opened.image, ancestor, sectors=not blocks, algorithm=algorithm)
+    render.diff(result, algorithm, opened.replayed)
 
 
 @click.command(name="hash")
@@ -86,18 +82,14 @@ def hash_(path, algorithms, piece_size, no_layers, partition, salvage, **chain_o
     if partition is not None:
         from vhdx_cli.partition_cmds import hash_partition
 
-        with vhdx.open(path, **open_kwargs(**chain_opts), salvage=salvage) as image:
-            result = hash_partition(image, partition, algorithms)
-            report_invented(image)
-            return result
-    with vhdx.open(path, **open_kwargs(**chain_opts), salvage=salvage) as image:
-        progress = Progress(image.virtual_size, "hash")
-        result = hash_disk(image, algos, piece_size, layer_files=not no_layers, progress=progress)
+        with reading(path, chain_opts, salvage=salvage) as opened:
+            hash_partition(opened.image, partition, algorithms)
+        return
+    with reading(path, chain_opts, salvage=salvage) as opened:
+        progress = Progress(opened.image.virtual_size, "hash")
+        result = hash_disk(opened.image, algos, piece_size, layer_files=not no_layers, progress=progress)
         progress.finish()
-        warn_if_being_written(image)
-        report_invented(image)
-        replayed = log_replayed_in_memory(image)
-    render.hashed(result, piece_size, replayed)
+    render.hashed(result, piece_size, opened.replayed)
 
 
 @click.command()
@@ -110,11 +102,9 @@ def hash_(path, algorithms, piece_size, no_layers, partition, salvage, **chain_o
 @handle_errors
 def slack(path, extract_dir, show_all, **chain_opts):
     """Find space no structure references in PATH and its ancestors (only PATH with --orphan)."""
-    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
-        reports = find_chain_slack(image, extract_dir=extract_dir)
-        warn_if_being_written(image)
-        replayed = log_replayed_in_memory(image)
-    render.slack(reports, path, show_all, replayed)
+    with reading(path, chain_opts) as opened:
+        reports = find_chain_slack(opened.image, extract_dir=extract_dir)
+    render.slack(reports, path, show_all, opened.replayed)
 
 
 @click.command()

@@ -61,6 +61,12 @@ def _conn(ctx) -> Connection:
     return ctx.find_object(Connection) or ctx.meta["vhdx.hyperv"]
 
 
+def _ask(ctx, method: str, *args):
+    """One request to the host: connect, call ``HyperV.<method>(*args)``, disconnect."""
+    with _conn(ctx).backend() as hv:
+        return getattr(hv, method)(*args)
+
+
 PLAN_ONLY = "Print the exact script and parameters; contact no host, change nothing."
 
 
@@ -112,8 +118,7 @@ def _emit_plan(call) -> None:
 @handle_errors
 def vms(ctx):
     """List the host's virtual machines with their state and disks."""
-    with _conn(ctx).backend() as hv:
-        found = hv.list_vms()
+    found = _ask(ctx, "list_vms")
     _emit({"vms": [v.to_json() for v in found]}, vms_text(found))
 
 
@@ -124,8 +129,7 @@ def vms(ctx):
 @handle_errors
 def checkpoints(ctx, vm):
     """Show VM's checkpoint tree (standard, production, recovery, ...) with each checkpoint's disks."""
-    with _conn(ctx).backend() as hv:
-        tree = hv.checkpoints(vm)
+    tree = _ask(ctx, "checkpoints", vm)
     _emit(tree.to_json(), tree_text(tree))
 
 
@@ -138,8 +142,7 @@ def checkpoints(ctx, vm):
 @handle_errors
 def info(ctx, path, local_copy):
     """Show Get-VHD's view of PATH (a path on the host), in the schema of `vhdx info --json`."""
-    with _conn(ctx).backend() as hv:
-        disk = hv.disk_info(path)
+    disk = _ask(ctx, "disk_info", path)
     if local_copy is None:
         _emit(disk.to_json(), disk_text(disk))
         return
@@ -159,8 +162,7 @@ def info(ctx, path, local_copy):
 @handle_errors
 def check(ctx, path):
     """Test-VHD on PATH (a differencing disk is tested with its whole chain). Exit 2 when it fails."""
-    with _conn(ctx).backend() as hv:
-        result = hv.test_disk(path)
+    result = _ask(ctx, "test_disk", path)
     _emit(result.to_json(), lambda: test_text(result))
     if not result.passed:
         sys.exit(2)

@@ -6,8 +6,8 @@ import click
 
 import vhdx
 from vhdx_cli import render
-from vhdx_cli.common import Progress, handle_errors, log_replayed_in_memory, warn_if_being_written
-from vhdx_cli.options import EXISTING_FILE, NEW_FILE, chain_options, force_option, json_option, open_kwargs
+from vhdx_cli.common import Progress, handle_errors
+from vhdx_cli.options import EXISTING_FILE, NEW_FILE, chain_options, force_option, json_option, reading
 
 
 def _progress(label: str):
@@ -65,10 +65,8 @@ def merge(child, into, dry_run, verify, resume, abort, keep, search_dirs, force)
 @handle_errors
 def flatten(child, out, disk_type, force, sync, **chain_opts):
     """Write the whole chain seen through CHILD as a new standalone disk OUT; the chain is left untouched."""
-    with vhdx.open(child, **open_kwargs(**chain_opts)) as image:
-        bar = Progress(image.virtual_size, "flatten")
-        written = vhdx.flatten(image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
+    with reading(child, chain_opts) as opened:
+        bar = Progress(opened.image.virtual_size, "flatten")
+        written = vhdx.flatten(opened.image, out, type=disk_type, overwrite=force, progress=bar, sync=sync)
         bar.finish()
-        warn_if_being_written(image)
-        replayed = log_replayed_in_memory(image)
-    render.flattened(child, out, written, replayed)
+    render.flattened(child, out, written, opened.replayed)

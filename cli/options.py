@@ -6,11 +6,13 @@ A command states what it takes by its decorators; the flag names, types and help
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import click
 
-from vhdx_cli.common import current_state
+import vhdx
+from vhdx_cli.common import current_state, log_replayed_in_memory, report_invented, warn_if_being_written
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 EXISTING_PATH = click.Path(exists=True)  # a file or a folder (VM folders, .vmcx files)
@@ -130,3 +132,25 @@ def vm_folder_options(what: str):
                                  must_exist=True)(func)
 
     return decorate
+
+
+class Reading:
+    """A chain opened by a read command: ``image``, and after the block whether a dirty log was replayed."""
+
+    def __init__(self, image) -> None:
+        self.image = image
+        self.replayed = False
+
+
+@contextlib.contextmanager
+def reading(path, chain_opts: dict, *, salvage: bool = False):
+    """Open PATH and its chain read-only as the chain options say; on the way out, say what the reader met.
+
+    That is: a writer at work on a layer, a dirty log replayed in memory, and every range --salvage invented.
+    """
+    with vhdx.open(path, **open_kwargs(**chain_opts), salvage=salvage) as image:
+        opened = Reading(image)
+        yield opened
+        warn_if_being_written(image)
+        report_invented(image)
+        opened.replayed = log_replayed_in_memory(image)

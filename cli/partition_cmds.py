@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
-import vhdx
 from vhdx.forensics.hashing import MultiHasher, check_algorithms, feed, image_pieces
 from vhdx.ops.partitions import image_partitions, select
 from vhdx_cli import render
-from vhdx_cli.common import handle_errors, log_replayed_in_memory, warn_if_being_written
-from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs
+from vhdx_cli.common import handle_errors
+from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, reading
 
 
 @click.command()
@@ -19,11 +18,9 @@ from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwa
 @handle_errors
 def partitions(path, **chain_opts):
     """List the MBR or GPT partitions of the virtual disk of PATH (read through its chain)."""
-    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
-        found = image_partitions(image)
-        warn_if_being_written(image)
-        replayed = log_replayed_in_memory(image)
-    render.partitions(found, path, replayed)
+    with reading(path, chain_opts) as opened:
+        found = image_partitions(opened.image)
+    render.partitions(found, path, opened.replayed)
 
 
 def hash_partition(image, number: int, algorithms: str) -> None:

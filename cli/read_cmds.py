@@ -6,12 +6,11 @@ import os
 
 import click
 
-import vhdx
 from vhdx.errors import ChainError
 from vhdx.ops.inspect import describe_chain, describe_image, describe_parent
 from vhdx_cli import render
-from vhdx_cli.common import handle_errors, log_replayed_in_memory, warn_if_being_written
-from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs
+from vhdx_cli.common import handle_errors
+from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, reading
 
 
 @click.command()
@@ -24,12 +23,10 @@ def info(path, **chain_opts):
 
     For a differencing disk also how its parent resolves, or with --orphan how much the file holds alone.
     """
-    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
-        described = describe_image(image)
-        described.parent_status = describe_parent(image)
-        warn_if_being_written(image)
-        replayed = log_replayed_in_memory(image)
-    render.info(described, path, replayed)
+    with reading(path, chain_opts) as opened:
+        described = describe_image(opened.image)
+        described.parent_status = describe_parent(opened.image)
+    render.info(described, path, opened.replayed)
 
 
 @click.command()
@@ -39,11 +36,9 @@ def info(path, **chain_opts):
 @handle_errors
 def chain(path, **chain_opts):
     """List each layer from PATH down to its base disk, with linkage checks and a timeline."""
-    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
-        described = describe_chain(image)
-        warn_if_being_written(image)
-        replayed = log_replayed_in_memory(image)
-    render.chain(described, replayed)
+    with reading(path, chain_opts) as opened:
+        described = describe_chain(opened.image)
+    render.chain(described, opened.replayed)
     if described.error:
         raise SystemExit(1)
 
@@ -55,7 +50,8 @@ def chain(path, **chain_opts):
 @handle_errors
 def map_(path, **chain_opts):
     """Show which layer and file offset supply each extent of the virtual disk (like qemu-img map)."""
-    with vhdx.open(path, **open_kwargs(**chain_opts)) as image:
+    with reading(path, chain_opts) as opened:
+        image = opened.image
         # --orphan: what the file does not hold is listed as absent (its parent is not read).
         parent_missing = image.has_parent and image.options.orphan
         try:
@@ -66,6 +62,4 @@ def map_(path, **chain_opts):
             extents = image.extents(through_parents=False)
         rows = render.map_rows(extents, [os.path.abspath(layer.path) for layer in layers], parent_missing,
                                [(layer.bat.states, layer.geometry.block_size) for layer in layers])
-        warn_if_being_written(image)
-        replayed = log_replayed_in_memory(image)
-    render.map_(rows, path, replayed)
+    render.map_(rows, path, opened.replayed)
