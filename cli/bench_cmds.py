@@ -8,23 +8,22 @@ import click
 
 from vhdx_cli import render
 from vhdx_cli.common import SIZE, handle_errors, json_wanted
+from vhdx_cli.options import EXISTING_DIR, json_option
 from vhdx_cli.storage_bench import measure_storage
 
 
 @click.command()
-@click.option("--dir", "folder", type=click.Path(file_okay=False, exists=True), default=".", show_default=True,
+@click.option("--dir", "folder", type=EXISTING_DIR, default=".", show_default=True,
               help="Folder on the storage to measure (a temporary sub-folder is created and removed).")
 @click.option("--size", type=SIZE, default="4G", show_default=True,
               help="Virtual size of the test chain; about half of it is written (needs ~1.1x this free).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@json_option
 @handle_errors
-def bench(folder, size, as_json):
+def bench(folder, size):
     """Time flatten and merge in FOLDER against copy_file_range of the same bytes there (no peers needed)."""
-    as_json = as_json or json_wanted()  # the global --json too
-
     result = measure_storage(os.path.abspath(folder), size,
-                             progress=None if as_json else lambda message: click.echo(message, err=True))
-    render.emit_json(result.to_json()) if as_json else click.echo(bench_text(result))
+                             progress=None if json_wanted() else lambda message: click.echo(message, err=True))
+    render.report(result.to_json(), lambda: bench_text(result))
 
 
 def bench_text(result) -> str:

@@ -13,6 +13,7 @@ import time
 import click
 
 from vhdx.errors import VhdxError
+from vhdx_cli.hints import error_line
 from vhdx_cli.text import printable
 
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -73,8 +74,8 @@ def current_state() -> State:
 # Flags every command also takes after its name (`vhdx info X -v`), as qemu-img users type them.
 SHARED_FLAGS = (("verbose", "-v", "--verbose", "More detail."),
                 ("progress", "-p", "--progress", "Show progress bars even when stderr is not a terminal."),
-                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."),
-                ("as_json", None, "--json", "Machine-readable JSON output (same as the global flag)."))
+                ("quiet", "-q", "--quiet", "No progress bars and no warnings (errors still print)."))
+# (--json after the command name is vhdx_cli.options.json_option, which every command declares.)
 
 
 def _set_shared_flag(ctx, param, value) -> None:
@@ -180,13 +181,6 @@ class OneLineErrorGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def error_line(exc: VhdxError) -> str:
-    """A library error as one line; a broken format rule ends with its finding code, as ``check`` names it."""
-    code = getattr(exc, "code", None)
-    tail = f" [{code}]" if isinstance(code, str) else ""  # HyperVError.code is Hyper-V's number, not a rule
-    return " ".join(str(exc).split("\n")) + tail
-
-
 def handle_errors(func):
     """Turn library errors into one line on stderr and a non-zero exit code (never a traceback)."""
 
@@ -206,31 +200,6 @@ def handle_errors(func):
             fail("interrupted", 130)
 
     return wrapper
-
-
-def chain_options(func):
-    """--parent, --search-dir, --ignore-id-mismatch, --orphan: how to find the parents of a disk."""
-    func = click.option("--orphan", is_flag=True,
-                        help="Read a differencing disk alone: what it does not hold reads as zeros.")(func)
-    func = click.option("--ignore-id-mismatch", is_flag=True,
-                        help="Accept a parent whose DataWriteGuid does not match the child's linkage.")(func)
-    func = click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(file_okay=False),
-                        help="Also look for parents by file name in this folder (repeatable).")(func)
-    func = click.option("--parent", "parent", type=click.Path(dir_okay=False),
-                        help="Use this file as the parent, whatever the locator says.")(func)
-    return func
-
-
-def open_kwargs(parent, search_dirs, ignore_id_mismatch, orphan) -> dict:
-    return {"parent": parent, "search_dirs": search_dirs, "ignore_id_mismatch": ignore_id_mismatch,
-            "orphan": orphan}
-
-
-def salvage_option(func):
-    """--salvage: read payload a truncated file lacks as zeros (default: refuse), listing what was invented."""
-    return click.option("--salvage", is_flag=True,
-                        help="Read payload missing from a truncated file as zeros instead of refusing it; every "
-                             "range so invented is listed on stderr.")(func)
 
 
 def report_invented(image) -> None:

@@ -11,8 +11,10 @@ import vhdx
 from vhdx.errors import VhdxError
 from vhdx.forensics.compare import RawDisk, compare_disks
 from vhdx_cli import render
-from vhdx_cli.common import Progress, current_state, fail, log_replayed_in_memory
+from vhdx_cli.common import Progress, fail, json_wanted, log_replayed_in_memory
 from vhdx_cli.convert_cmds import is_vhdx_file
+from vhdx_cli.hints import error_line
+from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs
 
 # As qemu-img compare: 0 identical, 1 different, 2 could not compare (an error must not read as "different").
 IDENTICAL, DIFFERENT, COULD_NOT_COMPARE = 0, 1, 2
@@ -24,47 +26,40 @@ def _errors_exit_2(func):
         try:
             return func(*args, **kwargs)
         except VhdxError as exc:
-            fail(" ".join(str(exc).split("\n")), COULD_NOT_COMPARE, error=exc)
+            fail(error_line(exc), COULD_NOT_COMPARE, error=exc)
         except OSError as exc:
             fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", COULD_NOT_COMPARE)
 
     return wrapper
 
 
-def _open(stack: contextlib.ExitStack, path: str, fmt: str | None):
+def _open(stack: contextlib.ExitStack, path: str, fmt: str | None, chain_opts: dict):
     if (fmt or ("vhdx" if is_vhdx_file(path) else "raw")) == "raw":
         return stack.enter_context(RawDisk(path))
-    return stack.enter_context(vhdx.open(path))
+    return stack.enter_context(vhdx.open(path, **open_kwargs(**chain_opts)))
 
 
 @click.command()
-@click.argument("a", type=click.Path(exists=True, dir_okay=False))
-@click.argument("b", type=click.Path(exists=True, dir_okay=False))
+@click.argument("a", type=EXISTING_FILE)
+@click.argument("b", type=EXISTING_FILE)
 @click.option("-f", "a_format", type=click.Choice(["vhdx", "raw"]), help="Format of A (default: by its signature).")
 @click.option("-F", "b_format", type=click.Choice(["vhdx", "raw"]), help="Format of B (default: by its signature).")
 @click.option("-s", "--strict", is_flag=True, help="Disks of different sizes differ (default: the tail must be zeros).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON with every differing extent.")
+@chain_options(only=("search_dirs", "ignore_id_mismatch"))
+@json_option
 @click.pass_context
 @_errors_exit_2
-def compare(ctx, a, b, a_format, b_format, strict, as_json):
+def compare(ctx, a, b, a_format, b_format, strict, **chain_opts):
     """Compare the content of disks A and B (VHDX chains or raw images), like qemu-img compare.
 
     Exit 0 when identical, 1 when they differ (the first differing offset is printed), 2 when they could not
     be compared.
     """
-    as_json = as_json or current_state().as_json
     with contextlib.ExitStack() as stack:
-        disk_a, disk_b = _open(stack, a, a_format), _open(stack, b, b_format)
+        disk_a, disk_b = _open(stack, a, a_format, chain_opts), _open(stack, b, b_format, chain_opts)
         progress = Progress(max(disk_a.virtual_size, disk_b.virtual_size), "compare")
-        result = compare_disks(disk_a, disk_b, strict=strict, all_extents=as_json, progress=progress)
+        result = compare_disks(disk_a, disk_b, strict=strict, all_extents=json_wanted(), progress=progress)
         progress.finish()
         replayed = log_replayed_in_memory(disk_a) or log_replayed_in_memory(disk_b)
-    if as_json:
-        render.emit_json({**result.to_json(), "log_replayed_in_memory": replayed})
-    elif result.size_mismatch:
-        click.echo(f"Strict mode: image size mismatch ({result.size_a} and {result.size_b} bytes)")
-    elif result.identical:
-        click.echo("Images are identical.")
-    else:
-        click.echo(f"Content mismatch at offset {result.first_mismatch}!")
+    render.compared(result, replayed)
     ctx.exit(IDENTICAL if result.identical else DIFFERENT)

@@ -1,4 +1,4 @@
-"""``vhdx convert``: a VHDX chain or a raw image into a raw image or a new VHDX (loaded when it runs)."""
+"""``vhdx convert``: a disk (with its whole chain) or a raw image into raw or VHDX, like qemu-img convert."""
 
 from __future__ import annotations
 
@@ -15,22 +15,25 @@ from vhdx_cli import render
 from vhdx_cli.common import (
     SIZE,
     Progress,
-    chain_options,
     handle_errors,
-    json_wanted,
     log_replayed_in_memory,
-    open_kwargs,
     report_invented,
-    salvage_option,
     warn_if_being_written,
 )
-
-EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+from vhdx_cli.options import (
+    EXISTING_FILE,
+    NEW_FILE,
+    chain_options,
+    force_option,
+    json_option,
+    open_kwargs,
+    salvage_option,
+)
 
 
 @click.command()
 @click.argument("source", type=EXISTING_FILE)
-@click.argument("destination", type=click.Path(dir_okay=False))
+@click.argument("destination", type=NEW_FILE)
 @click.option("-O", "--output-format", "output_format", type=click.Choice(["raw", "vhdx"]), default="raw",
               show_default=True, help="Format of DESTINATION.")
 @click.option("-f", "--source-format", "source_format", type=click.Choice(["vhdx", "raw"]),
@@ -40,14 +43,14 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False)
               "the sectors that differ from it).")
 @click.option("--keep-id", is_flag=True, help="Give a VHDX DESTINATION the source's Virtual Disk ID (Convert-VHD).")
 @click.option("--block-size", type=SIZE, help="Block size of a VHDX DESTINATION (default 32M, or the source's).")
-@click.option("--force", is_flag=True, help="Overwrite DESTINATION if it exists.")
+@force_option("Overwrite DESTINATION if it exists.")
 @click.option("--sync", is_flag=True, help="fsync DESTINATION before it takes its name (default: OS write-back).")
 @click.option("--no-sparse", is_flag=True, help="-O raw: write every byte, zeros included (a fully allocated file).")
 @chain_options
 @salvage_option
-@click.pass_context
+@json_option
 @handle_errors
-def convert(ctx, source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
+def convert(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
             salvage, no_sparse=False, **chain_opts):
     """Convert SOURCE (a VHDX with its whole chain, or a raw image) into DESTINATION.
 
@@ -74,7 +77,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         import_raw(source, destination, type=disk_type, block_size=block_size, overwrite=force, progress=progress,
                    sync=sync)
         progress.finish()
-        _convert_json(source, destination, source_format, output_format, False)
+        render.converted(source, destination, source_format, output_format, False)
         return
     with vhdx.open(source, **open_kwargs(**chain_opts), salvage=salvage) as image:
         progress = Progress(image.virtual_size, "convert")
@@ -87,7 +90,7 @@ def convert(ctx, source, destination, output_format, source_format, disk_type, b
         report_invented(image)
         warn_if_being_written(image)
         replayed = log_replayed_in_memory(image)
-    _convert_json(source, destination, source_format, output_format, replayed)
+    render.converted(source, destination, source_format, output_format, replayed)
 
 
 def _convert_type(source, destination, output_format, source_format, disk_type, block_size, force, sync, keep_id,
@@ -112,16 +115,7 @@ def _convert_type(source, destination, output_format, source_format, disk_type, 
         progress.finish()
         warn_if_being_written(image)
         replayed = log_replayed_in_memory(image)
-    _convert_json(source, destination, source_format, output_format, replayed)
-
-
-def _convert_json(source: str, destination: str, source_format: str, output_format: str, replayed: bool) -> None:
-    """What convert wrote, in --json mode (otherwise it prints nothing, as qemu-img does)."""
-    if json_wanted():
-        render.emit_json({"source": os.path.abspath(source), "destination": os.path.abspath(destination),
-                          "destination_given": destination, "source_format": source_format,
-                          "output_format": output_format, "destination_size": os.path.getsize(destination),
-                          "log_replayed_in_memory": replayed})
+    render.converted(source, destination, source_format, output_format, replayed)
 
 
 def _convert_to_stdout(source: str, output_format: str, chain_opts: dict, salvage: bool) -> None:

@@ -41,7 +41,7 @@ cli.lazy_commands.update({
     "mount": "vhdx_cli.forensics_cmds:mount",
     "merge": "vhdx_cli.merge_cmds:merge",
     "flatten": "vhdx_cli.merge_cmds:flatten",
-    "hyperv": "vhdx_cli.hyperv:hyperv",
+    "hyperv": "vhdx_cli.hyperv_cmds:hyperv",
     "bench": "vhdx_cli.bench_cmds:bench",
     "fixture": "vhdx_cli.fixture_cmds:fixture",
     "vm": "vhdx_cli.vm_cmds:vm",

@@ -15,7 +15,8 @@ from vhdx.fleet.probe import ProbeOptions
 from vhdx.fleet.scan import ScanResult
 from vhdx.fleet.scan import scan as run_scan
 from vhdx_cli import render
-from vhdx_cli.common import handle_errors
+from vhdx_cli.common import handle_errors, json_wanted
+from vhdx_cli.options import json_option
 from vhdx_cli.text import printable
 
 TREE_LINES = 200  # problem tree view: lines shown before "... and N more"
@@ -136,7 +137,6 @@ def summary_text(result: ScanResult) -> str:
 
 @click.command()
 @click.argument("roots", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (disks, trees, summary) on stdout.")
 @click.option("--jsonl", "jsonl", type=click.Path(dir_okay=False, allow_dash=True),
               help="Stream one JSON record per disk (then trees and a summary) to this file ('-': stdout).")
 @click.option("--sqlite", "sqlite_db", type=click.Path(dir_okay=False), help="Also write the results to this "
@@ -150,9 +150,9 @@ def summary_text(result: ScanResult) -> str:
 @click.option("--hash", "with_hash", is_flag=True, help="Also hash each file's bytes (SHA-256).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links that lead out of the roots.")
 @click.option("--progress/--no-progress", default=None, help="Disks/s and ETA on stderr (default: on a terminal).")
-@click.pass_context
+@json_option
 @handle_errors
-def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, scheduler_timeout, local_cluster, full_check,
+def scan(roots, jsonl, sqlite_db, jobs, scheduler, scheduler_timeout, local_cluster, full_check,
          with_hash, follow_symlinks, progress):
     """Find every VHDX/AVHDX under ROOTS, probe its headers, and report chains, trees and their problems.
 
@@ -161,8 +161,7 @@ def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, scheduler_timeo
     """
     if scheduler and local_cluster:
         raise click.UsageError("--scheduler and --local-cluster exclude each other")
-    as_json = as_json or (ctx.obj is not None and ctx.obj.as_json)
-    if as_json and jsonl == "-":
+    if json_wanted() and jsonl == "-":
         raise click.UsageError("--json and --jsonl - both write to stdout; give --jsonl a file")
     shown = ScanProgress(progress)
     with ExitStack() as stack:
@@ -178,8 +177,8 @@ def scan(ctx, roots, as_json, jsonl, sqlite_db, jobs, scheduler, scheduler_timeo
     if jsonl:
         with click.open_file(jsonl, "w", encoding="utf-8", atomic=jsonl != "-") as stream:
             output.write_jsonl(result, stream)
-    if as_json:
+    if json_wanted():
         render.emit_json(output.document(result))
-    elif jsonl != "-":
-        click.echo(summary_text(result))
+    elif jsonl != "-":  # --jsonl -: stdout holds the records alone
+        render.echo_text(summary_text(result))
     raise SystemExit(output.exit_code(result))

@@ -7,13 +7,8 @@ import os
 import click
 
 from vhdx_cli import render
-from vhdx_cli.common import State, handle_errors
-
-EXISTING = click.Path(exists=True)
-
-
-def _wants_json(state: State | None, as_json: bool) -> bool:
-    return as_json or (state is not None and state.as_json)
+from vhdx_cli.common import handle_errors, json_wanted
+from vhdx_cli.options import EXISTING_PATH, NEW_FILE, force_option, vm_folder_options
 
 
 @click.group()
@@ -22,57 +17,57 @@ def vm():
 
 
 @vm.command()
-@click.argument("path", type=EXISTING)
-@click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Also look here (by file name) for disks the configuration names. Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
-@click.pass_obj
+@click.argument("path", type=EXISTING_PATH)
+@vm_folder_options("disks the configuration names")
 @handle_errors
-def show(state, path, search_dirs, as_json):
+def show(path, search_dirs):
     """Show the VM at PATH (a VM folder or a .vmcx/.xml file): generation, drives and the checkpoint tree."""
     from vhdx.hyperv.config import read_config
     from vhdx.hyperv.vm import host_inventory, load_folder
 
     config = read_config(path) if os.path.isfile(path) else None
     if config is not None and path.lower().endswith(".vmrs"):
-        # Runtime state (saved memory and device state) of a VM or checkpoint: no drives, no name.
-        summary = {"runtime_state": config.path, "keys": _count_keys(config.root),
-                   "replayed_log_entries": config.replayed_entries, "top": sorted(config.root)}
-        if _wants_json(state, as_json):
-            render.emit_json(summary)
-        else:
-            click.echo(render.printable(f"runtime state file {config.path}: {summary['keys']} keys under "
-                                        f"{', '.join(summary['top'])} (a VM's saved state; its configuration is the "
-                                        ".vmcx of the same name)"))
+        runtime_state(config)  # saved memory and device state of a VM or checkpoint: no drives, no name
         return
     inventory = host_inventory(config) if config is not None else None
     if inventory is not None:
-        if _wants_json(state, as_json):
-            render.emit_json({"host_inventory": [{"id": i, "config": p} for i, p in inventory]})
-        else:
-            click.echo(render.printable(f"host inventory {path}: {len(inventory)} registered VM(s)"))
-            click.echo(render.printable_lines(f"  {i}  {p}" for i, p in inventory))
+        host_registrations(path, inventory)
         return
-    folder = load_folder(path, search_dirs)
-    if _wants_json(state, as_json):
-        from vhdx.hyperv.vm import layer_owners
-
-        render.emit_json({"root": folder.root,
-                          "vms": [{**v.to_json(), "layer_owners": layer_owners(v)} for v in folder.vms],
-                          "chains": {p: vars(c) for p, c in folder.chains.items()},
-                          "unreadable": [{"path": p, "error": e} for p, e in folder.unreadable]})
-        return
-    # Names, notes and paths come from the configuration files: escaped like every other text from a file.
-    click.echo("\n\n".join(render.printable_lines(vm_text(v, folder).split("\n")) for v in folder.vms))
-    for p, error in folder.unreadable:
-        click.echo(render.printable(f"warning: {p}: not read ({error})"), err=True)
+    folder_vms(load_folder(path, search_dirs))
 
 
 def _count_keys(node) -> int:
     return sum(1 + _count_keys(v) for v in node.values()) if isinstance(node, dict) else 0
 
 
-# -- text rendering -----------------------------------------------------------------------------------------
+# -- rendering (text and JSON) ------------------------------------------------------------------------------
+
+
+def runtime_state(config) -> None:
+    summary = {"runtime_state": config.path, "keys": _count_keys(config.root),
+               "replayed_log_entries": config.replayed_entries, "top": sorted(config.root)}
+    render.report(summary, lambda: render.printable(
+        f"runtime state file {config.path}: {summary['keys']} keys under {', '.join(summary['top'])} (a VM's saved "
+        "state; its configuration is the .vmcx of the same name)"))
+
+
+def host_registrations(path: str, inventory) -> None:
+    render.report({"host_inventory": [{"id": i, "config": p} for i, p in inventory]},
+                  lambda: render.printable_lines([f"host inventory {path}: {len(inventory)} registered VM(s)",
+                                                  *(f"  {i}  {p}" for i, p in inventory)]))
+
+
+def folder_vms(folder) -> None:
+    from vhdx.hyperv.vm import layer_owners
+
+    # Names, notes and paths come from the configuration files: escaped like every other text from a file.
+    render.report({"root": folder.root, "vms": [{**v.to_json(), "layer_owners": layer_owners(v)} for v in folder.vms],
+                   "chains": {p: vars(c) for p, c in folder.chains.items()},
+                   "unreadable": [{"path": p, "error": e} for p, e in folder.unreadable]},
+                  lambda: "\n\n".join(render.printable_lines(vm_text(v, folder).split("\n")) for v in folder.vms))
+    if not json_wanted():
+        for p, error in folder.unreadable:
+            click.echo(render.printable(f"warning: {p}: not read ({error})"), err=True)
 
 
 def _when(value) -> str:
@@ -149,13 +144,10 @@ def tree_text(v, folder) -> str:
 
 
 @vm.command()
-@click.argument("folder", type=EXISTING)
-@click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Also look here (by file name) for disks and parents outside the folder. Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
-@click.pass_obj
+@click.argument("folder", type=EXISTING_PATH)
+@vm_folder_options("disks and parents")
 @handle_errors
-def audit(state, folder, search_dirs, as_json):
+def audit(folder, search_dirs):
     """Audit the VM folder FOLDER offline: orphaned and missing disks, broken chains, dirty logs, clean-up plan.
 
     Nothing is written; merges in the plan are dry runs. Exit code 2 when disks are missing or chains broken,
@@ -164,16 +156,13 @@ def audit(state, folder, search_dirs, as_json):
     from vhdx.hyperv.vm_audit import audit_folder
 
     result = audit_folder(folder, search_dirs)
-    if _wants_json(state, as_json):
-        render.emit_json(result.to_json())
-    else:
-        click.echo(render.printable_lines(audit_text(result).split("\n")))
+    render.report(result.to_json(), lambda: render.printable_lines(audit_text(result).split("\n")))
     if result.exit_code:
         raise SystemExit(result.exit_code)
 
 
 def audit_text(result) -> str:
-    from vhdx_cli.hyperv import audit_text as live_audit_text
+    from vhdx_cli.hyperv_cmds import audit_text as live_audit_text
 
     lines = []
     for report in result.reports:
@@ -215,16 +204,13 @@ def audit_text(result) -> str:
 
 
 @vm.command()
-@click.argument("path", type=EXISTING)
-@click.option("--png", "png", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--dot", "dot_file", type=click.Path(dir_okay=False), help="Also write the Graphviz source here.")
-@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
-@click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="Also look here (by file name) for disks outside the folder. Repeatable.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output (what was written).")
-@click.pass_obj
+@click.argument("path", type=EXISTING_PATH)
+@click.option("--png", "png", required=True, type=NEW_FILE, help="PNG file to write.")
+@click.option("--dot", "dot_file", type=NEW_FILE, help="Also write the Graphviz source here.")
+@force_option("Replace the PNG (and --dot) file if it exists.")
+@vm_folder_options("disks")
 @handle_errors
-def tree(state, path, png, dot_file, force, search_dirs, as_json):
+def tree(path, png, dot_file, force, search_dirs):
     """Draw the checkpoint tree of the VM at PATH with its disks, sizes and orphans into a PNG."""
     from vhdx.hyperv.vm_audit import audit_folder
     from vhdx.hyperv.vm_picture import to_dot, tree_graph, write_png
@@ -234,8 +220,6 @@ def tree(state, path, png, dot_file, force, search_dirs, as_json):
     if dot_file:
         with open(dot_file, "w" if force else "x", encoding="utf-8") as f:
             f.write(to_dot(graph))
-    if _wants_json(state, as_json):
-        render.emit_json({"png": os.path.abspath(png), "png_given": png, "dot": os.path.abspath(dot_file)
-                          if dot_file else None, "boxes": len(graph.nodes), "engine": engine})
-    else:
-        click.echo(f"{png}: {len(graph.nodes)} boxes drawn with {engine}")
+    render.report({"png": os.path.abspath(png), "png_given": png,
+                   "dot": os.path.abspath(dot_file) if dot_file else None, "boxes": len(graph.nodes), "engine": engine},
+                  lambda: render.printable(f"{png}: {len(graph.nodes)} boxes drawn with {engine}"))

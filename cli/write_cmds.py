@@ -12,19 +12,21 @@ from vhdx.format.foreign import FOREIGN_EXTENSIONS
 from vhdx.ops.create import create as create_disk
 from vhdx.ops.relink import set_parent as relink
 from vhdx_cli import render
-from vhdx_cli.common import SIZE, current_state, handle_errors, json_wanted
+from vhdx_cli.common import SIZE, handle_errors
+from vhdx_cli.options import EXISTING_FILE, NEW_FILE, dependents_options, dry_run_option, force_option, json_option
 
 
 @click.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=NEW_FILE)
 @click.option("-s", "--size", type=SIZE, help="Virtual size (K/M/G/T suffixes); a child takes its parent's.")
 @click.option("-t", "--type", "disk_type", type=click.Choice(["dynamic", "fixed", "differencing"]),
               help="Disk type (default dynamic; differencing when --parent is given).")
 @click.option("--block-size", type=SIZE, help="Block size: 1M..256M, power of two (default 32M; 2M for a child).")
 @click.option("--logical-sector-size", type=click.Choice(["512", "4096"]), help="Default 512 (a child: parent's).")
 @click.option("--physical-sector-size", type=click.Choice(["512", "4096"]), help="Default 4096 (a child: parent's).")
-@click.option("--parent", type=click.Path(exists=True, dir_okay=False), help="Parent of a differencing disk.")
-@click.option("--force", is_flag=True, help="Overwrite an existing file; allow a name like .vhd or .qcow2.")
+@click.option("--parent", type=EXISTING_FILE, help="Parent of a differencing disk.")
+@force_option("Overwrite an existing file; allow a name like .vhd or .qcow2.")
+@json_option
 @handle_errors
 def create(path, size, disk_type, block_size, logical_sector_size, physical_sector_size, parent, force):
     """Create a VHDX/AVHDX file (like New-VHD / qemu-img create)."""
@@ -41,28 +43,18 @@ def create(path, size, disk_type, block_size, logical_sector_size, physical_sect
                 physical_sector_size=int(physical_sector_size) if physical_sector_size else None,
                 parent=parent, overwrite=force)
     with vhdx.open(path) as image:
-        data = {"path": os.path.abspath(path), "path_given": path, "disk_type": image.disk_type.label,
-                "virtual_size": image.virtual_size, "block_size": image.block_size,
-                "parent": os.path.abspath(parent) if parent else None}
-    render.report(data, f"created {path}")
-
-
-def dependents_options(func):
-    """--force and --search-dir: writing a disk that differencing disks depend on breaks them (as in Hyper-V)."""
-    func = click.option("--search-dir", "search_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
-                        help="Also look here for disks that depend on DISK (repeatable).")(func)
-    return click.option("--force", is_flag=True,
-                        help="Write even though other disks depend on DISK (they will refuse to open).")(func)
+        render.created(image, path, parent)
 
 
 @click.command()
-@click.argument("disk", type=click.Path(exists=True, dir_okay=False))
+@click.argument("disk", type=EXISTING_FILE)
 @click.option("--offset", type=SIZE, required=True, help="Virtual byte offset.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="Bytes to write.")
 @click.option("--pattern", type=str, help="Byte value to repeat, e.g. 0xa5 (needs --length).")
 @click.option("--zero", is_flag=True, help="Write zeros (whole blocks become ZERO where the disk type allows).")
 @click.option("--length", type=SIZE, help="Bytes to write with --pattern or --zero.")
-@dependents_options
+@dependents_options("DISK")
+@json_option
 @handle_errors
 def write(disk, offset, input_path, pattern, zero, length, force, search_dirs):
     """Write to DISK at --offset from --input, a repeated --pattern byte, or --zero (like qemu-io write)."""
@@ -86,8 +78,7 @@ def write(disk, offset, input_path, pattern, zero, length, force, search_dirs):
             done = _write_file(image, offset, input_path)
         else:
             done = _write_pattern(image, offset, value, length)
-    render.report({"path": os.path.abspath(disk), "path_given": disk, "offset": offset, "length": done},
-                  f"wrote {done} bytes at offset {offset}")
+    render.written(disk, offset, done)
 
 
 def _write_file(image, offset: int, path: str) -> int:
@@ -110,10 +101,11 @@ def _write_pattern(image, offset: int, value: int, length: int) -> int:
 
 
 @click.command()
-@click.argument("disk", type=click.Path(exists=True, dir_okay=False))
+@click.argument("disk", type=EXISTING_FILE)
 @click.option("--offset", type=SIZE, required=True)
 @click.option("--length", type=SIZE, required=True)
-@dependents_options
+@dependents_options("DISK")
+@json_option
 @handle_errors
 def discard(disk, offset, length, force, search_dirs):
     """Trim a range: whole blocks inside it read as zeros afterwards (like qemu-io discard)."""
@@ -121,42 +113,17 @@ def discard(disk, offset, length, force, search_dirs):
         done = image.discard(offset, length)
         fixed = image.params.leave_block_allocated and not image.has_parent
         block_size = image.block_size
-    if fixed:
-        why = " (a fixed disk keeps its blocks allocated; nothing changed)"
-    elif not done:
-        why = f" (no whole block ({block_size} bytes) in the range was still mapped; nothing changed)"
-    else:
-        why = f" (whole blocks only; parts of the {length}-byte range in partial blocks are left as they are)" \
-            if done < length else ""
-    render.report({"path": os.path.abspath(disk), "path_given": disk, "offset": offset, "length": length,
-                   "discarded_bytes": done}, f"discarded {done} bytes at offset {offset}{why}")
+    render.discarded(disk, offset, length, done, fixed, block_size)
 
 
 @click.command(name="set-parent")
-@click.argument("child", type=click.Path(exists=True, dir_okay=False))
-@click.argument("parent", type=click.Path(exists=True, dir_okay=False))
+@click.argument("child", type=EXISTING_FILE)
+@click.argument("parent", type=EXISTING_FILE)
 @click.option("--ignore-id-mismatch", is_flag=True, help="Accept and re-link a parent whose DataWriteGuid differs.")
-@click.option("--dry-run", is_flag=True, help="Show the new parent locator and change nothing.")
-@click.option("--json", "as_json", is_flag=True)
+@dry_run_option("Show the new parent locator and change nothing.")
+@json_option
 @handle_errors
-def set_parent(child, parent, ignore_id_mismatch, dry_run, as_json):
+def set_parent(child, parent, ignore_id_mismatch, dry_run):
     """Point CHILD at PARENT (like Set-VHD -ParentPath [-IgnoreIdMismatch])."""
     result = relink(child, parent, ignore_id_mismatch=ignore_id_mismatch, dry_run=dry_run)
-    if not current_state().quiet:
-        for warning in result.warnings:
-            click.echo(f"vhdx: warning: {render.printable(warning)}", err=True)
-    new = dict(result.new_entries)
-    removed = [key for key, _ in result.old_entries if key not in new]
-    if as_json or json_wanted():
-        render.emit_json({"child": os.path.abspath(child), "child_given": child, "parent": os.path.abspath(parent),
-                          "parent_given": parent, "dry_run": dry_run,
-                          "linkage_matched": result.linkage_matched, "old": dict(result.old_entries),
-                          "new": new, "removed": removed, "warnings": list(result.warnings)})
-        return
-    lines = [("would change" if dry_run else "changed") + f" parent locator of {child}:"]
-    old_entries = dict(result.old_entries)
-    for key, value in result.new_entries:
-        old = old_entries.get(key)
-        lines.append(f"  {key}: {old} -> {value}" if old != value else f"  {key}: {value} (unchanged)")
-    lines += [f"  {key}: {old_entries[key]} -> (removed)" for key in removed]
-    click.echo(render.printable_lines(lines))
+    render.relinked(result, child, parent, dry_run)

@@ -245,8 +245,9 @@ def test_quick_refuses_a_disk_with_children_even_with_force(tmp_path):
     volume = ext4_volume(tmp_path, 24 * MiB, kept_files(), 8 * MiB)
     path = guest_disk(tmp_path, "dos", [(1, volume, "83")], size=32 * MiB)
     create(tmp_path / "child.avhdx", parent=path)
-    with pytest.raises(InvalidRequestError, match="refused even with --force"):
+    with pytest.raises(InvalidRequestError, match="refused even when forced") as refused:
         compact_image(path, "quick", force=True)
+    assert refused.value.hint == "mode_full"
 
 
 def test_quick_changes_the_data_write_guid(tmp_path):

@@ -15,6 +15,9 @@ class VhdxError(Exception):
         structure: name of the on-disk structure concerned (e.g. ``"Header 2"``, ``"BAT entry 17"``).
         offset: file offset in bytes of that structure, or ``None`` when it has no single place.
         path: the file concerned, when known.
+        hint: what the caller may ask for to go ahead, as a name (``"overwrite"``, ``"force"``,
+            ``"ignore_id_mismatch"``, ``"salvage"``); the command line turns it into its flag, the library
+            never names a flag itself.
     """
 
     default_code: str | None = None  # the code of every error of this class (chain errors)
@@ -29,6 +32,7 @@ class VhdxError(Exception):
         expected: object = None,
         actual: object = None,
         code: str | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -39,6 +43,7 @@ class VhdxError(Exception):
         self.path = path
         self.expected = expected
         self.actual = actual
+        self.hint = hint
 
     def __str__(self) -> str:
         parts = []

@@ -58,7 +58,7 @@ def test_open_refuses_a_last_block_cut_inside_the_virtual_disk(cut):
     path, _ = cut
     with pytest.raises(FormatError, match="beyond the end of the file") as info:
         vhdx.open(path)
-    assert "BAT entry" in str(info.value) and "--salvage" in str(info.value)
+    assert "BAT entry" in str(info.value) and info.value.hint == "salvage"
 
 
 def test_a_block_missing_only_past_the_virtual_disk_end_is_accepted(tmp_path):

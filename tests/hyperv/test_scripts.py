@@ -135,8 +135,9 @@ def test_local_transport_timeout_raises(monkeypatch):
 
 def test_local_transport_missing_powershell_names_remote_option(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(HyperVUnavailableError, match="--transport psrp"):
+    with pytest.raises(HyperVUnavailableError, match="remote") as refused:
         LocalPowerShellTransport().argv()
+    assert refused.value.hint == "remote"  # the command line names --transport psrp --host HOST
 
 
 def test_parse_envelope_without_json_raises():
@@ -211,7 +212,7 @@ def test_psrp_missing_pypsrp_gives_install_hint(monkeypatch):
 
 def test_hyperv_package_imports_without_pypsrp():
     code = ("import sys; sys.modules['pypsrp'] = None; sys.modules['pypsrp.powershell'] = None; "
-            "sys.modules['pypsrp.wsman'] = None; import vhdx.hyperv, vhdx_cli.hyperv; print('ok')")
+            "sys.modules['pypsrp.wsman'] = None; import vhdx.hyperv, vhdx_cli.hyperv_cmds; print('ok')")
     done = subprocess.run([sys_executable(), "-c", code], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr
 

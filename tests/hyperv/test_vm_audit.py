@@ -157,7 +157,7 @@ def test_audit_folder_api_matches_the_cli(tmp_path):
 
 
 def test_vm_audit_prints_the_live_audit_report_verbatim(tmp_path):
-    from vhdx_cli.hyperv import audit_text
+    from vhdx_cli.hyperv_cmds import audit_text
 
     folder, _manifest = build(tmp_path)
     report = audit_folder(str(folder)).reports[0]

@@ -186,8 +186,7 @@ def locate_and_open_parent(child, options: OpenOptions, open_image):
         cand = mismatched[0][0]
         raise ParentMismatchError(
             f"parent {cand.path} has DataWriteGuid {mismatched[0][1].data_write_guid}, the child expects "
-            f"{' or '.join(str(g) for g in linkages) or 'no linkage'} (use --ignore-id-mismatch to accept it); "
-            f"tried: {listing}",
-            structure="Parent Locator", path=child.path)
+            f"{' or '.join(str(g) for g in linkages) or 'no linkage'}; tried: {listing}",
+            structure="Parent Locator", path=child.path, hint="ignore_id_mismatch")
     raise ParentNotFoundError(f"parent not found; tried: {listing}", structure="Parent Locator",
                               path=child.path, tried=[c.path for c in tried])

@@ -526,7 +526,7 @@ def open_image(source, *, writable: bool = False, parent: str | None = None, sea
             lists the virtual ranges so filled (read-only opens only).
     """
     if salvage and writable:
-        raise InvalidRequestError("--salvage is for reading; a truncated file is not opened for writing")
+        raise InvalidRequestError("salvage is for reading; a truncated file is not opened for writing")
     options = _chain.OpenOptions(parent=os.fspath(parent) if parent else None,
                                  search_dirs=tuple(os.fspath(d) for d in search_dirs),
                                  ignore_id_mismatch=ignore_id_mismatch, orphan=orphan, force=force,

@@ -74,8 +74,7 @@ def refuse_if_dependents(image: VhdxImage) -> None:
     children = find_dependents(list(dict.fromkeys(folders)), [path]).get(image.data_write_guid, [])
     if children:
         raise DependentsError(f"{', '.join(children)} depend{'s' if len(children) == 1 else ''} on this disk and "
-                              "would no longer open after a write; writing it anyway needs force (--force)",
-                              path=path, dependents=children)
+                              "would no longer open after a write", path=path, dependents=children, hint="force")
 
 
 class Writer:

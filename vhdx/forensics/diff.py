@@ -124,7 +124,7 @@ def diff_layers(child: VhdxImage, ancestor: str | None = None, *, sectors: bool 
     orphan = child.options.orphan and child.has_parent
     if ancestor is not None:
         if orphan:
-            raise InvalidRequestError("--against needs the chain; it cannot be used with --orphan")
+            raise InvalidRequestError("comparing with an ancestor needs the chain; a disk read alone (orphan) has none")
         k = find_layer(child, ancestor)
         if k == 0:
             raise InvalidRequestError("the ancestor is the child itself")

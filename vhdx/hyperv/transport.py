@@ -65,7 +65,7 @@ class LocalPowerShellTransport:
         if exe is None:
             raise HyperVUnavailableError(
                 "powershell.exe not found: the local transport runs on a Windows Hyper-V host; "
-                "from another machine use --transport psrp --host HOST")
+                "from another machine use the remote (PSRP) transport", hint="remote")
         return [exe, "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass",
                 "-EncodedCommand", _encoded(LOCAL_BRIDGE)]
 

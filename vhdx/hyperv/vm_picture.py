@@ -170,7 +170,7 @@ def _draw_matplotlib(g: Graph, out: str) -> None:
 def write_png(g: Graph, path: str, *, overwrite: bool = False, engine: str | None = None) -> str:
     """Draw ``g`` into the PNG ``path`` (written to a temporary name, then renamed); return the engine used."""
     if os.path.lexists(path) and not overwrite:
-        raise InvalidRequestError("exists (use --force to replace it)", path=path)
+        raise InvalidRequestError("exists", path=path, hint="overwrite")
     engine = engine or ("dot" if shutil.which("dot") else "matplotlib")
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".vm-tree-", suffix=".png", dir=folder)

@@ -99,12 +99,12 @@ def pending_journal(path, resume: bool, operation: str) -> lj.LayoutJournal | No
         if journal is None:
             raise InvalidRequestError("no interrupted resize or compaction of this disk to resume", path=str(path))
         if journal.operation != operation:
-            raise InvalidRequestError(f"the interrupted operation is a {journal.operation}; resume it with "
-                                      f"`vhdx {journal.operation} --resume`", path=str(path))
+            raise InvalidRequestError(f"the interrupted operation is a {journal.operation}; resume it as a "
+                                      f"{journal.operation}", path=str(path), hint="resume")
         return journal
     if journal is not None:
-        raise InvalidRequestError(f"an interrupted {journal.operation} of this disk is pending; finish it with "
-                                  f"`vhdx {journal.operation} --resume`", path=str(path))
+        raise InvalidRequestError(f"an interrupted {journal.operation} of this disk is pending; finish that "
+                                  f"{journal.operation} first", path=str(path), hint="resume")
     return None
 
 
@@ -396,20 +396,19 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
         image = open_for_layout(path, opener, parent=parent, search_dirs=search_dirs, resume=journal is not None)
     with image:
         if image.disk_type == c.DiskType.FIXED:
-            raise UnsupportedError("a fixed disk keeps every block allocated; make a dynamic copy with "
-                                   "`vhdx convert --type dynamic` to reclaim space", path=image.path)
+            raise UnsupportedError("a fixed disk keeps every block allocated; make a dynamic copy to reclaim space",
+                                   path=image.path, hint="dynamic_copy")
         warnings = []
         deps = dependents_of(image, search_dirs)
         if deps and not journal:
             text = f"{', '.join(deps)} depend{'s' if len(deps) == 1 else ''} on this disk"
             if mode == "quick" and not dry_run:
                 raise InvalidRequestError(f"{text}; quick mode changes the bytes of free guest clusters, which their "
-                                          "guests may use: refused even with --force (use --mode full)",
-                                          path=image.path)
+                                          "guests may use: refused even when forced", path=image.path,
+                                          hint="mode_full")
             if not force and not dry_run:
                 raise InvalidRequestError(f"{text}; compaction keeps the data and DataWriteGuid they rely on, but "
-                                          "refuses to change a parent by default (--force accepts it)",
-                                          path=image.path)
+                                          "refuses to change a parent by default", path=image.path, hint="force")
             warnings.append(f"{text}; they stay valid (same data, same DataWriteGuid)")
         before = image.io.real_size
         release = plan_release(image, mode, progress)

@@ -370,7 +370,7 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
     try:
         import pytsk3  # noqa: F401
     except ImportError:
-        raise UnsupportedError("compact --mode quick reads guest file systems with pytsk3: install it with "
+        raise UnsupportedError("quick compaction reads guest file systems with pytsk3: install it with "
                                "`pip install 'vhdx-chain[guestfs]'`",
                                path=image.path) from None
     try:

@@ -79,7 +79,7 @@ def resolve(path, *, overwrite: bool, sources: Iterable = (), raw: bool = False)
     if identity in {_identity(source) for source in sources}:
         raise InvalidRequestError(f"{path} is the source or a layer of its chain; refusing to overwrite it")
     if not overwrite:
-        raise InvalidRequestError(f"{path} exists (use --force to overwrite)")
+        raise InvalidRequestError(f"{path} exists", hint="overwrite")
     if kind != REGULAR and not raw:
         raise InvalidRequestError(f"{path} is a {kind}: a VHDX needs a regular file (only -O raw writes into "
                                   "a device or FIFO)")

@@ -69,8 +69,8 @@ def set_parent(child_path, parent_path, *, ignore_id_mismatch: bool = False, dry
         if not matched and not ignore_id_mismatch:
             raise ParentMismatchError(
                 f"{parent_path} has DataWriteGuid {parent.data_write_guid}, the child expects "
-                f"{' or '.join(str(g) for g in locator.linkages) or 'none'} (use --ignore-id-mismatch)",
-                structure="Parent Locator", path=child_path)
+                f"{' or '.join(str(g) for g in locator.linkages) or 'none'}",
+                structure="Parent Locator", path=child_path, hint="ignore_id_mismatch")
         warnings = parent_differences(parent, child)
         new_entries = plan_locator(child_path, parent_path, locator.entries, parent.data_write_guid)
         if not dry_run:

@@ -107,8 +107,8 @@ def minimum_size(image: VhdxImage) -> tuple[int, int]:
     """
     table = read_partition_table(image)
     if table.kind == "none":
-        raise InvalidRequestError("--to-minimum needs a partition table (MBR or GPT) on the virtual disk",
-                                  path=image.path)
+        raise InvalidRequestError("shrinking to the end of the last partition needs a partition table (MBR or GPT) "
+                                  "on the virtual disk", path=image.path)
     size = min(max(table.minimum_size, image.logical_sector_size), image.virtual_size)
     return size, image.virtual_size - table.gpt_backup_bytes
 
@@ -294,13 +294,13 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
             text = f"{', '.join(deps)} depend{'s' if len(deps) == 1 else ''} on this disk"
             if not force:
                 raise InvalidRequestError(f"{text}; a resize changes its size and DataWriteGuid, so "
-                                          f"{'it' if len(deps) == 1 else 'they'} would no longer match "
-                                          "(--force accepts that: they will refuse to open)", path=image.path)
+                                          f"{'it' if len(deps) == 1 else 'they'} would no longer match (and refuse to "
+                                          "open)", path=image.path, hint="force")
             result.warnings.append(f"{text}; they will no longer open (size and DataWriteGuid changed)")
         cut, first = nonzero_beyond(image, size, scan_stop)
         if cut and not force:
             raise InvalidRequestError(f"{cut} bytes that are not zero lie past the new size (the first at virtual "
-                                      f"offset {first}); --force cuts them", path=image.path)
+                                      f"offset {first})", path=image.path, hint="cut")
         result.data_bytes_cut = cut
         if cut:
             result.warnings.append(f"cut {cut} bytes of data past the new size (the first at offset {first})")

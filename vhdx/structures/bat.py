@@ -331,8 +331,7 @@ def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_siz
                            (SB_STRAY_IN_NON_DIFFERENCING, stray & (states != c.SbState.PRESENT))):
             add(rule, mask, lambda i: f"sector bitmap entry has state {states[i]} in a {label} disk")
     add(SALVAGED_BEYOND_EOF if salvage else BEYOND_EOF, beyond & ~is_sb,
-        lambda i: f"block at {offsets[i]:#x} lies beyond the end of the file ({file_size:#x}); truncated? "
-                  "(--salvage reads the missing bytes as zeros)")
+        lambda i: f"block at {offsets[i]:#x} lies beyond the end of the file ({file_size:#x}); truncated?")
     add(BEYOND_EOF, beyond & is_sb,
         lambda i: f"sector bitmap block at {offsets[i]:#x} lies beyond the end of the file ({file_size:#x})")
     add(OVERLAPS_STRUCTURE, overlapping,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vhdx.errors import FormatError, VhdxError
+from vhdx.findings import Code
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
@@ -137,7 +138,10 @@ class VhdxFile:
                                   structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
             problem = judged.refusal()
             if problem is not None:
-                raise FormatError.from_problem(problem)
+                error = FormatError.from_problem(problem)
+                if problem.code == Code.BAT_BEYOND_EOF and "sector bitmap" not in problem.structure:
+                    error.hint = "salvage"  # the missing payload could be read as zeros
+                raise error
             lost_at = np.flatnonzero(judged.beyond & ~judged.is_sb)
             if len(lost_at):  # --salvage: the missing bytes read as zeros, and every range so invented is listed
                 blocks, lost = judged.block[lost_at], judged.missing[lost_at]

@@ -17,7 +17,8 @@ from vhdx.hyperv import FakeTransport, HyperV, LocalPowerShellTransport, PsrpTra
 from vhdx.hyperv.models import CheckpointTree
 from vhdx.ops.inspect import describe_image
 from vhdx_cli import render
-from vhdx_cli.common import handle_errors
+from vhdx_cli.common import handle_errors, json_wanted
+from vhdx_cli.options import EXISTING_FILE, dry_run_option, json_option
 
 KIND_LEGEND = ("standard = saved memory state; production = no memory state (VSS/fsfreeze, or a standard "
                "checkpoint of a VM that was off); recovery = made by backup software")
@@ -60,14 +61,13 @@ def _conn(ctx) -> Connection:
     return ctx.find_object(Connection) or ctx.meta["vhdx.hyperv"]
 
 
-def _wants_json(ctx, as_json: bool) -> bool:
-    root = ctx.find_root().obj
-    return as_json or bool(getattr(root, "as_json", False))
+def _ask(ctx, method: str, *args):
+    """One request to the host: connect, call ``HyperV.<method>(*args)``, disconnect."""
+    with _conn(ctx).backend() as hv:
+        return getattr(hv, method)(*args)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
-dry_run_option = click.option("--dry-run", is_flag=True,
-                              help="Print the exact script and parameters; contact no host, change nothing.")
+PLAN_ONLY = "Print the exact script and parameters; contact no host, change nothing."
 
 
 @click.group()
@@ -98,14 +98,14 @@ def hyperv(ctx, host, user, password, password_env, transport, port, ssl, auth, 
                                          auth, not no_verify_cert, timeout_s, tuple(replay))
 
 
-def _emit(ctx, as_json: bool, data, text: str) -> None:
+def _emit(data, text) -> None:
     # Names and paths come from the host (and its files): escaped before they reach the terminal.
-    render.emit_json(data) if _wants_json(ctx, as_json) else click.echo(render.printable_lines(text.split("\n")))
+    render.report(data, lambda: render.printable_lines((text() if callable(text) else text).split("\n")))
 
 
-def _emit_plan(ctx, as_json: bool, call) -> None:
+def _emit_plan(call) -> None:
     # --dry-run: the script and its parameters exactly as they would be sent (never pasted into the text).
-    if _wants_json(ctx, as_json):
+    if json_wanted():
         render.emit_json({"dry_run": True, "script": call.script.name, "parameters": dict(call.parameters),
                           "text": call.script.text})
     else:
@@ -116,11 +116,10 @@ def _emit_plan(ctx, as_json: bool, call) -> None:
 @json_option
 @click.pass_context
 @handle_errors
-def vms(ctx, as_json):
+def vms(ctx):
     """List the host's virtual machines with their state and disks."""
-    with _conn(ctx).backend() as hv:
-        found = hv.list_vms()
-    _emit(ctx, as_json, {"vms": [v.to_json() for v in found]}, vms_text(found))
+    found = _ask(ctx, "list_vms")
+    _emit({"vms": [v.to_json() for v in found]}, vms_text(found))
 
 
 @hyperv.command()
@@ -128,32 +127,30 @@ def vms(ctx, as_json):
 @json_option
 @click.pass_context
 @handle_errors
-def checkpoints(ctx, vm, as_json):
+def checkpoints(ctx, vm):
     """Show VM's checkpoint tree (standard, production, recovery, ...) with each checkpoint's disks."""
-    with _conn(ctx).backend() as hv:
-        tree = hv.checkpoints(vm)
-    _emit(ctx, as_json, tree.to_json(), tree_text(tree))
+    tree = _ask(ctx, "checkpoints", vm)
+    _emit(tree.to_json(), tree_text(tree))
 
 
 @hyperv.command()
 @click.argument("path")
-@click.option("--compare", "local_copy", type=click.Path(exists=True, dir_okay=False),
+@click.option("--compare", "local_copy", type=EXISTING_FILE,
               help="Also read this file (an SMB path or a copy of PATH) with our parser and report differing fields.")
 @json_option
 @click.pass_context
 @handle_errors
-def info(ctx, path, local_copy, as_json):
+def info(ctx, path, local_copy):
     """Show Get-VHD's view of PATH (a path on the host), in the schema of `vhdx info --json`."""
-    with _conn(ctx).backend() as hv:
-        disk = hv.disk_info(path)
+    disk = _ask(ctx, "disk_info", path)
     if local_copy is None:
-        _emit(ctx, as_json, disk.to_json(), disk_text(disk))
+        _emit(disk.to_json(), disk_text(disk))
         return
     with vhdx.open(local_copy, orphan=True) as image:
         ours = describe_image(image)
     diffs = compare_disk_info(disk.to_disk_info(), ours)
     data = {"hyperv": disk.to_json(), "ours": {"path": ours.path}, "differences": [d.to_json() for d in diffs]}
-    _emit(ctx, as_json, data, compare_text(disk, local_copy, diffs))
+    _emit(data, compare_text(disk, local_copy, diffs))
     if diffs:
         sys.exit(2)
 
@@ -163,13 +160,10 @@ def info(ctx, path, local_copy, as_json):
 @json_option
 @click.pass_context
 @handle_errors
-def check(ctx, path, as_json):
+def check(ctx, path):
     """Test-VHD on PATH (a differencing disk is tested with its whole chain). Exit 2 when it fails."""
-    with _conn(ctx).backend() as hv:
-        result = hv.test_disk(path)
-    lines = [f"{result.path}: {'ok' if result.passed else 'FAILED'}"]
-    lines += [f"  {p.message}" + (f" (code {p.code:#x})" if p.code else "") for p in result.problems]
-    _emit(ctx, as_json, result.to_json(), "\n".join(lines))
+    result = _ask(ctx, "test_disk", path)
+    _emit(result.to_json(), lambda: test_text(result))
     if not result.passed:
         sys.exit(2)
 
@@ -177,20 +171,18 @@ def check(ctx, path, as_json):
 @hyperv.command()
 @click.argument("child")
 @click.option("--into", "ancestor", help="Merge down to this ancestor (default: CHILD's parent).")
-@dry_run_option
+@dry_run_option(PLAN_ONLY)
 @json_option
 @click.pass_context
 @handle_errors
-def merge(ctx, child, ancestor, dry_run, as_json):
+def merge(ctx, child, ancestor, dry_run):
     """Offline merge on the host with Merge-VHD (nothing in the chain may be attached or running)."""
     if dry_run:
-        _emit_plan(ctx, as_json, HyperV.plan_merge_offline(child, ancestor))
+        _emit_plan(HyperV.plan_merge_offline(child, ancestor))
         return
     with _conn(ctx).backend() as hv:
         result = hv.merge_offline(child, ancestor, timeout_s=None)
-    text = (f"merged {result.source} into {result.destination.path}\n"
-            f"{result.source}: {'still exists (invalid now, delete it)' if result.source_still_exists else 'removed'}")
-    _emit(ctx, as_json, result.to_json(), text)
+    _emit(result.to_json(), lambda: merge_text(result))
 
 
 @hyperv.command(name="remove-checkpoint")
@@ -199,27 +191,20 @@ def merge(ctx, child, ancestor, dry_run, as_json):
 @click.option("--subtree", is_flag=True, help="Also remove every checkpoint below NAME.")
 @click.option("--wait", is_flag=True, help="Follow the merge Hyper-V starts until the merged files are gone.")
 @click.option("--wait-timeout", type=float, default=None, help="Give up waiting after this many seconds.")
-@dry_run_option
+@dry_run_option(PLAN_ONLY)
 @json_option
 @click.pass_context
 @handle_errors
-def remove_checkpoint(ctx, vm, name, subtree, wait, wait_timeout, dry_run, as_json):
+def remove_checkpoint(ctx, vm, name, subtree, wait, wait_timeout, dry_run):
     """Remove checkpoint NAME of VM: Hyper-V merges its disks online (live while the VM runs)."""
     if dry_run:
-        _emit_plan(ctx, as_json, HyperV.plan_remove_checkpoint(vm, name, subtree=subtree))
+        _emit_plan(HyperV.plan_remove_checkpoint(vm, name, subtree=subtree))
         return
     with _conn(ctx).backend() as hv:
         job = hv.remove_checkpoint(vm, name, subtree=subtree)
         outcome = hv.wait_for_merge(vm, wait_timeout, job=job, progress=_progress_printer()) if wait else None
-    data = {"job": job.to_json(), "outcome": outcome.to_json() if outcome else None}
-    lines = [f"removed checkpoint{'s' if len(job.removed) > 1 else ''} {', '.join(job.removed)} of {vm}"]
-    lines += [f"  to be merged away: {p}" for p in job.expect_gone]
-    if outcome:
-        lines.append(f"merge finished in {outcome.elapsed_s:.1f} s; no longer used: "
-                     f"{', '.join(outcome.merged) or 'none'}")
-    elif job.expect_gone:
-        lines.append("Hyper-V merges in the background; follow with --wait or `vhdx hyperv audit`.")
-    _emit(ctx, as_json, data, "\n".join(lines))
+    _emit({"job": job.to_json(), "outcome": outcome.to_json() if outcome else None},
+          lambda: removal_text(vm, job, outcome))
 
 
 def _progress_printer():
@@ -238,11 +223,11 @@ def _progress_printer():
 @json_option
 @click.pass_context
 @handle_errors
-def audit(ctx, vm, as_json):
+def audit(ctx, vm):
     """Find lingering differencing disks of VM (Recovery checkpoints, orphaned .avhdx) and print the clean-up plan."""
     with _conn(ctx).backend() as hv:
         report = audit_vm(hv.checkpoints(vm), hv.vm_disks(vm))
-    _emit(ctx, as_json, report.to_json(), audit_text(report))
+    _emit(report.to_json(), audit_text(report))
 
 
 # -- text rendering -----------------------------------------------------------------------------------------
@@ -290,6 +275,28 @@ def tree_text(tree: CheckpointTree) -> str:
     if not tree.checkpoints:
         lines.append("(no checkpoints)")
     lines.append(f"legend: {KIND_LEGEND}")
+    return "\n".join(lines)
+
+
+def test_text(result) -> str:
+    lines = [f"{result.path}: {'ok' if result.passed else 'FAILED'}"]
+    lines += [f"  {p.message}" + (f" (code {p.code:#x})" if p.code else "") for p in result.problems]
+    return "\n".join(lines)
+
+
+def merge_text(result) -> str:
+    gone = "still exists (invalid now, delete it)" if result.source_still_exists else "removed"
+    return f"merged {result.source} into {result.destination.path}\n{result.source}: {gone}"
+
+
+def removal_text(vm: str, job, outcome) -> str:
+    lines = [f"removed checkpoint{'s' if len(job.removed) > 1 else ''} {', '.join(job.removed)} of {vm}"]
+    lines += [f"  to be merged away: {p}" for p in job.expect_gone]
+    if outcome:
+        lines.append(f"merge finished in {outcome.elapsed_s:.1f} s; no longer used: "
+                     f"{', '.join(outcome.merged) or 'none'}")
+    elif job.expect_gone:
+        lines.append("Hyper-V merges in the background; follow with --wait or `vhdx hyperv audit`.")
     return "\n".join(lines)
 
 
