@@ -13,6 +13,9 @@ HINT_FLAGS = {
     "mode_full": "use --mode full",
     "dynamic_copy": "`vhdx convert --type dynamic` makes one",
     "remote": "use --transport psrp --host HOST",
+    "merge_resume": "then run `vhdx merge --resume {subject}`",
+    "merge_abort": "`vhdx merge --abort {subject}` gives the merge up",
+    "merge_pending": "finish it with `vhdx merge --resume {subject}` or undo it with `vhdx merge --abort {subject}`",
 }
 
 
@@ -25,6 +28,7 @@ def error_line(exc) -> str:
     text = " ".join(str(exc).split("\n"))
     flag = HINT_FLAGS.get(getattr(exc, "hint", None))
     if flag:
-        text += f" ({flag})"
+        subject = getattr(exc, "hint_subject", None) or getattr(exc, "path", None) or "FILE"
+        text += f" ({flag.format(subject=subject)})"
     code = getattr(exc, "code", None)
     return text + f" [{code}]" if isinstance(code, str) else text

@@ -33,6 +33,7 @@ class VhdxError(Exception):
         actual: object = None,
         code: str | None = None,
         hint: str | None = None,
+        hint_subject: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -44,6 +45,7 @@ class VhdxError(Exception):
         self.expected = expected
         self.actual = actual
         self.hint = hint
+        self.hint_subject = hint_subject  # what the hinted command acts on (e.g. the child of a pending merge)
 
     def __str__(self) -> str:
         parts = []

@@ -81,9 +81,8 @@ def preflight(layers: Sequence[VhdxImage], k: int, search_dirs, force: bool,
     for layer in layers[: k + 1]:
         pending = mj.journal_for_destination(layer.path)
         if pending is not None:
-            raise MergeError(f"an interrupted merge of {pending.child} into this disk is pending; finish it with "
-                             f"`vhdx merge --resume {pending.child}` or undo it with `vhdx merge --abort "
-                             f"{pending.child}`", path=layer.path)
+            raise MergeError(f"an interrupted merge of {pending.child} into this disk is pending", path=layer.path,
+                             hint="merge_pending", hint_subject=pending.child)
     if dest_kind_of(dest) == "fixed" and layers[0].virtual_size > dest.virtual_size:
         raise UnsupportedError("growing a fixed destination to the child's larger size is not supported",
                                path=dest.path)
@@ -98,8 +97,8 @@ def preflight(layers: Sequence[VhdxImage], k: int, search_dirs, force: bool,
         what = "the destination" if i == k else f"{layers[i].path}, which the merge folds in"
         text = f"{', '.join(others)} depend{'s' if len(others) == 1 else ''} on {what}"
         if not force:
-            raise MergeError(f"{text}; merging would invalidate {'it' if len(others) == 1 else 'them'} "
-                             "(--force accepts that: they will then refuse to open instead of reading wrong data)")
+            raise MergeError(f"{text}; merging would invalidate {'it' if len(others) == 1 else 'them'} (forced, they "
+                             "will then refuse to open instead of reading wrong data)", hint="force")
         warnings.append(f"{text}; {'it' if len(others) == 1 else 'they'} will no longer open")
     return deps.get(layers[0].data_write_guid, []), warnings
 

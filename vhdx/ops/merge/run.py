@@ -100,8 +100,8 @@ class HeldFiles:
             what = "replaced" if not same else "changed"
             detail = f" ({', '.join(labels[n] for n in changed)} differ)" if same else ""
             raise MergeError(f"{what} while the merge ran{detail}, by a writer that bypassed its lock; nothing was "
-                             "deleted and the chain keeps what was written; `vhdx merge --abort "
-                             f"{self.child}` gives the merge up", path=recorded.path)
+                             "deleted and the chain keeps what was written", path=recorded.path,
+                             hint="merge_abort", hint_subject=self.child)
         return now
 
     def close(self) -> None:
@@ -124,8 +124,8 @@ def _resume_hint_when_full(child: str, destination: str):
         if not _out_of_space(exc):
             raise
         raise MergeError(f"no space left on the device while merging ({exc.message}); the chain still reads its "
-                         f"original data: free some space, then run `vhdx merge --resume {child}`",
-                         path=exc.path or destination) from None
+                         "original data: free some space", path=exc.path or destination, hint="merge_resume",
+                         hint_subject=child) from None
 
 
 @dataclass(frozen=True)
@@ -409,8 +409,8 @@ def _resume(journal: mj.MergeJournal, *, search_dirs, verify, progress, opener, 
                 with open(journal.plan_path, "rb") as f:
                     data = f.read()
             except OSError as exc:
-                raise MergeError(f"the saved merge plan is missing: {exc.strerror}; `vhdx merge --abort "
-                                 f"{journal.child}` gives the merge up", path=journal.plan_path) from None
+                raise MergeError(f"the saved merge plan is missing: {exc.strerror}", path=journal.plan_path,
+                                 hint="merge_abort", hint_subject=journal.child) from None
             plan = MergePlan.from_bytes(data, journal.plan_path)
             if plan.digest != journal.plan_digest:
                 raise MergeError("the saved merge plan does not match the digest in the journal",
