@@ -29,16 +29,8 @@ from vhdx.format import constants as c
 from vhdx.io import ImageIO
 from vhdx.ops.check_chain import check_parent, file_identity
 from vhdx.ops.merge.journal import report_interrupted_merge
-from vhdx.structures.bat import (
-    BAT_DTYPE,
-    WINDOW_ENTRIES,
-    Geometry,
-    bat_problems,
-    ceil_div,
-    entry_name,
-    structure_spans,
-    windows,
-)
+from vhdx.structures.bat import BAT_DTYPE, WINDOW_ENTRIES, Geometry, ceil_div
+from vhdx.structures.bat_rules import bat_problems, entry_name, structure_spans, windows
 from vhdx.structures.header import Header, HeaderCopy, choose_current, header_problems, read_header_copies
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import DiskParameters, MetadataEntry, ParentLocator, scan_metadata

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from vhdx.errors import ChainError, InvalidRequestError, LockedError, VhdxError
-from vhdx.io import writer_lock_held
+from vhdx.locks import writer_lock_held
 
 # Kinds of destination.
 NEW, REGULAR, BLOCK_DEVICE, CHAR_DEVICE, FIFO = "new", "file", "block device", "character device", "FIFO"

@@ -21,7 +21,8 @@ from vhdx.findings import Code
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
-from vhdx.structures.bat import Bat, Geometry, bat_problems, entry_states, structure_spans
+from vhdx.structures.bat import Bat, Geometry, entry_states
+from vhdx.structures.bat_rules import bat_problems, structure_spans
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
