@@ -61,7 +61,7 @@ def _merge_methods(template: tuple[str, ...], work: str, tmp: str, nbytes: int, 
             copy(src, dst)
         warm(copies)
 
-    return [Method("ours", "ours", lambda: vhdx.merge(copies[-1]), setup=setup,
+    return [Method("ours", "ours", lambda: vhdx.merge_chain(copies[-1]), setup=setup,
                    verify=lambda: _digest_of_view(copies[-2], tmp, size),
                    teardown=lambda: shutil.rmtree(work, ignore_errors=True)), limit]
 

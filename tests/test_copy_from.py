@@ -107,7 +107,7 @@ def test_merge_on_xfs_shares_the_childs_whole_blocks_with_the_destination(xfs):
     child = make_merge_workload(folder, 64 * MiB, block_size=2 * MiB, base_block=2 * MiB)
     expected = read_view(child)
     os.sync()
-    vhdx.merge(child, keep=True)
+    vhdx.merge_chain(child, keep=True)
     assert read_view(folder / "base.vhdx") == expected
     # The merged child is kept (renamed), so the blocks it shares with the destination show as shared.
     assert shared_bytes(folder / "base.vhdx") >= 64 * MiB

@@ -72,7 +72,7 @@ def test_merge_moves_data_through_imageio_copy_from(tmp_path):
             calls.append(length)
             return super().copy_from(src, src_offset, offset, length, buf)
 
-    result = vhdx.merge(paths[0], opener=lambda path: Recording.open(path, writable=True))
+    result = vhdx.merge_chain(paths[0], opener=lambda path: Recording.open(path, writable=True))
     assert sum(calls) == result.plan["bytes_to_copy"] > 0
     assert read_view(paths[1]) == bytes(model)
 

@@ -170,9 +170,14 @@ GroupDescriptorHigh = Struct(  # bytes 0x20-0x3F of a 64-byte descriptor (INCOMP
     Padding(4),
 )
 
-assert Superblock.sizeof() == SUPERBLOCK_SIZE
-assert GroupDescriptor.sizeof() == DESC_SIZE_32
-assert GroupDescriptor.sizeof() + GroupDescriptorHigh.sizeof() == DESC_SIZE_64_MIN
+# A wrong declaration fails at import (``assert`` would vanish under ``python -O``).
+for _what, _actual, _expected in (("Superblock", Superblock.sizeof(), SUPERBLOCK_SIZE),
+                                  ("GroupDescriptor", GroupDescriptor.sizeof(), DESC_SIZE_32),
+                                  ("GroupDescriptor (64-bit)", GroupDescriptor.sizeof() + GroupDescriptorHigh.sizeof(),
+                                   DESC_SIZE_64_MIN)):
+    if _actual != _expected:
+        raise ImportError(f"vhdx.format.ext: {_what} is {_actual} bytes, the spec gives {_expected}")
+del _what, _actual, _expected
 
 
 def descriptor_dtype(desc_size: int) -> np.dtype:

@@ -9,7 +9,7 @@ References: [MS-VHDX] §2.5.1 (BAT entries), §2.5.1.1 (payload states), §2.5.1
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -111,10 +111,35 @@ class BatWindow:
 
     def refusal(self) -> Problem | None:
         """The first broken rule that stops the reader (with how many more entries break it), or None."""
-        for rule, indexes, message in self.hits:
+        refusals = Refusals()
+        refusals.add(self)
+        return refusals.refusal()
+
+
+# The rules that stop the reader, in the order a refusal names them (the first one broken anywhere wins).
+REFUSAL_ORDER = (STATE_ILLEGAL, BEYOND_EOF, OVERLAPS_STRUCTURE, BITMAP_MISSING)
+
+
+@dataclass
+class Refusals:
+    """The refusal one pass over the whole BAT gives, gathered window by window: per rule, its first hit and count."""
+
+    first: dict[BatRule, Problem] = field(default_factory=dict)
+    counts: dict[BatRule, int] = field(default_factory=dict)
+
+    def add(self, window: BatWindow) -> None:
+        for rule, indexes, message in window.hits:
             if rule.refuses_open and len(indexes):
-                more = f" (and {len(indexes) - 1} more)" if len(indexes) > 1 else ""
-                return self._problem(rule, int(indexes[0]), message(0) + more)
+                if rule not in self.first:
+                    self.first[rule] = window._problem(rule, int(indexes[0]), message(0))
+                self.counts[rule] = self.counts.get(rule, 0) + len(indexes)
+
+    def refusal(self) -> Problem | None:
+        for rule in REFUSAL_ORDER:
+            problem = self.first.get(rule)
+            if problem is not None:
+                more = self.counts[rule] - 1
+                return replace(problem, message=problem.message + (f" (and {more} more)" if more else ""))
         return None
 
 

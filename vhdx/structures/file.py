@@ -22,7 +22,7 @@ from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
 from vhdx.structures.bat import Bat, Geometry, entry_states
-from vhdx.structures.bat_rules import bat_problems, structure_spans
+from vhdx.structures.bat_rules import Refusals, bat_problems, structure_spans
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
@@ -128,7 +128,7 @@ class VhdxFile:
         g, bat, h = self.geometry, self.bat, self.headers.current
         structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
         stride = g.chunk_ratio + 1
-        counts, bitmaps, invented = np.zeros(8, dtype=np.int64), 0, []
+        counts, bitmaps, invented, refusals = np.zeros(8, dtype=np.int64), 0, [], Refusals()
         for window in bat.raw_windows():
             counts += window.state_counts()
             bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
@@ -137,17 +137,18 @@ class VhdxFile:
                 continue
             judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,
                                   structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
-            problem = judged.refusal()
-            if problem is not None:
-                error = FormatError.from_problem(problem)
-                if problem.code == Code.BAT_BEYOND_EOF and "sector bitmap" not in problem.structure:
-                    error.hint = "salvage"  # the missing payload could be read as zeros
-                raise error
+            refusals.add(judged)
             lost_at = np.flatnonzero(judged.beyond & ~judged.is_sb)
             if len(lost_at):  # --salvage: the missing bytes read as zeros, and every range so invented is listed
                 blocks, lost = judged.block[lost_at], judged.missing[lost_at]
                 ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
                 invented += zip((ends - lost).tolist(), lost.tolist(), strict=True)
+        problem = refusals.refusal()  # the first rule broken anywhere, as one pass over the whole BAT names it
+        if problem is not None:
+            error = FormatError.from_problem(problem)
+            if problem.code == Code.BAT_BEYOND_EOF and "sector bitmap" not in problem.structure:
+                error.hint = "salvage"  # the missing payload could be read as zeros
+            raise error
         bat.set_summary(counts, bitmaps)
         return tuple(invented)
 
