@@ -18,7 +18,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from io import BytesIO as _BytesIO
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from construct import ConstructError, Container
 
@@ -363,7 +363,8 @@ class ImageIO:
         if src.fd is None or overlaid or src_offset + length > src.real_size:
             return 0
         try:
-            fcntl.ioctl(self._fd, FICLONERANGE, struct.pack(_CLONE_RANGE, src.fd, src_offset, length, offset))
+            request = struct.pack(_CLONE_RANGE, src.fd, src_offset, length, offset)
+            fcntl.ioctl(cast(int, self._fd), FICLONERANGE, request)
         except OSError as exc:
             if exc.errno in _CLONE_UNSUPPORTED:
                 self._may_clone = False

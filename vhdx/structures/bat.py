@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import cast
 
 import numpy as np
 
@@ -199,7 +200,7 @@ class _Decoded:
 
     def payload(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(states, offsets) of the window's blocks [lo, hi) (window-relative)."""
-        if self.uniform is None:
+        if self.states is not None and self.offsets is not None:  # not uniform
             return self.states[lo:hi], self.offsets[lo:hi]
         raw = np.array([self.uniform], dtype=BAT_DTYPE)
         return (np.full(hi - lo, entry_states(raw)[0], dtype=np.uint8),
@@ -311,7 +312,7 @@ class Bat:
 
     def raw_window(self, w: int) -> RawWindow:
         """Raw entries of window ``w`` (chunks ``w * window_chunks`` onwards), split into payload and bitmap."""
-        return self._window(w, None)
+        return cast(RawWindow, self._window(w, None))  # without a buffer every window is returned
 
     def windows_with_data(self) -> list[int]:
         """Windows that may hold non-zero entries; every other window is all NOT_PRESENT."""
@@ -366,12 +367,14 @@ class Bat:
             win = self.raw_window(w)
             p = win.payload
             uniform = int(p[0]) if len(p) and not np.count_nonzero(p != p[0]) else None
-            arrays = [None, None] if uniform is not None else [entry_states(p), entry_offsets(p)]
+            arrays: list[np.ndarray | None] = [None, None] if uniform is not None else [entry_states(p),
+                                                                                         entry_offsets(p)]
             arrays += [entry_states(win.bitmap), entry_offsets(win.bitmap)]
             for a in arrays:
                 if a is not None:
                     a.flags.writeable = False
-            decoded = _Decoded(b0, k0, blocks, uniform, *arrays)
+            decoded = _Decoded(b0, k0, blocks, uniform, arrays[0], arrays[1], cast(np.ndarray, arrays[2]),
+                               cast(np.ndarray, arrays[3]))
         with self._lock:
             self._cache[w] = decoded
             while len(self._cache) > WINDOW_CACHE:
@@ -451,7 +454,7 @@ class Bat:
                 counts += win.state_counts()
                 bitmaps += int(np.count_nonzero(entry_states(win.bitmap) == c.SbState.PRESENT))
             self.set_summary(counts, bitmaps)
-        return self._summary
+        return cast(BatSummary, self._summary)
 
     def set_summary(self, counts: np.ndarray, bitmaps_present: int) -> None:
         """Record counts of the windows with data; blocks in skipped windows count as NOT_PRESENT."""

@@ -78,6 +78,13 @@ class HeaderCopy:
     def name(self) -> str:
         return f"Header {self.index + 1}"
 
+    @property
+    def parsed(self) -> Header:
+        """The header of a valid copy (an invalid copy has none)."""
+        if self.header is None:
+            raise ValueError(f"{self.name} holds no valid header")
+        return self.header
+
 
 @dataclass(frozen=True)
 class HeaderSet:
@@ -176,34 +183,34 @@ def header_problems(copies: tuple[HeaderCopy, HeaderCopy], file_size: int) -> li
     for copy in copies:
         if not copy.valid:
             twin_ok = index is not None
-            problems.append(Problem(copy.code, copy.name, copy.offset,
-                                    copy.problem + ("; the other copy is valid and current" if twin_ok else ""),
+            problems.append(Problem(cast(Code, copy.code), copy.name, copy.offset,
+                                    (copy.problem or "") + ("; the other copy is valid and current" if twin_ok else ""),
                                     repairable=twin_ok, refuses_open=False))
-        elif copy.header.log_version != c.LOG_VERSION:
-            current = copy.index == index and not copy.header.log_is_empty
+        elif copy.parsed.log_version != c.LOG_VERSION:
+            in_use = copy.index == index and not copy.parsed.log_is_empty
             problems.append(Problem(Code.HEADER_VERSION, copy.name, copy.offset,
-                                    f"log version {copy.header.log_version} (only 0 is defined)",
-                                    refuses_open=current))
+                                    f"log version {copy.parsed.log_version} (only 0 is defined)",
+                                    refuses_open=in_use))
     if index is None:
         if all(copy.valid for copy in copies):
-            message = f"both headers have sequence number {copies[0].header.sequence_number} but differ"
+            message = f"both headers have sequence number {copies[0].parsed.sequence_number} but differ"
         else:
             message = f"no valid header (Header 1: {copies[0].problem}; Header 2: {copies[1].problem})"
         problems.append(Problem(Code.HEADER_NO_CURRENT, "Header 1", copies[0].offset, message))
         return problems
     current, other = copies[index], copies[1 - index]
     if other.valid:
-        if other.header.sequence_number == current.header.sequence_number:
+        if other.parsed.sequence_number == current.parsed.sequence_number:
             problems.append(Problem(Code.HEADER_SEQUENCE_TIE, other.name, other.offset,
                                     f"both headers are identical with sequence number "
-                                    f"{current.header.sequence_number}", Severity.WARNING, refuses_open=False))
-        elif _content(other.header) != _content(current.header):
+                                    f"{current.parsed.sequence_number}", Severity.WARNING, refuses_open=False))
+        elif _content(other.parsed) != _content(current.parsed):
             # Normal: the update protocol writes the two copies alternately, so the other one is one step behind.
             problems.append(Problem(Code.HEADER_STALE, other.name, other.offset,
-                                    f"the older copy (sequence number {other.header.sequence_number}, current "
-                                    f"{current.header.sequence_number}), as every header update leaves it",
+                                    f"the older copy (sequence number {other.parsed.sequence_number}, current "
+                                    f"{current.parsed.sequence_number}), as every header update leaves it",
                                     Severity.INFO, refuses_open=False))
-    h = current.header
+    h = current.parsed
     problems.extend(log_placement_problems(h.log_offset, h.log_length, h.log_guid, file_size, current.name,
                                            current.offset))
     return problems
@@ -220,7 +227,7 @@ def read_header_copies(io: ImageIO, *, exact: bool = True) -> tuple[HeaderCopy, 
     for i, offset in enumerate(c.HEADER_OFFSETS):
         raw = io.read_exact_at(offset, c.HEADER_SIZE, f"Header {i + 1}") if exact else io.read_at(offset, c.HEADER_SIZE)
         copies.append(parse_header_copy(raw, i))
-    return tuple(copies)
+    return copies[0], copies[1]
 
 
 def load_headers(io: ImageIO) -> HeaderSet:
@@ -232,7 +239,7 @@ def load_headers(io: ImageIO) -> HeaderSet:
         # No current header because every copy fails its CRC-32C: a checksum error (with the finding's code).
         crc = all(copy.code == Code.HEADER_CHECKSUM for copy in copies)
         raise (ChecksumError if crc else FormatError).from_problem(problem, io.path)
-    return HeaderSet(copies, choose_current(copies))
+    return HeaderSet(copies, cast(int, choose_current(copies)))  # a current copy exists: no refusal above
 
 
 def write_header_update(io: ImageIO, headers: HeaderSet, new: Header) -> HeaderSet:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 from vhdx.errors import FormatError, VhdxError
 from vhdx.findings import Code, Problem, Severity
@@ -219,7 +220,9 @@ def _table_entries(raw: bytes, region: RegionEntry, scan: MetadataScan) -> list[
 
 def _entry_problems(entries: list[MetadataEntry], region: RegionEntry, scan: MetadataScan):
     """Bounds, duplicates, unknown required items and overlaps; returns (items in bounds, known system items)."""
-    in_bounds, seen, items = [], set(), {}
+    in_bounds: list[MetadataEntry] = []
+    seen: set[tuple[uuid.UUID, bool]] = set()
+    items: dict[uuid.UUID, MetadataEntry] = {}
     for e in entries:
         if e.length > c.METADATA_ITEM_MAX_LENGTH or (e.length and (
                 e.offset < c.METADATA_TABLE_SIZE or e.offset + e.length > region.length)):
@@ -388,7 +391,7 @@ def load_metadata(io: ImageIO, region: RegionEntry) -> Metadata:
     problem = next((p for p in scan.problems if p.refuses_open), None)
     if problem is not None:
         raise FormatError.from_problem(problem, io.path)
-    return Metadata(region, scan.entries, scan.params, scan.unknown_entries)
+    return Metadata(region, scan.entries, cast(DiskParameters, scan.params), scan.unknown_entries)  # no refusal: set
 
 
 # --- building (create, set-parent, merge) -----------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
 from vhdx.errors import FormatError
 from vhdx.findings import Code, Problem
@@ -104,7 +105,7 @@ def read_region_table_copies(io: ImageIO, *, exact: bool = True) -> tuple[Region
         name = f"Region Table {i + 1}"
         raw = io.read_exact_at(off, c.REGION_TABLE_SIZE, name) if exact else io.read_at(off, c.REGION_TABLE_SIZE)
         copies.append(parse_region_table_copy(raw, i))
-    return tuple(copies)
+    return copies[0], copies[1]
 
 
 def table_problems(copy: RegionTableCopy, log_offset: int, log_length: int, file_size: int) -> list[Problem]:
@@ -158,7 +159,8 @@ def region_problems(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset:
     valid = [copy for copy in copies if copy.valid]
     rules = {copy.index: table_problems(copy, log_offset, log_length, file_size) for copy in valid}
     good = [copy for copy in valid if not rules[copy.index]]
-    problems = [Problem(copy.code, copy.name, copy.offset, copy.problem + ("; the other copy is good" if good else ""),
+    problems = [Problem(cast(Code, copy.code), copy.name, copy.offset,
+                        (copy.problem or "") + ("; the other copy is good" if good else ""),
                         repairable=bool(good), refuses_open=not valid)
                 for copy in copies if not copy.valid]
     if not valid:
@@ -174,7 +176,7 @@ def usable_copy(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset: int
     """The copy the reader uses (the first valid one), or for check and repair the first good one if it is not."""
     valid = [copy for copy in copies if copy.valid]
     good = [copy for copy in valid if not table_problems(copy, log_offset, log_length, file_size)]
-    return (good or valid or [None])[0]
+    return (good or valid or [None])[0]  # type: ignore[list-item]
 
 
 def load_region_table(io: ImageIO, log_offset: int, log_length: int) -> RegionTable:
