@@ -135,7 +135,7 @@ def reads(w: Workload, tmp: str, profile: Profile, pattern: str) -> dict:
             if not missing:
                 try:
                     opened[name] = cls(w.layers)
-                except Exception as exc:  # noqa: BLE001 - reported as the peer's failure
+                except Exception as exc:  # reported as the peer's failure
                     missing = f"failed to open: {type(exc).__name__}: {exc}"
             methods.append(Method(name, "peer", lambda name=name: lib_loop(name),
                                   verify=lambda name=name: digest(lib_loop, name), missing=missing))
@@ -356,7 +356,7 @@ def scan_case(tmp: str, profile: Profile) -> list[dict]:
     with contextlib.ExitStack() as stack:
         try:
             executor = stack.enter_context(dask_executor(stack.enter_context(local_cluster(2))))
-        except Exception as exc:  # noqa: BLE001 - no Dask here: say so in the table
+        except Exception as exc:  # no Dask here: say so in the table
             methods.append(Method("ours (local Dask, 2 workers)", "ours-lib",
                                   missing=f"missing: {str(exc).splitlines()[0]}"))
         else:

@@ -151,7 +151,7 @@ def serve(chain, at, port, unix, partition, salvage, **chain_opts):
 def mount(chain, mountpoint, at, partition, **chain_opts):
     """Expose the virtual disk (at any layer) as one read-only raw file under MOUNTPOINT (FUSE), until unmounted."""
     from vhdx.forensics.fuse import (
-        load_fuse,  # noqa: PLC0415 - optional dependency
+        load_fuse,
         raw_name,
     )
     from vhdx.forensics.fuse import mount as fuse_mount

@@ -27,7 +27,7 @@ class InlineExecutor(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - delivered through the future, as a pool would
+        except Exception as exc:  # delivered through the future, as a pool would
             future.set_exception(exc)
         return future
 

@@ -308,7 +308,7 @@ def _read_ext(image: VhdxImage, part: Partition, name: str) -> tuple[VolumeRepor
     except (OSError, ValueError, VhdxError) as exc:
         return VolumeReport(part.first_byte, part.end_byte, name or "ext",
                             skipped=f"could not read its allocation map: {exc}"), ()
-    except Exception as exc:  # noqa: BLE001 - hostile bytes: release nothing of it
+    except Exception as exc:  # hostile bytes: release nothing of it
         return VolumeReport(part.first_byte, part.end_byte, name or "ext",
                             skipped=f"could not read its allocation map ({type(exc).__name__}: {exc})"), ()
     return _report(part, name, starts, ends)
@@ -356,7 +356,7 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
             return skip(f"{name}: reading its free-space map is not supported", name)
     except (OSError, ValueError, UnsupportedError, NotImplementedError) as exc:
         return skip(f"could not read its allocation map: {exc}", name)
-    except Exception as exc:  # noqa: BLE001 - a library failing on hostile bytes: release nothing of it
+    except Exception as exc:  # a library failing on hostile bytes: release nothing of it
         return skip(f"could not read its allocation map ({type(exc).__name__}: {exc})", name)
     return _report(part, name, starts, ends)
 
