@@ -74,7 +74,7 @@ def local_executor(jobs: int | None = None) -> Iterator[Executor]:
 
 def _distributed():
     try:
-        import distributed
+        import distributed  # noqa: PLC0415 - optional dependency (the fleet extra)
     except ImportError:
         raise VhdxError("Dask is not installed (pip install 'vhdx-chain[fleet]')") from None
     return distributed

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from vhdx.disk.chain import parent_file_name, windows_path_candidates
 from vhdx.disk.image import read_structures
 from vhdx.errors import VhdxError
+from vhdx.findings import Severity
+from vhdx.forensics.hashing import hash_file
+from vhdx.ops.check import check_image
 from vhdx.ops.merge import journal as merge_journal
 
 DISK_SUFFIXES = (".vhdx", ".avhdx")
@@ -192,9 +195,6 @@ def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe: 
 
 
 def _with_check(probe: DiskProbe) -> DiskProbe:
-    from vhdx.findings import Severity
-    from vhdx.ops.check import check_image
-
     report = check_image(probe.path)
     summary = CheckSummary(
         report.exit_code,
@@ -205,8 +205,6 @@ def _with_check(probe: DiskProbe) -> DiskProbe:
 
 
 def _with_hash(probe: DiskProbe) -> DiskProbe:
-    from vhdx.forensics.hashing import hash_file
-
     try:
         _size, digests = hash_file(probe.path, ("sha256",))
     except VhdxError as exc:

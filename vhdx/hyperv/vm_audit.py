@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import ntpath
 import os
+import shlex
 from dataclasses import dataclass, field
 
+import vhdx
 from vhdx.errors import VhdxError
 from vhdx.hyperv.audit import AuditReport, PlanStep, audit_vm, ps_quote, sh_quote
 from vhdx.hyperv.models import (
@@ -159,8 +161,6 @@ def _record_saved_states(result: FolderAudit, folder) -> None:
 
 
 def _parent_of(disk: str) -> str | None:
-    import vhdx
-
     try:
         with vhdx.open(disk, orphan=True) as image:
             locator = image.params.parent_locator if image.has_parent else None
@@ -230,8 +230,6 @@ def _windows_path(folder: Folder, vm_id: str, slot: str, local: str) -> str:
 
 
 def _parse_merge(step: PlanStep) -> tuple[str, str] | None:
-    import shlex
-
     for cmd in step.commands:
         if cmd.startswith("vhdx merge "):
             words = shlex.split(cmd)
@@ -242,8 +240,6 @@ def _parse_merge(step: PlanStep) -> tuple[str, str] | None:
 
 
 def _dry_run(merge: tuple[str, str], search_dirs) -> dict:
-    import vhdx
-
     child, target = merge
     try:
         result = vhdx.merge_chain(child, into=target or None, dry_run=True, search_dirs=search_dirs)

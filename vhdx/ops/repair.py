@@ -32,6 +32,8 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.io import ImageIO
 from vhdx.ops.check import CheckReport, check_image
+from vhdx.ops.convert import raw_data_ranges
+from vhdx.ops.relink import set_parent
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.structures.commit import commit_through_log, empty_log, replay_log_on_disk
 from vhdx.structures.header import HeaderSet, load_headers, write_header_update
@@ -303,8 +305,6 @@ def apply_repair(source, plan: RepairPlan) -> list[str]:
         if owns:
             io.close()
     if relink is not None:
-        from vhdx.ops.relink import set_parent
-
         if not owns:
             raise InvalidRequestError("relinking needs the file's path (the ImageIO given is still open)")
         result = set_parent(io.path, relink.argument, ignore_id_mismatch=relink.ignore_id_mismatch)
@@ -507,8 +507,6 @@ class RepairResult:
 
 def copy_sparse(src: str, dst: str) -> None:
     """Copy a file keeping its holes (a backup of a 64 TiB sparse disk must not become 64 TiB)."""
-    from vhdx.ops.convert import raw_data_ranges
-
     if os.path.lexists(dst):
         raise InvalidRequestError(f"backup {dst} exists; choose another name")
     fin = os.open(src, os.O_RDONLY)
