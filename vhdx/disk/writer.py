@@ -67,7 +67,8 @@ def refuse_if_dependents(image: VhdxImage) -> None:
     The new DataWriteGuid would match no child's parent linkage, so they would refuse to open (and reading
     them over the changed parent would be wrong anyway). Looks in the file's folder and the search folders.
     """
-    # Late: the merge engine must not load with every writable open (start-up, tests/test_front_door.py).
+    # Late: every open loads this module and `vhdx info` must not load the merge engine (tests/test_front_door.py);
+    # vhdx.ops.merge.inputs also imports this module (a cycle at the top).
     from vhdx.ops.merge import find_dependents  # noqa: PLC0415 - the folder scan merge uses (metadata only)
 
     path = image.path
