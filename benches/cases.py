@@ -79,16 +79,30 @@ def flatten(w: Workload, tmp: str, profile: Profile, limit_src: str) -> dict:
 
 
 # --- reads --------------------------------------------------------------------------------------------------
-def reads(w: Workload, tmp: str, profile: Profile, pattern: str) -> dict:
-    """Random 4 KiB or sequential 1 MiB reads through the chain: ours, pyvhdi, dissect; pread of a raw copy."""
+def read_requests(w: Workload, profile: Profile, pattern: str) -> tuple[list[tuple[int, int]], str]:
+    """The (offset, length) requests of a read pattern and the case's name."""
     if pattern == "random":
         rng = random.Random(11)
         requests = [(rng.randrange(w.virtual_size // 4096) * 4096, 4096) for _ in range(profile.random_reads)]
-        case = "random 4 KiB reads"
-    else:
-        span = min(profile.sequential_read_bytes, w.virtual_size)
-        requests = [(offset, MiB) for offset in range(0, span, MiB)]
-        case = "sequential 1 MiB reads"
+        return requests, "random 4 KiB reads"
+    span = min(profile.sequential_read_bytes, w.virtual_size)
+    return [(offset, MiB) for offset in range(0, span, MiB)], "sequential 1 MiB reads"
+
+
+def open_peer(name: str, cls, available, layers, opened: dict) -> str:
+    """Open a peer reader into ``opened[name]``; what is missing or failed ("" when it opened)."""
+    missing = available()[1]
+    if not missing:
+        try:
+            opened[name] = cls(layers)
+        except Exception as exc:  # reported as the peer's failure
+            missing = f"failed to open: {type(exc).__name__}: {exc}"
+    return missing
+
+
+def reads(w: Workload, tmp: str, profile: Profile, pattern: str) -> dict:
+    """Random 4 KiB or sequential 1 MiB reads through the chain: ours, pyvhdi, dissect; pread of a raw copy."""
+    requests, case = read_requests(w, profile, pattern)
     raw = os.path.join(tmp, "reads-flat.raw")
     with vhdx.open(w.path) as image:
         export_raw(image, raw, overwrite=True)
@@ -131,12 +145,7 @@ def reads(w: Workload, tmp: str, profile: Profile, pattern: str) -> dict:
         opened["raw"] = os.open(raw, os.O_RDONLY)
         methods = [Method("ours", "ours", ours_loop, verify=lambda: digest(ours_loop))]
         for name, (cls, available) in peers.READERS.items():
-            missing = available()[1]
-            if not missing:
-                try:
-                    opened[name] = cls(w.layers)
-                except Exception as exc:  # noqa: BLE001 - reported as the peer's failure
-                    missing = f"failed to open: {type(exc).__name__}: {exc}"
+            missing = open_peer(name, cls, available, w.layers, opened)
             methods.append(Method(name, "peer", lambda name=name: lib_loop(name),
                                   verify=lambda name=name: digest(lib_loop, name), missing=missing))
         methods.append(Method("pread of raw file", "limit", raw_loop, verify=lambda: digest(raw_loop)))
@@ -356,7 +365,7 @@ def scan_case(tmp: str, profile: Profile) -> list[dict]:
     with contextlib.ExitStack() as stack:
         try:
             executor = stack.enter_context(dask_executor(stack.enter_context(local_cluster(2))))
-        except Exception as exc:  # noqa: BLE001 - no Dask here: say so in the table
+        except Exception as exc:  # no Dask here: say so in the table
             methods.append(Method("ours (local Dask, 2 workers)", "ours-lib",
                                   missing=f"missing: {str(exc).splitlines()[0]}"))
         else:

@@ -65,45 +65,8 @@ def run(argv=None) -> dict:
         flat_inputs = work["dynamic"] + work["sector4k"] + chains
         limit_src = os.path.join(tmp, "limit-source.bin")
         cases.make_limit_source(limit_src, max([w.data_bytes for w in flat_inputs + work["merge"]], default=0))
-        if "flatten" in only:
-            for w in flat_inputs:
-                log(f"flatten {w.name}", started)
-                records.append(cases.flatten(w, tmp, profile, limit_src))
-        if "reads" in only:
-            for pattern in ("random", "sequential"):
-                for w in chains:
-                    log(f"{pattern} reads {w.name}", started)
-                    records.append(cases.reads(w, tmp, profile, pattern))
-        if "merge" in only:
-            for w in [w for w in chains if w.depth == 1] + work["merge"]:
-                log(f"merge {w.name}", started)
-                records.append(cases.merge(w, tmp, profile, limit_src))
-        if "merge_cost" in only:
-            records += cases_merge.merge_cost(tmp, profile, limit_src)
-        if "info" in only:
-            log("info/check sparse", started)
-            records += cases.info_check(work["sparse"][0], tmp, profile)
-        if "create" in only:
-            for disk_type in ("fixed", "dynamic"):
-                log(f"create {disk_type}", started)
-                records.append(cases.create_case(tmp, profile, disk_type))
-        if "reads_index" in only:
-            log("chain reads through the supply index, with targets", started)
-            index_records = cases_reads.index_reads(chains, tmp, profile, limit_src)
-            records += index_records
-            log("targets:\n" + cases_reads.summary(index_records), started)
-        if "scan" in only:
-            log(f"scan {profile.scan_disks} disks", started)
-            records += cases.scan_case(tmp, profile)
-        if "export" in only:
-            log("convert -O raw of zero-filled blocks", started)
-            records.append(cases_export.export_case(tmp, profile))
-        if "scale" in only:
-            log("64 TiB: create, info, chain, map", started)
-            records += cases_scale.scale_cases(tmp, profile)
-        if "startup" in only:
-            log("start-up", started)
-            records += cases_startup.startup_case(tmp, profile)
+        records += run_chain_cases(only, work, tmp, profile, limit_src, started)
+        records += run_other_cases(only, work, tmp, profile, limit_src, started)
         results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
                    "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
                    "records": records}
@@ -119,6 +82,59 @@ def run(argv=None) -> dict:
     results["charts"], results["charts_note"] = pngs, note
     log(f"done: {args.out}/results.json, results.md, {len(pngs)} charts" + (f" ({note})" if note else ""), started)
     return results
+
+
+def run_chain_cases(only: set, work: dict, tmp: str, profile, limit_src: str, started: float) -> list:
+    """The flatten, reads, merge and merge_cost records, in that order."""
+    records = []
+    chains = work["chains"]
+    if "flatten" in only:
+        for w in work["dynamic"] + work["sector4k"] + chains:
+            log(f"flatten {w.name}", started)
+            records.append(cases.flatten(w, tmp, profile, limit_src))
+    if "reads" in only:
+        for pattern in ("random", "sequential"):
+            for w in chains:
+                log(f"{pattern} reads {w.name}", started)
+                records.append(cases.reads(w, tmp, profile, pattern))
+    if "merge" in only:
+        for w in [w for w in chains if w.depth == 1] + work["merge"]:
+            log(f"merge {w.name}", started)
+            records.append(cases.merge(w, tmp, profile, limit_src))
+    if "merge_cost" in only:
+        records += cases_merge.merge_cost(tmp, profile, limit_src)
+    return records
+
+
+def run_other_cases(only: set, work: dict, tmp: str, profile, limit_src: str, started: float) -> list:
+    """The info, create, reads_index, scan, export, scale and start-up records, in that order."""
+    records = []
+    chains = work["chains"]
+    if "info" in only:
+        log("info/check sparse", started)
+        records += cases.info_check(work["sparse"][0], tmp, profile)
+    if "create" in only:
+        for disk_type in ("fixed", "dynamic"):
+            log(f"create {disk_type}", started)
+            records.append(cases.create_case(tmp, profile, disk_type))
+    if "reads_index" in only:
+        log("chain reads through the supply index, with targets", started)
+        index_records = cases_reads.index_reads(chains, tmp, profile, limit_src)
+        records += index_records
+        log("targets:\n" + cases_reads.summary(index_records), started)
+    if "scan" in only:
+        log(f"scan {profile.scan_disks} disks", started)
+        records += cases.scan_case(tmp, profile)
+    if "export" in only:
+        log("convert -O raw of zero-filled blocks", started)
+        records.append(cases_export.export_case(tmp, profile))
+    if "scale" in only:
+        log("64 TiB: create, info, chain, map", started)
+        records += cases_scale.scale_cases(tmp, profile)
+    if "startup" in only:
+        log("start-up", started)
+        records += cases_startup.startup_case(tmp, profile)
+    return records
 
 
 def main(argv=None) -> int:

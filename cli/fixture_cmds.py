@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import click
 
@@ -27,10 +28,12 @@ def build_cmd(spec, outdir, name, force):
     """Build SPEC (a .toml file or a ready spec name from `vhdx fixture list`) into OUTDIR with manifest.json."""
     if not force and os.path.isdir(outdir) and os.listdir(outdir):
         fail(f"{outdir} is not empty (its files could be overwritten); pass --force to build into it anyway")
-    from vhdx_fixtures.builder import build
-    from vhdx_fixtures.faults import FaultError
-    from vhdx_fixtures.spec import SpecError, load_spec, ready_spec
-    from vhdx_fixtures.vm_folder import build_vm_folder, load_vm_spec, vm_spec_names
+    # Late: a command module imports its heavy parts only in the command that runs (start-up, issue 15 item 2);
+    # the builder needs numpy.
+    from vhdx_fixtures.builder import build  # noqa: PLC0415
+    from vhdx_fixtures.faults import FaultError  # noqa: PLC0415
+    from vhdx_fixtures.spec import SpecError, load_spec, ready_spec  # noqa: PLC0415
+    from vhdx_fixtures.vm_folder import build_vm_folder, load_vm_spec, vm_spec_names  # noqa: PLC0415
 
     if spec in vm_spec_names() and not os.path.exists(spec):  # a whole Hyper-V VM folder, not one chain
         try:
@@ -72,8 +75,6 @@ def _located(manifest: dict, outdir: str) -> dict:
 
 
 def load_spec_named(chain, name):
-    from dataclasses import replace
-
     return replace(chain, name=name)
 
 
@@ -82,9 +83,10 @@ def load_spec_named(chain, name):
 @handle_errors
 def list_cmd():
     """List the ready specs and the named faults."""
-    from vhdx_fixtures.faults import describe
-    from vhdx_fixtures.spec import ready_spec, ready_spec_names
-    from vhdx_fixtures.vm_folder import load_vm_spec, vm_spec_names
+    # Late: a command module imports its heavy parts only in the command that runs (start-up, issue 15 item 2).
+    from vhdx_fixtures.faults import describe  # noqa: PLC0415
+    from vhdx_fixtures.spec import ready_spec, ready_spec_names  # noqa: PLC0415
+    from vhdx_fixtures.vm_folder import load_vm_spec, vm_spec_names  # noqa: PLC0415
 
     specs = [(n, ready_spec(n)) for n in ready_spec_names()]
     vm_specs = [(n, load_vm_spec(n)) for n in vm_spec_names()]

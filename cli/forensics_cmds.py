@@ -35,7 +35,7 @@ def _partition_option(func):
 
 
 def partition_view(layer, number: int):
-    from vhdx.ops.partitions import PartitionView, image_partitions, select  # noqa: PLC0415
+    from vhdx.ops.partitions import PartitionView, image_partitions, select  # noqa: PLC0415 - start-up (issue 15 item 2)
 
     return PartitionView(layer, select(image_partitions(layer), number))
 
@@ -80,7 +80,7 @@ def hash_(path, algorithms, piece_size, no_layers, partition, salvage, **chain_o
     """Hash the virtual disk of PATH through its chain (= hash of the flattened raw image) and each layer file."""
     algos = check_algorithms(algorithms.split(","))
     if partition is not None:
-        from vhdx_cli.partition_cmds import hash_partition
+        from vhdx_cli.partition_cmds import hash_partition  # noqa: PLC0415 - start-up: another command module, only for --partition
 
         with reading(path, chain_opts, salvage=salvage) as opened:
             hash_partition(opened.image, partition, algorithms)
@@ -150,11 +150,9 @@ def serve(chain, at, port, unix, partition, salvage, **chain_opts):
 @handle_errors
 def mount(chain, mountpoint, at, partition, **chain_opts):
     """Expose the virtual disk (at any layer) as one read-only raw file under MOUNTPOINT (FUSE), until unmounted."""
-    from vhdx.forensics.fuse import (
-        load_fuse,  # noqa: PLC0415 - optional dependency
-        raw_name,
-    )
-    from vhdx.forensics.fuse import mount as fuse_mount
+    # Late: start-up of the other forensics commands (issue 15 item 2); load_fuse() reports a missing mfusepy.
+    from vhdx.forensics.fuse import load_fuse, raw_name  # noqa: PLC0415
+    from vhdx.forensics.fuse import mount as fuse_mount  # noqa: PLC0415
 
     load_fuse()
     with vhdx.open(chain, **open_kwargs(**chain_opts)) as image:

@@ -12,7 +12,7 @@ from vhdx.disk.extents import ExtentKind
 from vhdx.disk.zero_runs import split_by_state
 from vhdx.format.constants import BatState
 from vhdx_cli.common import SCHEMA_VERSION, current_state, json_wanted
-from vhdx_cli.text import printable, printable_lines  # noqa: F401  (renderers and commands use render.printable)
+from vhdx_cli.text import printable, printable_lines  # renderers and commands use render.printable
 
 
 def emit_json(data) -> None:

@@ -22,8 +22,9 @@ def vm():
 @handle_errors
 def show(path, search_dirs):
     """Show the VM at PATH (a VM folder or a .vmcx/.xml file): generation, drives and the checkpoint tree."""
-    from vhdx.hyperv.config import read_config
-    from vhdx.hyperv.vm import host_inventory, load_folder
+    # Late: a command module imports its heavy parts only in the command that runs (start-up, issue 15 item 2).
+    from vhdx.hyperv.config import read_config  # noqa: PLC0415
+    from vhdx.hyperv.vm import host_inventory, load_folder  # noqa: PLC0415
 
     config = read_config(path) if os.path.isfile(path) else None
     if config is not None and path.lower().endswith(".vmrs"):
@@ -58,7 +59,7 @@ def host_registrations(path: str, inventory) -> None:
 
 
 def folder_vms(folder) -> None:
-    from vhdx.hyperv.vm import layer_owners
+    from vhdx.hyperv.vm import layer_owners  # noqa: PLC0415 - start-up (issue 15 item 2)
 
     # Names, notes and paths come from the configuration files: escaped like every other text from a file.
     render.report({"root": folder.root, "vms": [{**v.to_json(), "layer_owners": layer_owners(v)} for v in folder.vms],
@@ -94,7 +95,7 @@ def _drive_lines(drive, folder, indent: str, owners: dict | None = None) -> list
 
 
 def vm_text(v, folder) -> str:
-    from vhdx.hyperv.vm import layer_owners
+    from vhdx.hyperv.vm import layer_owners  # noqa: PLC0415 - start-up (issue 15 item 2)
 
     lines = [f"VM {v.name or '(no name)'}", f"  id: {v.id}",
              f"  generation: {v.generation or '?'}   configuration version: {v.version or '?'}   ({v.format})",
@@ -153,7 +154,7 @@ def audit(folder, search_dirs):
     Nothing is written; merges in the plan are dry runs. Exit code 2 when disks are missing or chains broken,
     3 when only space is held by orphans or lingering checkpoint disks, 0 when clean.
     """
-    from vhdx.hyperv.vm_audit import audit_folder
+    from vhdx.hyperv.vm_audit import audit_folder  # noqa: PLC0415 - start-up (issue 15 item 2)
 
     result = audit_folder(folder, search_dirs)
     render.report(result.to_json(), lambda: render.printable_lines(audit_text(result).split("\n")))
@@ -162,7 +163,7 @@ def audit(folder, search_dirs):
 
 
 def audit_text(result) -> str:
-    from vhdx_cli.hyperv_cmds import audit_text as live_audit_text
+    from vhdx_cli.hyperv_cmds import audit_text as live_audit_text  # noqa: PLC0415 - start-up: the live Hyper-V command module
 
     lines = []
     for report in result.reports:
@@ -212,8 +213,8 @@ def audit_text(result) -> str:
 @handle_errors
 def tree(path, png, dot_file, force, search_dirs):
     """Draw the checkpoint tree of the VM at PATH with its disks, sizes and orphans into a PNG."""
-    from vhdx.hyperv.vm_audit import audit_folder
-    from vhdx.hyperv.vm_picture import to_dot, tree_graph, write_png
+    from vhdx.hyperv.vm_audit import audit_folder  # noqa: PLC0415 - start-up (issue 15 item 2)
+    from vhdx.hyperv.vm_picture import to_dot, tree_graph, write_png  # noqa: PLC0415
 
     graph = tree_graph(audit_folder(path, search_dirs))
     engine = write_png(graph, png, overwrite=force)

@@ -111,5 +111,5 @@ def test_merge_on_xfs_shares_the_childs_whole_blocks_with_the_destination(xfs):
     assert read_view(folder / "base.vhdx") == expected
     # The merged child is kept (renamed), so the blocks it shares with the destination show as shared.
     assert shared_bytes(folder / "base.vhdx") >= 64 * MiB
-    assert CLONE_ALIGN == MiB
+    assert MiB == CLONE_ALIGN
     shutil.rmtree(folder)

@@ -118,7 +118,6 @@ def test_readonly_descriptors_are_read_only_while_open(tmp_path):
     disk = make_dynamic(tmp_path / "disk.vhdx")
     if not os.path.isdir("/proc/self/fdinfo"):
         pytest.skip("no /proc/self/fdinfo on this system")
-    with vhdx.open(disk) as image:
-        with open(f"/proc/self/fdinfo/{image.io.fd}") as f:
-            flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+    with vhdx.open(disk) as image, open(f"/proc/self/fdinfo/{image.io.fd}") as f:
+        flags = int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
     assert flags & os.O_ACCMODE == os.O_RDONLY

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,9 +239,8 @@ def test_parent_with_children_is_refused_unless_forced(tmp_path):
     assert refused.value.hint == "force"
     result = resize_image(base, 16 * MiB, force=True)
     assert "will no longer open" in result.warnings[0]
-    with pytest.raises(VhdxError):
-        with vhdx.open(child) as disk:
-            disk.read(0, 4096)
+    with pytest.raises(VhdxError), vhdx.open(child) as disk:
+        disk.read(0, 4096)
 
 
 @pytest.mark.parametrize("operation", ["resize", "compact"])
@@ -292,11 +292,11 @@ def test_dry_run_changes_nothing(tmp_path):
     path, _ = make_disk(tmp_path, "dynamic", 8 * MiB, MiB, 512, [(0, 8 * MiB, 1)])
     with vhdx.open(path, writable=True) as disk:
         disk.write(0, bytes(2 * MiB))
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     result = compact_image(path, dry_run=True)
     assert result.zero_blocks_released == 2 and result.file_size_after is None
     assert resize_image(path, MiB, dry_run=True, force=True).new_size == MiB
-    assert open(path, "rb").read() == before
+    assert Path(path).read_bytes() == before
 
 
 def test_pretrimmed_keeps_zero_payload_blocks_and_prezeroed_keeps_trimmed_space(tmp_path):

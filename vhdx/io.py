@@ -421,7 +421,7 @@ def _parser(layout):
         return layout
     try:
         compiled = _Direct(layout.compile().parsefunc)
-    except Exception:  # noqa: BLE001 - construct cannot compile every layout: parse it as it is
+    except Exception:  # construct cannot compile every layout: parse it as it is
         compiled = layout
     _compiled[key] = compiled
     return compiled
@@ -447,7 +447,7 @@ def parse_bytes(layout, data: bytes, *, offset: int | None = None, structure: st
     try:
         try:
             return _parser(layout).parse(data)
-        except Exception:  # noqa: BLE001 - whatever the compiled parser raised, the layout's own error is reported
+        except Exception:  # whatever the compiled parser raised, the layout's own error is reported
             # Report what the layout itself says (the compiled parser words its errors differently).
             return layout.parse(data)
     except ConstructError as exc:

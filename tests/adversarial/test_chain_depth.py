@@ -7,6 +7,7 @@ limit is refused with "deeper than N", never called a loop. The limit is lowered
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -49,7 +50,7 @@ def expected_bytes() -> bytes:
 def test_limit_is_one_documented_constant_of_at_least_1024():
     assert chain.MAX_CHAIN_DEPTH >= 1024
     assert "MAX_CHAIN_DEPTH" in (chain.__doc__ or "") + "".join(
-        line for line in open(chain.__file__).read().splitlines() if line.startswith("#"))
+        line for line in Path(chain.__file__).read_text().splitlines() if line.startswith("#"))
 
 
 def test_300_layer_chain_reads_every_layer(deep_chain):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -70,7 +71,7 @@ def test_hash_every_layer_file_as_stored(small_chain):
         result = hash_disk(image, ["sha1"])
     assert [layer.path for layer in result.layers] == [str(p.resolve()) for p in reversed(small_chain)]
     for layer in result.layers:
-        assert layer.digests["sha1"] == hashlib.sha1(open(layer.path, "rb").read()).hexdigest()
+        assert layer.digests["sha1"] == hashlib.sha1(Path(layer.path).read_bytes()).hexdigest()
 
 
 def test_hash_file_feeds_sparse_holes_as_zeros(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_slack_extract_copies_each_non_zero_run(three_blocks, tmp_path):
         report = find_slack(image, extract_dir=tmp_path / "out")
         expected = pattern(2, 5000)
     name = next(p for p in report.extracted if ".unreferenced." in p)
-    assert open(name, "rb").read() == expected
+    assert Path(name).read_bytes() == expected
     assert name.endswith(f"{offset + 1000:#014x}.bin")
 
 

@@ -22,7 +22,7 @@ def test_timeline_chain_json_has_every_layer_with_its_timeline_fields(small_chai
     layers = json.loads(result.output)["layers"]
     assert [layer["path"] for layer in layers] == [str(p.resolve()) for p in reversed(small_chain)]
     for layer in layers:
-        assert TIMELINE_FIELDS <= set(layer)
+        assert set(layer) >= TIMELINE_FIELDS
         assert layer["file_size"] == os.path.getsize(layer["path"]) and layer["allocated_bytes"] > 0
     # Each child links to the DataWriteGuid its parent has now, which orders the checkpoints.
     for child, parent in zip(layers, layers[1:], strict=False):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -124,7 +125,7 @@ def test_cli_info_compare_agrees_on_real_image(recording, corpus_image):
 
 def test_cli_info_compare_reports_differing_fields(recording, corpus_image, tmp_path):
     local = corpus_image("dissect.hypervisor/fixed.vhdx.gz")
-    data = json.loads(open(recording("disks"), encoding="utf-8").read())
+    data = json.loads(Path(recording("disks")).read_text(encoding="utf-8"))
     answer = data["exchanges"][0]["responses"][0]["data"]
     answer["Size"] = 20971520
     answer["PhysicalSectorSize"] = 512

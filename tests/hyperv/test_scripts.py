@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from contextlib import suppress
 
 import pytest
 from hypothesis import given
@@ -69,10 +70,9 @@ def _each_request(hv: HyperV, value: str) -> None:
                    lambda: hv.vm_disks(value), lambda: hv.merge_offline(value, value),
                    lambda: hv.set_parent(value, value, leaf=value),
                    lambda: hv.run(HyperV.plan_remove_checkpoint(value, value, subtree=True))):
-        try:
+        # The fake answers with empty data; only what was sent matters here.
+        with suppress(HyperVError, AttributeError, KeyError, TypeError):
             action()
-        except (HyperVError, AttributeError, KeyError, TypeError):
-            pass  # the fake answers with empty data; only what was sent matters here
 
 
 @pytest.mark.parametrize("value", HOSTILE)

@@ -9,6 +9,7 @@ References: [MS-VHDX] §2.2-§2.6; §2.3.3 note <5> (in-memory replay on read-on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io as _io
 import os
@@ -438,10 +439,9 @@ class VhdxImage(VhdxFile):
         if exc_type is not None and self._writer is not None and not self.io.closed:
             # A failed block must not commit half of its work: staged metadata is dropped, not written.
             writer, self._writer = self._writer, None
-            try:
+            # Any abort failure is dropped: the file stays as a crash here would leave it; the first error wins.
+            with contextlib.suppress(Exception):
                 writer.abort()
-            except Exception:  # noqa: BLE001 - the file stays as a crash here would leave it; the first error wins
-                pass
         self.close()
 
     def __repr__(self) -> str:

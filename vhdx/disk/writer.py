@@ -34,6 +34,8 @@ from vhdx.structures.bat import ceil_div
 from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
 from vhdx.structures.header import write_header_update
 from vhdx.structures.log import SECTOR, DataWrite
+from vhdx.structures.metadata import layout_metadata_region, load_metadata
+from vhdx.structures.region import build_region_table
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,7 +67,9 @@ def refuse_if_dependents(image: VhdxImage) -> None:
     The new DataWriteGuid would match no child's parent linkage, so they would refuse to open (and reading
     them over the changed parent would be wrong anyway). Looks in the file's folder and the search folders.
     """
-    from vhdx.ops.merge import find_dependents  # the folder scan merge uses (metadata only)
+    # Late: every open loads this module and `vhdx info` must not load the merge engine (tests/test_front_door.py);
+    # vhdx.ops.merge.inputs also imports this module (a cycle at the top).
+    from vhdx.ops.merge import find_dependents  # noqa: PLC0415 - the folder scan merge uses (metadata only)
 
     path = image.path
     if not os.path.isfile(path):
@@ -431,8 +435,6 @@ class Writer:
 
         ``image.regions`` keeps the old placement until the session ends and the structures are read again.
         """
-        from vhdx.structures.region import build_region_table
-
         entries = [replace(e, file_offset=file_offset, length=length) if e.guid == guid else e
                    for e in self.image.regions.entries]
         table = build_region_table(entries)
@@ -466,8 +468,6 @@ class Writer:
         The new region is read back before this returns; when it is refused (a malformed locator, say), the
         sectors are unstaged again, so a rejected region is never committed.
         """
-        from vhdx.structures.metadata import layout_metadata_region, load_metadata
-
         region = self.image.regions.metadata
         new = layout_metadata_region(items, region.length)
         old = self.io.read_at(region.file_offset, region.length)

@@ -27,7 +27,7 @@ class InlineExecutor(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - delivered through the future, as a pool would
+        except Exception as exc:  # delivered through the future, as a pool would
             future.set_exception(exc)
         return future
 
@@ -74,7 +74,7 @@ def local_executor(jobs: int | None = None) -> Iterator[Executor]:
 
 def _distributed():
     try:
-        import distributed
+        import distributed  # noqa: PLC0415 - optional dependency (the fleet extra)
     except ImportError:
         raise VhdxError("Dask is not installed (pip install 'vhdx-chain[fleet]')") from None
     return distributed

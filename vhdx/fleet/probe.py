@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, replace
 from vhdx.disk.chain import parent_file_name, windows_path_candidates
 from vhdx.disk.image import read_structures
 from vhdx.errors import VhdxError
+from vhdx.findings import Severity
+from vhdx.forensics.hashing import hash_file
+from vhdx.ops.check import check_image
 from vhdx.ops.merge import journal as merge_journal
 
 DISK_SUFFIXES = (".vhdx", ".avhdx")
@@ -158,7 +161,7 @@ def _failed(path: str, base: dict, message: str) -> DiskProbe:
     return DiskProbe(path, **base, error=VANISHED if vanished else message, vanished=vanished)
 
 
-def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe:  # noqa: B008 - frozen default
+def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe:  # frozen default
     """Probe one VHDX/AVHDX file; every failure is returned in the record, never raised."""
     try:
         st = os.stat(path)
@@ -192,9 +195,6 @@ def probe_disk(path: str, options: ProbeOptions = ProbeOptions()) -> DiskProbe: 
 
 
 def _with_check(probe: DiskProbe) -> DiskProbe:
-    from vhdx.findings import Severity
-    from vhdx.ops.check import check_image
-
     report = check_image(probe.path)
     summary = CheckSummary(
         report.exit_code,
@@ -205,8 +205,6 @@ def _with_check(probe: DiskProbe) -> DiskProbe:
 
 
 def _with_hash(probe: DiskProbe) -> DiskProbe:
-    from vhdx.forensics.hashing import hash_file
-
     try:
         _size, digests = hash_file(probe.path, ("sha256",))
     except VhdxError as exc:
@@ -226,13 +224,13 @@ def probe_journal(path: str) -> JournalProbe:
     return JournalProbe(path, journal.child, journal.destination, journal.state)
 
 
-def probe_batch(disks: list[str], journals: list[str], options: ProbeOptions = ProbeOptions()) -> BatchResult:  # noqa: B008
+def probe_batch(disks: list[str], journals: list[str], options: ProbeOptions = ProbeOptions()) -> BatchResult:
     """One task: probe the disks and journals of one directory."""
     out = BatchResult()
     for path in disks:
         try:
             out.disks.append(probe_disk(path, options))
-        except Exception as exc:  # noqa: BLE001 - one disk's failure is its result, not the end of the scan
+        except Exception as exc:  # one disk's failure is its result, not the end of the scan
             out.disks.append(DiskProbe(path, error=f"probe failed: {type(exc).__name__}: {exc}"))
     out.journals.extend(probe_journal(path) for path in journals)
     return out

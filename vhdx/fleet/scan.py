@@ -68,7 +68,7 @@ def scan(roots, executor: Executor, *, options: ProbeOptions = ProbeOptions(),  
             batch = pending.pop(future)
             try:
                 result = future.result()
-            except (Exception, CancelledError) as exc:  # noqa: BLE001 - the task's files get the reason
+            except (Exception, CancelledError) as exc:  # the task's files get the reason
                 if _worker_lost(exc):
                     if isinstance(exc, BrokenExecutor) and tries.get(batch, 0) < RETRIES:
                         # A local worker died under this task: submit it again to the renewed pool.

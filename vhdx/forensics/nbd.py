@@ -60,7 +60,7 @@ def config(key: str, value: str) -> None:
 def config_complete() -> None:
     if "file" not in _config:
         raise RuntimeError("file=PATH is required")
-    handle = open(True)  # noqa: A001 - fail now, with the library's message, rather than at the first client
+    handle = open(True)  # fail now, with the library's message, rather than at the first client
     close(handle)
 
 
@@ -75,7 +75,7 @@ class _Export:
         self.image = image  # the layer served
 
 
-def open(readonly: bool) -> _Export:  # noqa: A001 - the callback name nbdkit looks for
+def open(readonly: bool) -> _Export:  # the callback name nbdkit looks for
     import vhdx  # noqa: PLC0415 - only importable once config() has extended sys.path
 
     top = vhdx.open(_config["file"], parent=_config.get("parent"), search_dirs=_config["search_dirs"],

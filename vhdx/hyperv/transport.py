@@ -96,8 +96,8 @@ class LocalPowerShellTransport:
 
 def _load_pypsrp():
     try:
-        from pypsrp.powershell import PowerShell, RunspacePool
-        from pypsrp.wsman import WSMan
+        from pypsrp.powershell import PowerShell, RunspacePool  # noqa: PLC0415 - optional dependency (the hyperv extra)
+        from pypsrp.wsman import WSMan  # noqa: PLC0415
     except ImportError:
         raise HyperVUnavailableError(
             "remote Hyper-V needs pypsrp: pip install 'vhdx-chain[hyperv]' (or pip install '.[hyperv]')") from None

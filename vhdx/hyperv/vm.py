@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import vhdx
 from vhdx.errors import FormatError, VhdxError
 from vhdx.hyperv.config import ConfigFile, lookup, read_config
 from vhdx.hyperv.models import checkpoint_kind
@@ -450,8 +451,6 @@ def _checkpoint_from(config: ConfigFile, index: FileIndex) -> CheckpointConfig:
 
 def open_chain(local: str, search_dirs) -> ChainInfo:
     """The chain below ``local``, opened read-only; a chain that stops early records why."""
-    import vhdx
-
     info = ChainInfo()
     try:
         with vhdx.open(local, search_dirs=search_dirs) as image:

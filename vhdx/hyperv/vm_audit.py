@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import ntpath
 import os
+import shlex
 from dataclasses import dataclass, field
 
+import vhdx
 from vhdx.errors import VhdxError
 from vhdx.hyperv.audit import AuditReport, PlanStep, audit_vm, ps_quote, sh_quote
 from vhdx.hyperv.models import (
@@ -96,7 +98,18 @@ def audit_folder(path: str, search_dirs=()) -> FolderAudit:
     folder = load_folder(path, search_dirs)
     reports = [_host_paths(audit_vm(*live_view(vm, folder.chains)), folder) for vm in folder.vms]
     result = FolderAudit(folder, reports)
-    reached = {os.path.realpath(x["path"]) for c in folder.chains.values() for x in c.layers}
+    _record_drives(result, folder)
+    _record_dirty_logs(result, folder)
+    _record_orphans(result, folder, reports)
+    result.interrupted_merges = sorted(p for name, paths in folder.index.by_name.items()
+                                       if name.endswith(JOURNAL_SUFFIX) for p in paths)
+    _record_saved_states(result, folder)
+    result.plan = _plan(result, search_dirs_for(folder.index))
+    return result
+
+
+def _record_drives(result: FolderAudit, folder) -> None:
+    """Missing and broken disks of every VM and checkpoint, and configurations whose replay log was replayed."""
     for vm in folder.vms:
         for owner, drives in _owners(vm):
             for d in drives:
@@ -112,10 +125,17 @@ def audit_folder(path: str, search_dirs=()) -> FolderAudit:
         for c in vm.checkpoints:
             if c.replayed_log_entries:
                 result.dirty.append({"path": c.config_path, "what": "configuration replay log (replayed in memory)"})
+
+
+def _record_dirty_logs(result: FolderAudit, folder) -> None:
     for chain in folder.chains.values():
         for x in chain.layers:
             if x["dirty_log"] and not any(d["path"] == x["path"] for d in result.dirty):
                 result.dirty.append({"path": x["path"], "what": "VHDX log not yet replayed"})
+
+
+def _record_orphans(result: FolderAudit, folder, reports) -> None:
+    """Orphans in a running chain first, then disks in the folder that no configuration reaches."""
     for report in reports:
         for disk in report.disks:
             for layer in disk.layers:
@@ -123,12 +143,14 @@ def audit_folder(path: str, search_dirs=()) -> FolderAudit:
                     why = "in the running chain, but no configuration names it"
                     result.orphans.append({"path": layer.path, "bytes": layer.file_size, "on_chain": True,
                                            "parent": None, "why": why})
+    reached = {os.path.realpath(x["path"]) for c in folder.chains.values() for x in c.layers}
     for disk in folder.index.disks():
         if os.path.realpath(disk) not in reached:
             result.orphans.append({"path": os.path.abspath(disk), "bytes": os.path.getsize(disk), "on_chain": False,
                                    "parent": _parent_of(disk), "why": "no configuration reaches it"})
-    result.interrupted_merges = sorted(p for name, paths in folder.index.by_name.items()
-                                       if name.endswith(JOURNAL_SUFFIX) for p in paths)
+
+
+def _record_saved_states(result: FolderAudit, folder) -> None:
     for vm in folder.vms:
         saved = sum(s.size for s in vm.state_files if s.kind in ("vmrs", "bin"))
         if saved >= SAVED_STATE_MIN_BYTES:
@@ -136,13 +158,9 @@ def audit_folder(path: str, search_dirs=()) -> FolderAudit:
             result.warnings.append(
                 f"VM {vm.name!r} is saved, not off ({saved} bytes of runtime state): start it and shut it down "
                 "cleanly before any offline step")
-    result.plan = _plan(result, search_dirs_for(folder.index))
-    return result
 
 
 def _parent_of(disk: str) -> str | None:
-    import vhdx
-
     try:
         with vhdx.open(disk, orphan=True) as image:
             locator = image.params.parent_locator if image.has_parent else None
@@ -212,8 +230,6 @@ def _windows_path(folder: Folder, vm_id: str, slot: str, local: str) -> str:
 
 
 def _parse_merge(step: PlanStep) -> tuple[str, str] | None:
-    import shlex
-
     for cmd in step.commands:
         if cmd.startswith("vhdx merge "):
             words = shlex.split(cmd)
@@ -224,8 +240,6 @@ def _parse_merge(step: PlanStep) -> tuple[str, str] | None:
 
 
 def _dry_run(merge: tuple[str, str], search_dirs) -> dict:
-    import vhdx
-
     child, target = merge
     try:
         result = vhdx.merge_chain(child, into=target or None, dry_run=True, search_dirs=search_dirs)

@@ -141,10 +141,10 @@ def _layout(g: Graph) -> dict[str, tuple[float, float]]:
 
 def _draw_matplotlib(g: Graph, out: str) -> None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - optional dependency (the picture extra)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # noqa: PLC0415 - after matplotlib.use("Agg")
     except ImportError:
         raise UnsupportedError("drawing needs Graphviz `dot` or matplotlib (pip install 'vhdx-chain[picture]')") \
             from None

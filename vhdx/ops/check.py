@@ -18,6 +18,7 @@ References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (m
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,6 +28,7 @@ from vhdx.errors import VhdxError
 from vhdx.findings import CODES, Code, Finding, Problem, Severity
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
+from vhdx.ops import layout_journal
 from vhdx.ops.check_chain import check_parent, file_identity
 from vhdx.ops.merge.journal import report_interrupted_merge
 from vhdx.structures.bat import BAT_DTYPE, WINDOW_ENTRIES, Geometry, ceil_div
@@ -202,10 +204,6 @@ class CheckContext:
 
 def _report_interrupted_layout(ctx: CheckContext) -> None:
     """A ``.layout-journal`` next to the file: a resize or compaction stopped before its end (as MERGE_INTERRUPTED)."""
-    import stat
-
-    from vhdx.ops import layout_journal
-
     try:  # check is read-only and must end: a record planted as a FIFO or device is named, never read
         st = os.stat(layout_journal.journal_path(ctx.path))
     except OSError:

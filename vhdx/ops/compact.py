@@ -33,12 +33,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from vhdx.disk.chain import OpenOptions
 from vhdx.disk.extents import ExtentKind
-from vhdx.disk.image import VhdxImage
+from vhdx.disk.image import VhdxImage, open_image
 from vhdx.errors import InvalidRequestError, UnsupportedError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
 from vhdx.ops import layout_journal as lj
+from vhdx.ops.guest_free import read_free_map
+from vhdx.ops.merge import find_dependents
 from vhdx.structures.bat import ceil_div
 from vhdx.structures.header import load_headers
 from vhdx.structures.log import read_log
@@ -72,8 +75,6 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
         io.close()
         raise VhdxError("the log holds updates not yet applied; run `vhdx repair` first", structure="Log",
                         offset=header.log_offset, path=io.path)
-    from vhdx.disk.chain import OpenOptions
-
     # force: resize and compact look for dependents themselves (before any change, with their own wording), so
     # the writer's first-write refusal must not fire again once the caller has accepted them.
     options = OpenOptions(parent=os.fspath(parent) if parent else None,
@@ -86,8 +87,6 @@ def open_for_layout(path, opener: Opener | None = None, *, parent=None, search_d
 
 def dependents_of(image: VhdxImage, search_dirs=()) -> list[str]:
     """Differencing disks next to ``image`` (or in ``search_dirs``) whose linkage names its DataWriteGuid."""
-    from vhdx.ops.merge import find_dependents
-
     folders = list(dict.fromkeys([os.path.dirname(os.path.abspath(image.path)), *map(os.fspath, search_dirs)]))
     return find_dependents(folders, [image.path]).get(image.data_write_guid, [])
 
@@ -297,8 +296,6 @@ def guest_free_blocks(image: VhdxImage, blocks: np.ndarray) -> tuple[np.ndarray,
     if image.has_parent:
         return np.zeros(len(blocks), dtype=bool), ["differencing disk: the guest file systems are not read (a "
                                                    "released block would show the parent's bytes)"]
-    from vhdx.ops.guest_free import read_free_map
-
     guest = read_free_map(image)
     return guest.free_blocks(blocks, image.block_size, image.virtual_size), guest.describe()
 
@@ -389,8 +386,6 @@ def compact_image(path, mode: str = "full", *, dry_run: bool = False, force: boo
     if mode not in MODES:
         raise InvalidRequestError(f"unknown compaction mode {mode!r} (one of {', '.join(MODES)})")
     if dry_run:
-        from vhdx.disk.image import open_image
-
         image = open_image(path, parent=parent, search_dirs=search_dirs)
     else:
         image = open_for_layout(path, opener, parent=parent, search_dirs=search_dirs, resume=journal is not None)

@@ -88,7 +88,7 @@ def _build(destination: output.Destination, params, fill, sync: bool = False, lo
     return written
 
 
-def import_raw(source, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
+def import_raw(source, destination, *, type: str = "dynamic", block_size: int | None = None,
                logical_sector_size: int = 512, physical_sector_size: int | None = None, overwrite: bool = False,
                progress: Callable[[int], None] | None = None, sync: bool = False) -> int:
     """Make a VHDX from a raw image (its size must be a multiple of the sector size); returns data bytes."""
@@ -116,7 +116,7 @@ def import_raw(source, destination, *, type: str = "dynamic", block_size: int | 
         os.close(fd)
 
 
-def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size: int | None = None,  # noqa: A002
+def flatten(image: VhdxImage, destination, *, type: str = "dynamic", block_size: int | None = None,
             overwrite: bool = False, progress: Callable[[int], None] | None = None, sync: bool = False,
             keep_id: bool = False) -> int:
     """Write the whole chain seen through ``image`` as a new standalone disk; the chain is not touched.

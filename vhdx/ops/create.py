@@ -106,7 +106,7 @@ def create(
     path: str | os.PathLike,
     size: int | None = None,
     *,
-    type: str = "dynamic",  # noqa: A002 - the name users know from New-VHD / qemu-img
+    type: str = "dynamic",  # the name users know from New-VHD / qemu-img
     block_size: int | None = None,
     logical_sector_size: int | None = None,
     physical_sector_size: int | None = None,
@@ -172,7 +172,7 @@ def create(
     return path
 
 
-def disk_parameters(size: int, type: str, block_size: int | None, logical_sector_size: int | None,  # noqa: A002
+def disk_parameters(size: int, type: str, block_size: int | None, logical_sector_size: int | None,
                     physical_sector_size: int | None, disk_id: uuid.UUID | None = None) -> DiskParameters:
     """Parameters of a new disk, defaults filled in and checked (raises InvalidRequestError)."""
     block_size = block_size or c.DEFAULT_BLOCK_SIZE

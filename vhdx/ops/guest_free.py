@@ -144,7 +144,7 @@ def _unpack(raw: bytes, count: int) -> np.ndarray:
 
 def _tsk_image(image: VhdxImage):
     """A pytsk3 image that reads the virtual disk (its whole chain)."""
-    import pytsk3
+    import pytsk3  # noqa: PLC0415 - optional dependency (the guestfs extra)
 
     class DiskImg(pytsk3.Img_Info):
         def __init__(self) -> None:
@@ -164,7 +164,7 @@ def _tsk_image(image: VhdxImage):
 
 def _ntfs_clean(fs) -> str:
     """Why the NTFS volume's bitmap cannot be trusted ("" when it can)."""
-    import pytsk3
+    import pytsk3  # noqa: PLC0415 - optional dependency (the guestfs extra)
 
     volume = fs.open("/$Volume")
     for attr in volume:
@@ -215,7 +215,7 @@ def _fat_entries(raw: bytes, bits: int) -> np.ndarray:
 
 
 def _fat_free(image: VhdxImage, fs, part: Partition, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    import pytsk3
+    import pytsk3  # noqa: PLC0415 - optional dependency (the guestfs extra)
 
     bpb = fat_boot.BiosParameterBlock.parse(image.read(part.first_byte, fat_boot.BOOT_SECTOR_SIZE))
     ss, per_cluster = bpb.bytes_per_sector, bpb.sectors_per_cluster
@@ -308,7 +308,7 @@ def _read_ext(image: VhdxImage, part: Partition, name: str) -> tuple[VolumeRepor
     except (OSError, ValueError, VhdxError) as exc:
         return VolumeReport(part.first_byte, part.end_byte, name or "ext",
                             skipped=f"could not read its allocation map: {exc}"), ()
-    except Exception as exc:  # noqa: BLE001 - hostile bytes: release nothing of it
+    except Exception as exc:  # hostile bytes: release nothing of it
         return VolumeReport(part.first_byte, part.end_byte, name or "ext",
                             skipped=f"could not read its allocation map ({type(exc).__name__}: {exc})"), ()
     return _report(part, name, starts, ends)
@@ -321,7 +321,7 @@ def _report(part: Partition, name: str, starts: np.ndarray, ends: np.ndarray) ->
 
 
 def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: bool) -> tuple[VolumeReport, tuple]:
-    import pytsk3
+    import pytsk3  # noqa: PLC0415 - optional dependency (the guestfs extra)
 
     def skip(reason: str, fs_name: str = "") -> tuple[VolumeReport, tuple]:
         return VolumeReport(part.first_byte, part.end_byte, fs_name, skipped=reason), ()
@@ -356,7 +356,7 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
             return skip(f"{name}: reading its free-space map is not supported", name)
     except (OSError, ValueError, UnsupportedError, NotImplementedError) as exc:
         return skip(f"could not read its allocation map: {exc}", name)
-    except Exception as exc:  # noqa: BLE001 - a library failing on hostile bytes: release nothing of it
+    except Exception as exc:  # a library failing on hostile bytes: release nothing of it
         return skip(f"could not read its allocation map ({type(exc).__name__}: {exc})", name)
     return _report(part, name, starts, ends)
 
@@ -368,7 +368,7 @@ def read_free_map(image: VhdxImage) -> GuestFreeMap:
         UnsupportedError: the libraries (the ``guestfs`` extra) are not installed.
     """
     try:
-        import pytsk3  # noqa: F401
+        import pytsk3  # noqa: F401, PLC0415
     except ImportError:
         raise UnsupportedError("quick compaction reads guest file systems with pytsk3: install it with "
                                "`pip install 'vhdx-chain[guestfs]'`",

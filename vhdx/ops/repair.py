@@ -32,6 +32,8 @@ from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.io import ImageIO
 from vhdx.ops.check import CheckReport, check_image
+from vhdx.ops.convert import raw_data_ranges
+from vhdx.ops.relink import set_parent
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.structures.commit import commit_through_log, empty_log, replay_log_on_disk
 from vhdx.structures.header import HeaderSet, load_headers, write_header_update
@@ -108,6 +110,24 @@ def _hex(offset: int | None) -> str:
     return "" if offset is None else f" at {offset:#x}"
 
 
+@dataclass
+class _Planner:
+    """What plan_repair gathers: the findings by code, the actions and refusals so far, the findings handled."""
+
+    findings: list[Finding]
+    by_code: dict[str, list[Finding]]
+    actions: list[RepairAction]
+    refusals: list[Refusal]
+    handled: set[int]
+
+    def take(self, codes, kind, description, offset=None, argument=None, flag=False) -> None:
+        hits = [f for code in codes for f in self.by_code.get(code, []) if f.repairable]
+        for f in hits:
+            self.handled.add(id(f))
+        self.actions.append(RepairAction(kind, description, tuple(dict.fromkeys(f.code for f in hits)), offset,
+                                         argument, flag))
+
+
 def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None = None,
                 ignore_id_mismatch: bool = False) -> RepairPlan:
     """Decide what to repair and what to refuse, from a check report alone (no I/O).
@@ -122,17 +142,6 @@ def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None 
     by_code: dict[str, list[Finding]] = {}
     for f in findings:
         by_code.setdefault(f.code, []).append(f)
-    actions: list[RepairAction] = []
-    refusals: list[Refusal] = []
-    handled: set[int] = set()
-
-    def take(codes, kind, description, offset=None, argument=None, flag=False):
-        hits = [f for code in codes for f in by_code.get(code, []) if f.repairable]
-        for f in hits:
-            handled.add(id(f))
-        actions.append(RepairAction(kind, description, tuple(dict.fromkeys(f.code for f in hits)), offset, argument,
-                                    flag))
-
     if not report.checked:
         return RepairPlan(report.path, (), (Refusal("NOT_VHDX", "File", 0, report.error or UNREPAIRABLE["NOT_VHDX"]),))
     blocking = [f for f in findings if f.code in ("HEADER_NO_CURRENT", "LOG_TRUNCATED", "LOG_INVALID",
@@ -141,50 +150,70 @@ def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None 
         refusals = [Refusal(f.code, f.structure, f.offset, UNREPAIRABLE[f.code] + "; nothing was changed")
                     for f in blocking]
         return RepairPlan(report.path, (), tuple(refusals))
+    st = _Planner(findings, by_code, [], [], set())
+    _plan_log_and_headers(st)
+    _plan_region_tables(st)
+    _plan_metadata(st)
+    _plan_bat(st)
+    _plan_parent(st, parent, ignore_id_mismatch)
+    _plan_leaks(st, leaks)
+    _refuse_the_rest(st)
+    return RepairPlan(report.path, tuple(st.actions), tuple(st.refusals))
 
+
+def _plan_log_and_headers(st: _Planner) -> None:
+    """Replay or clear the log (which rewrites both headers), else restore bad header copies."""
     log_fix = False
-    if "LOG_DIRTY" in by_code:
-        f = by_code["LOG_DIRTY"][0]
-        take(("LOG_DIRTY", "LOG_TORN_ENTRY"), "replay_log",
-             f"replay the log into the file{_hex(f.offset)} ({f.message.split(';')[0]}), then mark the log empty "
-             "in both headers", f.offset)
+    if "LOG_DIRTY" in st.by_code:
+        f = st.by_code["LOG_DIRTY"][0]
+        st.take(("LOG_DIRTY", "LOG_TORN_ENTRY"), "replay_log",
+                f"replay the log into the file{_hex(f.offset)} ({f.message.split(';')[0]}), then mark the log empty "
+                "in both headers", f.offset)
         log_fix = True
-    elif any(f.repairable for f in by_code.get("LOG_NO_VALID_SEQUENCE", [])):
-        f = by_code["LOG_NO_VALID_SEQUENCE"][0]
-        take(("LOG_NO_VALID_SEQUENCE", "LOG_TORN_ENTRY"), "clear_log",
-             "mark the log empty in both headers (it holds no complete entry, so nothing was ever applied from it)",
-             f.offset)
+    elif any(f.repairable for f in st.by_code.get("LOG_NO_VALID_SEQUENCE", [])):
+        f = st.by_code["LOG_NO_VALID_SEQUENCE"][0]
+        st.take(("LOG_NO_VALID_SEQUENCE", "LOG_TORN_ENTRY"), "clear_log",
+                "mark the log empty in both headers (it holds no complete entry, so nothing was ever applied from it)",
+                f.offset)
         log_fix = True
     header_codes = ("HEADER_SIGNATURE", "HEADER_CHECKSUM", "HEADER_VERSION", "HEADER_STALE")
-    bad_headers = [f for code in header_codes for f in by_code.get(code, []) if f.repairable]
+    bad_headers = [f for code in header_codes for f in st.by_code.get(code, []) if f.repairable]
     if bad_headers:
         names = ", ".join(f"{f.structure}{_hex(f.offset)}" for f in bad_headers)
         if log_fix:
             # Replaying or clearing the log writes both header copies anew.
             for f in bad_headers:
-                handled.add(id(f))
-            actions[-1] = replace(actions[-1], codes=actions[-1].codes + tuple(f.code for f in bad_headers),
-                                  description=actions[-1].description + f" (this also rewrites {names})")
+                st.handled.add(id(f))
+            last = st.actions[-1]
+            st.actions[-1] = replace(last, codes=last.codes + tuple(f.code for f in bad_headers),
+                                     description=last.description + f" (this also rewrites {names})")
         else:
-            take(header_codes, "restore_header",
-                 f"rewrite {names} from the current header with the next sequence number, then refresh the "
-                 "current copy the same way", bad_headers[0].offset)
+            st.take(header_codes, "restore_header",
+                    f"rewrite {names} from the current header with the next sequence number, then refresh the "
+                    "current copy the same way", bad_headers[0].offset)
+
+
+def _plan_region_tables(st: _Planner) -> None:
     region_codes = ("REGION_TABLE_SIGNATURE", "REGION_TABLE_CHECKSUM", "REGION_TABLE_ENTRY_COUNT",
                     "REGION_TABLE_MISMATCH")
-    bad_tables = [f for code in region_codes for f in by_code.get(code, []) if f.repairable]
+    bad_tables = [f for code in region_codes for f in st.by_code.get(code, []) if f.repairable]
     if bad_tables:
         names = ", ".join(sorted({f"{f.structure}{_hex(f.offset)}" for f in bad_tables}))
-        take(region_codes, "restore_region_table",
-             f"overwrite the bad region table copy ({names}) with the good copy, byte for byte", bad_tables[0].offset)
+        st.take(region_codes, "restore_region_table",
+                f"overwrite the bad region table copy ({names}) with the good copy, byte for byte",
+                bad_tables[0].offset)
         # Content problems of a copy that a good twin replaces are fixed by the same write.
         region_content = ("REGION_MISSING", "REGION_DUPLICATE", "REGION_ALIGNMENT", "REGION_OVERLAP",
                           "REGION_BEYOND_EOF", "REGION_UNKNOWN_REQUIRED")
         twin_names = {f.structure for f in bad_tables}
         for code in region_content:
-            for f in by_code.get(code, []):
-                if f.structure in twin_names or "REGION_TABLE_MISMATCH" in by_code:
-                    handled.add(id(f))
-    meta = [f for code in ("METADATA_SIGNATURE", "METADATA_FLAGS") for f in by_code.get(code, []) if f.repairable]
+            for f in st.by_code.get(code, []):
+                if f.structure in twin_names or "REGION_TABLE_MISMATCH" in st.by_code:
+                    st.handled.add(id(f))
+
+
+def _plan_metadata(st: _Planner) -> None:
+    meta = [f for code in ("METADATA_SIGNATURE", "METADATA_FLAGS") for f in st.by_code.get(code, []) if f.repairable]
     if meta:
         what = []
         if any(f.code == "METADATA_SIGNATURE" for f in meta):
@@ -192,9 +221,12 @@ def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None 
         flags = [f for f in meta if f.code == "METADATA_FLAGS"]
         if flags:
             what.append("set the spec's flags on " + ", ".join(f.structure for f in flags))
-        take(("METADATA_SIGNATURE", "METADATA_FLAGS"), "rewrite_metadata_table",
-             f"metadata table{_hex(meta[0].offset)}: {' and '.join(what)} (through the log)", meta[0].offset)
-    bat = [f for code in ("BAT_RESERVED_BITS", "BAT_SB_IN_NON_DIFFERENCING") for f in by_code.get(code, [])
+        st.take(("METADATA_SIGNATURE", "METADATA_FLAGS"), "rewrite_metadata_table",
+                f"metadata table{_hex(meta[0].offset)}: {' and '.join(what)} (through the log)", meta[0].offset)
+
+
+def _plan_bat(st: _Planner) -> None:
+    bat = [f for code in ("BAT_RESERVED_BITS", "BAT_SB_IN_NON_DIFFERENCING") for f in st.by_code.get(code, [])
            if f.repairable]
     if bat:
         n_bits = sum(1 for f in bat if f.code == "BAT_RESERVED_BITS")
@@ -204,39 +236,49 @@ def plan_repair(report: CheckReport, *, leaks: bool = False, parent: str | None 
             what.append("clear reserved bits in BAT entries")
         if n_sb:
             what.append("set stray sector bitmap entries of a non-differencing disk to NOT_PRESENT")
-        take(("BAT_RESERVED_BITS", "BAT_SB_IN_NON_DIFFERENCING"), "fix_bat_entries",
-             f"{' and '.join(what)} (first{_hex(bat[0].offset)}; through the log)", bat[0].offset)
-    parent_findings = by_code.get("PARENT_NOT_FOUND", []) + by_code.get("PARENT_MISMATCH", []) \
-        + by_code.get("CHAIN_LOOP", [])
+        st.take(("BAT_RESERVED_BITS", "BAT_SB_IN_NON_DIFFERENCING"), "fix_bat_entries",
+                f"{' and '.join(what)} (first{_hex(bat[0].offset)}; through the log)", bat[0].offset)
+
+
+def _plan_parent(st: _Planner, parent: str | None, ignore_id_mismatch: bool) -> None:
+    """Relink to ``parent``, or refuse every parent finding with the flag that would fix it."""
+    parent_findings = st.by_code.get("PARENT_NOT_FOUND", []) + st.by_code.get("PARENT_MISMATCH", []) \
+        + st.by_code.get("CHAIN_LOOP", [])
     if parent:
         flag = " accepting a DataWriteGuid mismatch" if ignore_id_mismatch else ""
-        take(("PARENT_NOT_FOUND", "PARENT_MISMATCH", "CHAIN_LOOP"), "relink_parent",
-             f"point the parent locator at {parent}{flag} (through the log)",
-             parent_findings[0].offset if parent_findings else None, parent, ignore_id_mismatch)
+        st.take(("PARENT_NOT_FOUND", "PARENT_MISMATCH", "CHAIN_LOOP"), "relink_parent",
+                f"point the parent locator at {parent}{flag} (through the log)",
+                parent_findings[0].offset if parent_findings else None, parent, ignore_id_mismatch)
     else:
         for f in parent_findings:
-            refusals.append(Refusal(f.code, f.structure, f.offset,
-                                    "give the parent's new place with --parent NEW"
-                                    + (" (and --ignore-id-mismatch to accept it)" if f.code == "PARENT_MISMATCH"
-                                       else "")))
-            handled.add(id(f))
-    leak_findings = by_code.get("LEAKED_SPACE", [])
+            st.refusals.append(Refusal(f.code, f.structure, f.offset,
+                                       "give the parent's new place with --parent NEW"
+                                       + (" (and --ignore-id-mismatch to accept it)" if f.code == "PARENT_MISMATCH"
+                                          else "")))
+            st.handled.add(id(f))
+
+
+def _plan_leaks(st: _Planner, leaks: bool) -> None:
+    leak_findings = st.by_code.get("LEAKED_SPACE", [])
     if leaks:
         trailing = [f for f in leak_findings if f.repairable]
         if trailing:
             f = trailing[-1]
-            take(("LEAKED_SPACE",), "truncate_leak",
-                 f"truncate the file to {f.offset:#x} ({f.message.split(' ')[0]} leaked bytes at its end)",
-                 f.offset, str(f.offset))
+            st.take(("LEAKED_SPACE",), "truncate_leak",
+                    f"truncate the file to {f.offset:#x} ({f.message.split(' ')[0]} leaked bytes at its end)",
+                    f.offset, str(f.offset))
         for f in leak_findings:  # a leak is always a tail (space inside the file is free space, not a leak)
-            handled.add(id(f))
-    for f in findings:
-        if id(f) in handled or f.severity not in (Severity.ERROR,) or f.structure == "summary":
+            st.handled.add(id(f))
+
+
+def _refuse_the_rest(st: _Planner) -> None:
+    """Every error no step handled is refused (leaks are never refused: they are only cut on request)."""
+    for f in st.findings:
+        if id(f) in st.handled or f.severity not in (Severity.ERROR,) or f.structure == "summary":
             continue
         if f.code in ("LEAKED_SPACE",):
             continue
-        refusals.append(Refusal(f.code, f.structure, f.offset, UNREPAIRABLE.get(f.code, DEFAULT_REFUSAL)))
-    return RepairPlan(report.path, tuple(actions), tuple(refusals))
+        st.refusals.append(Refusal(f.code, f.structure, f.offset, UNREPAIRABLE.get(f.code, DEFAULT_REFUSAL)))
 
 
 # --- applying --------------------------------------------------------------------------------------
@@ -263,8 +305,6 @@ def apply_repair(source, plan: RepairPlan) -> list[str]:
         if owns:
             io.close()
     if relink is not None:
-        from vhdx.ops.relink import set_parent
-
         if not owns:
             raise InvalidRequestError("relinking needs the file's path (the ImageIO given is still open)")
         result = set_parent(io.path, relink.argument, ignore_id_mismatch=relink.ignore_id_mismatch)
@@ -467,8 +507,6 @@ class RepairResult:
 
 def copy_sparse(src: str, dst: str) -> None:
     """Copy a file keeping its holes (a backup of a 64 TiB sparse disk must not become 64 TiB)."""
-    from vhdx.ops.convert import raw_data_ranges
-
     if os.path.lexists(dst):
         raise InvalidRequestError(f"backup {dst} exists; choose another name")
     fin = os.open(src, os.O_RDONLY)

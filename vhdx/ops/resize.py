@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from vhdx.disk.extents import ExtentKind
-from vhdx.disk.image import VhdxImage
+from vhdx.disk.image import VhdxImage, open_image
 from vhdx.errors import InvalidRequestError, UnsupportedError
 from vhdx.format import constants as c
 from vhdx.format import layouts
@@ -253,6 +253,29 @@ def clear_unused_entries(image: VhdxImage, geometry: Geometry) -> None:
         image.writer.commit()
 
 
+def _check_dependents(image: VhdxImage, size: int, force: bool, search_dirs, result: ResizeResult) -> None:
+    """Refuse to change the size under children, or (forced) warn that they will no longer open."""
+    deps = dependents_of(image, search_dirs)
+    if deps and size != image.virtual_size:
+        text = f"{', '.join(deps)} depend{'s' if len(deps) == 1 else ''} on this disk"
+        if not force:
+            raise InvalidRequestError(f"{text}; a resize changes its size and DataWriteGuid, so "
+                                      f"{'it' if len(deps) == 1 else 'they'} would no longer match (and refuse to "
+                                      "open)", path=image.path, hint="force")
+        result.warnings.append(f"{text}; they will no longer open (size and DataWriteGuid changed)")
+
+
+def _check_cut(image: VhdxImage, size: int, scan_stop, force: bool, result: ResizeResult) -> None:
+    """Refuse to cut data past the new size, or (forced) record and warn how much is cut."""
+    cut, first = nonzero_beyond(image, size, scan_stop)
+    if cut and not force:
+        raise InvalidRequestError(f"{cut} bytes that are not zero lie past the new size (the first at virtual "
+                                  f"offset {first})", path=image.path, hint="cut")
+    result.data_bytes_cut = cut
+    if cut:
+        result.warnings.append(f"cut {cut} bytes of data past the new size (the first at offset {first})")
+
+
 def resize_image(path, size: int | None = None, *, force: bool = False, dry_run: bool = False,
                  resume: bool = False, to_minimum: bool = False, search_dirs=(), opener: Opener | None = None,
                  progress: Progress | None = None) -> ResizeResult:
@@ -274,12 +297,7 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
         size, force = journal.size, journal.force
     if size is None and not to_minimum:
         raise InvalidRequestError("give the new size")
-    if dry_run:
-        from vhdx.disk.image import open_image
-
-        image = open_image(path)
-    else:
-        image = open_for_layout(path, opener, resume=journal is not None)
+    image = open_image(path) if dry_run else open_for_layout(path, opener, resume=journal is not None)
     with image:
         if image.has_parent:
             raise UnsupportedError("a differencing disk cannot change size alone: its size must match its parent's "
@@ -289,21 +307,8 @@ def resize_image(path, size: int | None = None, *, force: bool = False, dry_run:
             size, scan_stop = minimum_size(image)
         check_new_size(image, size)
         result = ResizeResult(image.path, image.virtual_size, size, image.io.real_size, image.io.real_size)
-        deps = dependents_of(image, search_dirs)
-        if deps and size != image.virtual_size:
-            text = f"{', '.join(deps)} depend{'s' if len(deps) == 1 else ''} on this disk"
-            if not force:
-                raise InvalidRequestError(f"{text}; a resize changes its size and DataWriteGuid, so "
-                                          f"{'it' if len(deps) == 1 else 'they'} would no longer match (and refuse to "
-                                          "open)", path=image.path, hint="force")
-            result.warnings.append(f"{text}; they will no longer open (size and DataWriteGuid changed)")
-        cut, first = nonzero_beyond(image, size, scan_stop)
-        if cut and not force:
-            raise InvalidRequestError(f"{cut} bytes that are not zero lie past the new size (the first at virtual "
-                                      f"offset {first})", path=image.path, hint="cut")
-        result.data_bytes_cut = cut
-        if cut:
-            result.warnings.append(f"cut {cut} bytes of data past the new size (the first at offset {first})")
+        _check_dependents(image, size, force, search_dirs, result)
+        _check_cut(image, size, scan_stop, force, result)
         if dry_run:
             return result
         if journal is None:

@@ -245,9 +245,9 @@ def find_active_sequence(entries: dict[int, LogEntry], size: int) -> tuple[LogEn
     for pos, head in entries.items():
         if head_of[pos] != pos or head.tail not in entries:
             continue
-        if head_of[head.tail] == pos and span[head.tail] <= size:
-            if best is None or head.sequence_number > best.sequence_number:
-                best = head
+        if head_of[head.tail] == pos and span[head.tail] <= size and (
+                best is None or head.sequence_number > best.sequence_number):
+            best = head
     if best is None:
         return ()
     seq, pos = [], best.tail

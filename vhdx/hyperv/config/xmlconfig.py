@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import xml.etree.ElementTree as ET  # noqa: N817 - the usual short name
+import xml.etree.ElementTree as ET  # the usual short name
 
 from vhdx.errors import FormatError, UnsupportedError
 

@@ -18,6 +18,7 @@ References: [MS-VHDX] §2.6.2.6.3 and product note <12> (parent_linkage2 during 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -159,10 +160,8 @@ def atomic_write(path: str, data: bytes, *, flush_folder: bool = True) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno != errno.EEXIST:  # (EEXIST: someone else's file appeared at the name; leave it)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)  # no half-written temporary left behind (a full disk, a failed rename)
-            except OSError:
-                pass
         raise MergeError(f"cannot write: {exc.strerror}", path=path) from None
     if flush_folder:
         fsync_dir(os.path.dirname(path))
