@@ -339,6 +339,7 @@ def scan_case(tmp: str, profile: Profile) -> list[dict]:
     the floor.
     """
     from vhdx.fleet.executor import dask_executor, local_cluster, local_executor  # noqa: PLC0415
+    from vhdx.fleet.probe import probe_disk  # noqa: PLC0415
     from vhdx.fleet.scan import scan  # noqa: PLC0415
     from vhdx_fixtures.fleet import build_fleet  # noqa: PLC0415
 
@@ -360,8 +361,14 @@ def scan_case(tmp: str, profile: Profile) -> list[dict]:
 
         return ours(run_scan)
 
+    def probe_only():
+        # The quantity issue 16 bounds: the header-only probe of each disk (no walk, forest or output).
+        for path in paths:
+            assert probe_disk(path).error is None
+
     floor = Method("limit: open + read 1 MiB each", "limit", lambda: read_first_mib(paths))
-    methods = [Method("ours (--jobs 1)", "ours", local(1)), Method("ours (--jobs 2)", "ours-lib", local(2))]
+    methods = [Method("ours (--jobs 1)", "ours", local(1)), Method("ours (--jobs 2)", "ours-lib", local(2)),
+               Method("ours (probe only, in-process)", "ours-lib", probe_only)]
     with contextlib.ExitStack() as stack:
         try:
             executor = stack.enter_context(dask_executor(stack.enter_context(local_cluster(2))))
