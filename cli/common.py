@@ -181,25 +181,32 @@ class OneLineErrorGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def handle_errors(func):
-    """Turn library errors into one line on stderr and a non-zero exit code (never a traceback)."""
+def errors_exit(code: int):
+    """A decorator turning library and OS errors into one line on stderr and exit CODE (never a traceback)."""
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except VhdxError as exc:
-            fail(error_line(exc), error=exc)
-        except BrokenPipeError:
-            exit_on_broken_pipe()
-        except OSError as exc:
-            fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
-        except MemoryError:
-            fail("out of memory (the request or the file asks for more than this machine can hold)")
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except VhdxError as exc:
+                fail(error_line(exc), code, error=exc)
+            except BrokenPipeError:
+                exit_on_broken_pipe()
+            except OSError as exc:
+                fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", code)
+            except MemoryError:
+                fail("out of memory (the request or the file asks for more than this machine can hold)", code)
+            except KeyboardInterrupt:
+                fail("interrupted", 130)
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+# Most commands exit 1 when they could not run (2 is what ``check`` says when it finds corruption).
+handle_errors = errors_exit(1)
 
 
 def report_invented(image) -> None:

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import click
 
 import vhdx
-from vhdx.errors import VhdxError
 from vhdx.forensics.compare import RawDisk, compare_disks
 from vhdx_cli import render
-from vhdx_cli.common import Progress, fail, json_wanted, log_replayed_in_memory
+from vhdx_cli.common import Progress, errors_exit, json_wanted, log_replayed_in_memory
 from vhdx_cli.convert_cmds import is_vhdx_file
-from vhdx_cli.hints import error_line
 from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, open_kwargs
 
 # As qemu-img compare: 0 identical, 1 different, 2 could not compare (an error must not read as "different").
 IDENTICAL, DIFFERENT, COULD_NOT_COMPARE = 0, 1, 2
-
-
-def _errors_exit_2(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except VhdxError as exc:
-            fail(error_line(exc), COULD_NOT_COMPARE, error=exc)
-        except OSError as exc:
-            fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", COULD_NOT_COMPARE)
-
-    return wrapper
 
 
 def _open(stack: contextlib.ExitStack, path: str, fmt: str | None, chain_opts: dict):
@@ -48,7 +32,7 @@ def _open(stack: contextlib.ExitStack, path: str, fmt: str | None, chain_opts: d
 @chain_options(only=("search_dirs", "ignore_id_mismatch"))
 @json_option
 @click.pass_context
-@_errors_exit_2
+@errors_exit(COULD_NOT_COMPARE)
 def compare(ctx, a, b, a_format, b_format, strict, **chain_opts):
     """Compare the content of disks A and B (VHDX chains or raw images), like qemu-img compare.
 

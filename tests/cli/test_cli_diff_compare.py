@@ -116,6 +116,19 @@ def test_compare_an_unreadable_input_is_an_error_not_a_difference(tmp_path):
     assert result.exit_code == 2  # as qemu-img compare: 0 identical, 1 different, 2 could not compare
 
 
+def test_compare_running_out_of_memory_is_one_line_and_could_not_compare(tmp_path, monkeypatch):
+    a, b = make_pair(tmp_path, [], [])
+
+    def exhausted(*_args, **_kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("vhdx_cli.compare_cmds.compare_disks", exhausted)
+    result = run("compare", a, b)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["vhdx: error: out of memory (the request or the file asks for more "
+                                                 "than this machine can hold)"]
+
+
 def test_compare_two_raw_images(tmp_path):
     a, b = tmp_path / "a.raw", tmp_path / "b.raw"
     a.write_bytes(b"\x01" * 4096)
