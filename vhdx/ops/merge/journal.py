@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 from vhdx.errors import MergeError
@@ -214,23 +215,31 @@ def journal_for_destination(destination: str) -> MergeJournal | None:
     return read_journal(path) if os.path.exists(path) else None
 
 
-def find_journals_for_child(child: str, folders) -> list[MergeJournal]:
-    """Pending journals in ``folders`` whose merge started from ``child`` (the child may be deleted already)."""
-    want = os.path.normcase(os.path.abspath(child))
-    found, seen = [], set()
+def folder_entries(folders) -> Iterator[tuple[str, str]]:
+    """(name, absolute path) of every entry of each folder, in name order.
+
+    A folder that cannot be listed is passed over (a search folder may be gone or unreadable).
+    """
     for folder in folders:
         try:
             names = sorted(os.listdir(folder))
         except OSError:
             continue
         for name in names:
-            path = os.path.join(os.path.abspath(folder), name)
-            if not name.endswith(JOURNAL_SUFFIX) or path in seen:
-                continue
-            seen.add(path)
-            journal = read_journal(path)
-            if os.path.normcase(os.path.abspath(journal.child)) == want:
-                found.append(journal)
+            yield name, os.path.join(os.path.abspath(folder), name)
+
+
+def find_journals_for_child(child: str, folders) -> list[MergeJournal]:
+    """Pending journals in ``folders`` whose merge started from ``child`` (the child may be deleted already)."""
+    want = os.path.normcase(os.path.abspath(child))
+    found, seen = [], set()
+    for name, path in folder_entries(folders):
+        if not name.endswith(JOURNAL_SUFFIX) or path in seen:
+            continue
+        seen.add(path)
+        journal = read_journal(path)
+        if os.path.normcase(os.path.abspath(journal.child)) == want:
+            found.append(journal)
     return found
 
 

@@ -39,26 +39,20 @@ def find_dependents(folders, exclude: Sequence[str]) -> dict[uuid.UUID, list[str
     found: dict[uuid.UUID, list[str]] = {}
     excluded = [os.path.realpath(p) for p in exclude]
     seen = set()
-    for folder in folders:
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError:
+    for name, path in mj.folder_entries(folders):
+        real = os.path.realpath(path)
+        if real in seen or real in excluded or not name.lower().endswith((".vhdx", ".avhdx")):
             continue
-        for name in names:
-            path = os.path.join(os.path.abspath(folder), name)
-            real = os.path.realpath(path)
-            if real in seen or real in excluded or not name.lower().endswith((".vhdx", ".avhdx")):
-                continue
-            seen.add(real)
-            if not os.path.isfile(path):
-                continue
-            try:
-                params = read_disk_parameters(path)  # no BAT: folders may hold huge sparse disks
-            except VhdxError:
-                continue
-            if params.has_parent:
-                for guid in params.parent_locator.linkages:
-                    found.setdefault(guid, []).append(path)
+        seen.add(real)
+        if not os.path.isfile(path):
+            continue
+        try:
+            params = read_disk_parameters(path)  # no BAT: folders may hold huge sparse disks
+        except VhdxError:
+            continue
+        if params.has_parent:
+            for guid in params.parent_locator.linkages:
+                found.setdefault(guid, []).append(path)
     return found
 
 
