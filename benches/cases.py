@@ -19,6 +19,7 @@ import zlib
 import vhdx
 from vhdx.ops.create import create
 from vhdx.ops.export import export_raw
+from vhdx_cli.storage_bench import drop_cache
 
 from . import peers
 from .measure import Method, copy_file_range_all, file_digest, remove, run_methods, run_tool, warm
@@ -320,17 +321,6 @@ def read_first_mib(paths: list[str]) -> None:
             os.close(fd)
 
 
-def evict(paths: list[str]) -> None:
-    """Drop these files' pages from the page cache (theirs only), so the next read comes from the storage."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def scan_case(tmp: str, profile: Profile) -> list[dict]:
     """Probe a fleet of small disks against the floor of opening each file and reading its first MiB.
 
@@ -378,8 +368,8 @@ def scan_case(tmp: str, profile: Profile) -> list[dict]:
         else:
             methods.append(Method("ours (local Dask, 2 workers)", "ours-lib", ours(lambda: scan([folder], executor))))
         warm_outcomes = run_methods([*methods, floor], profile.repeats)
-    cold = [Method("ours (--jobs 1)", "ours", local(1), setup=lambda: evict(paths)),
-            Method(floor.name, "limit", floor.run, setup=lambda: evict(paths))]
+    cold = [Method("ours (--jobs 1)", "ours", local(1), setup=lambda: drop_cache(paths)),
+            Method(floor.name, "limit", floor.run, setup=lambda: drop_cache(paths))]
     cold_outcomes = run_methods(cold, profile.repeats)
     shutil.rmtree(folder, ignore_errors=True)
     desc = f"{len(paths):,} disks of 4 MiB virtual, chains of 5 in folders of 50, header-only probe"
