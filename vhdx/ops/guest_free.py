@@ -354,7 +354,7 @@ def _read_volume(image: VhdxImage, img, table: str, part: Partition, overlaps: b
             starts, ends = _fat_free(image, fs, part, int(name[3:]))
         else:
             return skip(f"{name}: reading its free-space map is not supported", name)
-    except (OSError, ValueError, UnsupportedError, NotImplementedError) as exc:
+    except (OSError, ValueError, UnsupportedError) as exc:
         return skip(f"could not read its allocation map: {exc}", name)
     except Exception as exc:  # a library failing on hostile bytes: release nothing of it
         return skip(f"could not read its allocation map ({type(exc).__name__}: {exc})", name)
