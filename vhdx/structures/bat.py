@@ -181,6 +181,40 @@ class RawWindow:
         return counts
 
 
+class _Templates:
+    """The raw entries of a whole-chunk window whose payload entries all hold one entry and bitmap entries 0.
+
+    Built once per entry value and kept for the last few values (a BAT repeats one or two: 0 and ZERO).
+    """
+
+    def __init__(self, stride: int, entries: int) -> None:
+        self._stride, self._n = stride, entries
+        self._held: dict[int, _Template] = {}
+
+    def get(self, entry: int) -> _Template:
+        template = self._held.get(entry)
+        if template is None:
+            if len(self._held) >= 4:
+                self._held.clear()
+            values = np.full(self._n, entry, dtype=BAT_DTYPE)
+            values[self._stride - 1 :: self._stride] = 0
+            template = self._held[entry] = _Template(values)
+        return template
+
+
+class _Template:
+    """A template's entries and, made on first use, their bytes (for the memcmp of a whole buffer)."""
+
+    def __init__(self, entries: np.ndarray) -> None:
+        self.entries = entries
+        self._bytes: bytes | None = None
+
+    def tobytes(self) -> bytes:
+        if self._bytes is None:
+            self._bytes = self.entries.tobytes()
+        return self._bytes
+
+
 @dataclass(frozen=True)
 class _Decoded:
     """One window's decoded entries (read-only arrays), as the range accessors cache them.
@@ -282,15 +316,15 @@ class Bat:
         """Raw entries [e0, e1) (into ``out`` when given): holes of the file are not read (they are zeros)."""
         if self._entries is not None:
             return self._entries[e0:e1]
-        if out is None:
-            out = np.zeros(e1 - e0, dtype=BAT_DTYPE)
-        else:
-            out = out[: e1 - e0]
-            out[:] = 0
+        out = np.empty(e1 - e0, dtype=BAT_DTYPE) if out is None else out[: e1 - e0]
         lo = self.file_offset + e0 * c.BAT_ENTRY_SIZE
         raw = out.view(np.uint8)
+        done = 0  # only the holes between data spans are zeroed: a BAT without holes is written once, not twice
         for start, stop in self.io.data_spans(lo, len(raw)):
+            raw[done : start - lo] = 0
             self.io.readinto_at(start, raw[start - lo : stop - lo])
+            done = stop - lo
+        raw[done:] = 0
         return out
 
     def _bounds(self, w: int) -> tuple[int, int, int, int]:
@@ -301,18 +335,18 @@ class Bat:
         b0 = k0 * g.chunk_ratio
         return k0, k1 - k0, b0, min(g.data_blocks, k1 * g.chunk_ratio) - b0
 
-    def _window(self, w: int, buffer: np.ndarray | None) -> RawWindow | None:
+    def _window(self, w: int, buffer: np.ndarray | None, raw: np.ndarray | None = None) -> RawWindow:
+        """Window ``w`` split into payload and bitmap entries (its raw entries are read unless given)."""
         k0, chunks, b0, blocks = self._bounds(w)
         stride = self.geometry.chunk_ratio + 1
-        raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
-        if buffer is not None and not np.count_nonzero(raw):
-            return None  # all NOT_PRESENT: not worth splitting
+        if raw is None:
+            raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
         payload, bitmap = split_window(raw, self.geometry.chunk_ratio, blocks, chunks)
         return RawWindow(b0, k0, payload, bitmap, entries=raw)
 
     def raw_window(self, w: int) -> RawWindow:
         """Raw entries of window ``w`` (chunks ``w * window_chunks`` onwards), split into payload and bitmap."""
-        return cast(RawWindow, self._window(w, None))  # without a buffer every window is returned
+        return self._window(w, None)
 
     def windows_with_data(self) -> list[int]:
         """Windows that may hold non-zero entries; every other window is all NOT_PRESENT."""
@@ -328,25 +362,58 @@ class Bat:
     def raw_windows(self) -> Iterator[RawWindow]:
         """Every window that holds non-zero entries, in order (one at a time: bounded memory).
 
-        Windows in holes of the file are not read; windows read as all zeros (a BAT written as zeros, as
-        qemu-img writes it) are read into one reused buffer and skipped without being split or decoded.
+        Windows in holes of the file are not read; the others are read into one reused buffer. A window of one
+        repeated payload entry and no sector bitmap entry (all zeros, or a BAT qemu-img filled with ZERO entries)
+        is recognised by one comparison with a template of that entry (``memcmp`` of the buffer) and yielded
+        without being split or decoded (its ``payload`` is a broadcast view); all-zero windows are skipped.
         """
-        buffer = np.zeros(min(self.window_chunks * (self.geometry.chunk_ratio + 1), self.geometry.bat_entries),
-                          dtype=BAT_DTYPE)
+        n = min(self.window_chunks * (self.geometry.chunk_ratio + 1), self.geometry.bat_entries)
+        held = bytearray(n * c.BAT_ENTRY_SIZE)
+        buffer = np.frombuffer(held, dtype=BAT_DTYPE)
+        templates = _Templates(self.geometry.chunk_ratio + 1, n)
         with_data = set(self.windows_with_data())
         for w in range(self.window_count):
-            window = self._window(w, buffer) if w in with_data else None
-            if window is None:
+            window = self._uniform_window(w, buffer, held, templates) if w in with_data else None
+            if window is None:  # a hole of the file, or all zeros: every entry NOT_PRESENT
                 self._uniform[w] = 0
                 continue
-            # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of them
-            # (map, chain reads) need neither the file nor per-block arrays.
-            p = window.payload
-            if len(p) and not np.count_nonzero(p != p[0]):
-                window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
-                if not np.count_nonzero(window.bitmap):
-                    self._uniform[w] = int(p[0])
+            if window.uniform is None:
+                window = self._window(w, buffer, window.entries)
+                # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of them
+                # (map, chain reads) need neither the file nor per-block arrays.
+                p = window.payload
+                if len(p) and not np.count_nonzero(p != p[0]):
+                    window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
+            if window.uniform is not None and not np.count_nonzero(window.bitmap):
+                self._uniform[w] = window.uniform
             yield window
+
+    def _uniform_window(self, w: int, buffer: np.ndarray, held: bytearray, templates: _Templates) -> RawWindow | None:
+        """Read window ``w`` into ``buffer``: None when all zeros; uniform when it equals its template (unsplit).
+
+        Otherwise a RawWindow with only ``entries`` set (``uniform`` None) for ``_window`` to split.
+        """
+        k0, chunks, b0, blocks = self._bounds(w)
+        stride = self.geometry.chunk_ratio + 1
+        raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
+        if not len(raw):
+            return None
+        empty = np.zeros(0, dtype=BAT_DTYPE)
+        entry = int(raw[0])  # the first payload entry of the window's first chunk
+        # The first chunk decides whether a template is worth making (a window of present blocks differs at once).
+        head = raw[:stride]
+        if np.count_nonzero(head[: stride - 1] != raw[0]) or (len(head) == stride and head[-1]):
+            return RawWindow(b0, k0, empty, empty, None, raw)
+        template = templates.get(entry)
+        whole = self._entries is None and len(raw) == len(buffer)
+        # memcmp of the whole reused buffer (bytearray == bytes): one pass at memory speed, no temporary array.
+        same = held == template.tobytes() if whole else not np.count_nonzero(raw != template.entries[: len(raw)])
+        if not same:
+            return RawWindow(b0, k0, empty, empty, None, raw)
+        if entry == 0:
+            return None
+        return RawWindow(b0, k0, np.broadcast_to(np.array(entry, dtype=BAT_DTYPE), (blocks,)),
+                         np.zeros(chunks, dtype=BAT_DTYPE), entry, raw)
 
     def _decoded(self, w: int) -> _Decoded:
         with self._lock:  # readers may share an image across threads (serve, mount)

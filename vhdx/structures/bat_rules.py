@@ -152,6 +152,18 @@ _ZERO_READING = np.zeros(8, dtype=bool)
 _ZERO_READING[list(c.ZERO_READING_STATES)] = True
 
 
+def uniform_stops_no_reader(entry: int, geometry: Geometry) -> bool:
+    """Whether a window whose payload entries all hold ``entry`` (and no sector bitmap entry) reads fine.
+
+    The rules of one repeated value, judged once instead of per entry: a state legal in this disk type that owns
+    no file space (not FULLY/PARTIALLY_PRESENT) can break RESERVED_BITS only, a warning. Nothing lies beyond the
+    end of the file or over a structure, and no partially present block needs a sector bitmap.
+    """
+    state = entry & c.BAT_STATE_MASK
+    owns = state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
+    return bool(_LEGAL_PAYLOAD[int(geometry.has_parent)][state]) and not owns
+
+
 def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_size: int, *, bat_offset: int,
                  structures: list[tuple[str, int, int]], disk_label: str, salvage: bool = False) -> BatWindow:
     """Judge a window of raw BAT entries (whole chunks from ``first_index``) against §2.5.1; pure numpy.

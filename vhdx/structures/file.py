@@ -21,6 +21,7 @@ from vhdx.findings import Code
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
+from vhdx.structures import bat_rules
 from vhdx.structures.bat import Bat, Geometry, entry_states
 from vhdx.structures.bat_rules import Refusals, bat_problems, structure_spans
 from vhdx.structures.commit import replay_log_on_disk
@@ -122,7 +123,8 @@ class VhdxFile:
         """Refuse BATs that would make reads wrong, one window at a time, by the rules check reports.
 
         ``bat_problems`` judges each window (the one BAT rule set); state counts are gathered on the way. Windows
-        of NOT_PRESENT/ZERO entries only (a sparse 64 TiB disk) break no rule and are not judged.
+        of one repeated entry that owns no space (a sparse 64 TiB disk, a qemu-made BAT of ZERO entries) are judged
+        once by that entry (``uniform_stops_no_reader``), not entry by entry.
         """
         g, bat, h = self.geometry, self.bat, self.headers.current
         structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
@@ -131,9 +133,9 @@ class VhdxFile:
         for window in bat.raw_windows():
             counts += window.state_counts()
             bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
-            if window.uniform is not None and window.uniform <= c.BatState.UNMAPPED \
-                    and not np.count_nonzero(window.bitmap):
-                continue
+            if window.uniform is not None and not np.count_nonzero(window.bitmap) \
+                    and bat_rules.uniform_stops_no_reader(window.uniform, g):
+                continue  # judged once by its one value: a qemu-made BAT of ZERO entries is never split
             judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,
                                   structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
             refusals.add(judged)

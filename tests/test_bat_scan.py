@@ -1,0 +1,202 @@
+"""The BAT pass of the loader: uniform windows judged in bulk, everything else exactly as the plain window path.
+
+The reference below is the plain path spelled out: every window of the whole BAT judged by ``bat_problems`` and
+the refusals gathered by ``Refusals``, the counts taken from the whole split BAT. The loader (``VhdxFile.load``)
+and ``Bat.summary`` must agree with it on any BAT, whatever shortcut they take for uniform windows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vhdx.errors import FormatError
+from vhdx.format import constants as c
+from vhdx.io import ImageIO
+from vhdx.ops.create import create
+from vhdx.structures import bat as bat_module
+from vhdx.structures import file as file_module
+from vhdx.structures.bat import BAT_DTYPE, Bat, entry_states, split_entries
+from vhdx.structures.bat_rules import Refusals, bat_problems, structure_spans, windows
+from vhdx.structures.file import VhdxFile
+
+MiB, GiB = 1 << 20, 1 << 30
+BLOCK = 256 * MiB  # with 512-byte sectors: 16 blocks per chunk, a BAT of a few hundred entries
+STRIDE = 17
+# 24 whole chunks and a last one of 13 blocks, the last of which the disk ends inside.
+SIZE = 24 * 4 * GiB + 12 * BLOCK + 64 * MiB
+WINDOW = 2 * STRIDE  # two chunks per window: 13 windows, the last one partial
+DATA_BLOCKS = 3  # blocks of file space past the structures (sparse)
+
+
+def _layout(path: str) -> tuple[int, int, int]:
+    """(BAT file offset, BAT entries, first data offset) of a file made by ``_disk``."""
+    io = ImageIO.open(path)
+    try:
+        loaded = VhdxFile.load(io, bat=False)
+        end = max(e.end for e in loaded.regions.entries)
+        return loaded.regions.bat.file_offset, loaded.geometry.bat_entries, -(-end // MiB) * MiB
+    finally:
+        io.close()
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory) -> dict[str, str]:
+    """A dynamic and a differencing disk of SIZE with room for DATA_BLOCKS blocks after the structures."""
+    folder = tmp_path_factory.mktemp("bat-scan")
+    base = create(folder / "base.vhdx", SIZE, block_size=BLOCK, logical_sector_size=512)
+    child = create(folder / "child.avhdx", parent=base, block_size=BLOCK)
+    for path in (base, child):
+        _bat, _n, data = _layout(path)
+        os.truncate(path, data + DATA_BLOCKS * BLOCK)
+    return {"dynamic": str(base), "differencing": str(child)}
+
+
+def _values(data_offset: int, file_size: int) -> list[int]:
+    """Payload and bitmap entries worth trying: every state, kept and reserved bits, offsets good and bad."""
+    offsets = [0, MiB, data_offset, data_offset + BLOCK, file_size - MiB, 1 << 40]  # MiB: the header section
+    values = list(range(8)) + [c.BatState.ZERO | (1 << 3), c.BatState.ZERO | data_offset]
+    values += [state | off for state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT) for off in offsets]
+    return values
+
+
+@st.composite
+def bats(draw, n_entries: int, data_offset: int, file_size: int) -> np.ndarray:
+    """A BAT of windows each all zeros, uniform, uniform but one entry, or mixed; bitmaps sometimes set."""
+    values = _values(data_offset, file_size)
+    value = st.sampled_from(values)
+    bitmap = st.sampled_from([0, 0, 0, c.SbState.PRESENT | data_offset, c.SbState.PRESENT | (1 << 40), 1, 4])
+    entries = np.zeros(n_entries, dtype=BAT_DTYPE)
+    for lo, hi in windows_of(n_entries):
+        kind = draw(st.sampled_from(["zero", "uniform", "uniform", "one_off", "bitmap", "mixed"]))
+        window = entries[lo:hi]
+        if kind == "zero":
+            continue
+        window[:] = draw(value)
+        window[STRIDE - 1 :: STRIDE] = 0
+        if kind == "one_off":
+            window[draw(st.integers(0, hi - lo - 1))] = draw(value)
+        elif kind == "bitmap":
+            window[STRIDE - 1 :: STRIDE] = draw(bitmap)
+        elif kind == "mixed":
+            window[:] = draw(st.lists(value, min_size=hi - lo, max_size=hi - lo))
+    return entries
+
+
+def windows_of(n_entries: int):
+    return [(lo, min(n_entries, lo + WINDOW)) for lo in range(0, n_entries, WINDOW)]
+
+
+def _write_bat(path: str, entries: np.ndarray) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, entries.tobytes(), _layout(path)[0])
+    finally:
+        os.close(fd)
+
+
+def _plain_path(path: str) -> tuple[tuple | None, tuple[int, ...], int]:
+    """(refusal as (code, offset, message) or None, state counts, present bitmaps) by judging every window."""
+    io = ImageIO.open(path)
+    try:
+        f = VhdxFile.load(io, bat=False)
+        g, h = f.geometry, f.headers.current
+        raw = np.fromfile(path, dtype=BAT_DTYPE, count=g.bat_entries, offset=f.regions.bat.file_offset)
+        structures = structure_spans(h.log_offset, h.log_length, f.regions.entries)
+        refusals = Refusals()
+        for lo, hi in windows(g, len(raw), WINDOW):
+            refusals.add(bat_problems(g, lo, raw[lo:hi], io.size, bat_offset=f.regions.bat.file_offset,
+                                      structures=structures, disk_label=f.params.disk_type.label))
+        payload, bitmap = split_entries(raw, g)
+        counts = tuple(int(n) for n in np.bincount(entry_states(payload), minlength=8))
+        bitmaps = int(np.count_nonzero(entry_states(bitmap) == c.SbState.PRESENT))
+        problem = refusals.refusal()
+        refusal = None if problem is None else (str(problem.code), problem.offset, problem.message)
+        return refusal, counts, bitmaps
+    finally:
+        io.close()
+
+
+def _loader_path(path: str) -> tuple[tuple | None, tuple[int, ...], int]:
+    """The same three facts from the loader and from a fresh ``Bat.summary``."""
+    io = ImageIO.open(path)
+    try:
+        f = VhdxFile.load(io, bat=False)
+        summary = Bat.load(io, f.regions.bat, f.geometry).summary
+    finally:
+        io.close()
+    io = ImageIO.open(path)
+    refusal = None
+    try:
+        loaded = VhdxFile.load(io)
+        assert loaded.bat is not None and loaded.bat.summary == summary
+    except FormatError as exc:
+        refusal = (exc.code, exc.offset, exc.message)
+    finally:
+        io.close()
+    return refusal, summary.state_counts, summary.bitmaps_present
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+@given(data=st.data())
+def test_loader_gives_the_plain_window_paths_counts_and_refusal(disks, kind, data):
+    path = disks[kind]
+    _bat, n_entries, data_offset = _layout(path)
+    entries = data.draw(bats(n_entries, data_offset, os.path.getsize(path)))
+    _write_bat(path, entries)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+        assert _loader_path(path) == _plain_path(path)
+
+
+def _count_calls(patch: pytest.MonkeyPatch, module, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    patch.setattr(module, name, counted)
+    return calls
+
+
+def test_a_bat_of_zero_entries_is_judged_without_splitting_or_judging_a_window(disks, monkeypatch):
+    path = disks["dynamic"]
+    _bat, n_entries, _data = _layout(path)
+    entries = np.full(n_entries, c.BatState.ZERO, dtype=BAT_DTYPE)  # as qemu-img writes a new BAT
+    entries[STRIDE - 1 :: STRIDE] = 0
+    _write_bat(path, entries)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    splits = _count_calls(monkeypatch, bat_module, "split_window")
+    judged = _count_calls(monkeypatch, file_module, "bat_problems")
+    io = ImageIO.open(path)
+    try:
+        loaded = VhdxFile.load(io)
+        assert loaded.bat is not None
+        assert loaded.bat.state_counts() == {"ZERO": loaded.geometry.data_blocks}
+    finally:
+        io.close()
+    assert splits == [0] and judged == [0]
+
+
+def test_a_uniform_window_of_an_illegal_state_is_still_refused(disks, monkeypatch):
+    path = disks["dynamic"]
+    _bat, n_entries, _data = _layout(path)
+    entries = np.zeros(n_entries, dtype=BAT_DTYPE)
+    entries[3 * WINDOW : 4 * WINDOW] = 4  # state 4 is illegal everywhere
+    entries[3 * WINDOW + STRIDE - 1 : 4 * WINDOW : STRIDE] = 0
+    _write_bat(path, entries)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    io = ImageIO.open(path)
+    try:
+        with pytest.raises(FormatError) as info:
+            VhdxFile.load(io)
+    finally:
+        io.close()
+    assert info.value.code == "BAT_STATE_ILLEGAL" and info.value.offset == _bat + 3 * WINDOW * c.BAT_ENTRY_SIZE
+    assert f"(and {2 * (STRIDE - 1) - 1} more)" in info.value.message
