@@ -200,3 +200,127 @@ def test_a_uniform_window_of_an_illegal_state_is_still_refused(disks, monkeypatc
         io.close()
     assert info.value.code == "BAT_STATE_ILLEGAL" and info.value.offset == _bat + 3 * WINDOW * c.BAT_ENTRY_SIZE
     assert f"(and {2 * (STRIDE - 1) - 1} more)" in info.value.message
+
+
+# --- reading the BAT in place from the page cache (ImageIO.map_cached) and every case that falls back to pread ---
+@pytest.fixture
+def warm_file(tmp_path) -> str:
+    path = str(tmp_path / "warm.bin")
+    with open(path, "wb") as fh:
+        fh.write(np.arange(3 * MiB // 8, dtype=BAT_DTYPE).tobytes())
+    return path
+
+
+def _mapped(io: ImageIO, offset: int = 4096, length: int = 2 * MiB) -> np.ndarray | None:
+    cached = io.map_cached(offset, length)
+    return None if cached is None else cached.array(BAT_DTYPE)
+
+
+def test_map_cached_maps_a_warm_range_of_a_read_only_file(warm_file):
+    io = ImageIO.open(warm_file)
+    try:
+        entries = _mapped(io)
+        assert entries is not None and not entries.flags.writeable
+        assert (entries == np.arange(512, 512 + 2 * MiB // 8)).all()
+    finally:
+        io.close()
+
+
+def test_map_cached_refuses_a_writable_open(warm_file):
+    io = ImageIO.open(warm_file, writable=True)
+    try:
+        assert _mapped(io) is None
+    finally:
+        io.close()
+
+
+def test_map_cached_refuses_a_descriptor_it_does_not_own(warm_file):
+    with open(warm_file, "rb") as fh:
+        assert _mapped(ImageIO.wrap(fh)) is None
+
+
+def test_map_cached_refuses_a_range_past_the_end_of_the_file(warm_file):
+    io = ImageIO.open(warm_file)
+    try:
+        assert _mapped(io, 2 * MiB, 2 * MiB) is None
+    finally:
+        io.close()
+
+
+def test_map_cached_refuses_a_file_truncated_after_the_first_size_check(warm_file, monkeypatch):
+    answers = iter([True, False])  # covered when asked first, truncated by the time it is mapped
+    monkeypatch.setattr("vhdx.io._covers", lambda fd, end: next(answers))
+    io = ImageIO.open(warm_file)
+    try:
+        assert _mapped(io) is None
+    finally:
+        io.close()
+
+
+def test_map_cached_refuses_a_range_with_a_page_not_in_the_page_cache(warm_file, monkeypatch):
+    def one_page_missing(address, length, vec):
+        import ctypes
+
+        ctypes.memset(vec, 1, int(length.value) // 4096)
+        vec[3] = 0
+        return 0
+
+    monkeypatch.setattr("vhdx.io._mincore", lambda: one_page_missing)
+    io = ImageIO.open(warm_file)
+    try:
+        assert _mapped(io) is None
+    finally:
+        io.close()
+
+
+def test_map_cached_refuses_when_mincore_cannot_answer(warm_file, monkeypatch):
+    monkeypatch.setattr("vhdx.io._mincore", lambda: lambda address, length, vec: -1)
+    io = ImageIO.open(warm_file)
+    try:
+        assert _mapped(io) is None
+    finally:
+        io.close()
+
+
+def test_map_cached_refuses_a_file_another_process_writes(warm_file):
+    import fcntl
+
+    writer = os.open(warm_file, os.O_RDWR)  # another open file description holding the writer lock
+    io = ImageIO.open(warm_file)
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _mapped(io) is None
+    finally:
+        io.close()
+        os.close(writer)
+
+
+def test_map_cached_refuses_a_range_an_overlay_replays(warm_file):
+    from vhdx.io import Overlay
+
+    io = ImageIO.open(warm_file)
+    try:
+        io.overlay = Overlay({8192: bytes(4096)}, [], 3 * MiB)
+        assert _mapped(io) is None
+        assert _mapped(io, 2 * MiB, 4096) is not None  # a range the overlay does not touch
+    finally:
+        io.close()
+
+
+def test_bat_scan_in_place_and_through_pread_agree(disks, monkeypatch):
+    path = disks["differencing"]
+    _bat, n_entries, data_offset = _layout(path)
+    rng = np.random.default_rng(3)
+    entries = np.full(n_entries, c.BatState.ZERO, dtype=BAT_DTYPE)
+    entries[STRIDE - 1 :: STRIDE] = 0
+    entries[rng.integers(0, n_entries, 5)] = c.BatState.FULLY_PRESENT | data_offset
+    _write_bat(path, entries)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    made = []
+    original = ImageIO.map_cached
+    monkeypatch.setattr(ImageIO, "map_cached", lambda self, o, n: made.append(original(self, o, n)) or made[-1])
+    in_place = _loader_path(path)
+    assert made and all(m is not None for m in made)  # the freshly written BAT is in the page cache
+    del made[:]
+    monkeypatch.setattr(ImageIO, "map_cached", lambda self, offset, length: None)
+    assert _loader_path(path) == in_place == _plain_path(path)

@@ -33,6 +33,8 @@ _OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
 _STATE_MASK = np.uint64(c.BAT_STATE_MASK)
 # BAT entries per window, rounded down to whole chunks (at least one): 2 MiB of BAT.
 WINDOW_ENTRIES = 1 << 18
+# Windows mapped at once when the page cache holds them (16 MiB of BAT: bounds the mapped pages in RSS).
+MAP_WINDOWS = 8
 # Decoded windows kept per file (9 bytes per entry): bounds a reader's BAT memory to about 20 MiB.
 WINDOW_CACHE = 8
 OFFSET_CLAMP = 1 << 62
@@ -190,6 +192,7 @@ class _Templates:
     def __init__(self, stride: int, entries: int) -> None:
         self._stride, self._n = stride, entries
         self._held: dict[int, _Template] = {}
+        self._payloads: dict[tuple[int, int], np.ndarray] = {}
 
     def get(self, entry: int) -> _Template:
         template = self._held.get(entry)
@@ -201,17 +204,29 @@ class _Templates:
             template = self._held[entry] = _Template(values)
         return template
 
+    def payload(self, entry: int, blocks: int) -> np.ndarray:
+        """``blocks`` payload entries all ``entry``, as a read-only broadcast of one value (made once per pair)."""
+        key = (entry, blocks)
+        view = self._payloads.get(key)
+        if view is None:
+            if len(self._payloads) >= 4:
+                self._payloads.clear()
+            view = self._payloads[key] = np.broadcast_to(np.array(entry, dtype=BAT_DTYPE), (blocks,))
+        return view
+
 
 class _Template:
-    """A template's entries and, made on first use, their bytes (for the memcmp of a whole buffer)."""
+    """A template's entries (read-only) and, made on first use, their bytes for the memcmp of a whole window."""
 
     def __init__(self, entries: np.ndarray) -> None:
+        entries.flags.writeable = False  # yielded as the entries of every window equal to it
         self.entries = entries
-        self._bytes: bytes | None = None
+        self._bytes: bytearray | None = None
 
-    def tobytes(self) -> bytes:
+    def raw(self) -> bytearray:
+        """The entries as a bytearray: ``bytearray == buffer`` compares with memcmp (``bytes ==`` would not)."""
         if self._bytes is None:
-            self._bytes = self.entries.tobytes()
+            self._bytes = bytearray(self.entries.tobytes())
         return self._bytes
 
 
@@ -362,58 +377,94 @@ class Bat:
     def raw_windows(self) -> Iterator[RawWindow]:
         """Every window that holds non-zero entries, in order (one at a time: bounded memory).
 
-        Windows in holes of the file are not read; the others are read into one reused buffer. A window of one
-        repeated payload entry and no sector bitmap entry (all zeros, or a BAT qemu-img filled with ZERO entries)
-        is recognised by one comparison with a template of that entry (``memcmp`` of the buffer) and yielded
-        without being split or decoded (its ``payload`` is a broadcast view); all-zero windows are skipped.
+        Windows in holes of the file are not read. The others are read in place from the page cache when it holds
+        them (``ImageIO.map_cached``, ``MAP_WINDOWS`` windows per mapping), else into one reused buffer. A window
+        of one repeated payload entry and no sector bitmap entry (all zeros, or a BAT qemu-img filled with ZERO
+        entries) is recognised by one ``memcmp`` with a template of that entry and yielded without being split or
+        decoded (its ``payload`` is a broadcast view); all-zero windows are skipped.
         """
-        n = min(self.window_chunks * (self.geometry.chunk_ratio + 1), self.geometry.bat_entries)
+        stride = self.geometry.chunk_ratio + 1
+        n = min(self.window_chunks * stride, self.geometry.bat_entries)
         held = bytearray(n * c.BAT_ENTRY_SIZE)
         buffer = np.frombuffer(held, dtype=BAT_DTYPE)
-        templates = _Templates(self.geometry.chunk_ratio + 1, n)
+        templates = _Templates(stride, n)
         with_data = set(self.windows_with_data())
-        for w in range(self.window_count):
-            window = self._uniform_window(w, buffer, held, templates) if w in with_data else None
-            if window is None:  # a hole of the file, or all zeros: every entry NOT_PRESENT
-                self._uniform[w] = 0
-                continue
-            if window.uniform is None:
-                window = self._window(w, buffer, window.entries)
-                # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of them
-                # (map, chain reads) need neither the file nor per-block arrays.
-                p = window.payload
-                if len(p) and not np.count_nonzero(p != p[0]):
-                    window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
-            if window.uniform is not None and not np.count_nonzero(window.bitmap):
-                self._uniform[w] = window.uniform
-            yield window
+        mapped: tuple[int, int, np.ndarray] | None = None  # (first window, first entry, entries) of a mapping
+        map_from = 0 if self._entries is None else self.window_count  # the next window to try mapping from
+        try:
+            for w in range(self.window_count):
+                if w not in with_data:
+                    window = None
+                else:
+                    if w >= map_from:
+                        mapped, map_from = self._map_windows(w), w + MAP_WINDOWS
+                    window = self._uniform_window(w, buffer, held, templates, mapped)
+                if window is None:  # a hole of the file, or all zeros: every entry NOT_PRESENT
+                    self._uniform[w] = 0
+                    continue
+                if window.uniform is None:
+                    window = self._window(w, buffer, window.entries)
+                    # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of
+                    # them (map, chain reads) need neither the file nor per-block arrays.
+                    p = window.payload
+                    if len(p) and not np.count_nonzero(p != p[0]):
+                        window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
+                if window.uniform is not None and not np.count_nonzero(window.bitmap):
+                    self._uniform[w] = window.uniform
+                yield window
+        finally:
+            mapped = None  # the last view of a mapping: it is unmapped now
 
-    def _uniform_window(self, w: int, buffer: np.ndarray, held: bytearray, templates: _Templates) -> RawWindow | None:
-        """Read window ``w`` into ``buffer``: None when all zeros; uniform when it equals its template (unsplit).
+    def _map_windows(self, w: int) -> tuple[int, int, np.ndarray] | None:
+        """The raw entries of windows [w, w + MAP_WINDOWS) mapped in place, when the page cache holds them all."""
+        stride = self.geometry.chunk_ratio + 1
+        e0 = w * self.window_chunks * stride
+        e1 = min(self.geometry.bat_entries, (w + MAP_WINDOWS) * self.window_chunks * stride)
+        cached = self.io.map_cached(self.file_offset + e0 * c.BAT_ENTRY_SIZE, (e1 - e0) * c.BAT_ENTRY_SIZE)
+        if cached is None:
+            return None
+        entries = cached.array(BAT_DTYPE)
+        cached.close()  # unmapped once ``entries`` and its slices are gone
+        return w, e0, entries
 
-        Otherwise a RawWindow with only ``entries`` set (``uniform`` None) for ``_window`` to split.
+    def _uniform_window(self, w: int, buffer: np.ndarray, held: bytearray, templates: _Templates,
+                        mapped: tuple[int, int, np.ndarray] | None) -> RawWindow | None:
+        """Window ``w``: None when all zeros; uniform when it equals its template (unsplit, entries = template).
+
+        Otherwise a RawWindow with only ``entries`` set (``uniform`` None) for ``_window`` to split; its entries
+        are in ``buffer`` (never in a mapping: a view of it must not outlive the scan).
         """
         k0, chunks, b0, blocks = self._bounds(w)
         stride = self.geometry.chunk_ratio + 1
-        raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
+        e0, e1 = k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride)
+        if mapped is not None:
+            raw = mapped[2][e0 - mapped[1] : e1 - mapped[1]]
+            whole = raw  # numpy exports its buffer to the memcmp without a copy
+        else:
+            raw = self._read_entries(e0, e1, buffer)
+            whole = held if self._entries is None else None
         if not len(raw):
             return None
         empty = np.zeros(0, dtype=BAT_DTYPE)
         entry = int(raw[0])  # the first payload entry of the window's first chunk
         # The first chunk decides whether a template is worth making (a window of present blocks differs at once).
         head = raw[:stride]
-        if np.count_nonzero(head[: stride - 1] != raw[0]) or (len(head) == stride and head[-1]):
-            return RawWindow(b0, k0, empty, empty, None, raw)
-        template = templates.get(entry)
-        whole = self._entries is None and len(raw) == len(buffer)
-        # memcmp of the whole reused buffer (bytearray == bytes): one pass at memory speed, no temporary array.
-        same = held == template.tobytes() if whole else not np.count_nonzero(raw != template.entries[: len(raw)])
+        same = not (np.count_nonzero(head[: stride - 1] != raw[0]) or (len(head) == stride and head[-1]))
+        if same:
+            template = templates.get(entry)
+            if whole is not None and len(raw) == len(buffer):
+                same = template.raw() == whole  # bytearray == buffer: memcmp, one pass at memory speed
+            else:
+                same = not np.count_nonzero(raw != template.entries[: len(raw)])
         if not same:
+            if mapped is not None:
+                raw = buffer[: len(raw)]
+                raw[:] = mapped[2][e0 - mapped[1] : e1 - mapped[1]]
             return RawWindow(b0, k0, empty, empty, None, raw)
         if entry == 0:
             return None
-        return RawWindow(b0, k0, np.broadcast_to(np.array(entry, dtype=BAT_DTYPE), (blocks,)),
-                         np.zeros(chunks, dtype=BAT_DTYPE), entry, raw)
+        return RawWindow(b0, k0, templates.payload(entry, blocks), np.zeros(chunks, dtype=BAT_DTYPE), entry,
+                         template.entries[: len(raw)])
 
     def _decoded(self, w: int) -> _Decoded:
         with self._lock:  # readers may share an image across threads (serve, mount)
