@@ -397,6 +397,7 @@ class Bat:
                     window = None
                 else:
                     if w >= map_from:
+                        mapped = None  # unmap the last windows before mapping the next (bounds the RSS)
                         mapped, map_from = self._map_windows(w), w + MAP_WINDOWS
                     window = self._uniform_window(w, buffer, held, templates, mapped)
                 if window is None:  # a hole of the file, or all zeros: every entry NOT_PRESENT
