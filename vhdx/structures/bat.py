@@ -390,7 +390,8 @@ class Bat:
         templates = _Templates(stride, n)
         with_data = set(self.windows_with_data())
         mapped: tuple[int, int, np.ndarray] | None = None  # (first window, first entry, entries) of a mapping
-        map_from = 0 if self._entries is None else self.window_count  # the next window to try mapping from
+        # The next window to try mapping from; a BAT of one window is read with one pread (nothing to save).
+        map_from = 0 if self._entries is None and self.window_count > 1 else self.window_count
         try:
             for w in range(self.window_count):
                 if w not in with_data:
