@@ -282,6 +282,18 @@ def test_map_cached_refuses_when_mincore_cannot_answer(warm_file, monkeypatch):
         io.close()
 
 
+def test_map_cached_refuses_when_the_c_library_has_no_mincore(warm_file, monkeypatch):
+    def no_mincore():
+        raise AttributeError("mincore")
+
+    monkeypatch.setattr("vhdx.io._mincore", no_mincore)
+    io = ImageIO.open(warm_file)
+    try:
+        assert _mapped(io) is None
+    finally:
+        io.close()
+
+
 def test_map_cached_refuses_a_file_another_process_writes(warm_file):
     import fcntl
 

@@ -452,7 +452,10 @@ class CachedMap:
         pages = -(-len(self._mapping) // os.sysconf("SC_PAGE_SIZE"))
         vec = (ctypes.c_ubyte * pages)()
         address = np.frombuffer(self._mapping, dtype=np.uint8).ctypes.data
-        if _mincore()(ctypes.c_void_p(address), ctypes.c_size_t(len(self._mapping)), vec) != 0:
+        try:
+            if _mincore()(ctypes.c_void_p(address), ctypes.c_size_t(len(self._mapping)), vec) != 0:
+                return False
+        except (AttributeError, OSError):  # a C library without mincore
             return False
         return bool(np.all(np.frombuffer(vec, dtype=np.uint8) & 1))
 
