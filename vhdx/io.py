@@ -457,7 +457,7 @@ class CachedMap:
                 return False
         except (AttributeError, OSError):  # a C library without mincore
             return False
-        return bool(np.all(np.frombuffer(vec, dtype=np.uint8) & 1))
+        return bool(np.all(np.frombuffer(memoryview(vec), dtype=np.uint8) & 1))
 
     def close(self) -> None:
         # A view still alive (BufferError): the mapping goes when the last one does.

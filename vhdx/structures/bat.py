@@ -439,6 +439,7 @@ class Bat:
         k0, chunks, b0, blocks = self._bounds(w)
         stride = self.geometry.chunk_ratio + 1
         e0, e1 = k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride)
+        whole: np.ndarray | bytearray | None  # the window's bytes for the memcmp of a whole window
         if mapped is not None:
             raw = mapped[2][e0 - mapped[1] : e1 - mapped[1]]
             whole = raw  # numpy exports its buffer to the memcmp without a copy
