@@ -141,15 +141,18 @@ def _loader_path(path: str) -> tuple[tuple | None, tuple[int, ...], int]:
     return refusal, summary.state_counts, summary.bitmaps_present
 
 
+@pytest.mark.parametrize("reading", ["in place", "pread"])
 @pytest.mark.parametrize("kind", ["dynamic", "differencing"])
 @given(data=st.data())
-def test_loader_gives_the_plain_window_paths_counts_and_refusal(disks, kind, data):
+def test_loader_gives_the_plain_window_paths_counts_and_refusal(disks, kind, reading, data):
     path = disks[kind]
     _bat, n_entries, data_offset = _layout(path)
     entries = data.draw(bats(n_entries, data_offset, os.path.getsize(path)))
     _write_bat(path, entries)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+        if reading == "pread":  # as for a BAT not in the page cache
+            patch.setattr(ImageIO, "map_cached", lambda self, offset, length: None)
         assert _loader_path(path) == _plain_path(path)
 
 
