@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from crc32c import crc32c
 
 from vhdx.errors import FormatError
 from vhdx.findings import Code, Problem, Severity
 from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
+from vhdx.format.checksum import crc32c
 from vhdx.io import ImageIO, Overlay
 from vhdx.structures.header import log_placement_problems
 from vhdx.structures.log_rules import LogBounds, align, log_bounds, region_table_problem, target_problem

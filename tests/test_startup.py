@@ -1,0 +1,83 @@
+"""Start-up cost (issue 15, item 2): what a fresh process imports for each command, and the crc32c loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import crc32c as crc32c_package
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vhdx
+from vhdx.format import checksum
+
+
+def loaded_after(code: str) -> set[str]:
+    """Modules loaded by a fresh interpreter that runs ``code`` (then prints sys.modules as JSON)."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def loaded_by_command(*args: str) -> set[str]:
+    """Modules loaded by ``vhdx ARGS`` run in a fresh interpreter (the command must succeed)."""
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', *{list(args)!r}]\n"
+            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
+    return loaded_after(code)
+
+
+def among(modules: set[str], *names: str) -> list[str]:
+    """The modules of ``modules`` that are one of ``names`` or inside one of them."""
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+# --- crc32c ---------------------------------------------------------------------------------------------------
+
+
+def test_checksum_module_does_not_import_importlib_metadata():
+    assert among(loaded_after("import vhdx.format.checksum"), "importlib.metadata") == []
+
+
+def test_checksum_crc32c_is_the_packages_c_function():
+    # Loaded from the package's extension, not a slower stand-in.
+    assert type(checksum.crc32c).__name__ == "builtin_function_or_method"
+    assert checksum.crc32c.__module__ == crc32c_package.crc32c.__module__
+
+
+def test_checksum_crc32c_of_123456789_is_the_catalogued_check_value():
+    assert checksum.crc32c(b"123456789") == 0xE3069283
+
+
+@given(st.binary(max_size=4096), st.integers(0, 0xFFFFFFFF))
+def test_checksum_crc32c_equals_the_crc32c_package(data, start):
+    assert checksum.crc32c(data) == crc32c_package.crc32c(data)
+    assert checksum.crc32c(data, start) == crc32c_package.crc32c(data, start)
+
+
+def test_checksum_loader_falls_back_to_the_package_when_the_extension_cannot_be_found(monkeypatch):
+    monkeypatch.setattr(checksum.importlib.util, "find_spec", lambda name: None)
+    assert checksum._load_crc32c() is crc32c_package.crc32c
+
+
+def test_checksum_loader_falls_back_to_the_package_when_the_folder_has_no_extension(monkeypatch, tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    fake = checksum.importlib.util.spec_from_file_location("crc32c", tmp_path / "__init__.py",
+                                                            submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(checksum.importlib.util, "find_spec", lambda name: fake)
+    assert checksum._load_crc32c() is crc32c_package.crc32c
+
+
+# --- what each command imports ----------------------------------------------------------------------------------
+
+WRITING = ("vhdx.disk.writer", "vhdx.structures.commit", "vhdx.ops.merge", "vhdx.ops.repair", "vhdx.ops.resize")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("startup") / "small.vhdx"
+    vhdx.create_image(path, 16 << 20)
+    return str(path)
