@@ -81,3 +81,9 @@ def small(tmp_path_factory):
     path = tmp_path_factory.mktemp("startup") / "small.vhdx"
     vhdx.create_image(path, 16 << 20)
     return str(path)
+
+
+def test_vhdx_info_imports_no_writer_commit_merge_nor_importlib_metadata(small):
+    modules = loaded_by_command("info", small)
+    assert "vhdx.ops.inspect" in modules
+    assert among(modules, *WRITING, "importlib.metadata") == []
