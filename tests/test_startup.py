@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,19 @@ def test_vhdx_info_imports_no_writer_commit_merge_nor_importlib_metadata(small):
     modules = loaded_by_command("info", small)
     assert "vhdx.ops.inspect" in modules
     assert among(modules, *WRITING, "importlib.metadata") == []
+
+
+# --- the start-up bench -----------------------------------------------------------------------------------------
+
+
+def test_startup_bench_children_use_a_bytecode_cache_and_the_environment_is_restored(tmp_path, monkeypatch):
+    from benches import cases_startup
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    folder = tmp_path / "pycache"
+    with cases_startup.bytecode_cache(str(folder)):
+        subprocess.run([sys.executable, "-c", "import vhdx.format.constants"], check=True)
+    assert list(folder.rglob("constants*.pyc"))
+    assert "PYTHONPYCACHEPREFIX" not in os.environ
+    assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
