@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -18,10 +19,10 @@ from vhdx.format import checksum
 
 def loaded_after(code: str) -> set[str]:
     """Modules loaded by a fresh interpreter that runs ``code`` (then prints sys.modules as JSON)."""
-    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    script = f"{code}\nimport sys\nprint(repr(sorted(sys.modules)))"  # repr: importing json would taint the list
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+    return set(ast.literal_eval(done.stdout.strip().splitlines()[-1]))
 
 
 def loaded_by_command(*args: str) -> set[str]:
@@ -104,3 +105,53 @@ def test_startup_bench_children_use_a_bytecode_cache_and_the_environment_is_rest
     assert list(folder.rglob("constants*.pyc"))
     assert "PYTHONPYCACHEPREFIX" not in os.environ
     assert os.environ["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+# --- the command line's lazy commands ---------------------------------------------------------------------------
+
+
+def _group_with_probe_command(tmp_path, monkeypatch):
+    """A group whose lazy command ``probe`` lives in a new module that records whether the GC ran at import."""
+    from vhdx_cli.common import OneLineErrorGroup
+
+    (tmp_path / "startup_probe_cmd.py").write_text(
+        "import gc\nimport click\nGC_ON_AT_IMPORT = gc.isenabled()\n\n"
+        "@click.command()\ndef probe():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "startup_probe_cmd", raising=False)
+    group = OneLineErrorGroup()
+    group.lazy_commands["probe"] = "startup_probe_cmd:probe"
+    return group
+
+
+def test_lazy_command_module_is_imported_with_the_gc_paused_and_the_gc_is_on_again_after(tmp_path, monkeypatch):
+    import gc
+
+    group = _group_with_probe_command(tmp_path, monkeypatch)
+    assert gc.isenabled()
+    assert group.get_command(None, "probe").name == "probe"
+    assert sys.modules["startup_probe_cmd"].GC_ON_AT_IMPORT is False
+    assert gc.isenabled()
+
+
+def test_lazy_command_import_leaves_a_disabled_gc_disabled(tmp_path, monkeypatch):
+    import gc
+
+    group = _group_with_probe_command(tmp_path, monkeypatch)
+    gc.disable()
+    try:
+        group.get_command(None, "probe")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_vhdx_info_does_not_import_json_without_the_json_flag(small):
+    assert "json" not in loaded_by_command("info", small)
+
+
+def test_vhdx_info_json_still_prints_json(small):
+    done = subprocess.run([sys.executable, "-m", "vhdx_cli.main", "info", "--json", small], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["virtual_size"] == 16 << 20
