@@ -155,3 +155,18 @@ def test_vhdx_info_json_still_prints_json(small):
                           text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["virtual_size"] == 16 << 20
+
+
+def test_dataclasses_that_vhdx_info_loads_have_their_own_docstring(small):
+    # Without one, @dataclass computes a docstring from inspect.signature at import: start-up cost of every command.
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'info', {small!r}]\n"
+            "try:\n    cli()\nexcept SystemExit:\n    pass\n"
+            "import dataclasses\n"
+            "bare = sorted(f'{name}.{key}' for name, module in list(sys.modules.items()) if name.startswith('vhdx')\n"
+            "              for key, value in vars(module).items() if isinstance(value, type)\n"
+            "              and value.__module__ == name and dataclasses.is_dataclass(value)\n"
+            "              and (value.__doc__ or '').startswith(key + '('))\n"
+            "print('BARE', bare)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "BARE []"

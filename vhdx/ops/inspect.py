@@ -34,6 +34,8 @@ class DiskInfo:
 
 @dataclass
 class HeaderInfo:
+    """One header copy as ``info`` shows it (the fields after ``current`` only when it parses)."""
+
     slot: int
     offset: int
     valid: bool
@@ -184,6 +186,8 @@ class LayerInfo:
 
 @dataclass
 class ChainInfo:
+    """Every layer from the opened file down to its base disk, and why the walk stopped early."""
+
     layers: list[LayerInfo]
     error: str | None = None
 

@@ -42,6 +42,8 @@ class DataWrite:
 
 @dataclass(frozen=True)
 class ZeroWrite:
+    """A log zero descriptor: ``length`` bytes at ``file_offset`` read as zeros."""
+
     file_offset: int
     length: int
 
