@@ -149,6 +149,7 @@ class OneLineErrorGroup(click.Group):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lazy_commands: dict[str, str] = {}  # name -> "module:attribute", imported on first use
+        self.one_shot = False  # set by the console entry: this process runs one command, then ends
 
     def list_commands(self, ctx) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy_commands})
@@ -166,6 +167,10 @@ class OneLineErrorGroup(click.Group):
             finally:
                 if gc_was_on:
                     gc.enable()
+            if self.one_shot:
+                # What the import built lives until exit: in the permanent generation, neither the collections
+                # during the command nor the last one at exit walk it again (never done for library use).
+                gc.freeze()
             command = getattr(module, attribute)
             self.add_command(command, name)
         if command is not None and not isinstance(command, click.Group):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import crc32c as crc32c_package
 import pytest
@@ -170,3 +171,41 @@ def test_dataclasses_that_vhdx_info_loads_have_their_own_docstring(small):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "BARE []"
+
+
+def test_one_shot_group_moves_what_the_import_made_to_the_permanent_generation(tmp_path, monkeypatch):
+    # The console process runs one command: what the import built lives until exit, so collections during the
+    # command (and the last one, at exit) need not walk it again.
+    import gc
+
+    group = _group_with_probe_command(tmp_path, monkeypatch)
+    group.one_shot = True
+    try:
+        group.get_command(None, "probe")
+        assert gc.get_freeze_count() > 0
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+
+
+def test_library_use_of_the_group_freezes_nothing(tmp_path, monkeypatch):
+    import gc
+
+    group = _group_with_probe_command(tmp_path, monkeypatch)
+    before = gc.get_freeze_count()
+    group.get_command(None, "probe")
+    assert gc.get_freeze_count() == before
+
+
+def test_console_entry_runs_the_group_one_shot(small):
+    code = (f"import atexit, gc, sys\natexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0))\n"
+            f"from vhdx_cli.main import main\nsys.argv = ['vhdx', 'info', {small!r}]\nmain()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "FROZEN True"
+
+
+def test_the_vhdx_console_script_is_the_one_shot_entry():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["vhdx"] == "vhdx_cli.main:main"
