@@ -76,7 +76,8 @@ def test_checksum_loader_falls_back_to_the_package_when_the_folder_has_no_extens
 
 # --- what each command imports ----------------------------------------------------------------------------------
 
-WRITING = ("vhdx.disk.writer", "vhdx.structures.commit", "vhdx.ops.merge", "vhdx.ops.repair", "vhdx.ops.resize")
+WRITING = ("vhdx.disk.writer", "vhdx.structures.commit", "vhdx.structures.log_build", "vhdx.ops.merge",
+           "vhdx.ops.repair", "vhdx.ops.resize")
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +210,12 @@ def test_the_vhdx_console_script_is_the_one_shot_entry():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["vhdx"] == "vhdx_cli.main:main"
+
+
+def test_log_building_names_stay_reachable_from_the_log_module():
+    from vhdx.structures import log, log_build
+
+    assert (log.DataWrite, log.ZeroWrite, log.build_entry) == (log_build.DataWrite, log_build.ZeroWrite,
+                                                                log_build.build_entry)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        _ = log.no_such_name
