@@ -219,3 +219,23 @@ def test_log_building_names_stay_reachable_from_the_log_module():
                                                                 log_build.build_entry)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         _ = log.no_such_name
+
+
+def test_chain_description_names_stay_reachable_from_inspect():
+    from vhdx.ops import chain_info, inspect
+
+    assert (inspect.LayerInfo, inspect.ChainInfo, inspect.describe_chain) == (
+        chain_info.LayerInfo, chain_info.ChainInfo, chain_info.describe_chain)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        _ = inspect.no_such_name
+
+
+def test_vhdx_info_does_not_build_the_chain_descriptions(small):
+    assert "vhdx.ops.chain_info" not in loaded_by_command("info", small)
+
+
+def test_vhdx_chain_still_lists_the_layer(small):
+    done = subprocess.run([sys.executable, "-m", "vhdx_cli.main", "chain", "--json", small], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert [layer["path"] for layer in json.loads(done.stdout)["layers"]] == [small]
