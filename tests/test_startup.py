@@ -78,6 +78,7 @@ def test_checksum_loader_falls_back_to_the_package_when_the_folder_has_no_extens
 
 WRITING = ("vhdx.disk.writer", "vhdx.structures.commit", "vhdx.structures.log_build", "vhdx.ops.merge",
            "vhdx.ops.repair", "vhdx.ops.resize")
+DIRTY_LOG_ONLY = ("vhdx.structures.log_rules",)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +240,7 @@ def test_vhdx_chain_still_lists_the_layer(small):
                           text=True)
     assert done.returncode == 0, done.stderr
     assert [layer["path"] for layer in json.loads(done.stdout)["layers"]] == [small]
+
+
+def test_vhdx_info_of_a_clean_log_does_not_load_the_log_replay_rules(small):
+    assert among(loaded_by_command("info", small), *DIRTY_LOG_ONLY) == []

@@ -17,6 +17,7 @@ import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +28,9 @@ from vhdx.format import layouts
 from vhdx.format.checksum import crc32c
 from vhdx.io import ImageIO, Overlay
 from vhdx.structures.header import log_placement_problems
-from vhdx.structures.log_rules import LogBounds, align, log_bounds, region_table_problem, target_problem
+
+if TYPE_CHECKING:
+    from vhdx.structures.log_rules import LogBounds
 
 SECTOR = c.LOG_SECTOR_SIZE
 
@@ -291,6 +294,8 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
     The first write no log may make stops the fold and is returned as the violation (the plan is then not to
     be used). Memory grows with the number of distinct targets, never with the log's length.
     """
+    from vhdx.structures.log_rules import align, target_problem  # noqa: PLC0415 - dirty logs only (start-up cost)
+
     plan = ReplayPlan(reader)
     order: dict[int, int] = {}  # target -> index of its latest data write
     zeros: list[tuple[int, int, int]] = []  # (offset, end, index)
@@ -446,6 +451,8 @@ def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID)
         return LogState(log_offset, log_length, log_guid, problem="log GUID set but no valid log sequence",
                         torn=torn_slots)
     head = sequence[-1]
+    from vhdx.structures.log_rules import log_bounds, region_table_problem  # noqa: PLC0415 - dirty logs only
+
     plan, violation = plan_replay(reader, sequence, log_bounds(io, log_offset, log_length))
     if violation is None and (problem := region_table_problem(io, plan)):
         violation = LogViolation(log_offset + head.log_offset, f"log entry {head.sequence_number}: {problem}")
