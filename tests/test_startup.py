@@ -244,3 +244,15 @@ def test_vhdx_chain_still_lists_the_layer(small):
 
 def test_vhdx_info_of_a_clean_log_does_not_load_the_log_replay_rules(small):
     assert among(loaded_by_command("info", small), *DIRTY_LOG_ONLY) == []
+
+
+READ_ONLY = [["map"], ["chain"], ["check"], ["convert", "-O", "raw"]]
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=lambda args: args[0])
+def test_read_only_commands_load_no_writer_repair_resize_or_merge_engine(small, tmp_path, command):
+    args = [*command, small] + ([str(tmp_path / "out.raw")] if command[0] == "convert" else [])
+    modules = loaded_by_command(*args)
+    # check reads an interrupted merge's journal (vhdx.ops.merge.journal), never the engine that runs merges.
+    engine = [m for m in among(modules, "vhdx.ops.merge") if m not in ("vhdx.ops.merge", "vhdx.ops.merge.journal")]
+    assert among(modules, *[w for w in WRITING if w != "vhdx.ops.merge"], "importlib.metadata") + engine == []
