@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from vhdx.ops.check import check_image
-from vhdx.ops.repair import repair_image
 from vhdx_cli import render
 from vhdx_cli.common import handle_errors, warn_in_use, warn_replayed
 from vhdx_cli.options import EXISTING_FILE, chain_options, dry_run_option, json_option
@@ -50,6 +49,8 @@ def repair(ctx, path, dry_run, backup, leaks, parent, ignore_id_mismatch):
     """Repair what check finds in PATH, crash-safely; print every change (exit 0 fixed, 2 corruption left)."""
     if ignore_id_mismatch and not parent:
         raise click.UsageError("--ignore-id-mismatch needs --parent")
+    from vhdx.ops.repair import repair_image  # noqa: PLC0415 - repair only: check must not load the repair engine
+
     result = repair_image(path, dry_run=dry_run, backup=backup, leaks=leaks, parent=parent,
                           ignore_id_mismatch=ignore_id_mismatch)
     render.repaired(result, path)

@@ -51,7 +51,9 @@ cli.lazy_commands.update({
 })
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m vhdx_cli.main`
+def main() -> None:
+    """Console entry (the ``vhdx`` script and ``python -m vhdx_cli.main``): one command, then the process ends."""
+    cli.one_shot = True
     cli()
 
 

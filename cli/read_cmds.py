@@ -7,7 +7,7 @@ import os
 import click
 
 from vhdx.errors import ChainError
-from vhdx.ops.inspect import describe_chain, describe_image, describe_parent
+from vhdx.ops.inspect import describe_image, describe_parent
 from vhdx_cli import render
 from vhdx_cli.common import handle_errors
 from vhdx_cli.options import EXISTING_FILE, chain_options, json_option, reading
@@ -36,6 +36,8 @@ def info(path, **chain_opts):
 @handle_errors
 def chain(path, **chain_opts):
     """List each layer from PATH down to its base disk, with linkage checks and a timeline."""
+    from vhdx.ops.chain_info import describe_chain  # noqa: PLC0415 - chain only (start-up cost of info and map)
+
     with reading(path, chain_opts) as opened:
         described = describe_chain(opened.image)
     render.chain(described, opened.replayed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,6 +18,8 @@ def emit_json(data) -> None:
     """Print a --json document; an object carries the schema_version its schema names (vhdx_cli.json_schemas)."""
     if isinstance(data, dict) and "schema_version" not in data:
         data = {"schema_version": SCHEMA_VERSION, **data}
+    import json  # noqa: PLC0415 - only --json output needs it (start-up cost)
+
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 

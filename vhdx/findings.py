@@ -20,6 +20,8 @@ class Severity(str, Enum):
 
 @dataclass(frozen=True)
 class Finding:
+    """One inconsistency ``check`` reports: severity, code, structure, file offset and message."""
+
     severity: Severity
     code: str
     structure: str

@@ -74,6 +74,8 @@ class OpenOptions:
 
 @dataclass
 class Candidate:
+    """A file tried as the parent, where it was found and what came of it."""
+
     source: str  # locator key, "--parent", "search dir" or "same folder"
     path: str
     name_only: bool = False  # found by file name alone: the GUID must match

@@ -14,18 +14,21 @@ import dataclasses
 import io as _io
 import os
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vhdx.disk import chain as _chain
 from vhdx.disk.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
-from vhdx.disk.supply import SupplyIndex
-from vhdx.disk.writer import Writer
 from vhdx.errors import ChainLoopError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
 from vhdx.structures.file import VhdxFile, foreign_file_reason  # noqa: F401 - foreign_file_reason: re-exported
 from vhdx.structures.metadata import DiskParameters
+
+if TYPE_CHECKING:  # imported where used: read-only opens need neither (start-up cost, issue 15)
+    from vhdx.disk.supply import SupplyIndex
+    from vhdx.disk.writer import Writer
 
 # Blocks examined per step when walking a whole disk: bounds memory for 64 TiB disks with 1 MiB blocks.
 WINDOW_BLOCKS = 1 << 18
@@ -299,6 +302,8 @@ class VhdxImage(VhdxFile):
     def supply(self) -> SupplyIndex:
         """The cached map of which layer supplies each run of the disk (see ``vhdx.disk.supply``)."""
         if self._supply is None:
+            from vhdx.disk.supply import SupplyIndex  # noqa: PLC0415 - only reads of data need it (start-up cost)
+
             self._supply = SupplyIndex(self._chain_extents, self.virtual_size, self.block_size)
         return self._supply
 
@@ -386,6 +391,8 @@ class VhdxImage(VhdxFile):
         if not self.io.writable:
             raise VhdxError("image is open read-only (open it with writable=True)", path=self.path)
         if self._writer is None:
+            from vhdx.disk.writer import Writer  # noqa: PLC0415 - writable opens only (start-up cost of reads)
+
             self._writer = Writer(self)
         return self._writer
 

@@ -33,7 +33,8 @@ from vhdx.io import Overlay, copy_range
 from vhdx.structures.bat import ceil_div
 from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
 from vhdx.structures.header import write_header_update
-from vhdx.structures.log import SECTOR, DataWrite
+from vhdx.structures.log import SECTOR
+from vhdx.structures.log_build import DataWrite
 from vhdx.structures.metadata import layout_metadata_region, load_metadata
 from vhdx.structures.region import build_region_table
 

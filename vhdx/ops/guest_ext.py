@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from crc32c import crc32c
 
 from vhdx.format import ext
+from vhdx.format.checksum import crc32c
 
 _MASK32 = 0xFFFFFFFF
 # Hostile geometry (8 blocks a group on a huge partition) must not make quick read gigabytes of descriptors; a

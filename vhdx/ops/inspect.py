@@ -1,4 +1,4 @@
-"""Plain descriptions of images and chains (data classes that serialise to JSON), for ``info`` and ``chain``.
+"""Plain descriptions of images (data classes that serialise to JSON) for ``info``; chains: ``vhdx.ops.chain_info``.
 
 ``DiskInfo`` is the common schema: the Hyper-V backend maps Get-VHD output onto the same fields, so a disk
 read by Hyper-V and by this library can be compared field by field.
@@ -34,6 +34,8 @@ class DiskInfo:
 
 @dataclass
 class HeaderInfo:
+    """One header copy as ``info`` shows it (the fields after ``current`` only when it parses)."""
+
     slot: int
     offset: int
     valid: bool
@@ -159,59 +161,14 @@ def parent_path_hint(image: VhdxImage) -> str | None:
     return paths.get(c.ABSOLUTE_WIN32_PATH_KEY) or paths.get(c.RELATIVE_PATH_KEY) or paths.get(c.VOLUME_PATH_KEY)
 
 
-@dataclass
-class LayerInfo:
-    """One layer of a chain, with what a timeline of checkpoints needs."""
-
-    depth: int
-    path: str
-    disk_type: str
-    virtual_size: int
-    file_size: int
-    allocated_bytes: int
-    block_size: int
-    logical_sector_size: int
-    creator: str
-    sequence_number: int
-    data_write_guid: str
-    file_write_guid: str
-    disk_id: str
-    modified_time: float
-    linkage: list[str] = field(default_factory=list)
-    found_by: str | None = None  # locator entry that led from the child to this layer
-    linkage_ok: bool | None = None  # the child's linkage matches this layer's DataWriteGuid
+# ``chain``'s descriptions live in vhdx.ops.chain_info (``info`` need not build their data classes at start-up);
+# the names stay reachable here.
+_CHAIN_NAMES = ("LayerInfo", "ChainInfo", "describe_chain")
 
 
-@dataclass
-class ChainInfo:
-    layers: list[LayerInfo]
-    error: str | None = None
+def __getattr__(name: str) -> object:
+    if name in _CHAIN_NAMES:
+        from vhdx.ops import chain_info  # noqa: PLC0415 - chain only (start-up cost of info)
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def describe_chain(image: VhdxImage) -> ChainInfo:
-    """Walk from ``image`` to the base; stop with ``error`` set where a parent cannot be opened."""
-    layers: list[LayerInfo] = []
-    current, child = image, None
-    while current is not None:
-        locator = current.params.parent_locator
-        layers.append(LayerInfo(
-            depth=len(layers), path=os.path.abspath(current.path), disk_type=current.disk_type.label,
-            virtual_size=current.virtual_size, file_size=current.io.real_size,
-            allocated_bytes=current.allocated_bytes, block_size=current.block_size,
-            logical_sector_size=current.logical_sector_size, creator=current.creator,
-            sequence_number=current.headers.current.sequence_number,
-            data_write_guid=str(current.data_write_guid), file_write_guid=str(current.file_write_guid),
-            disk_id=str(current.disk_id), modified_time=os.stat(current.path).st_mtime if os.path.exists(
-                current.path) else 0.0,
-            linkage=[str(g) for g in locator.linkages] if locator else [],
-            found_by=child.parent_source if child else None,
-            linkage_ok=(current.data_write_guid in child.params.parent_locator.linkages) if child else None,
-        ))
-        try:
-            child, current = current, current.parent
-        except VhdxError as exc:
-            return ChainInfo(layers, error=str(exc))
-    return ChainInfo(layers)
+        return getattr(chain_info, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

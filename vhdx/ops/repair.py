@@ -37,7 +37,8 @@ from vhdx.ops.relink import set_parent
 from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
 from vhdx.structures.commit import commit_through_log, empty_log, replay_log_on_disk
 from vhdx.structures.header import HeaderSet, load_headers, write_header_update
-from vhdx.structures.log import SECTOR, DataWrite, read_log
+from vhdx.structures.log import SECTOR, read_log
+from vhdx.structures.log_build import DataWrite
 from vhdx.structures.metadata import EXPECTED_ITEM_FLAGS, ITEM_FLAG_BITS, load_metadata
 from vhdx.structures.region import load_region_table, read_region_table_copies, table_problems
 

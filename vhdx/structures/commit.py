@@ -29,7 +29,8 @@ from vhdx.errors import VhdxError
 from vhdx.format import constants as c
 from vhdx.structures.bat import ceil_div
 from vhdx.structures.header import HeaderSet, write_header_update
-from vhdx.structures.log import SECTOR, DataWrite, LogState, apply_replay, build_entry, descriptor_sectors
+from vhdx.structures.log import SECTOR, LogState, apply_replay, descriptor_sectors
+from vhdx.structures.log_build import DataWrite, build_entry
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

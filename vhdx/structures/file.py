@@ -24,7 +24,6 @@ from vhdx.io import ImageIO
 from vhdx.structures import bat_rules
 from vhdx.structures.bat import Bat, Geometry, entry_states
 from vhdx.structures.bat_rules import Refusals, bat_problems, structure_spans
-from vhdx.structures.commit import replay_log_on_disk
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
 from vhdx.structures.metadata import DiskParameters, Metadata, load_metadata
@@ -102,6 +101,8 @@ class VhdxFile:
                 if strict_log:
                     raise refusal
             elif io.writable:
+                from vhdx.structures.commit import replay_log_on_disk  # noqa: PLC0415 - rare; reads never need it
+
                 headers = replay_log_on_disk(io, headers, log)
                 log = LogState(header.log_offset, header.log_length, c.ZERO_GUID)
             else:

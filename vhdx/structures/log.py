@@ -1,4 +1,4 @@
-"""The metadata log: parse, validate, find the active sequence, replay, and build entries for writers.
+"""The metadata log: parse, validate, find the active sequence and replay (writers build entries: log_build).
 
 The log is never read whole: slots are scanned a piece at a time, entries are checked in growing pieces and
 sector images stay in the log until they are written or patched into a read, so memory does not grow with the
@@ -17,33 +17,22 @@ import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from crc32c import crc32c
 
 from vhdx.errors import FormatError
 from vhdx.findings import Code, Problem, Severity
-from vhdx.format import checksum, layouts
 from vhdx.format import constants as c
+from vhdx.format import layouts
+from vhdx.format.checksum import crc32c
 from vhdx.io import ImageIO, Overlay
 from vhdx.structures.header import log_placement_problems
-from vhdx.structures.log_rules import LogBounds, align, log_bounds, region_table_problem, target_problem
+
+if TYPE_CHECKING:
+    from vhdx.structures.log_rules import LogBounds
 
 SECTOR = c.LOG_SECTOR_SIZE
-
-
-@dataclass(frozen=True)
-class DataWrite:
-    """A data descriptor with its reassembled 4 KiB target sector."""
-
-    file_offset: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ZeroWrite:
-    file_offset: int
-    length: int
 
 
 # Largest read made at once while scanning or replaying: memory stays bounded whatever the log's length.
@@ -305,6 +294,8 @@ def plan_replay(reader: LogReader, sequence: tuple[LogEntry, ...], bounds: LogBo
     The first write no log may make stops the fold and is returned as the violation (the plan is then not to
     be used). Memory grows with the number of distinct targets, never with the log's length.
     """
+    from vhdx.structures.log_rules import align, target_problem  # noqa: PLC0415 - dirty logs only (start-up cost)
+
     plan = ReplayPlan(reader)
     order: dict[int, int] = {}  # target -> index of its latest data write
     zeros: list[tuple[int, int, int]] = []  # (offset, end, index)
@@ -460,6 +451,8 @@ def read_log(io: ImageIO, log_offset: int, log_length: int, log_guid: uuid.UUID)
         return LogState(log_offset, log_length, log_guid, problem="log GUID set but no valid log sequence",
                         torn=torn_slots)
     head = sequence[-1]
+    from vhdx.structures.log_rules import log_bounds, region_table_problem  # noqa: PLC0415 - dirty logs only
+
     plan, violation = plan_replay(reader, sequence, log_bounds(io, log_offset, log_length))
     if violation is None and (problem := region_table_problem(io, plan)):
         violation = LogViolation(log_offset + head.log_offset, f"log entry {head.sequence_number}: {problem}")
@@ -497,44 +490,14 @@ def apply_replay(io: ImageIO, plan: ReplayPlan) -> None:
     io.flush()
 
 
-def build_entry(
-    writes: list[DataWrite | ZeroWrite],
-    *,
-    sequence_number: int,
-    log_guid: uuid.UUID,
-    tail: int,
-    flushed_file_offset: int,
-    last_file_offset: int,
-) -> bytes:
-    """Serialise one log entry (header, descriptors, data sectors) with its checksum."""
-    descriptors = []
-    data_sectors = []
-    for write in writes:
-        if isinstance(write, DataWrite):
-            if len(write.data) != SECTOR or write.file_offset % SECTOR:
-                raise ValueError("data writes must be whole 4 KiB sectors at 4 KiB offsets")
-            descriptors.append(layouts.DataDescriptor.build({
-                "trailing_bytes": write.data[-4:], "leading_bytes": write.data[:8],
-                "file_offset": write.file_offset, "sequence_number": sequence_number}))
-            data_sectors.append(layouts.DataSector.build({
-                "sequence_high": sequence_number >> 32, "data": write.data[8:-4],
-                "sequence_low": sequence_number & 0xFFFFFFFF}))
-        else:
-            descriptors.append(layouts.ZeroDescriptor.build({
-                "reserved": 0, "zero_length": write.length, "file_offset": write.file_offset,
-                "sequence_number": sequence_number}))
-    desc_sectors = descriptor_sectors(len(descriptors))
-    length = (desc_sectors + len(data_sectors)) * SECTOR
-    head = layouts.LogEntryHeader.build({
-        "checksum": 0, "entry_length": length, "tail": tail, "sequence_number": sequence_number,
-        "descriptor_count": len(descriptors), "reserved": 0, "log_guid": log_guid,
-        "flushed_file_offset": flushed_file_offset, "last_file_offset": last_file_offset})
-    buf = bytearray(length)
-    area = head + b"".join(descriptors)
-    buf[: len(area)] = area
-    pos = desc_sectors * SECTOR
-    for sector in data_sectors:
-        buf[pos : pos + SECTOR] = sector
-        pos += SECTOR
-    checksum.stamp(buf, c.LOG_ENTRY_CHECKSUM_OFFSET)
-    return bytes(buf)
+# Building entries is for writers only (vhdx.structures.log_build): readers, which import this module, do not pay
+# for its data classes at start-up. The names stay reachable here.
+_BUILDING = ("DataWrite", "ZeroWrite", "build_entry")
+
+
+def __getattr__(name: str) -> object:
+    if name in _BUILDING:
+        from vhdx.structures import log_build  # noqa: PLC0415 - writers only (start-up cost of readers)
+
+        return getattr(log_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

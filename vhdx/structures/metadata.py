@@ -43,6 +43,8 @@ ITEM_FLAG_BITS = c.META_IS_USER | c.META_IS_VIRTUAL_DISK | c.META_IS_REQUIRED
 
 @dataclass(frozen=True)
 class MetadataEntry:
+    """One 32-byte entry of the metadata table (offset relative to the region)."""
+
     item_id: uuid.UUID
     offset: int  # from the start of the metadata region
     length: int
@@ -116,6 +118,8 @@ class DiskParameters:
 
 @dataclass(frozen=True)
 class Metadata:
+    """The metadata region: its table entries, the parsed parameters and unknown entries."""
+
     region: RegionEntry
     entries: tuple[MetadataEntry, ...]
     params: DiskParameters

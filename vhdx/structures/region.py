@@ -22,6 +22,8 @@ from vhdx.io import ImageIO, parse_bytes
 
 @dataclass(frozen=True)
 class RegionEntry:
+    """One entry of a region table: which region (GUID), where and how long."""
+
     guid: uuid.UUID
     file_offset: int
     length: int
@@ -39,6 +41,8 @@ class RegionEntry:
 
 @dataclass(frozen=True)
 class RegionTableCopy:
+    """One of the two region table copies as read, with the rule it breaks if any."""
+
     index: int
     offset: int
     raw: bytes
@@ -57,6 +61,8 @@ class RegionTableCopy:
 
 @dataclass(frozen=True)
 class RegionTable:
+    """Both region table copies and which one is used."""
+
     copies: tuple[RegionTableCopy, ...]  # always two: Region Table 1, Region Table 2
     used_index: int
 
