@@ -1,0 +1,196 @@
+"""Writing through the windowed BAT: bounded memory on a 64 TiB chain, and the same results as the whole BAT.
+
+The writer changes BAT entries by reading, changing and staging the 4 KiB BAT sectors that hold them; it never
+reads the whole BAT. The memory tests run the CLI in a subprocess (see ``tests/test_scale.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vhdx
+from tests.test_scale import RSS_LIMIT, run_measured
+from vhdx.format import constants as c
+from vhdx.ops.check import check_image
+from vhdx.ops.create import create
+from vhdx.structures import bat as bat_module
+from vhdx_fixtures.scale import TiB
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def chain64(tmp_path_factory):
+    """A 64 TiB base with 1 MiB blocks and an empty child, both made by ``create`` (sparse BATs)."""
+    folder = tmp_path_factory.mktemp("wchain64")
+    base, child = str(folder / "base.vhdx"), str(folder / "c1.avhdx")
+    create(base, 64 * TiB, block_size=MiB)
+    create(child, parent=base)
+    return base, child
+
+
+@pytest.fixture
+def child64(chain64, tmp_path):
+    """A private copy of the 64 TiB chain (sparse copies: the BATs stay holes)."""
+    base, child = (str(tmp_path / os.path.basename(p)) for p in chain64)
+    for src, dst in zip(chain64, (base, child), strict=True):
+        shutil.copyfile(src, dst)  # copy_file_range keeps holes on the file systems CI uses
+    return base, child
+
+
+# --- memory of writing commands on a 64 TiB chain ----------------------------------------------------
+def test_write_of_one_mib_into_a_64t_child_stays_under_256_mib(child64, tmp_path):
+    _base, child = child64
+    data = tmp_path / "one"
+    data.write_bytes(bytes(range(256)) * 4096)
+    code, rss, out = run_measured(["write", child, "--offset", "1M", "--input", str(data)], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(child) as image:
+        assert image.read(MiB, MiB) == data.read_bytes()
+        assert image.bat.payload_at(MiB // image.block_size)[0] in (c.BatState.FULLY_PRESENT,
+                                                                    c.BatState.PARTIALLY_PRESENT)
+        assert image.bat.summary.allocated_blocks == 1
+
+
+def test_discard_of_a_64t_child_block_stays_under_256_mib(child64, tmp_path):
+    _base, child = child64
+    with vhdx.open(child, writable=True) as image:
+        image.write(40 * TiB, b"\x5a" * image.block_size)
+        length = image.block_size
+    code, rss, out = run_measured(["discard", child, "--offset", str(40 * TiB), "--length", str(length)],
+                                  tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(child) as image:
+        assert image.bat.payload_at(40 * TiB // length)[0] == c.BatState.UNMAPPED
+        assert image.read(40 * TiB, 4096) == bytes(4096)
+
+
+# --- the windowed BAT update ------------------------------------------------------------------------------
+def test_a_write_never_reads_the_whole_bat(tmp_path):
+    path = str(tmp_path / "d.vhdx")
+    create(path, 64 * TiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as image:
+        image.write(5 * TiB, b"x" * 4096)
+        image.discard(5 * TiB, MiB)
+        image.write(5 * TiB + 512, b"y" * 512)  # reuses the block's space
+        image.write_zeros(9 * TiB, 3 * MiB)
+        assert image.bat._entries is None
+
+
+def test_reads_in_a_session_see_the_staged_bat_sectors_across_windows(tmp_path, monkeypatch):
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", 2 * 4097)
+    path = str(tmp_path / "d.vhdx")
+    create(path, 40 * GiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as image:
+        image.read(0, 4096), image.read(39 * GiB, 4096)  # decode (and cache) the first and last windows
+        image.write(0, b"a" * 4096)
+        image.write(39 * GiB, b"b" * 4096)
+        assert image.read(0, 4) == b"aaaa" and image.read(39 * GiB, 4) == b"bbbb"
+        assert image.bat.state_counts()["FULLY_PRESENT"] == 2
+
+
+# --- a random sequence of writes through the windowed BAT --------------------------------------------------
+_OPS = st.lists(st.tuples(st.sampled_from(["write", "discard", "zero"]),
+                          st.integers(0, 40 * 1024 - 3),  # first block (a 40 GiB disk: 10 chunks)
+                          st.integers(0, 2 * MiB),  # offset in the block (writes cross into the next block)
+                          st.integers(1, 3 * MiB)),  # length
+                min_size=1, max_size=12)
+
+
+def _run(path: str, ops, whole: bool) -> None:
+    rng = random.Random(1)
+    with vhdx.open(path, writable=True) as image:
+        image.writer.new_guid = lambda: uuid.UUID(int=rng.getrandbits(128))
+        if whole:
+            image.bat.entries  # noqa: B018 - read the whole BAT: the arrays path
+        for n, (op, block, within, length) in enumerate(ops):
+            offset = block * MiB + within
+            length = min(length, 40 * GiB - offset)
+            if op == "write":
+                image.write(offset, bytes([n % 250 + 1]) * length)
+            elif op == "discard":
+                image.discard(offset, length)
+            else:
+                image.write_zeros(offset, length)
+            if n % 4 == 3:
+                image.flush()
+
+
+@given(ops=_OPS, parent=st.booleans())
+def test_random_writes_through_small_windows_match_the_whole_bat_and_a_model(tmp_path_factory, ops, parent):
+    folder = tmp_path_factory.mktemp("ops")
+    base = str(folder / "base.vhdx")
+    create(base, 40 * GiB, block_size=MiB)
+    path = base
+    if parent:
+        path = str(folder / "child.avhdx")
+        create(path, parent=base, block_size=MiB)
+    twin = str(folder / ("twin" + os.path.splitext(path)[1]))
+    shutil.copyfile(path, twin)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bat_module, "WINDOW_ENTRIES", 2 * 4097)  # two chunks per window: many windows crossed
+        _run(path, ops, whole=False)
+    _run(twin, ops, whole=True)
+    with open(path, "rb") as a, open(twin, "rb") as b:
+        assert a.read() == b.read()
+    # The states a user expects, block by block (a model independent of the writer).
+    expected: dict[int, int] = {}
+    written = np.zeros(40 * 1024, dtype=bool)
+    for op, block, within, length in ops:
+        offset = block * MiB + within
+        end = min(offset + length, 40 * GiB)
+        first, last = -(-offset // MiB), end // MiB if end < 40 * GiB else 40 * 1024
+        touched = range(offset // MiB, -(-end // MiB))
+        if op == "write":
+            for b in touched:
+                written[b] = True
+                expected[b] = -1  # present: fully or partially
+        elif op == "discard":
+            for b in range(first, last):
+                if expected.get(b, 0) != c.BatState.UNMAPPED:
+                    expected[b] = c.BatState.UNMAPPED
+        else:
+            for b in range(first, last):
+                expected[b] = c.BatState.ZERO
+            for b in touched:
+                if not first <= b < last:
+                    expected[b] = -1
+    with vhdx.open(path) as image:
+        states, _offsets = image.bat.payload_range(0, 40 * 1024)
+        for b, want in expected.items():
+            got = int(states[b])
+            if want == -1:
+                assert got in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT), b
+            else:
+                assert got == want, b
+        untouched = np.ones(40 * 1024, dtype=bool)
+        untouched[list(expected)] = False
+        assert not states[untouched].any()
+    # What the disk reads: every touched block against a byte model of the writes.
+    content: dict[int, bytearray] = {}
+    for n, (op, block, within, length) in enumerate(ops):
+        offset = block * MiB + within
+        end = min(offset + length, 40 * GiB)
+        first, last = -(-offset // MiB), end // MiB if end < 40 * GiB else 40 * 1024
+        for b in range(offset // MiB, -(-end // MiB)):
+            lo, hi = max(offset, b * MiB) - b * MiB, min(end, (b + 1) * MiB) - b * MiB
+            data = content.setdefault(b, bytearray(MiB))
+            if op == "write":
+                data[lo:hi] = bytes([n % 250 + 1]) * (hi - lo)
+            elif op == "zero" or first <= b < last:  # a discard changes whole blocks only
+                data[lo:hi] = bytes(hi - lo)
+    with vhdx.open(path) as image:
+        for b, data in content.items():
+            assert image.read(b * MiB, MiB) == bytes(data), b
+    assert check_image(path).exit_code == 0
