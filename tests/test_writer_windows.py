@@ -18,9 +18,12 @@ from hypothesis import strategies as st
 
 import vhdx
 from tests.test_scale import RSS_LIMIT, run_measured
+from vhdx.disk.writer import end_of_structures
 from vhdx.format import constants as c
 from vhdx.ops.check import check_image
 from vhdx.ops.create import create
+from vhdx.ops.merge.inputs import dest_kind_of, read_dest_arrays, read_layer_arrays
+from vhdx.ops.merge.plan import DestArrays, LayerArrays, plan_merge, reusable_blocks
 from vhdx.structures import bat as bat_module
 from vhdx_fixtures.scale import TiB
 
@@ -194,3 +197,69 @@ def test_random_writes_through_small_windows_match_the_whole_bat_and_a_model(tmp
         for b, data in content.items():
             assert image.read(b * MiB, MiB) == bytes(data), b
     assert check_image(path).exit_code == 0
+
+
+# --- merge -------------------------------------------------------------------------------------------------
+def test_merge_of_a_64t_child_stays_under_256_mib(child64, tmp_path):
+    base, child = child64
+    data = bytes(range(256)) * 4096
+    with vhdx.open(child, writable=True) as image:
+        image.write(MiB, data)
+        image.write(33 * TiB + 512, b"\x77" * 1024)  # a partially present block
+    code, rss, out = run_measured(["merge", child], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(base) as image:
+        assert image.read(MiB, MiB) == data
+        assert image.read(33 * TiB, 2048) == bytes(512) + b"\x77" * 1024 + bytes(512)
+
+
+def _whole_bat_inputs(layers, dest):
+    """The plan inputs as whole-BAT arrays (how they were read before the windowed columns)."""
+    def arrays(image):
+        windowed = read_layer_arrays(image)
+        return LayerArrays(image.virtual_size, image.block_size, image.logical_sector_size, image.bat.states.copy(),
+                           image.bat.offsets.copy(), windowed.partial_blocks, windowed.partial_bitmaps)
+
+    bat = dest.bat
+    present = bat.allocated_blocks()
+    sb = bat.bitmap_states == c.SbState.PRESENT
+    h = dest.headers.current
+    regions = [(0, c.HEADER_SECTION_SIZE), (h.log_offset, h.log_offset + h.log_length),
+               (dest.regions.bat.file_offset, dest.regions.bat.end),
+               (dest.regions.metadata.file_offset, dest.regions.metadata.end)]
+    held = [(bat.offsets[present], bat.offsets[present] + dest.block_size),
+            (bat.bitmap_offsets[sb], bat.bitmap_offsets[sb] + c.SECTOR_BITMAP_BLOCK_SIZE),
+            (np.array([r[0] for r in regions], np.int64), np.array([r[1] for r in regions], np.int64))]
+    reusable = reusable_blocks(bat.states, bat.offsets, dest.block_size, dest.io.real_size, held)
+    return ([arrays(layer) for layer in layers],
+            DestArrays(arrays(dest), dest_kind_of(dest), sb.copy() if dest.has_parent else np.zeros(len(sb), bool),
+                       bat.bitmap_offsets.copy(), reusable, end_of_structures(dest), dest.io.real_size))
+
+
+def test_merge_plan_from_windowed_columns_equals_the_plan_from_whole_bat_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", 2 * 4097)
+    monkeypatch.setattr("vhdx.ops.merge.plan.WINDOW_UNITS", 3000)  # planning windows unlike the BAT's
+    base, mid, top = (str(tmp_path / n) for n in ("base.vhdx", "mid.avhdx", "top.avhdx"))
+    create(base, 40 * GiB, block_size=MiB)
+    with vhdx.open(base, writable=True) as image:
+        for b in (0, 5, 4096, 9000, 20000, 39 * 1024):
+            image.write(b * MiB, bytes([b % 200 + 1]) * MiB)
+        image.discard(9000 * MiB, MiB)  # UNMAPPED, keeps its space: reusable
+        image.write_zeros(20000 * MiB, MiB)  # ZERO, keeps its space
+    create(mid, parent=base, block_size=MiB)
+    with vhdx.open(mid, writable=True) as image:
+        image.write(9000 * MiB + 4096, b"m" * 4096)  # partial
+        image.write(30000 * MiB, b"n" * MiB)
+    create(top, parent=mid, block_size=MiB)
+    with vhdx.open(top, writable=True) as image:
+        image.write(20000 * MiB, b"t" * 8192)
+        image.write(5 * MiB + 512, b"u" * 512)
+        image.discard(30000 * MiB, MiB)
+    with vhdx.open(top) as image:
+        layers = [image, image.parent]
+        dest = image.parent.parent
+        windowed = plan_merge([read_layer_arrays(layer) for layer in layers], read_dest_arrays(dest))
+        whole = plan_merge(*_whole_bat_inputs(layers, dest))
+    assert windowed.blocks_touched == 4 and windowed.reused_blocks == 2  # 9000 and 20000 kept their space
+    assert windowed.digest == whole.digest
