@@ -263,3 +263,62 @@ def test_merge_plan_from_windowed_columns_equals_the_plan_from_whole_bat_arrays(
         whole = plan_merge(*_whole_bat_inputs(layers, dest))
     assert windowed.blocks_touched == 4 and windowed.reused_blocks == 2  # 9000 and 20000 kept their space
     assert windowed.digest == whole.digest
+
+
+# --- convert, resize, compact -------------------------------------------------------------------------------
+def test_convert_of_a_64t_disk_to_vhdx_stays_under_256_mib(child64, tmp_path):
+    base, _child = child64
+    with vhdx.open(base, writable=True, force=True) as image:
+        image.write(7 * TiB, b"\x42" * MiB)
+    out_path = str(tmp_path / "copy.vhdx")
+    code, rss, out = run_measured(["convert", base, "-O", "vhdx", out_path], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(out_path) as image:
+        assert image.read(7 * TiB, MiB) == b"\x42" * MiB
+        assert image.bat.summary.allocated_blocks == 1
+
+
+def test_resize_of_a_64t_disk_to_32t_stays_under_256_mib(tmp_path):
+    path = str(tmp_path / "big.vhdx")
+    create(path, 64 * TiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as image:
+        image.write(20 * TiB, b"\x33" * MiB)
+    code, rss, out = run_measured(["resize", path, "--size", "32T"], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(path) as image:
+        assert image.virtual_size == 32 * TiB and image.read(20 * TiB, MiB) == b"\x33" * MiB
+    assert check_image(path).exit_code == 0
+
+
+def test_resize_of_a_1t_disk_to_64t_stays_under_256_mib(tmp_path):
+    path = str(tmp_path / "grow.vhdx")
+    create(path, TiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as image:
+        image.write(TiB - MiB, b"\x44" * MiB)
+    code, rss, out = run_measured(["resize", path, "--size", "64T"], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(path) as image:
+        assert image.virtual_size == 64 * TiB and image.read(TiB - MiB, MiB) == b"\x44" * MiB
+    assert check_image(path).exit_code == 0
+
+
+def test_compact_of_a_64t_disk_stays_under_256_mib(tmp_path):
+    path = str(tmp_path / "k.vhdx")
+    create(path, 64 * TiB, block_size=MiB)
+    with vhdx.open(path, writable=True) as image:
+        image.write(5 * TiB, b"\x55" * MiB)
+        image.write(6 * TiB, b"\x66" * MiB)
+        image.write(9 * TiB, bytes(MiB))  # an all-zero block: released
+        image.discard(5 * TiB, MiB)  # its space is given up and the block at 6 TiB moves down into it
+    before = os.path.getsize(path)
+    code, rss, out = run_measured(["compact", path], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    assert os.path.getsize(path) == before - 2 * MiB
+    with vhdx.open(path) as image:
+        assert image.read(6 * TiB, MiB) == b"\x66" * MiB
+        assert image.bat.summary.allocated_blocks == 1
+    assert check_image(path).exit_code == 0
