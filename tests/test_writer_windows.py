@@ -111,8 +111,23 @@ _OPS = st.lists(st.tuples(st.sampled_from(["write", "discard", "zero"]),
                 min_size=1, max_size=12)
 
 
-def _run(path: str, ops, whole: bool) -> None:
+def _model_op(content: dict[int, bytearray], n: int, op: str, offset: int, length: int) -> None:
+    """Apply one operation to a byte model of the disk (touched blocks only; everything else reads zeros)."""
+    end = offset + length
+    first, last = -(-offset // MiB), end // MiB if end < 40 * GiB else 40 * 1024
+    for b in range(offset // MiB, -(-end // MiB)):
+        lo, hi = max(offset, b * MiB) - b * MiB, min(end, (b + 1) * MiB) - b * MiB
+        data = content.setdefault(b, bytearray(MiB))
+        if op == "write":
+            data[lo:hi] = bytes([n % 250 + 1]) * (hi - lo)
+        elif op == "zero" or first <= b < last:  # a discard changes whole blocks only
+            data[lo:hi] = bytes(hi - lo)
+
+
+def _run(path: str, ops, whole: bool) -> dict[int, bytearray]:
+    """Apply ``ops``, reading each range back in the session (through the staged BAT); returns the byte model."""
     rng = random.Random(1)
+    content: dict[int, bytearray] = {}
     with vhdx.open(path, writable=True) as image:
         image.writer.new_guid = lambda: uuid.UUID(int=rng.getrandbits(128))
         if whole:
@@ -126,8 +141,12 @@ def _run(path: str, ops, whole: bool) -> None:
                 image.discard(offset, length)
             else:
                 image.write_zeros(offset, length)
+            _model_op(content, n, op, offset, length)
+            b0, b1 = offset // MiB, -(-(offset + length) // MiB)
+            assert image.read(b0 * MiB, (b1 - b0) * MiB) == b"".join(bytes(content[b]) for b in range(b0, b1))
             if n % 4 == 3:
                 image.flush()
+    return content
 
 
 @given(ops=_OPS, parent=st.booleans())
@@ -143,7 +162,7 @@ def test_random_writes_through_small_windows_match_the_whole_bat_and_a_model(tmp
     shutil.copyfile(path, twin)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bat_module, "WINDOW_ENTRIES", 2 * 4097)  # two chunks per window: many windows crossed
-        _run(path, ops, whole=False)
+        content = _run(path, ops, whole=False)
     _run(twin, ops, whole=True)
     with open(path, "rb") as a, open(twin, "rb") as b:
         assert a.read() == b.read()
@@ -180,19 +199,7 @@ def test_random_writes_through_small_windows_match_the_whole_bat_and_a_model(tmp
         untouched = np.ones(40 * 1024, dtype=bool)
         untouched[list(expected)] = False
         assert not states[untouched].any()
-    # What the disk reads: every touched block against a byte model of the writes.
-    content: dict[int, bytearray] = {}
-    for n, (op, block, within, length) in enumerate(ops):
-        offset = block * MiB + within
-        end = min(offset + length, 40 * GiB)
-        first, last = -(-offset // MiB), end // MiB if end < 40 * GiB else 40 * 1024
-        for b in range(offset // MiB, -(-end // MiB)):
-            lo, hi = max(offset, b * MiB) - b * MiB, min(end, (b + 1) * MiB) - b * MiB
-            data = content.setdefault(b, bytearray(MiB))
-            if op == "write":
-                data[lo:hi] = bytes([n % 250 + 1]) * (hi - lo)
-            elif op == "zero" or first <= b < last:  # a discard changes whole blocks only
-                data[lo:hi] = bytes(hi - lo)
+    # What the disk reads after the sessions: every touched block against the byte model.
     with vhdx.open(path) as image:
         for b, data in content.items():
             assert image.read(b * MiB, MiB) == bytes(data), b
