@@ -147,8 +147,10 @@ def structures_end(image: VhdxImage) -> int:
 
 
 def _highest(image: VhdxImage, bitmaps: bool, above: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, offsets) of the ``count`` highest allocated blocks (or present sector bitmaps) lying past ``above``,
-    highest first: the only ones a round of ``pack`` can move (one pass over windows)."""
+    """(ids, offsets) of the ``count`` highest allocated blocks (or present sector bitmaps) past ``above``.
+
+    Highest first: the only ones a round of ``pack`` can move (one pass over windows).
+    """
     ids, offsets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for w in image.bat.raw_windows():
         if bitmaps:

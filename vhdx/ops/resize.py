@@ -122,8 +122,11 @@ def minimum_size(image: VhdxImage) -> tuple[int, int]:
 
 
 def _new_entries(image: VhdxImage, new: Geometry, first: int | None, e0: int, e1: int) -> np.ndarray:
-    """Entries [e0, e1) of the grown BAT from index ``first`` on (past the old entries): zeros, or for a fixed disk
-    FULLY_PRESENT entries for the new blocks at consecutive offsets from ``first`` (the space allocated for them)."""
+    """Entries [e0, e1) of the grown BAT, past the old ones.
+
+    Zeros, or for a fixed disk FULLY_PRESENT entries for the new blocks at consecutive offsets from ``first``
+    (the space allocated for them).
+    """
     entries = np.zeros(e1 - e0, dtype=BAT_DTYPE)
     if first is not None and image.params.leave_block_allocated:
         old_blocks = image.geometry.data_blocks

@@ -241,10 +241,12 @@ class StateView:
 class Bat:
     """The BAT of one file, read lazily in windows of whole chunks.
 
-    Range accessors (``payload_range``, ``bitmap_range``, ``state_view``) and the one-pass ``summary`` work in
-    bounded memory on any disk size. The whole-array properties (``entries``, ``states``, ``offsets``,
-    ``bitmap_states``...) read the whole BAT once and keep it: for small disks and for writers, which update
-    it in place; once read whole, every accessor answers from those arrays.
+    Range accessors (``payload_range``, ``bitmap_range``, ``state_view``), point lookups (``entries_at``,
+    ``payload_at``, ``bitmap_at``) and the one-pass ``summary`` work in bounded memory on any disk size; writers
+    change entries through the 4 KiB sectors holding them (``set_payload``, ``set_bitmap``). The whole-array
+    properties (``entries``, ``states``, ``offsets``, ``bitmap_states``...) read the whole BAT once and keep it
+    (small disks, tests, forensic tools); once read whole, every accessor answers from those arrays and updates
+    keep them current.
     """
 
     def __init__(self, io: ImageIO, geometry: Geometry, file_offset: int) -> None:
@@ -473,10 +475,10 @@ class Bat:
         """File offset of one BAT entry (for error messages and findings)."""
         return self.file_offset + bat_index * c.BAT_ENTRY_SIZE
 
-    # --- the whole BAT (small disks and writers only) ------------------------------------------------
+    # --- the whole BAT (small disks only; never on the write path) ------------------------------------
     @property
     def entries(self) -> np.ndarray:
-        """Every raw entry (length geometry.bat_entries), read once and kept: small disks and writers only."""
+        """Every raw entry (length geometry.bat_entries), read once and kept: small disks only."""
         if self._entries is None:
             self._entries = self._read_entries(0, self.geometry.bat_entries)
             self._cache.clear()
@@ -504,7 +506,7 @@ class Bat:
 
     @cached_property
     def states(self) -> np.ndarray:
-        """BatState of every payload block (uint8); the whole BAT (small disks and writers only)."""
+        """BatState of every payload block (uint8); the whole BAT (small disks only)."""
         return entry_states(self.payload_entries)
 
     @cached_property
@@ -534,7 +536,7 @@ class Bat:
         if self._entries is not None:
             return self._entries[index].copy()
         out = np.zeros(len(index), dtype=BAT_DTYPE)
-        for lo, buf, sel, rel in self._sector_runs(index):
+        for _lo, buf, sel, rel in self._sector_runs(index):
             out[sel] = buf[rel]
         return out
 
