@@ -30,7 +30,7 @@ import numpy as np
 from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import Overlay, copy_range
-from vhdx.structures.bat import ceil_div
+from vhdx.structures.bat import WINDOW_ENTRIES, ceil_div, entry_offsets, entry_states, mark_units
 from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
 from vhdx.structures.header import write_header_update
 from vhdx.structures.log import SECTOR
@@ -44,22 +44,22 @@ if TYPE_CHECKING:
     from vhdx.disk.image import VhdxImage
 
 _UNALLOCATED_STATES = (c.BatState.NOT_PRESENT, *c.ZERO_READING_STATES)
+_ALLOCATED_STATES = (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
 # Imported from here by the image loader and repair; they live with the commit protocol.
 __all__ = ["Writer", "end_of_structures", "max_entry_sectors", "refuse_if_dependents", "replay_log_on_disk"]
 
 
 def end_of_structures(image: VhdxImage) -> int:
     """First 1 MiB-aligned offset past every structure and block of ``image``: where new space starts."""
-    bat = image.bat
     ends = [image.io.real_size, image.regions.bat.end, image.regions.metadata.end,
-            image.headers.current.log_offset + image.headers.current.log_length]
-    held = bat.allocated_blocks() | np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0)
-    if held.any():
-        ends.append(int(bat.offsets[held].max()) + image.block_size)
-    present = bat.bitmap_states == c.SbState.PRESENT
-    if present.any():
-        ends.append(int(bat.bitmap_offsets[present].max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
+            image.headers.current.log_offset + image.headers.current.log_length, image.bat.held_end()]
     return ceil_div(max(ends), c.ALIGNMENT) * c.ALIGNMENT
+
+
+def _batches(first: int, last: int):
+    """[b0, b1) runs of at most a window's worth of blocks: range updates in bounded memory."""
+    for b0 in range(first, last, WINDOW_ENTRIES):
+        yield b0, min(last, b0 + WINDOW_ENTRIES)
 
 
 def refuse_if_dependents(image: VhdxImage) -> None:
@@ -99,6 +99,9 @@ class Writer:
         # replaced by a seeded callable where identical output is wanted (fixture builder).
         self.new_guid: Callable[[], uuid.UUID] = uuid.uuid4
         self._next_free: int | None = None
+        # 1 MiB units of the file taken by allocated blocks and present bitmaps (see _reusable_offset); built on
+        # first use by one pass over the BAT, kept current by set_payload/set_bitmap_entry.
+        self._taken: np.ndarray | None = None
         # The file size every committed structure lies within, and whether a commit is under way: what an
         # abort may cut and whether the log may be marked empty (see ``abort``).
         self._durable_end = self.io.real_size
@@ -129,6 +132,10 @@ class Writer:
     # --- pending metadata ---------------------------------------------------------------------------
     def stage(self, file_offset: int, data: bytes) -> None:
         """Stage a metadata change of any length: whole 4 KiB sectors, read-modify-write at the edges."""
+        if file_offset % SECTOR == 0 and len(data) == SECTOR:  # a whole sector (BAT updates): nothing to merge
+            self.pending[file_offset] = bytes(data)
+            self.overlay.set_sector(file_offset, bytes(data))
+            return
         first = file_offset // SECTOR * SECTOR
         end = file_offset + len(data)
         last = ceil_div(end, SECTOR) * SECTOR
@@ -139,29 +146,36 @@ class Writer:
             self.pending[off] = sector
             self.overlay.set_sector(off, sector)
 
-    def stage_bat_entries(self, bat_indexes: np.ndarray) -> None:
-        """Stage the 4 KiB BAT sectors holding the given entries (taken from the in-memory BAT)."""
-        bat = self.image.bat
-        per_sector = SECTOR // c.BAT_ENTRY_SIZE
-        for sector in np.unique(np.asarray(bat_indexes) // per_sector).tolist():
-            lo, hi = sector * per_sector, min((sector + 1) * per_sector, len(bat.entries))
-            self.stage(bat.file_offset + lo * c.BAT_ENTRY_SIZE, bat.entries[lo:hi].tobytes())
-
     def set_payload(self, blocks, state: int, offsets) -> None:
-        """Change payload BAT entries (in memory now, on disk at the next commit)."""
+        """Change payload BAT entries (staged 4 KiB BAT sectors, visible to reads now, on disk at the next commit)."""
         blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
-        index = self.image.bat.set_payload(blocks, state, offsets)
-        self.stage_bat_entries(index)
+        offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), blocks.shape)
+        old = self.image.bat.set_payload(blocks, state, offsets, stage=self.stage)
+        old_states, old_offsets = entry_states(old), entry_offsets(old)
+        was = (old_states == c.BatState.FULLY_PRESENT) | (old_states == c.BatState.PARTIALLY_PRESENT)
+        self._track_taken(was, old_offsets, state in _ALLOCATED_STATES, offsets, self.image.block_size)
 
     def set_bitmap_entry(self, chunk: int, state: int, offset: int) -> None:
-        index = self.image.bat.set_bitmap(np.array([chunk]), state, offset)
-        self.stage_bat_entries(index)
+        old = self.image.bat.set_bitmap(chunk, state, offset, stage=self.stage)
+        was = entry_states(old) == c.SbState.PRESENT
+        self._track_taken(was, entry_offsets(old), state == c.SbState.PRESENT, np.array([offset]),
+                          c.SECTOR_BITMAP_BLOCK_SIZE)
+
+    def _track_taken(self, was: np.ndarray, old_offsets: np.ndarray, takes: bool, new_offsets: np.ndarray,
+                     length: int) -> None:
+        """Keep the session's map of taken file space current: new holdings marked, a released one forgets it."""
+        if self._taken is None:
+            return
+        if np.any(was & ~(takes & (old_offsets == new_offsets))):
+            self._taken = None  # space may have been freed: the next reuse check builds the map again
+        elif takes:
+            mark_units(self._taken, new_offsets, length)
 
     def set_bitmap_bits(self, block: int, first_sector: int, count: int, value: bool) -> None:
         """Set or clear ``count`` sector bits of payload block ``block`` starting at ``first_sector``."""
         g = self.image.geometry
         chunk = block // g.chunk_ratio
-        sb_offset = int(self.image.bat.bitmap_offsets[chunk])
+        sb_offset = self.image.bat.bitmap_at(chunk)[1]
         first_bit = (block % g.chunk_ratio) * g.sectors_per_block + first_sector
         end_bit = first_bit + count
         lo_byte, hi_byte = first_bit // 8, ceil_div(end_bit, 8)
@@ -237,7 +251,7 @@ class Writer:
     def _reusable_offset(self, block: int) -> int | None:
         """The file space a ZERO/UNMAPPED/UNDEFINED entry kept from its present days, if safe to reuse."""
         image = self.image
-        offset = int(image.bat.offsets[block])
+        offset = image.bat.payload_at(block)[1]
         if offset < c.HEADER_SECTION_SIZE or offset % c.ALIGNMENT or offset + image.block_size > self._file_end():
             return None
         spans = [(image.regions.bat.file_offset, image.regions.bat.end),
@@ -246,18 +260,16 @@ class Writer:
                   image.headers.current.log_offset + image.headers.current.log_length)]
         if any(lo < offset + image.block_size and offset < hi for lo, hi in spans):
             return None
-        bat = image.bat
-        others = bat.allocated_blocks()
-        if np.any(others & (bat.offsets < offset + image.block_size) & (bat.offsets + image.block_size > offset)):
-            return None
-        sb = bat.bitmap_states == c.SbState.PRESENT
-        if np.any(sb & (bat.bitmap_offsets < offset + image.block_size)
-                  & (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > offset)):
+        if self._taken is None:
+            self._taken = image.bat.taken_units(self._file_end())
+        lo, hi = offset // c.ALIGNMENT, ceil_div(offset + image.block_size, c.ALIGNMENT)
+        # Space past the map (allocated after it was built) counts as taken: never reused by mistake.
+        if hi > len(self._taken) or self._taken[lo:hi].any():
             return None
         return offset
 
     def _ensure_bitmap(self, chunk: int) -> None:
-        if self.image.bat.bitmap_states[chunk] != c.SbState.PRESENT:
+        if self.image.bat.bitmap_at(chunk)[0] != c.SbState.PRESENT:
             self.set_bitmap_entry(chunk, c.SbState.PRESENT, self.allocate(c.SECTOR_BITMAP_BLOCK_SIZE))
 
     # --- virtual disk operations --------------------------------------------------------------------
@@ -293,15 +305,15 @@ class Writer:
     def _write_in_block(self, block: int, in_block: int, data: memoryview) -> None:
         image = self.image
         g = image.geometry
-        state = int(image.bat.states[block])
+        state, block_offset = image.bat.payload_at(block)
         lss = image.logical_sector_size
         block_len = min(g.block_size, g.virtual_size - block * g.block_size)
         covers_block = in_block == 0 and len(data) >= block_len
         if state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT):
-            self.io.write_at(int(image.bat.offsets[block]) + in_block, data)
+            self.io.write_at(block_offset + in_block, data)
             if state == c.BatState.PARTIALLY_PRESENT:
                 if covers_block:
-                    self.set_payload(block, c.BatState.FULLY_PRESENT, image.bat.offsets[block])
+                    self.set_payload(block, c.BatState.FULLY_PRESENT, block_offset)
                 else:
                     self.set_bitmap_bits(block, in_block // lss, len(data) // lss, True)
                     self._promote_if_full(block)
@@ -331,7 +343,7 @@ class Writer:
         g = self.image.geometry
         valid = ceil_div(min(g.block_size, g.virtual_size - block * g.block_size), self.image.logical_sector_size)
         if bits[0, :valid].all():
-            self.set_payload(block, c.BatState.FULLY_PRESENT, self.image.bat.offsets[block])
+            self.set_payload(block, c.BatState.FULLY_PRESENT, self.image.bat.payload_at(block)[1])
 
     def _whole_blocks(self, offset: int, length: int) -> tuple[int, int]:
         """Blocks entirely inside [offset, offset+length) (the last block counts whole up to the disk's end)."""
@@ -356,9 +368,10 @@ class Writer:
         tail_start = min(last * g.block_size, g.virtual_size)
         self._write_zero_bytes(offset, head_end - offset)
         self._write_zero_bytes(tail_start, offset + length - tail_start)
-        blocks = np.arange(first, last, dtype=np.int64)
         # The entry keeps its file offset: the space stays owned by the block and is reused by its next write.
-        self.set_payload(blocks, c.BatState.ZERO, self.image.bat.offsets[blocks])
+        for b0, b1 in _batches(first, last):
+            offsets = self.image.bat.payload_range(b0, b1)[1]
+            self.set_payload(np.arange(b0, b1, dtype=np.int64), c.BatState.ZERO, offsets)
 
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         chunk = 8 * c.MiB
@@ -378,14 +391,20 @@ class Writer:
         if self.image.params.leave_block_allocated and not g.has_parent:
             return 0
         first, last = self._whole_blocks(offset, length)
-        blocks = np.arange(first, last, dtype=np.int64)
-        blocks = blocks[self.image.bat.states[blocks] != c.BatState.UNMAPPED]
-        if not len(blocks):
-            return 0
-        self.begin(changes_data=True)
-        self.set_payload(blocks, c.BatState.UNMAPPED, self.image.bat.offsets[blocks])
-        ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
-        return int((ends - blocks * g.block_size).sum())
+        done = 0
+        for b0, b1 in _batches(first, last):
+            if self.image.bat.uniform_state(b0, b1) == c.BatState.UNMAPPED:
+                continue
+            states, offsets = self.image.bat.payload_range(b0, b1)
+            change = np.flatnonzero(states != c.BatState.UNMAPPED)
+            if not len(change):
+                continue
+            self.begin(changes_data=True)
+            blocks = change + b0
+            self.set_payload(blocks, c.BatState.UNMAPPED, offsets[change])
+            ends = np.minimum((blocks + 1) * g.block_size, g.virtual_size)
+            done += int((ends - blocks * g.block_size).sum())
+        return done
 
     # --- layout changes (resize, compact) -----------------------------------------------------------
     def stage_changed(self, file_offset: int, data: bytes) -> None:
@@ -414,8 +433,9 @@ class Writer:
         bat = self.image.bat
         blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
         new_offsets = np.atleast_1d(np.asarray(new_offsets, dtype=np.int64))
-        self._copy_spans(bat.offsets[blocks], new_offsets, self.image.block_size)
-        states = bat.states[blocks]
+        old = bat.entries_at(self.image.geometry.payload_index(blocks))
+        self._copy_spans(entry_offsets(old), new_offsets, self.image.block_size)
+        states = entry_states(old)
         for state in np.unique(states).tolist():
             sel = states == state
             self.set_payload(blocks[sel], state, new_offsets[sel])
@@ -426,7 +446,8 @@ class Writer:
         bat = self.image.bat
         chunks = np.atleast_1d(np.asarray(chunks, dtype=np.int64))
         new_offsets = np.atleast_1d(np.asarray(new_offsets, dtype=np.int64))
-        self._copy_spans(bat.bitmap_offsets[chunks], new_offsets, c.SECTOR_BITMAP_BLOCK_SIZE)
+        self._copy_spans(entry_offsets(bat.entries_at(self.image.geometry.bitmap_index(chunks))), new_offsets,
+                         c.SECTOR_BITMAP_BLOCK_SIZE)
         for chunk, offset in zip(chunks.tolist(), new_offsets.tolist(), strict=True):
             self.set_bitmap_entry(chunk, c.SbState.PRESENT, offset)
         self.commit()

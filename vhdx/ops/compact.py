@@ -42,7 +42,7 @@ from vhdx.io import ImageIO
 from vhdx.ops import layout_journal as lj
 from vhdx.ops.guest_free import read_free_map
 from vhdx.ops.merge import find_dependents
-from vhdx.structures.bat import ceil_div
+from vhdx.structures.bat import WINDOW_ENTRIES, ceil_div, entry_offsets, entry_states, held_blocks
 from vhdx.structures.header import load_headers
 from vhdx.structures.log import read_log
 
@@ -126,33 +126,53 @@ def fixed_spans(image: VhdxImage) -> list[tuple[int, int]]:
     return spans
 
 
-def held_blocks(image: VhdxImage) -> np.ndarray:
-    """Blocks whose entry points at file space: allocated ones, and zero-reading ones that kept their space."""
-    bat = image.bat
-    return np.flatnonzero(bat.allocated_blocks() | (np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0)))
-
-
 def occupancy(image: VhdxImage) -> np.ndarray:
-    """One flag per 1 MiB granule of the file: True where some structure or block lives."""
+    """One flag per 1 MiB granule of the file: True where some structure or block lives (one pass over windows)."""
     occupied = np.zeros(ceil_div(image.io.real_size, GRANULE), dtype=bool)
     for start, length in fixed_spans(image):
         _mark(occupied, np.array([start]), length)
-    _mark(occupied, image.bat.offsets[held_blocks(image)], image.block_size)
-    bat = image.bat
-    _mark(occupied, bat.bitmap_offsets[bat.bitmap_states == c.SbState.PRESENT], c.SECTOR_BITMAP_BLOCK_SIZE)
+    for w in image.bat.raw_windows():
+        states, offsets = entry_states(w.payload), entry_offsets(w.payload)
+        _mark(occupied, offsets[held_blocks(states, offsets)], image.block_size)
+        _mark(occupied, entry_offsets(w.bitmap)[entry_states(w.bitmap) == c.SbState.PRESENT],
+              c.SECTOR_BITMAP_BLOCK_SIZE)
     return occupied
 
 
 def structures_end(image: VhdxImage) -> int:
     """Where the file may end: past every structure, block and sector bitmap block it references."""
     ends = [start + length for start, length in fixed_spans(image)]
-    held = held_blocks(image)
-    if len(held):
-        ends.append(int(image.bat.offsets[held].max()) + image.block_size)
-    present = image.bat.bitmap_states == c.SbState.PRESENT
-    if present.any():
-        ends.append(int(image.bat.bitmap_offsets[present].max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
+    ends.append(image.bat.held_end())
     return ceil_div(max(ends), GRANULE) * GRANULE
+
+
+def _highest(image: VhdxImage, bitmaps: bool, above: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of the ``count`` highest allocated blocks (or present sector bitmaps) past ``above``.
+
+    Highest first: the only ones a round of ``pack`` can move (one pass over windows).
+    """
+    ids, offsets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for w in image.bat.raw_windows():
+        if bitmaps:
+            off = entry_offsets(w.bitmap)
+            sel = np.flatnonzero((entry_states(w.bitmap) == c.SbState.PRESENT) & (off > above))
+            first = w.k0
+        else:
+            states, off = entry_states(w.payload), entry_offsets(w.payload)
+            allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+            sel = np.flatnonzero(allocated & (off > above))
+            first = w.b0
+        ids.append(sel + first)
+        offsets.append(off[sel])
+        if sum(len(i) for i in ids) > 4 * count + WINDOW_ENTRIES:  # keep only the highest ``count`` so far
+            ids, offsets = _top(np.concatenate(ids), np.concatenate(offsets), count)
+            ids, offsets = [ids], [offsets]
+    return _top(np.concatenate(ids), np.concatenate(offsets), count)
+
+
+def _top(ids: np.ndarray, offsets: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-offsets, kind="stable")[:count]
+    return ids[order].astype(np.int64), offsets[order]
 
 
 def free_slots(occupied: np.ndarray, granules: int) -> np.ndarray:
@@ -181,21 +201,17 @@ def pack(image: VhdxImage, progress: Progress | None = None) -> int:
     ``progress`` is called with the bytes moved so far.
     """
     writer = image.writer
-    bat = image.bat
     bs = image.block_size
     moved = moved_bytes = 0
-    for size, items, offsets_of, move in (
-        (bs, lambda: np.flatnonzero(bat.allocated_blocks()), lambda i: bat.offsets[i], writer.move_blocks),
-        (c.SECTOR_BITMAP_BLOCK_SIZE, lambda: np.flatnonzero(bat.bitmap_states == c.SbState.PRESENT),
-         lambda i: bat.bitmap_offsets[i], writer.move_bitmaps),
-    ):
+    for size, bitmaps, move in ((bs, False, writer.move_blocks),
+                                (c.SECTOR_BITMAP_BLOCK_SIZE, True, writer.move_bitmaps)):
         per_commit = max(1, MOVE_SPAN // size)
         while True:  # each round frees space the next round can use
-            ids = items()
-            offsets = offsets_of(ids)
-            order = np.argsort(-offsets, kind="stable")
-            ids, offsets = ids[order], offsets[order]
             slots = free_slots(occupancy(image), size // GRANULE)
+            if not len(slots):
+                break
+            # Only items above the lowest free slot can move down, and no more of them than there are slots.
+            ids, offsets = _highest(image, bitmaps, int(slots[0]), len(slots))
             n = _moves(offsets, slots)
             if n == 0:
                 break
@@ -234,7 +250,7 @@ def zero_blocks(image: VhdxImage, blocks: np.ndarray, progress: Progress | None 
     result = np.zeros(len(blocks), dtype=bool)
     if not len(blocks):
         return result
-    offsets = image.bat.offsets[blocks]
+    offsets = entry_offsets(image.bat.entries_at(image.geometry.payload_index(blocks)))
     order = np.argsort(offsets, kind="stable")
     sorted_offsets = offsets[order]
     # Groups: runs of blocks adjacent in the file, cut every READ_SPAN bytes.
@@ -301,16 +317,21 @@ def guest_free_blocks(image: VhdxImage, blocks: np.ndarray) -> tuple[np.ndarray,
 
 
 def plan_release(image: VhdxImage, mode: str, progress: Progress | None = None) -> Release:
-    bat = image.bat
     trimmed = np.zeros(0, dtype=np.int64)
     zero = np.zeros(0, dtype=np.int64)
     free = np.zeros(0, dtype=np.int64)
     guest: list[str] = []
     kept_parent = 0
+    # One pass over the windows with data: the lists hold only blocks that own space.
+    found_trimmed, found_full = [trimmed], [zero]
+    for w in image.bat.raw_windows():
+        states, offsets = entry_states(w.payload), entry_offsets(w.payload)
+        found_trimmed.append(np.flatnonzero(np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)) + w.b0)
+        found_full.append(np.flatnonzero(states == c.BatState.FULLY_PRESENT) + w.b0)
     if mode in ("full", "pretrimmed", "quick"):
-        trimmed = np.flatnonzero(np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0))
+        trimmed = np.concatenate(found_trimmed).astype(np.int64)
     if mode in ("full", "prezeroed", "quick"):
-        full = np.flatnonzero(bat.states == c.BatState.FULLY_PRESENT)
+        full = np.concatenate(found_full).astype(np.int64)
         if mode == "quick":
             in_free, guest = guest_free_blocks(image, full)
             free, full = full[in_free], full[~in_free]
@@ -319,7 +340,7 @@ def plan_release(image: VhdxImage, mode: str, progress: Progress | None = None) 
             ok = parent_reads_zero(image, zero)
             kept_parent = int((~ok).sum())
             zero = zero[ok]
-    partial = int((bat.states == c.BatState.PARTIALLY_PRESENT).sum())
+    partial = image.bat.summary.state_counts[c.BatState.PARTIALLY_PRESENT]
     return Release(zero, trimmed, kept_parent, partial, free, guest)
 
 
@@ -330,7 +351,7 @@ def apply_release(image: VhdxImage, release: Release) -> None:
     writer.begin(changes_data=bool(len(release.free)))
     if len(release.zero) or len(release.free):
         writer.set_payload(np.concatenate((release.zero, release.free)), c.BatState.NOT_PRESENT, 0)
-    states = image.bat.states[release.trimmed]
+    states = entry_states(image.bat.entries_at(image.geometry.payload_index(release.trimmed)))
     for state in np.unique(states).tolist():
         # v0.95's UNMAPPED (5) is read, never written: it becomes UNMAPPED (3).
         new_state = c.BatState.UNMAPPED if state == c.BatState.UNMAPPED_V095 else state

@@ -46,7 +46,15 @@ from vhdx.ops.compact import (
     truncate_to_structures,
 )
 from vhdx.ops.partitions import move_gpt_backup, read_partition_table
-from vhdx.structures.bat import BAT_DTYPE, Geometry, ceil_div
+from vhdx.structures.bat import (
+    BAT_DTYPE,
+    WINDOW_ENTRIES,
+    Geometry,
+    ceil_div,
+    entry_offsets,
+    entry_states,
+    held_blocks,
+)
 from vhdx.structures.metadata import read_items
 
 SCAN_STEP = 8 * c.MiB
@@ -113,9 +121,47 @@ def minimum_size(image: VhdxImage) -> tuple[int, int]:
     return size, image.virtual_size - table.gpt_backup_bytes
 
 
-def _stage_entries(image: VhdxImage, bat_offset: int, entries: np.ndarray, first: int) -> None:
-    """Stage (through the log) the entries from index ``first`` on, sector by sector where they change."""
-    image.writer.stage_changed(bat_offset + first * c.BAT_ENTRY_SIZE, entries[first:].tobytes())
+def _new_entries(image: VhdxImage, new: Geometry, first: int | None, e0: int, e1: int) -> np.ndarray:
+    """Entries [e0, e1) of the grown BAT, past the old ones.
+
+    Zeros, or for a fixed disk FULLY_PRESENT entries for the new blocks at consecutive offsets from ``first``
+    (the space allocated for them).
+    """
+    entries = np.zeros(e1 - e0, dtype=BAT_DTYPE)
+    if first is not None and image.params.leave_block_allocated:
+        old_blocks = image.geometry.data_blocks
+        stride = new.chunk_ratio + 1
+        index = np.arange(e0, e1, dtype=np.int64)
+        payload = (index % stride) != new.chunk_ratio
+        blocks = index - index // stride
+        new_block = payload & (blocks >= old_blocks) & (blocks < new.data_blocks)
+        offsets = np.uint64(first) + (blocks[new_block] - old_blocks).astype(np.uint64) * np.uint64(new.block_size)
+        entries[new_block] = offsets | np.uint64(c.BatState.FULLY_PRESENT)
+    return entries
+
+
+def _write_grown_entries(image: VhdxImage, new: Geometry, bat_offset: int, old_count: int, first: int | None,
+                         relocated: bool) -> None:
+    """Lay the grown BAT out, one window of entries at a time (bounded memory).
+
+    In place: entries past the old ones are staged through the log where they change. Relocated: a fresh copy
+    at ``bat_offset`` (nothing references that space until the region tables do) gets the old entries, read
+    through the overlay, then the new ones.
+    """
+    step = WINDOW_ENTRIES
+    if relocated:
+        old_offset = image.regions.bat.file_offset
+        for e0 in range(0, old_count, step):
+            n = min(step, old_count - e0) * c.BAT_ENTRY_SIZE
+            image.io.write_at(bat_offset + e0 * c.BAT_ENTRY_SIZE,
+                              image.io.read_at(old_offset + e0 * c.BAT_ENTRY_SIZE, n))
+    for e0 in range(old_count, new.bat_entries, step):
+        e1 = min(new.bat_entries, e0 + step)
+        entries = _new_entries(image, new, first, e0, e1)
+        if relocated:
+            image.io.write_at(bat_offset + e0 * c.BAT_ENTRY_SIZE, entries.tobytes())
+        else:
+            image.writer.stage_changed(bat_offset + e0 * c.BAT_ENTRY_SIZE, entries.tobytes())
 
 
 def _stage_size_and_regions(image: VhdxImage, size: int, bat_offset: int, bat_length: int) -> None:
@@ -145,8 +191,8 @@ def _grow(image: VhdxImage, size: int, result: ResizeResult) -> None:
     # Stale bytes past the old end in the old last block would read as data once the disk is larger (only the
     # part the new size shows; the rest stays past the end).
     last, tail = old.data_blocks - 1, old.virtual_size % bs
-    if tail and bat.allocated_blocks()[last]:
-        start = int(bat.offsets[last])
+    state, start = bat.payload_at(last) if tail else (c.BatState.NOT_PRESENT, 0)
+    if state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT):
         _zero_file_span(image, start + tail, start + min(bs, size - last * bs))
     region = image.regions.bat
     bat_offset, bat_length = region.file_offset, region.length
@@ -157,20 +203,13 @@ def _grow(image: VhdxImage, size: int, result: ResizeResult) -> None:
         # That ended a session (structures moved): start the next one from the file as it is now.
         writer, bat, region = image.writer, image.bat, image.regions.bat
         writer.begin(changes_data=True)
-    entries = np.zeros(new.bat_entries, dtype=BAT_DTYPE)
-    entries[: len(bat.entries)] = bat.entries
-    if image.params.leave_block_allocated:
-        blocks = np.arange(old.data_blocks, new.data_blocks, dtype=np.int64)
-        if len(blocks):
-            first = writer.allocate(len(blocks) * bs)
-            offsets = np.uint64(first) + np.arange(len(blocks), dtype=np.uint64) * np.uint64(bs)
-            entries[new.payload_index(blocks)] = offsets | np.uint64(c.BatState.FULLY_PRESENT)
-    if bat_offset != region.file_offset:
-        # A fresh copy at the end of the file: nothing references that space until the region tables do.
-        image.io.write_at(bat_offset, entries.tobytes())
-        _zero_file_span(image, bat_offset + entries.nbytes, bat_offset + bat_length)
-    else:
-        _stage_entries(image, bat_offset, entries, len(bat.entries))
+    first = None
+    if image.params.leave_block_allocated and new.data_blocks > old.data_blocks:
+        first = writer.allocate((new.data_blocks - old.data_blocks) * bs)
+    relocated = bat_offset != region.file_offset
+    _write_grown_entries(image, new, bat_offset, old.bat_entries, first, relocated)
+    if relocated:
+        _zero_file_span(image, bat_offset + new.bat_entries * c.BAT_ENTRY_SIZE, bat_offset + bat_length)
     writer.commit()  # first the entries (unused by the old size), then what makes them part of the disk
     _stage_size_and_regions(image, size, bat_offset, bat_length)
     writer.commit()
@@ -200,23 +239,20 @@ def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tup
         return offset, need
     move_meta = in_the_way(meta.file_offset, meta.length)
     bs = image.block_size
-    held = bat.allocated_blocks() | (np.isin(bat.states, c.ZERO_READING_STATES) & (bat.offsets > 0))
-    in_way = held & (bat.offsets < hi) & (bat.offsets + bs > lo)
-    sb_in_way = ((bat.bitmap_states == c.SbState.PRESENT) & (bat.bitmap_offsets < hi)
-                 & (bat.bitmap_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > lo))
+    way = _in_the_way(bat, lo, hi)
     # The region takes all the space it frees, so no hole is left behind.
-    end = max([hi, *(bat.offsets[in_way] + bs).tolist(),
-               *(bat.bitmap_offsets[sb_in_way] + c.SECTOR_BITMAP_BLOCK_SIZE).tolist(),
+    end = max([hi, *(way.offsets + bs).tolist(), *(way.sb_offsets + c.SECTOR_BITMAP_BLOCK_SIZE).tolist(),
                meta.end if move_meta else hi])
     writer.reserve_until(end)
-    blocks = np.flatnonzero(in_way & bat.allocated_blocks())
+    allocated = (way.states == c.BatState.FULLY_PRESENT) | (way.states == c.BatState.PARTIALLY_PRESENT)
+    blocks = way.blocks[allocated]
     if len(blocks):
         writer.move_blocks(blocks, [writer.allocate(bs) for _ in range(len(blocks))])
-    chunks = np.flatnonzero(sb_in_way)
+    chunks = way.chunks
     if len(chunks):
         writer.move_bitmaps(chunks, [writer.allocate(c.SECTOR_BITMAP_BLOCK_SIZE) for _ in range(len(chunks))])
-    kept = np.flatnonzero(in_way & ~bat.allocated_blocks())
-    states = bat.states[kept]
+    kept = way.blocks[~allocated]
+    states = way.states[~allocated]
     for state in np.unique(states).tolist():  # zero-reading entries there give up the space they kept
         writer.set_payload(kept[states == state], state, 0)
     writer.commit()
@@ -230,6 +266,35 @@ def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tup
         image.io.truncate(end)
     _zero_file_span(image, region.end, end)
     return lo, end - lo
+
+
+@dataclass(frozen=True)
+class _InTheWay:
+    """Payload blocks holding file space in a range (with their states and offsets) and sector bitmaps there."""
+
+    blocks: np.ndarray
+    states: np.ndarray
+    offsets: np.ndarray
+    chunks: np.ndarray
+    sb_offsets: np.ndarray
+
+
+def _in_the_way(bat, lo: int, hi: int) -> _InTheWay:
+    """What holds file space in [lo, hi): one pass over the BAT's windows with data."""
+    bs = bat.geometry.block_size
+    found: list[tuple[np.ndarray, ...]] = []
+    for w in bat.raw_windows():
+        states, offsets = entry_states(w.payload), entry_offsets(w.payload)
+        sel = np.flatnonzero(held_blocks(states, offsets) & (offsets < hi) & (offsets + bs > lo))
+        sb_states, sb_offsets = entry_states(w.bitmap), entry_offsets(w.bitmap)
+        sb = np.flatnonzero((sb_states == c.SbState.PRESENT) & (sb_offsets < hi)
+                            & (sb_offsets + c.SECTOR_BITMAP_BLOCK_SIZE > lo))
+        found.append((sel + w.b0, states[sel], offsets[sel], sb + w.k0, sb_offsets[sb]))
+    if not found:
+        empty = np.zeros(0, np.int64)
+        return _InTheWay(empty, empty.astype(np.uint8), empty, empty, empty)
+    cols = [np.concatenate(col) for col in zip(*found, strict=True)]
+    return _InTheWay(cols[0].astype(np.int64), cols[1], cols[2], cols[3].astype(np.int64), cols[4])
 
 
 def _shrink(image: VhdxImage, size: int) -> None:
@@ -247,10 +312,15 @@ def clear_unused_entries(image: VhdxImage, geometry: Geometry) -> None:
     """Zero the BAT region past the entries ``geometry`` reads, so a later grow cannot bring old blocks back."""
     region = image.regions.bat
     used = geometry.bat_entries * c.BAT_ENTRY_SIZE
-    if region.length > used:
-        image.writer.begin(changes_data=False)
-        image.writer.stage_changed(region.file_offset + used, bytes(region.length - used))
-        image.writer.commit()
+    if region.length <= used:
+        return
+    # Window by window, and only where the file holds data: a 64 TiB BAT cut in half is mostly a hole.
+    step = WINDOW_ENTRIES * c.BAT_ENTRY_SIZE
+    image.writer.begin(changes_data=False)
+    for start, stop in image.io.data_spans(region.file_offset + used, region.length - used):
+        for pos in range(start, stop, step):
+            image.writer.stage_changed(pos, bytes(min(step, stop - pos)))
+    image.writer.commit()
 
 
 def _check_dependents(image: VhdxImage, size: int, force: bool, search_dirs, result: ResizeResult) -> None:

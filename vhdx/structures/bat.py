@@ -38,6 +38,8 @@ MAP_WINDOWS = 8
 # Decoded windows kept per file (9 bytes per entry): bounds a reader's BAT memory to about 20 MiB.
 WINDOW_CACHE = 8
 OFFSET_CLAMP = 1 << 62
+_SECTOR = 4096  # a writer stages BAT changes as whole 4 KiB sectors
+_RUN_SECTORS = 512  # sectors read at once by point lookups and updates (2 MiB)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -288,10 +290,12 @@ class StateView:
 class Bat:
     """The BAT of one file, read lazily in windows of whole chunks.
 
-    Range accessors (``payload_range``, ``bitmap_range``, ``state_view``) and the one-pass ``summary`` work in
-    bounded memory on any disk size. The whole-array properties (``entries``, ``states``, ``offsets``,
-    ``bitmap_states``...) read the whole BAT once and keep it: for small disks and for writers, which update
-    it in place; once read whole, every accessor answers from those arrays.
+    Range accessors (``payload_range``, ``bitmap_range``, ``state_view``), point lookups (``entries_at``,
+    ``payload_at``, ``bitmap_at``) and the one-pass ``summary`` work in bounded memory on any disk size; writers
+    change entries through the 4 KiB sectors holding them (``set_payload``, ``set_bitmap``). The whole-array
+    properties (``entries``, ``states``, ``offsets``, ``bitmap_states``...) read the whole BAT once and keep it
+    (small disks, tests, forensic tools); once read whole, every accessor answers from those arrays and updates
+    keep them current.
     """
 
     def __init__(self, io: ImageIO, geometry: Geometry, file_offset: int) -> None:
@@ -592,10 +596,10 @@ class Bat:
         """File offset of one BAT entry (for error messages and findings)."""
         return self.file_offset + bat_index * c.BAT_ENTRY_SIZE
 
-    # --- the whole BAT (small disks and writers only) ------------------------------------------------
+    # --- the whole BAT (small disks only; never on the write path) ------------------------------------
     @property
     def entries(self) -> np.ndarray:
-        """Every raw entry (length geometry.bat_entries), read once and kept: small disks and writers only."""
+        """Every raw entry (length geometry.bat_entries), read once and kept: small disks only."""
         if self._entries is None:
             self._entries = self._read_entries(0, self.geometry.bat_entries)
             self._cache.clear()
@@ -623,7 +627,7 @@ class Bat:
 
     @cached_property
     def states(self) -> np.ndarray:
-        """BatState of every payload block (uint8); the whole BAT (small disks and writers only)."""
+        """BatState of every payload block (uint8); the whole BAT (small disks only)."""
         return entry_states(self.payload_entries)
 
     @cached_property
@@ -643,30 +647,145 @@ class Bat:
         """Mask of payload blocks that own space in the file (fully or partially present); whole BAT."""
         return (self.states == c.BatState.FULLY_PRESENT) | (self.states == c.BatState.PARTIALLY_PRESENT)
 
-    # --- in-place updates (writer) ------------------------------------------------------------------
-    def set_payload(self, blocks: np.ndarray, state: int, offsets) -> np.ndarray:
-        """Set payload entries of ``blocks`` to (state, offsets); returns their BAT indexes."""
+    # --- point lookups, held space and updates (writers; bounded memory) ----------------------------
+    def entries_at(self, index) -> np.ndarray:
+        """Raw entries at BAT indexes ``index`` (any order), read through the overlay (a writer's staged sectors).
+
+        Only the 4 KiB sectors holding them are read: a point lookup costs one read, not a window decode.
+        """
+        index = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if self._entries is not None:
+            return self._entries[index].copy()
+        out = np.zeros(len(index), dtype=BAT_DTYPE)
+        for _lo, buf, sel, rel in self._sector_runs(index):
+            out[sel] = buf[rel]
+        return out
+
+    def payload_at(self, block: int) -> tuple[int, int]:
+        """(state, file offset) of one payload block."""
+        entry = self.entries_at(self.geometry.payload_index(block))
+        return int(entry_states(entry)[0]), int(entry_offsets(entry)[0])
+
+    def bitmap_at(self, chunk: int) -> tuple[int, int]:
+        """(state, file offset) of one sector bitmap entry."""
+        entry = self.entries_at(self.geometry.bitmap_index(chunk))
+        return int(entry_states(entry)[0]), int(entry_offsets(entry)[0])
+
+    def _sector_runs(self, index: np.ndarray):
+        """(first entry, entries of a run of 4 KiB BAT sectors, positions in ``index``, their offsets in the run).
+
+        The sectors holding ``index`` are read in runs of consecutive sectors (at most 2 MiB each); the arrays
+        yielded are fresh copies a caller may change.
+        """
+        per = _SECTOR // c.BAT_ENTRY_SIZE
+        order = np.argsort(index, kind="stable")
+        sorted_index = index[order]
+        sectors = np.unique(sorted_index // per)
+        cut = np.flatnonzero(np.diff(sectors) != 1) + 1
+        for run in np.split(sectors, cut):
+            for start in range(0, len(run), _RUN_SECTORS):
+                s0, s1 = int(run[start]), int(run[min(start + _RUN_SECTORS, len(run)) - 1]) + 1
+                lo, hi = s0 * per, s1 * per
+                a, b = np.searchsorted(sorted_index, [lo, hi])
+                raw = bytearray(self.io.read_at(self.entry_file_offset(lo), (hi - lo) * c.BAT_ENTRY_SIZE))
+                yield lo, np.frombuffer(raw, dtype=BAT_DTYPE), order[a:b], sorted_index[a:b] - lo
+
+    def update_entries(self, index, values, stage) -> np.ndarray:
+        """Set raw entries ``index`` to ``values`` and return the entries they replace.
+
+        The 4 KiB BAT sectors holding them are read (through the overlay), changed and handed to
+        ``stage(file_offset, sector_bytes)`` (the writer's pending metadata, which reads see at once); the
+        decoded windows they lie in are dropped. No whole-BAT array is made; one already read is kept current.
+        A repeated index takes its last value.
+        """
+        index = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        values = np.broadcast_to(np.asarray(values, dtype=BAT_DTYPE), index.shape)
+        old = np.zeros(len(index), dtype=BAT_DTYPE)
+        per = _SECTOR // c.BAT_ENTRY_SIZE
+        for lo, buf, sel, rel in self._sector_runs(index):
+            old[sel] = buf[rel]
+            buf[rel] = values[sel]
+            for s in np.unique(rel // per).tolist():
+                stage(self.entry_file_offset(lo + s * per), buf[s * per : (s + 1) * per].tobytes())
+        if self._entries is not None:
+            self._entries[index] = values  # the split arrays are kept current by set_payload/set_bitmap
+        windows = np.unique(index // (self.geometry.chunk_ratio + 1) // self.window_chunks).tolist()
+        with self._lock:
+            for w in windows:
+                self._cache.pop(w, None)
+                self._uniform.pop(w, None)
+        self._summary = None
+        return old
+
+    def set_payload(self, blocks, state: int, offsets, stage) -> np.ndarray:
+        """Set payload entries of ``blocks`` to (state, offsets) through ``stage``; returns the old raw entries."""
+        blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
         offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), blocks.shape)
         values = (offsets.astype(np.uint64) & _OFFSET_MASK) | np.uint64(state)
-        index = self.geometry.payload_index(blocks)
-        self.entries[index] = values
-        self.payload_entries[blocks] = values
+        old = self.update_entries(self.geometry.payload_index(blocks), values, stage)
+        if "_split" in self.__dict__:  # a whole BAT read before: keep its arrays current
+            self.payload_entries[blocks] = values
         if "states" in self.__dict__:
             self.states[blocks] = state
         if "offsets" in self.__dict__:
             self.offsets[blocks] = offsets
-        self._summary = None
-        return index
+        return old
 
-    def set_bitmap(self, chunks: np.ndarray, state: int, offset: int) -> np.ndarray:
-        """Set sector bitmap entries of ``chunks``; returns their BAT indexes."""
+    def set_bitmap(self, chunks, state: int, offset: int, stage) -> np.ndarray:
+        """Set sector bitmap entries of ``chunks`` through ``stage``; returns the old raw entries."""
+        chunks = np.atleast_1d(np.asarray(chunks, dtype=np.int64))
         value = (np.uint64(offset) & _OFFSET_MASK) | np.uint64(state)
-        index = self.geometry.bitmap_index(chunks)
-        self.entries[index] = value
-        self.bitmap_entries[chunks] = value
+        old = self.update_entries(self.geometry.bitmap_index(chunks), value, stage)
+        if "_split" in self.__dict__:
+            self.bitmap_entries[chunks] = value
         if "bitmap_states" in self.__dict__:
             self.bitmap_states[chunks] = state
         if "bitmap_offsets" in self.__dict__:
             self.bitmap_offsets[chunks] = offset
-        self._summary = None
-        return index
+        return old
+
+    def held_end(self) -> int:
+        """End of the last file space the BAT holds (0 if none), in one pass over the windows with data.
+
+        Held: blocks that own space (fully or partially present), ZERO/UNMAPPED/UNDEFINED blocks that kept
+        their offset (their space is reused by their next write), and present sector bitmaps.
+        """
+        end = 0
+        for win in self.raw_windows():
+            states, offsets = entry_states(win.payload), entry_offsets(win.payload)
+            held = held_blocks(states, offsets)
+            if held.any():
+                end = max(end, int(offsets[held].max()) + self.geometry.block_size)
+            sb_offsets = entry_offsets(win.bitmap)[entry_states(win.bitmap) == c.SbState.PRESENT]
+            if len(sb_offsets):
+                end = max(end, int(sb_offsets.max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
+        return end
+
+    def taken_units(self, size: int) -> np.ndarray:
+        """Which 1 MiB units of the file's first ``size`` bytes allocated blocks and present bitmaps take (bool).
+
+        One pass over the windows with data; 1 byte per MiB of file (64 MiB for a 64 TiB file).
+        """
+        taken = np.zeros(ceil_div(size, c.ALIGNMENT), dtype=bool)
+        for win in self.raw_windows():
+            states = entry_states(win.payload)
+            allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+            mark_units(taken, entry_offsets(win.payload)[allocated], self.geometry.block_size)
+            sb = entry_states(win.bitmap) == c.SbState.PRESENT
+            mark_units(taken, entry_offsets(win.bitmap)[sb], c.SECTOR_BITMAP_BLOCK_SIZE)
+        return taken
+
+
+def held_blocks(states: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Mask of payload blocks that hold file space: allocated, or reading as zeros but keeping their offset."""
+    allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+    return allocated | np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)
+
+
+def mark_units(taken: np.ndarray, offsets: np.ndarray, length: int) -> None:
+    """Mark the 1 MiB units of extents [offset, offset + length) in ``taken``; what lies past its end is ignored."""
+    units = np.asarray(offsets, dtype=np.int64) // c.ALIGNMENT
+    units = units[units < len(taken)]
+    for k in range(ceil_div(length, c.ALIGNMENT)):
+        u = units + k
+        taken[u[u < len(taken)]] = True

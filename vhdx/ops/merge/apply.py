@@ -72,7 +72,7 @@ def _stage_bitmaps(dest: VhdxImage, plan: MergePlan) -> None:
         sel = np.flatnonzero(chunks == chunk)
         within = plan.bitmap_blocks[sel] % g.chunk_ratio
         lo, hi = int(within.min()), int(within.max()) + 1
-        base = int(dest.bat.bitmap_offsets[chunk]) + lo * per
+        base = dest.bat.bitmap_at(chunk)[1] + lo * per
         span = np.frombuffer(dest.io.read_at(base, (hi - lo) * per), np.uint8).reshape(hi - lo, per).copy()
         span[within - lo] = plan.bitmap_bytes[sel]
         dest.writer.stage(base, span.tobytes())

@@ -103,7 +103,8 @@ class MergePlan:
     alloc_base: int
     file_size: int  # destination size before the merge
     final_file_size: int
-    block_source: np.ndarray  # int16 per destination block: top-most layer that changes it, -1 untouched
+    touched_blocks: np.ndarray  # int64 destination blocks the merge changes, sorted
+    touched_sources: np.ndarray  # int16 the top-most layer that changes each of them
     copy_layer: np.ndarray  # int16 source layer of each copy
     copy_src: np.ndarray  # int64 file offset in the source layer
     copy_dst: np.ndarray  # int64 file offset in the destination
@@ -130,7 +131,14 @@ class MergePlan:
 
     @property
     def blocks_touched(self) -> int:
-        return int((self.block_source >= 0).sum())
+        return len(self.touched_blocks)
+
+    @property
+    def block_source(self) -> np.ndarray:
+        """int16 per destination block: top-most layer that changes it, -1 untouched (a whole-disk array)."""
+        out = np.full(ceil_div(self.virtual_size, self.dest_block_size), -1, np.int16)
+        out[self.touched_blocks] = self.touched_sources
+        return out
 
     @property
     def new_bytes(self) -> int:
@@ -458,14 +466,20 @@ def plan_merge(layers: Sequence[LayerArrays], dest: DestArrays, *, virtual_size:
     bs, spb = shape.block_size, shape.block_size // shape.sector_size
     nblocks = ceil_div(shape.vsize, bs)
     window = max(1, WINDOW_UNITS * shape.unit // bs)
-    block_source = np.full(nblocks, -1, np.int16)
+    touched: list[np.ndarray] = []
+    sources: list[np.ndarray] = []
     windows: list[WindowPlan] = []
     next_new = 0
     for b0 in range(0, nblocks, window):
-        part = plan_window(layers, dest, shape, b0, min(nblocks, b0 + window), next_new)
+        b1 = min(nblocks, b0 + window)
+        if _all_absent(layers, b0 * bs, min(b1 * bs, shape.vsize)):
+            continue  # nothing above the destination there: no window arrays (a 64 TiB disk is mostly this)
+        part = plan_window(layers, dest, shape, b0, b1, next_new)
         if part is None:
             continue
-        block_source[b0 : b0 + len(part.block_source)] = part.block_source
+        local = np.flatnonzero(part.block_source >= 0)
+        touched.append(local + b0)
+        sources.append(part.block_source[local])
         next_new += part.new_blocks
         windows.append(part)
     i64 = np.zeros(0, np.int64)
@@ -489,11 +503,28 @@ def plan_merge(layers: Sequence[LayerArrays], dest: DestArrays, *, virtual_size:
     return MergePlan(
         virtual_size=shape.vsize, sector_size=shape.sector_size, dest_kind=dest.kind, dest_block_size=bs,
         layer_count=len(layers), alloc_base=dest.alloc_base, file_size=dest.file_size, final_file_size=final,
-        block_source=block_source, copy_layer=cl.astype(np.int16), copy_src=cs, copy_dst=cd, copy_len=cn,
+        touched_blocks=np.concatenate(touched).astype(np.int64) if touched else i64,
+        touched_sources=np.concatenate(sources).astype(np.int16) if sources else i64.astype(np.int16),
+        copy_layer=cl.astype(np.int16), copy_src=cs, copy_dst=cd, copy_len=cn,
         zero_dst=zd, zero_len=zn, bat_blocks=bb[order].astype(np.int64), bat_states=bst.astype(np.uint8),
         bat_offsets=bo.astype(np.int64), sb_chunks=chunks.astype(np.int64), sb_offsets=sb_offsets,
         bitmap_blocks=mb.astype(np.int64), bitmap_bytes=mbits.astype(np.uint8), new_blocks=next_new,
         reused_blocks=sum(w.reused_blocks for w in windows))
+
+
+def _all_absent(layers: Sequence[LayerArrays], start: int, end: int) -> bool:
+    """True when every layer is known to hold nothing (NOT_PRESENT) in virtual bytes [start, end).
+
+    Only layers whose ``states`` can say so without per-block arrays (``uniform_state``, a windowed BAT) are
+    asked; plain arrays answer False (the window is planned as before).
+    """
+    for layer in layers:
+        ask = getattr(layer.states, "uniform_state", None)
+        if ask is None or end > layer.virtual_size:
+            return False
+        if ask(start // layer.block_size, ceil_div(end, layer.block_size)) != BS.NOT_PRESENT:
+            return False
+    return True
 
 
 def _keep(ext: Extents, mask: np.ndarray) -> Extents:

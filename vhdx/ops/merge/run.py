@@ -217,7 +217,7 @@ def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Seque
             if needed > image.regions.bat.length:
                 raise UnsupportedError(f"the destination's BAT region ({image.regions.bat.length} bytes) cannot "
                                        f"describe the child's size ({needed} bytes needed)", path=image.path)
-            have = len(image.bat.entries) * c.BAT_ENTRY_SIZE
+            have = image.geometry.bat_entries * c.BAT_ENTRY_SIZE
             image.writer.stage(image.bat.file_offset + have, bytes(needed - have))
         if wanted != current:
             image.writer.rewrite_metadata(wanted)
