@@ -4,6 +4,9 @@ SIGKILLs of a ``vhdx merge`` process at random moments."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import random
 import shutil
 import signal
@@ -11,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import vhdx
@@ -206,3 +210,59 @@ def test_merge_survives_sigkill_at_random_moments(tmp_path, seed):
             vhdx.merge_chain(wp[1], into=wp[3])  # killed before the journal existed: nothing had changed
         assert read_view(wp[0]) == bytes(model) and read_view(wp[3]) == expected
         shutil.rmtree(work)
+
+
+def legacy_plan_file(plan_path) -> str:
+    """Rewrite a saved plan as versions before the windowed merge wrote it: a whole-disk ``block_source``
+    column where ``touched_blocks``/``touched_sources`` are now; returns the digest such a journal recorded."""
+    with np.load(plan_path) as npz:
+        saved = {name: npz[name] for name in npz.files}
+    blocks = -(-int(saved["virtual_size"]) // int(saved["dest_block_size"]))
+    source = np.full(blocks, -1, np.int16)
+    source[saved["touched_blocks"]] = saved["touched_sources"]
+    old = {}
+    for name, value in saved.items():
+        if name == "touched_blocks":
+            old["block_source"] = source
+        elif name != "touched_sources":
+            old[name] = value
+    buf = io.BytesIO()
+    np.savez(buf, **old)
+    with open(plan_path, "wb") as f:
+        f.write(buf.getvalue())
+    h = hashlib.sha256()  # the digest as the older MergePlan computed it, field by field in this order
+    for name, value in old.items():
+        h.update(name.encode())
+        if value.ndim:
+            h.update(str(value.dtype).encode() + str(value.shape).encode() + value.tobytes())
+        else:
+            h.update(repr(value.item()).encode())
+    return h.hexdigest()
+
+
+def test_merge_interrupted_under_the_older_plan_format_resumes(tmp_path, journal_steps):
+    pristine = tmp_path / "pristine"
+    paths, model = scenario(pristine)
+    child_view = read_view(paths[1])
+    for crash_at in range(5, 200):  # the first crash that leaves a planned merge with data half written
+        work = tmp_path / f"crash{crash_at}"
+        shutil.copytree(pristine, work)
+        wp = [work / p.name for p in paths]
+        journal_steps["power"] = Power(crash_at)
+        with pytest.raises(SimulatedCrash):
+            run_merge(wp, journal_steps["power"])
+        journal = find_interrupted(str(wp[1]))
+        if journal is not None and journal.state == "planned" and read_view(wp[3]) != read_view(paths[3]):
+            break
+        shutil.rmtree(work)
+    else:
+        pytest.fail("no crash point left a planned, half-written merge")
+    digest = legacy_plan_file(journal.plan_path)
+    with open(journal.path) as f:
+        data = json.load(f)
+    data["plan_digest"] = digest
+    with open(journal.path, "w") as f:
+        json.dump(data, f)
+    journal_steps["power"] = Power(None)
+    assert vhdx.merge_chain(wp[1], resume=True).resumed
+    assert read_view(wp[3]) == child_view and read_view(wp[0]) == bytes(model)

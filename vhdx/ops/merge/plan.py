@@ -148,16 +148,7 @@ class MergePlan:
     @cached_property
     def digest(self) -> str:
         """sha256 over every field, so a saved plan can be matched with the journal that names it."""
-        h = hashlib.sha256()
-        for f in fields(self):
-            value = getattr(self, f.name)
-            h.update(f.name.encode())
-            if isinstance(value, np.ndarray):
-                h.update(str(value.dtype).encode() + str(value.shape).encode())
-                h.update(np.ascontiguousarray(value).tobytes())
-            else:
-                h.update(repr(value).encode())
-        return h.hexdigest()
+        return _digest((f.name, getattr(self, f.name)) for f in fields(self))
 
     def summary(self) -> dict:
         return {"blocks_touched": self.blocks_touched, "bytes_to_copy": self.bytes_to_copy,
@@ -176,14 +167,37 @@ class MergePlan:
     def from_bytes(cls, data: bytes, where: str | None = None) -> MergePlan:
         try:
             with np.load(_io.BytesIO(data), allow_pickle=False) as npz:
-                values = {}
-                for f in fields(cls):
-                    arr = npz[f.name]
-                    values[f.name] = arr if arr.ndim else arr.item()
+                saved = {name: npz[name] for name in npz.files}
+            saved = {name: arr if arr.ndim else arr.item() for name, arr in saved.items()}
+            legacy = "block_source" in saved and "touched_blocks" not in saved
+            if legacy:
+                # Saved by a merge interrupted under an older version, which kept the top-most source of every
+                # destination block; its journal names the digest of the fields as they were saved then.
+                saved_digest = _digest(saved.items())
+                source = saved.pop("block_source")
+                touched = np.flatnonzero(source >= 0)
+                saved["touched_blocks"], saved["touched_sources"] = touched, source[touched].astype(np.int16)
+            values = {f.name: saved[f.name] for f in fields(cls)}
         except (OSError, KeyError, ValueError) as exc:
             raise MergeError(f"saved merge plan is unreadable ({exc})", path=where) from None
         values["dest_kind"] = str(values["dest_kind"])
-        return cls(**values)
+        plan = cls(**values)
+        if legacy:
+            plan.__dict__["digest"] = saved_digest  # the cached digest: what the older journal recorded
+        return plan
+
+
+def _digest(items) -> str:
+    """sha256 over (name, value) pairs: arrays by dtype, shape and bytes, other values by repr."""
+    h = hashlib.sha256()
+    for name, value in items:
+        h.update(name.encode())
+        if isinstance(value, np.ndarray):
+            h.update(str(value.dtype).encode() + str(value.shape).encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
 
 
 # --- planning (pure) -----------------------------------------------------------------------------------
