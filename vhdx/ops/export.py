@@ -1,9 +1,10 @@
 """Flatten a virtual disk (its whole chain) into a raw image.
 
 Only runs that hold data are read; runs that read as zeros (blocks not present, ZERO or trimmed) are left as holes
-in a sparse output file, so a 10 GiB disk with 20 MiB of data costs 20 MiB of I/O. Inside the data, whole 4 KiB
-granules of zeros (:func:`vhdx.disk.zero_runs.nonzero_runs`, numpy over 8 MiB reads) are left as holes too, as
-``qemu-img convert`` does. ``sparse=False`` (``--no-sparse``) writes every byte: a fully allocated file. A device or
+in a sparse output file, so a 10 GiB disk with 20 MiB of data costs 20 MiB of I/O. Every whole 4 KiB granule of
+the disk that reads as zeros is a hole of the output, also inside the data and where data meets a run of zeros
+(:func:`vhdx.disk.zero_runs.nonzero_granule_runs`, one numpy pass per 8 MiB buffer), as ``qemu-img convert`` does.
+With ``sync`` the write-back of each buffer starts as soon as it is written, so the final fsync waits for little. ``sparse=False`` (``--no-sparse``) writes every byte: a fully allocated file. A device or
 FIFO is written in place, every byte in order (it is not known to read zeros where nothing is written), never
 punched.
 """
@@ -13,11 +14,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
+
+from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage
-from vhdx.disk.supply import gather_spans
-from vhdx.disk.zero_runs import nonzero_runs
+from vhdx.disk.zero_runs import ZERO_GRANULE, nonzero_granule_runs
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.io import COPY_CHUNK
+from vhdx.io import COPY_CHUNK, ImageIO, start_writeback
 from vhdx.ops import output
 
 
@@ -43,30 +46,111 @@ def export_raw(image: VhdxImage, out_path: str | os.PathLike, *, overwrite: bool
 
 
 def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> int:
-    written = 0
     try:
         os.ftruncate(fd, image.virtual_size)
     except OSError as exc:
         raise VhdxError(f"cannot resize file: {exc.strerror}", path=path) from None
-    layers = image.layers
-    view = memoryview(bytearray(COPY_CHUNK))
-    # Neighbouring small runs (a fragmented chain: 4 KiB here, 4 KiB from a parent there) are gathered into one
-    # buffer; each buffer is written without its whole zero granules, which stay holes.
-    for start, length, pieces in gather_spans(image.extents().rows(), COPY_CHUNK):
-        held = 0
-        for _vstart, n, layer, file_offset in pieces:
-            layers[layer].io.readinto_at(file_offset, view[held : held + n])
-            held += n
-        for run, size in nonzero_runs(view[:held], start):
-            _write(fd, view[run : run + size], start + run, path)
-            written += size
-        if progress:
-            progress(start + length)
+    readers = [_Reader(layer.io) for layer in image.layers]
+    out = _SparseOutput(fd, path, image.virtual_size, progress, sync)
+    ext = image.extents()
+    data = ext.kind == ExtentKind.DATA
+    for start, length, layer, file_offset in zip(ext.start[data].tolist(), ext.length[data].tolist(),
+                                                 ext.layer[data].tolist(), ext.file_offset[data].tolist(),
+                                                 strict=True):
+        out.add(start, length, readers[layer], file_offset)
+    out.flush()
     if progress:
         progress(image.virtual_size)
     if sync:
         _fsync(fd, path)
-    return written
+    return out.written
+
+
+class _Reader:
+    """Positional reads of one layer: straight ``preadv`` where the file has the bytes as they are on disk."""
+
+    __slots__ = ("fd", "io", "size")
+
+    def __init__(self, io: ImageIO) -> None:
+        self.io = io
+        self.fd = io.fd if io.overlay is None else None  # an in-memory log replay patches what is read
+        self.size = io.real_size if self.fd is not None else 0
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        if offset + len(view) <= self.size:
+            try:
+                if os.preadv(self.fd, [view], offset) == len(view):
+                    return
+            except OSError:
+                pass  # readinto_at reads again and reports the error with the file and offset
+        self.io.readinto_at(offset, view)  # short reads, past the end of the file, overlays
+
+
+# Zeros for the few bytes around a piece that share a granule with it (less than two granules).
+_ZEROS = bytes(2 * ZERO_GRANULE)
+
+
+class _SparseOutput:
+    """Packs the data runs of a disk into one buffer and writes its non-zero granules where they belong.
+
+    The buffer holds segments: stretches of whole granules of the disk, each filled from the runs that meet it
+    (zeros where no run does, as the disk reads there). One numpy pass finds the granules holding data, and each
+    run of them is one ``pwrite``; whole zero granules stay holes of the output.
+    """
+
+    def __init__(self, fd: int, path: str, virtual_size: int, progress, sync: bool) -> None:
+        self.fd, self.path, self.virtual_size = fd, path, virtual_size
+        self.progress, self.sync = progress, sync
+        self.view = memoryview(bytearray(COPY_CHUNK))
+        self.seg_buffer: list[int] = []  # granule-aligned buffer offset of each segment
+        self.seg_virtual: list[int] = []  # the virtual offset that buffer offset holds
+        self.pos = 0  # end of the bytes filled in the buffer
+        self.virtual_end = -1  # virtual offset of buffer[pos] (the current segment's end); -1: no segment
+        self.synced_to = 0  # virtual offset up to which write-back was started
+        self.written = 0
+
+    def add(self, start: int, length: int, reader: _Reader, file_offset: int) -> None:
+        """Copy ``length`` bytes of the disk from ``start``, held by ``reader`` at ``file_offset``."""
+        g = ZERO_GRANULE
+        cap = len(self.view)
+        while length:
+            # A run that starts in the granule where the segment ends, or the next, continues the segment.
+            joins = self.virtual_end >= 0 and start // g <= -(-self.virtual_end // g)
+            at = self.pos + start - self.virtual_end if joins else -(-self.pos // g) * g + start % g
+            if at >= cap:
+                self.flush()
+                continue
+            if not joins:
+                self.seg_buffer.append(at - start % g)
+                self.seg_virtual.append(start - start % g)
+            self.view[self.pos : at] = _ZEROS[: at - self.pos]
+            n = min(length, cap - at)
+            reader.readinto(file_offset, self.view[at : at + n])
+            self.pos, self.virtual_end = at + n, start + n
+            start, length, file_offset = start + n, length - n, file_offset + n
+
+    def flush(self) -> None:
+        """Write the non-zero granules of the buffer and empty it."""
+        if not self.seg_buffer:
+            return
+        end = -(-self.pos // ZERO_GRANULE) * ZERO_GRANULE
+        self.view[self.pos : end] = _ZEROS[: end - self.pos]
+        seg_buffer = np.array(self.seg_buffer, dtype=np.int64)
+        starts, ends = nonzero_granule_runs(self.view[:end], seg_buffer)
+        seg = seg_buffer.searchsorted(starts, "right") - 1
+        shift = np.array(self.seg_virtual, dtype=np.int64)[seg] - seg_buffer[seg]
+        for lo, hi, to in zip(starts.tolist(), ends.tolist(), shift.tolist(), strict=True):
+            hi = min(hi, self.virtual_size - to)  # the last granule of a disk may end past it
+            _write(self.fd, self.view[lo:hi], lo + to, self.path)
+            self.written += hi - lo
+        last = self.virtual_end
+        self.seg_buffer, self.seg_virtual = [], []
+        self.pos, self.virtual_end = 0, -1
+        if self.sync:
+            start_writeback(self.fd, self.synced_to, last - self.synced_to)
+            self.synced_to = last
+        if self.progress:
+            self.progress(last)
 
 
 def _write(fd: int, piece: memoryview, offset: int, path: str) -> None:
