@@ -18,7 +18,16 @@ from functools import cached_property
 import numpy as np
 
 from vhdx.disk import chain as _chain
-from vhdx.disk.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
+from vhdx.disk.extents import (
+    ExtentKind,
+    Extents,
+    bitmap_runs,
+    clip,
+    coalesce,
+    concat_sorted,
+    kinds_of_states,
+    overlay_stack,
+)
 from vhdx.disk.supply import SupplyIndex
 from vhdx.disk.writer import Writer
 from vhdx.errors import ChainLoopError, InvalidRequestError, VhdxError
@@ -250,12 +259,7 @@ class VhdxImage(VhdxFile):
             if hi <= lo:
                 break
             image = parent
-        below = stack.pop()
-        while stack:
-            below = Extents(below.start, below.length, below.kind,
-                            np.where(below.layer >= 0, below.layer + 1, -1).astype(np.int16), below.file_offset)
-            below = overlay(stack.pop(), below)
-        return below
+        return overlay_stack(stack)
 
     # --- reading ------------------------------------------------------------------------------------
     def readinto(self, offset: int, buf) -> int:

@@ -4,9 +4,9 @@ Only runs that hold data are read; runs that read as zeros (blocks not present, 
 in a sparse output file, so a 10 GiB disk with 20 MiB of data costs 20 MiB of I/O. Every whole 4 KiB granule of
 the disk that reads as zeros is a hole of the output, also inside the data and where data meets a run of zeros
 (:func:`vhdx.disk.zero_runs.nonzero_granule_runs`, one numpy pass per 8 MiB buffer), as ``qemu-img convert`` does.
-With ``sync`` the write-back of each buffer starts as soon as it is written, so the final fsync waits for little. ``sparse=False`` (``--no-sparse``) writes every byte: a fully allocated file. A device or
-FIFO is written in place, every byte in order (it is not known to read zeros where nothing is written), never
-punched.
+With ``sync`` the write-back of each buffer starts as soon as it is written, so the final fsync waits for little.
+``sparse=False`` (``--no-sparse``) writes every byte: a fully allocated file. A device or FIFO is written in place,
+every byte in order (it is not known to read zeros where nothing is written), never punched.
 """
 
 from __future__ import annotations
