@@ -531,6 +531,56 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
+class WriteBehind:
+    """Start the write-back of what a copy has written on a helper thread, while the copy goes on.
+
+    Submitting write-back costs the kernel real CPU time (block allocation, building requests); done in the
+    copying thread it only moves the cost from the final fsync to the copy. On a helper thread (the call
+    releases the GIL) it overlaps the copy, and the final fsync waits for little. Only that fsync makes the
+    data durable and reports errors; this changes nothing the file will hold.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._started = 0  # write-back started for [0, _started)
+        self._target = 0
+        self._stop = False
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def advance(self, end: int) -> None:
+        """The bytes before ``end`` are written: start their write-back."""
+        with self._wake:
+            if end > self._target:
+                self._target = end
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._target == self._started and not self._stop:
+                    self._wake.wait()
+                if self._target == self._started:
+                    return
+                lo, hi = self._started, self._target
+            start_writeback(self._fd, lo, hi - lo)
+            self._started = hi
+
+    def __enter__(self) -> WriteBehind:
+        start_writeback(self._fd, 0, 0)  # looks sync_file_range up once, here
+        if _sync_file_range:
+            self._thread = threading.Thread(target=self._run, name="vhdx-write-behind", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class BackgroundFlush:
     """Push written data towards the disk from a helper thread while a long copy runs.
 

@@ -4,13 +4,14 @@ Only runs that hold data are read; runs that read as zeros (blocks not present, 
 in a sparse output file, so a 10 GiB disk with 20 MiB of data costs 20 MiB of I/O. Every whole 4 KiB granule of
 the disk that reads as zeros is a hole of the output, also inside the data and where data meets a run of zeros
 (:func:`vhdx.disk.zero_runs.nonzero_granule_runs`, one numpy pass per 8 MiB buffer), as ``qemu-img convert`` does.
-With ``sync`` the write-back of each buffer starts as soon as it is written, so the final fsync waits for little.
+With ``sync`` a helper thread starts the write-back of each buffer once it is written (``vhdx.io.WriteBehind``).
 ``sparse=False`` (``--no-sparse``) writes every byte: a fully allocated file. A device or FIFO is written in place,
 every byte in order (it is not known to read zeros where nothing is written), never punched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage
 from vhdx.disk.zero_runs import ZERO_GRANULE, nonzero_granule_runs
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.io import COPY_CHUNK, ImageIO, start_writeback
+from vhdx.io import COPY_CHUNK, ImageIO, WriteBehind
 from vhdx.ops import output
 
 
@@ -51,14 +52,15 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
     except OSError as exc:
         raise VhdxError(f"cannot resize file: {exc.strerror}", path=path) from None
     readers = [_Reader(layer.io) for layer in image.layers]
-    out = _SparseOutput(fd, path, image.virtual_size, progress, sync)
     ext = image.extents()
     data = ext.kind == ExtentKind.DATA
-    for start, length, layer, file_offset in zip(ext.start[data].tolist(), ext.length[data].tolist(),
-                                                 ext.layer[data].tolist(), ext.file_offset[data].tolist(),
-                                                 strict=True):
-        out.add(start, length, readers[layer], file_offset)
-    out.flush()
+    with WriteBehind(fd) if sync else contextlib.nullcontext() as behind:
+        out = _SparseOutput(fd, path, image.virtual_size, progress, behind)
+        for start, length, layer, file_offset in zip(ext.start[data].tolist(), ext.length[data].tolist(),
+                                                     ext.layer[data].tolist(), ext.file_offset[data].tolist(),
+                                                     strict=True):
+            out.add(start, length, readers[layer], file_offset)
+        out.flush()
     if progress:
         progress(image.virtual_size)
     if sync:
@@ -98,15 +100,14 @@ class _SparseOutput:
     run of them is one ``pwrite``; whole zero granules stay holes of the output.
     """
 
-    def __init__(self, fd: int, path: str, virtual_size: int, progress, sync: bool) -> None:
+    def __init__(self, fd: int, path: str, virtual_size: int, progress, behind: WriteBehind | None) -> None:
         self.fd, self.path, self.virtual_size = fd, path, virtual_size
-        self.progress, self.sync = progress, sync
+        self.progress, self.behind = progress, behind
         self.view = memoryview(bytearray(COPY_CHUNK))
         self.seg_buffer: list[int] = []  # granule-aligned buffer offset of each segment
         self.seg_virtual: list[int] = []  # the virtual offset that buffer offset holds
         self.pos = 0  # end of the bytes filled in the buffer
         self.virtual_end = -1  # virtual offset of buffer[pos] (the current segment's end); -1: no segment
-        self.synced_to = 0  # virtual offset up to which write-back was started
         self.written = 0
 
     def add(self, start: int, length: int, reader: _Reader, file_offset: int) -> None:
@@ -146,9 +147,8 @@ class _SparseOutput:
         last = self.virtual_end
         self.seg_buffer, self.seg_virtual = [], []
         self.pos, self.virtual_end = 0, -1
-        if self.sync:
-            start_writeback(self.fd, self.synced_to, last - self.synced_to)
-            self.synced_to = last
+        if self.behind is not None:
+            self.behind.advance(last)
         if self.progress:
             self.progress(last)
 
