@@ -54,18 +54,49 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
     readers = [_Reader(layer.io) for layer in image.layers]
     ext = image.extents()
     data = ext.kind == ExtentKind.DATA
+    start, length, layer, file_offset = ext.start[data], ext.length[data], ext.layer[data], ext.file_offset[data]
+    cover = _cover_ends(start, start + length, layer, file_offset)
     with WriteBehind(fd) if sync else contextlib.nullcontext() as behind:
         out = _SparseOutput(fd, path, image.virtual_size, progress, behind)
-        for start, length, layer, file_offset in zip(ext.start[data].tolist(), ext.length[data].tolist(),
-                                                     ext.layer[data].tolist(), ext.file_offset[data].tolist(),
-                                                     strict=True):
-            out.add(start, length, readers[layer], file_offset)
+        for row in zip(start.tolist(), length.tolist(), layer.tolist(), file_offset.tolist(), cover.tolist(),
+                       strict=True):
+            out.add(row[0], row[1], readers[row[2]], row[3], row[4])
         out.flush()
     if progress:
         progress(image.virtual_size)
     if sync:
         _fsync(fd, path)
     return out.written
+
+
+# Longest stretch between two runs of the deepest layer that one read of its file may fetch and throw away.
+COVER_GAP = 64 << 10
+
+
+def _cover_ends(start: np.ndarray, end: np.ndarray, layer: np.ndarray, file_offset: np.ndarray) -> np.ndarray:
+    """How far one read for each data run may go (a virtual end; the run's own end unless it can do better).
+
+    A fragmented chain splits the base's data into many runs around the children's small writes. The runs of the
+    deepest layer that continue one stretch of its file (same file offset minus virtual offset) with gaps of at
+    most ``COVER_GAP`` between them are fetched by one read from the first: every run in a gap comes from a
+    shallower layer or reads as zeros, and is filled after it, over the bytes read there. Runs of a gap that
+    starts a new segment of the buffer (see ``_SparseOutput``) end the stretch.
+    """
+    cover = end.copy()
+    if len(start) < 2:
+        return cover
+    g = ZERO_GRANULE
+    segment = np.concatenate(([0], np.cumsum(start[1:] // g > -(-end[:-1] // g))))
+    rows = np.flatnonzero(layer == layer.max())
+    if len(rows) < 2:
+        return cover
+    a, b = rows[:-1], rows[1:]
+    joined = ((file_offset[b] - start[b] == file_offset[a] - start[a]) & (start[b] - end[a] <= COVER_GAP)
+              & (segment[a] == segment[b]))
+    first = np.flatnonzero(np.concatenate(([True], ~joined)))
+    last = np.append(first[1:], len(rows)) - 1
+    cover[rows[first]] = end[rows[last]]
+    return cover
 
 
 class _Reader:
@@ -109,9 +140,14 @@ class _SparseOutput:
         self.pos = 0  # end of the bytes filled in the buffer
         self.virtual_end = -1  # virtual offset of buffer[pos] (the current segment's end); -1: no segment
         self.written = 0
+        self.cover_reader: _Reader | None = None  # what the last read past its own run fetched (see add)
+        self.cover_shift = self.cover_end = 0
 
-    def add(self, start: int, length: int, reader: _Reader, file_offset: int) -> None:
-        """Copy ``length`` bytes of the disk from ``start``, held by ``reader`` at ``file_offset``."""
+    def add(self, start: int, length: int, reader: _Reader, file_offset: int, cover_end: int) -> None:
+        """Copy ``length`` bytes of the disk from ``start``, held by ``reader`` at ``file_offset``.
+
+        Reading may go on to ``cover_end`` (see ``_cover_ends``); a later run inside what was read then costs none.
+        """
         g = ZERO_GRANULE
         cap = len(self.view)
         while length:
@@ -126,7 +162,14 @@ class _SparseOutput:
                 self.seg_virtual.append(start - start % g)
             self.view[self.pos : at] = _ZEROS[: at - self.pos]
             n = min(length, cap - at)
-            reader.readinto(file_offset, self.view[at : at + n])
+            if reader is self.cover_reader and file_offset - start == self.cover_shift and start + n <= self.cover_end:
+                pass  # read with an earlier run of its layer, and nothing was filled over it since
+            elif n == length and cover_end > start + n:
+                k = min(cover_end - start, cap - at)
+                reader.readinto(file_offset, self.view[at : at + k])
+                self.cover_reader, self.cover_shift, self.cover_end = reader, file_offset - start, start + k
+            else:
+                reader.readinto(file_offset, self.view[at : at + n])
             self.pos, self.virtual_end = at + n, start + n
             start, length, file_offset = start + n, length - n, file_offset + n
 
@@ -147,6 +190,7 @@ class _SparseOutput:
         last = self.virtual_end
         self.seg_buffer, self.seg_virtual = [], []
         self.pos, self.virtual_end = 0, -1
+        self.cover_reader = None
         if self.behind is not None:
             self.behind.advance(last)
         if self.progress:
