@@ -95,7 +95,8 @@ def _cover_ends(start: np.ndarray, end: np.ndarray, layer: np.ndarray, file_offs
               & (segment[a] == segment[b]))
     first = np.flatnonzero(np.concatenate(([True], ~joined)))
     last = np.append(first[1:], len(rows)) - 1
-    cover[rows[first]] = end[rows[last]]
+    # Every run of a stretch may read to its end: the one after a full buffer starts the read afresh.
+    cover[rows] = np.repeat(end[rows[last]], np.diff(np.append(first, len(rows))))
     return cover
 
 
