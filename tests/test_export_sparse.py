@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -192,3 +193,30 @@ def test_sparse_raw_export_of_random_chains_equals_the_model_with_a_hole_at_ever
     padded = np.concatenate((model, np.zeros(-size % 4096, np.uint8)))
     zero_granules = ~padded.reshape(-1, 4096).any(axis=1)
     assert (holes(out) == zero_granules).all()
+
+
+def test_synced_raw_export_is_byte_identical_and_leaves_no_helper_thread(tmp_path):
+    import threading
+
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    with vhdx.open(path) as disk:
+        export_raw(disk, out, sync=True)
+    assert out.read_bytes() == content(path)
+    assert not [t for t in threading.enumerate() if t.name == "vhdx-write-behind"]
+
+
+def test_raw_export_that_cannot_write_fails_in_one_error_and_leaves_no_output(tmp_path, monkeypatch):
+    import errno
+
+    import vhdx.ops.export as export_module
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    monkeypatch.setattr(export_module.os, "pwrite", full)
+    with vhdx.open(path) as disk, pytest.raises(vhdx.VhdxError, match="write failed: No space left on device"):
+        export_raw(disk, out, sync=True)
+    assert sorted(os.listdir(tmp_path)) == ["z.vhdx"]
