@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,50 +55,133 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
     readers = [_Reader(layer.io) for layer in image.layers]
     ext = image.extents()
     data = ext.kind == ExtentKind.DATA
-    start, length, layer, file_offset = ext.start[data], ext.length[data], ext.layer[data], ext.file_offset[data]
-    cover = _cover_ends(start, start + length, layer, file_offset)
+    view = memoryview(bytearray(COPY_CHUNK))
+    written = 0
     with WriteBehind(fd) if sync else contextlib.nullcontext() as behind:
-        out = _SparseOutput(fd, path, image.virtual_size, progress, behind)
-        for row in zip(start.tolist(), length.tolist(), layer.tolist(), file_offset.tolist(), cover.tolist(),
-                       strict=True):
-            out.add(row[0], row[1], readers[row[2]], row[3], row[4])
-        out.flush()
+        for batch in _batches(ext.start[data], ext.length[data], ext.layer[data], ext.file_offset[data], len(view)):
+            for lo, hi, layer, file_offset in batch.reads:
+                readers[layer].readinto(file_offset, view[lo:hi])
+            for lo, hi in batch.zeros:  # after the reads: a read for several runs may have covered a gap
+                view[lo:hi] = _ZEROS[: hi - lo] if hi - lo <= len(_ZEROS) else bytes(hi - lo)
+            starts, ends = nonzero_granule_runs(view[: batch.used], batch.cuts)
+            shift = batch.shift[batch.cuts.searchsorted(starts, "right") - 1]
+            ends = np.minimum(ends, image.virtual_size - shift)  # the last granule of a disk may end past it
+            for lo, hi, to in zip(starts.tolist(), ends.tolist(), (starts + shift).tolist(), strict=True):
+                _write(fd, view[lo:hi], to, path)
+            written += int((ends - starts).sum())
+            if behind is not None:
+                behind.advance(batch.virtual_end)
+            if progress:
+                progress(batch.virtual_end)
     if progress:
         progress(image.virtual_size)
     if sync:
         _fsync(fd, path)
-    return out.written
+    return written
 
 
 # Longest stretch between two runs of the deepest layer that one read of its file may fetch and throw away.
 COVER_GAP = 64 << 10
 
 
-def _cover_ends(start: np.ndarray, end: np.ndarray, layer: np.ndarray, file_offset: np.ndarray) -> np.ndarray:
-    """How far one read for each data run may go (a virtual end; the run's own end unless it can do better).
+@dataclass
+class _Batch:
+    """One buffer's worth of the copy: what to read where, what to zero, and how buffer offsets map to the disk."""
 
-    A fragmented chain splits the base's data into many runs around the children's small writes. The runs of the
-    deepest layer that continue one stretch of its file (same file offset minus virtual offset) with gaps of at
-    most ``COVER_GAP`` between them are fetched by one read from the first: every run in a gap comes from a
-    shallower layer or reads as zeros, and is filled after it, over the bytes read there. Runs of a gap that
-    starts a new segment of the buffer (see ``_SparseOutput``) end the stretch.
+    reads: list[tuple[int, int, int, int]]  # (buffer lo, buffer hi, layer, file offset), in order
+    zeros: list[tuple[int, int]]  # buffer ranges no run fills (they read as zeros)
+    used: int  # bytes of the buffer in use, whole granules
+    cuts: np.ndarray  # buffer offsets where a segment starts (0 first)
+    shift: np.ndarray  # virtual offset minus buffer offset, per segment
+    virtual_end: int  # the disk is copied up to here once this batch is written
+
+
+def _batches(start: np.ndarray, length: np.ndarray, layer: np.ndarray, file_offset: np.ndarray, cap: int):
+    """Lay the data runs of a disk out in buffers of ``cap`` bytes (a multiple of the granule); yields ``_Batch``.
+
+    Runs are packed in segments: stretches of whole granules of the disk that hold data, one after the other in
+    a stream cut into buffers, so that every granule of a segment is scanned with the bytes the disk has there
+    (zeros between runs). A run continues the segment of the run before when it starts in the granule where that
+    one ends or the next. All of it is planned with numpy: the copy loop only reads, zeroes and writes.
+
+    A fragmented chain splits the base's data into many runs around the children's small writes: the runs of
+    the deepest layer that continue one stretch of its file (same file offset minus virtual offset), in one
+    segment, with at most ``COVER_GAP`` between them, are fetched by one read per buffer; the runs in the gaps
+    come from shallower layers or are zeros, and are read or zeroed after it, over the bytes read there.
     """
-    cover = end.copy()
-    if len(start) < 2:
-        return cover
     g = ZERO_GRANULE
-    segment = np.concatenate(([0], np.cumsum(start[1:] // g > -(-end[:-1] // g))))
-    rows = np.flatnonzero(layer == layer.max())
-    if len(rows) < 2:
-        return cover
-    a, b = rows[:-1], rows[1:]
-    joined = ((file_offset[b] - start[b] == file_offset[a] - start[a]) & (start[b] - end[a] <= COVER_GAP)
-              & (segment[a] == segment[b]))
-    first = np.flatnonzero(np.concatenate(([True], ~joined)))
-    last = np.append(first[1:], len(rows)) - 1
-    # Every run of a stretch may read to its end: the one after a full buffer starts the read afresh.
-    cover[rows] = np.repeat(end[rows[last]], np.diff(np.append(first, len(rows))))
-    return cover
+    n = len(start)
+    if n == 0:
+        return
+    end = start + length
+    new_seg = np.ones(n, dtype=bool)
+    new_seg[1:] = start[1:] // g > -(-end[:-1] // g)
+    seg = np.cumsum(new_seg) - 1
+    seg_first = np.flatnonzero(new_seg)
+    seg_last = np.append(seg_first[1:], n) - 1
+    seg_vlo = start[seg_first] // g * g
+    seg_vhi = -(-end[seg_last] // g) * g
+    seg_pos = np.concatenate(([0], np.cumsum(seg_vhi - seg_vlo)[:-1]))  # stream offset of each segment
+    row_lo = seg_pos[seg] + start - seg_vlo[seg]
+    row_hi = row_lo + length
+
+    # Stretches of the deepest layer read at once: group id per row (-1: read alone) and the stretch's end.
+    group = np.full(n, -1, dtype=np.int64)
+    group_hi = row_hi.copy()
+    deep = np.flatnonzero(layer == layer.max())
+    if len(deep) > 1:
+        a, b = deep[:-1], deep[1:]
+        joined = ((file_offset[b] - start[b] == file_offset[a] - start[a]) & (start[b] - end[a] <= COVER_GAP)
+                  & (seg[a] == seg[b]))
+        gid = np.concatenate(([0], np.cumsum(~joined)))
+        sizes = np.bincount(gid)
+        group[deep] = np.where(sizes[gid] > 1, gid, -1)
+        last = np.cumsum(sizes) - 1
+        group_hi[deep] = row_hi[deep[last[gid]]]
+
+    # Pieces: rows cut at buffer boundaries.
+    b0, b1 = row_lo // cap, (row_hi - 1) // cap
+    count = b1 - b0 + 1
+    row = np.repeat(np.arange(n), count)
+    k = np.arange(len(row)) - np.repeat(np.cumsum(count) - count, count)
+    batch = b0[row] + k
+    lo = np.maximum(row_lo[row], batch * cap)
+    hi = np.minimum(row_hi[row], (batch + 1) * cap)
+    p_layer = layer[row]
+    p_fo = file_offset[row] + lo - row_lo[row]
+    p_group = group[row]
+    # The first piece of a stretch in each buffer reads to the stretch's end (or the buffer's); the others none.
+    read_hi = hi.copy()
+    grouped = np.flatnonzero(p_group >= 0)
+    if len(grouped):
+        key_group, key_batch = p_group[grouped], batch[grouped]
+        first = np.ones(len(grouped), dtype=bool)
+        first[1:] = (key_group[1:] != key_group[:-1]) | (key_batch[1:] != key_batch[:-1])
+        read_hi[grouped[first]] = np.minimum(group_hi[row[grouped[first]]], (batch[grouped[first]] + 1) * cap)
+        read_hi[grouped[~first]] = lo[grouped[~first]]
+    reading = read_hi > lo
+
+    batches, edges = np.unique(batch, return_index=True)
+    edges = np.append(edges, len(batch))
+    for i, bn in enumerate(batches.tolist()):
+        p0, p1 = int(edges[i]), int(edges[i + 1])
+        base = bn * cap
+        sel = slice(p0, p1)
+        r = reading[sel]
+        reads = list(zip((lo[sel][r] - base).tolist(), (read_hi[sel][r] - base).tolist(), p_layer[sel][r].tolist(),
+                         p_fo[sel][r].tolist(), strict=True))
+        used = -(-(int(hi[p1 - 1]) - base) // g) * g
+        # Gaps: before the first piece, between pieces, and up to the end of the last granule.
+        gap_lo = np.concatenate(([base], hi[sel])) - base
+        gap_hi = np.concatenate((lo[sel], [base + used])) - base
+        open_ = gap_hi > gap_lo
+        zeros = list(zip(gap_lo[open_].tolist(), gap_hi[open_].tolist(), strict=True))
+        # Segments met by this buffer: the one it starts in, and those that start in it.
+        s0 = int(np.searchsorted(seg_pos, base, "right")) - 1
+        s1 = int(np.searchsorted(seg_pos, base + used, "left"))
+        cuts = np.maximum(seg_pos[s0:s1], base) - base
+        shift = seg_vlo[s0:s1] - seg_pos[s0:s1] + base
+        yield _Batch(reads, zeros, used, cuts, shift, int(start[row[p1 - 1]] + hi[p1 - 1] - row_lo[row[p1 - 1]]))
 
 
 class _Reader:
@@ -122,80 +206,6 @@ class _Reader:
 
 # Zeros for the few bytes around a piece that share a granule with it (less than two granules).
 _ZEROS = bytes(2 * ZERO_GRANULE)
-
-
-class _SparseOutput:
-    """Packs the data runs of a disk into one buffer and writes its non-zero granules where they belong.
-
-    The buffer holds segments: stretches of whole granules of the disk, each filled from the runs that meet it
-    (zeros where no run does, as the disk reads there). One numpy pass finds the granules holding data, and each
-    run of them is one ``pwrite``; whole zero granules stay holes of the output.
-    """
-
-    def __init__(self, fd: int, path: str, virtual_size: int, progress, behind: WriteBehind | None) -> None:
-        self.fd, self.path, self.virtual_size = fd, path, virtual_size
-        self.progress, self.behind = progress, behind
-        self.view = memoryview(bytearray(COPY_CHUNK))
-        self.seg_buffer: list[int] = []  # granule-aligned buffer offset of each segment
-        self.seg_virtual: list[int] = []  # the virtual offset that buffer offset holds
-        self.pos = 0  # end of the bytes filled in the buffer
-        self.virtual_end = -1  # virtual offset of buffer[pos] (the current segment's end); -1: no segment
-        self.written = 0
-        self.cover_reader: _Reader | None = None  # what the last read past its own run fetched (see add)
-        self.cover_shift = self.cover_end = 0
-
-    def add(self, start: int, length: int, reader: _Reader, file_offset: int, cover_end: int) -> None:
-        """Copy ``length`` bytes of the disk from ``start``, held by ``reader`` at ``file_offset``.
-
-        Reading may go on to ``cover_end`` (see ``_cover_ends``); a later run inside what was read then costs none.
-        """
-        g = ZERO_GRANULE
-        cap = len(self.view)
-        while length:
-            # A run that starts in the granule where the segment ends, or the next, continues the segment.
-            joins = self.virtual_end >= 0 and start // g <= -(-self.virtual_end // g)
-            at = self.pos + start - self.virtual_end if joins else -(-self.pos // g) * g + start % g
-            if at >= cap:
-                self.flush()
-                continue
-            if not joins:
-                self.seg_buffer.append(at - start % g)
-                self.seg_virtual.append(start - start % g)
-            self.view[self.pos : at] = _ZEROS[: at - self.pos]
-            n = min(length, cap - at)
-            if reader is self.cover_reader and file_offset - start == self.cover_shift and start + n <= self.cover_end:
-                pass  # read with an earlier run of its layer, and nothing was filled over it since
-            elif n == length and cover_end > start + n:
-                k = min(cover_end - start, cap - at)
-                reader.readinto(file_offset, self.view[at : at + k])
-                self.cover_reader, self.cover_shift, self.cover_end = reader, file_offset - start, start + k
-            else:
-                reader.readinto(file_offset, self.view[at : at + n])
-            self.pos, self.virtual_end = at + n, start + n
-            start, length, file_offset = start + n, length - n, file_offset + n
-
-    def flush(self) -> None:
-        """Write the non-zero granules of the buffer and empty it."""
-        if not self.seg_buffer:
-            return
-        end = -(-self.pos // ZERO_GRANULE) * ZERO_GRANULE
-        self.view[self.pos : end] = _ZEROS[: end - self.pos]
-        seg_buffer = np.array(self.seg_buffer, dtype=np.int64)
-        starts, ends = nonzero_granule_runs(self.view[:end], seg_buffer)
-        seg = seg_buffer.searchsorted(starts, "right") - 1
-        shift = np.array(self.seg_virtual, dtype=np.int64)[seg] - seg_buffer[seg]
-        for lo, hi, to in zip(starts.tolist(), ends.tolist(), shift.tolist(), strict=True):
-            hi = min(hi, self.virtual_size - to)  # the last granule of a disk may end past it
-            _write(self.fd, self.view[lo:hi], lo + to, self.path)
-            self.written += hi - lo
-        last = self.virtual_end
-        self.seg_buffer, self.seg_virtual = [], []
-        self.pos, self.virtual_end = 0, -1
-        self.cover_reader = None
-        if self.behind is not None:
-            self.behind.advance(last)
-        if self.progress:
-            self.progress(last)
 
 
 def _write(fd: int, piece: memoryview, offset: int, path: str) -> None:
