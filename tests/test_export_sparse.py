@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -122,3 +123,100 @@ def test_sparse_raw_export_and_block_status_agree_with_the_bytes_for_random_writ
             assert expected[start : start + length] == bytes(length)
         if following is not None:
             assert start + length == following[0]
+
+
+def holes(path, granule: int = 4096) -> np.ndarray:
+    """True for each granule of the file that is a hole (asked with SEEK_DATA/SEEK_HOLE)."""
+    size = os.path.getsize(path)
+    hole = np.ones(-(-size // granule), dtype=bool)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, data, os.SEEK_HOLE)
+            hole[data // granule : -(-end // granule)] = False
+            pos = end
+    finally:
+        os.close(fd)
+    return hole
+
+
+CHAIN_OP = st.tuples(st.sampled_from(["data", "zero data", "write_zeros"]), st.integers(0, 10**6),
+                     st.integers(1, 40))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(1, 5), sector=st.sampled_from([512, 4096]), seed=st.integers(0, 2**32 - 1),
+       blocks=st.lists(st.sampled_from([MiB, 2 * MiB]), min_size=6, max_size=6),
+       ops=st.lists(st.lists(CHAIN_OP, max_size=8), min_size=6, max_size=6), extra_sectors=st.integers(0, 9),
+       buffer_granules=st.sampled_from([2, 3, 16, 2048]))
+def test_sparse_raw_export_of_random_chains_equals_the_model_with_a_hole_at_every_zero_granule(
+        tmp_path_factory, depth, sector, seed, blocks, ops, extra_sectors, buffer_granules):
+    from unittest import mock
+
+    import vhdx.ops.export as export_module
+
+    folder = tmp_path_factory.mktemp("chain")
+    size = 5 * MiB + extra_sectors * sector
+    rng = np.random.default_rng(seed)
+    model = np.zeros(size, dtype=np.uint8)
+    paths = []
+    for level in range(depth + 1):
+        path = str(folder / (f"layer{level}.avhdx" if level else "base.vhdx"))
+        if level:
+            create(path, parent=paths[-1], block_size=blocks[level])
+        else:
+            create(path, size, block_size=blocks[0], logical_sector_size=sector)
+        with vhdx.open(path, writable=True) as disk:
+            for kind, where, sectors in ops[level]:
+                offset = where % (size // sector) * sector
+                length = min(sectors * sector, size - offset)
+                if kind == "write_zeros":
+                    disk.write_zeros(offset, length)
+                    model[offset : offset + length] = 0
+                    continue
+                data = rng.integers(1, 256, length, dtype=np.uint8) if kind == "data" else np.zeros(length, np.uint8)
+                if kind == "data" and length > 512:  # a whole zero granule inside written data
+                    data[length // 2 : length // 2 + 4096] = 0
+                disk.write(offset, data.tobytes())
+                model[offset : offset + length] = data
+        paths.append(path)
+    out = folder / "out.raw"
+    # Small buffers make the copy flush mid-run and split segments across buffers.
+    with mock.patch.object(export_module, "COPY_CHUNK", buffer_granules * 4096), vhdx.open(paths[-1]) as disk:
+        export_raw(disk, out)
+    assert out.read_bytes() == model.tobytes()
+    padded = np.concatenate((model, np.zeros(-size % 4096, np.uint8)))
+    zero_granules = ~padded.reshape(-1, 4096).any(axis=1)
+    assert (holes(out) == zero_granules).all()
+
+
+def test_synced_raw_export_is_byte_identical_and_leaves_no_helper_thread(tmp_path):
+    import threading
+
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    with vhdx.open(path) as disk:
+        export_raw(disk, out, sync=True)
+    assert out.read_bytes() == content(path)
+    assert not [t for t in threading.enumerate() if t.name == "vhdx-write-behind"]
+
+
+def test_raw_export_that_cannot_write_fails_in_one_error_and_leaves_no_output(tmp_path, monkeypatch):
+    import errno
+
+    import vhdx.ops.export as export_module
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    monkeypatch.setattr(export_module.os, "pwrite", full)
+    with vhdx.open(path) as disk, pytest.raises(vhdx.VhdxError, match="write failed: No space left on device"):
+        export_raw(disk, out, sync=True)
+    assert sorted(os.listdir(tmp_path)) == ["z.vhdx"]

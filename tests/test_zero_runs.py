@@ -52,3 +52,22 @@ def test_writing_the_runs_into_zeros_rebuilds_the_buffer(length_sectors, marks, 
     ends = [s + length for s, length in runs]
     assert all(e < s for e, s in zip(ends, [s for s, _ in runs][1:], strict=False))  # disjoint, not touching
     assert np.all(np.diff([s for s, _ in runs]) > 0) if len(runs) > 1 else True
+
+
+def test_granule_runs_of_a_buffer_join_data_granules_and_restart_at_each_cut():
+    from vhdx.disk.zero_runs import nonzero_granule_runs
+
+    buf = bytearray(8 * G)
+    for g in (0, 1, 2, 5, 6):
+        buf[g * G + 100] = 1
+    starts, ends = nonzero_granule_runs(buf, np.array([0, 2 * G, 6 * G]))
+    assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [(0, 2 * G), (2 * G, 3 * G), (5 * G, 6 * G),
+                                                                      (6 * G, 7 * G)]
+
+
+def test_granule_runs_of_an_all_zero_or_empty_buffer_are_none():
+    from vhdx.disk.zero_runs import nonzero_granule_runs
+
+    for buf in (bytes(4 * G), b""):
+        starts, ends = nonzero_granule_runs(buf, np.array([0]))
+        assert len(starts) == len(ends) == 0

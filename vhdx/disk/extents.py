@@ -115,6 +115,39 @@ def overlay(top: Extents, below: Extents) -> Extents:
     return coalesce(Extents(bounds.astype(np.int64), lengths.astype(np.int64), kind, layer, fo.astype(np.int64)))
 
 
+def overlay_stack(stack: list[Extents]) -> Extents:
+    """The chain's view of ``stack[0]``'s range: each run from the first layer of the stack that is not ABSENT there.
+
+    ``stack`` lists one extent list per layer, top first, each covering a range inside the one before it; the
+    result's ``layer`` is the index into the stack. Equal to overlaying pairwise from the bottom up, but in one
+    pass over the elementary pieces of all layers instead of one pass per layer over a growing list.
+    """
+    top = stack[0]
+    if len(stack) == 1 or len(top) == 0:
+        return top.with_layer(0)
+    lo, hi = int(top.start[0]), int(top.start[-1] + top.length[-1])
+    cuts = np.unique(np.concatenate([p.start for p in stack] + [p.end for p in stack]))
+    bounds = cuts[(cuts >= lo) & (cuts < hi)]
+    kind = np.full(len(bounds), ExtentKind.ABSENT, dtype=np.uint8)
+    layer = np.full(len(bounds), -1, dtype=np.int16)
+    fo = np.full(len(bounds), -1, dtype=np.int64)
+    open_ = np.ones(len(bounds), dtype=bool)
+    for depth, ext in enumerate(stack):
+        if len(ext) == 0:
+            continue
+        i = np.clip(np.searchsorted(ext.start, bounds, side="right") - 1, 0, len(ext) - 1)
+        take = open_ & (bounds >= ext.start[i]) & (bounds < ext.start[i] + ext.length[i])
+        take &= ext.kind[i] != ExtentKind.ABSENT
+        kind[take] = ext.kind[i][take]
+        layer[take] = depth
+        fo[take] = np.where(ext.kind[i] == ExtentKind.DATA, ext.file_offset[i] + bounds - ext.start[i], -1)[take]
+        open_ &= ~take
+        if not open_.any():
+            break
+    lengths = np.diff(np.append(bounds, hi))
+    return coalesce(Extents(bounds.astype(np.int64), lengths.astype(np.int64), kind, layer, fo))
+
+
 def bitmap_runs(bits: np.ndarray, block_start: np.ndarray, block_file_offset: np.ndarray, sector_size: int
                 ) -> Extents:
     """Runs of equal bits in per-block sector bitmaps, as DATA (bit 1) / ABSENT (bit 0) extents.

@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vhdx.disk import chain as _chain
-from vhdx.disk.extents import ExtentKind, Extents, bitmap_runs, clip, coalesce, concat_sorted, kinds_of_states, overlay
+from vhdx.disk.extents import (
+    ExtentKind,
+    Extents,
+    bitmap_runs,
+    clip,
+    coalesce,
+    concat_sorted,
+    kinds_of_states,
+    overlay_stack,
+)
 from vhdx.errors import ChainLoopError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
@@ -253,12 +262,7 @@ class VhdxImage(VhdxFile):
             if hi <= lo:
                 break
             image = parent
-        below = stack.pop()
-        while stack:
-            below = Extents(below.start, below.length, below.kind,
-                            np.where(below.layer >= 0, below.layer + 1, -1).astype(np.int16), below.file_offset)
-            below = overlay(stack.pop(), below)
-        return below
+        return overlay_stack(stack)
 
     # --- reading ------------------------------------------------------------------------------------
     def readinto(self, offset: int, buf) -> int:

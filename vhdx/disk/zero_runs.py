@@ -56,3 +56,33 @@ def nonzero_runs(buf, base: int, granule: int = ZERO_GRANULE) -> list[tuple[int,
     step = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
     starts, ends = edges[np.flatnonzero(step == 1)], edges[np.flatnonzero(step == -1)]
     return [(s, e - s) for s, e in zip(starts.tolist(), ends.tolist(), strict=True) if e > s]
+
+
+def nonzero_granule_runs(buf, cuts: np.ndarray, granule: int = ZERO_GRANULE) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of whole granules of ``buf`` that hold a non-zero byte, never crossing a cut.
+
+    One numpy pass over a whole copy buffer: a fragmented chain fills it with hundreds of short pieces, and
+    scanning each on its own would cost more in numpy calls than the scan itself.
+
+    Args:
+        buf: bytes whose length is a multiple of ``granule`` (its offset 0 is the start of a granule).
+        cuts: granule-aligned offsets into ``buf`` where a run must start afresh (the starts of segments that
+            do not follow each other on the output).
+        granule: bytes per granule (a multiple of 8).
+
+    Returns:
+        ``(starts, ends)``: byte offsets into ``buf``, int64 arrays, in order.
+    """
+    words = np.frombuffer(buf, dtype=np.uint64)
+    filled = words.reshape(-1, granule // 8).any(axis=1)
+    n = len(filled)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    fresh = np.zeros(n + 1, dtype=bool)
+    fresh[np.asarray(cuts, dtype=np.int64) // granule] = True
+    fresh[n] = True
+    before = np.concatenate(([False], filled[:-1]))
+    after = np.concatenate((filled[1:], [False]))
+    first = filled & (~before | fresh[:n])
+    last = filled & (~after | fresh[1:])
+    return np.flatnonzero(first) * granule, (np.flatnonzero(last) + 1) * granule
