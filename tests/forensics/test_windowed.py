@@ -158,3 +158,16 @@ def test_windowed_slack_equals_the_whole_bat_reference(chain):
             assert areas == whole_areas
             if path == paths[0]:
                 assert any(area[0] == "stale-block" for area in areas)
+
+
+@pytest.fixture(scope="module")
+def qemu_chain64(tmp_path_factory):
+    return build_scale_chain(str(tmp_path_factory.mktemp("qchain64")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["diff"], ["diff", "--blocks"], ["slack"]], ids=" ".join)
+def test_diff_and_slack_on_a_qemu_made_64t_chain_stay_under_256_mib(qemu_chain64, tmp_path, command):
+    code, rss, out = run_measured([*command, qemu_chain64.top], tmp_path / "out")
+    assert code == 0, out
+    assert rss < RSS_LIMIT
