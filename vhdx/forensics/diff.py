@@ -17,12 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vhdx.disk.extents import ExtentKind
-from vhdx.disk.image import WINDOW_BLOCKS, VhdxImage
+from vhdx.disk.extents import ExtentKind, bitmap_runs
+from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError
 from vhdx.forensics.hashing import MultiHasher, feed, image_pieces, zero_pieces
 from vhdx.forensics.layers import find_layer
 from vhdx.format import constants as c
+from vhdx.structures.bat import RawWindow
+
+# Unpacked sector bitmap bits (one byte each) read at a time for the partially present blocks of a window.
+BITMAP_BITS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -63,23 +67,57 @@ class DiffResult:
 
 
 def held_ranges(layer: VhdxImage, *, sectors: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, ends) of the virtual ranges one file holds, sorted; blocks, or sectors from the bitmaps."""
-    g = layer.geometry
-    states = layer.bat.states
-    if not sectors:
-        blocks = np.flatnonzero(states != c.BatState.NOT_PRESENT).astype(np.int64)
-        starts = blocks * g.block_size
-        return starts, np.minimum(starts + g.block_size, g.virtual_size)
+    """(starts, ends) of the virtual ranges one file holds, sorted; blocks, or sectors from the bitmaps.
+
+    One pass over the BAT windows that hold entries (holes of the BAT are not read): runs of held blocks
+    come out as one range each, so memory and time grow with what the file holds, not with the disk size.
+    """
     parts_s, parts_e = [], []
-    window = WINDOW_BLOCKS * g.block_size
-    for lo in range(0, g.virtual_size, window):
-        ext = layer.layer_extents(lo, min(g.virtual_size, lo + window))
-        held = ext.kind != ExtentKind.ABSENT
-        parts_s.append(ext.start[held])
-        parts_e.append(ext.end[held])
+    for window in layer.bat.raw_windows():
+        s, e = _window_held(layer, window, sectors)
+        parts_s.append(s)
+        parts_e.append(e)
     if not parts_s:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(parts_s), np.concatenate(parts_e)
+
+
+def _window_held(layer: VhdxImage, window: RawWindow, sectors: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the ranges one BAT window holds (clipped to the layer's virtual size), sorted."""
+    g = layer.geometry
+    bs, n = g.block_size, len(window.payload)
+    if window.uniform is not None:  # one repeated entry: the window is one run or nothing, no per-block arrays
+        state = window.uniform & c.BAT_STATE_MASK
+        if state == c.BatState.NOT_PRESENT:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if not (sectors and state == c.BatState.PARTIALLY_PRESENT):
+            return (np.array([window.b0 * bs], np.int64),
+                    np.array([min((window.b0 + n) * bs, g.virtual_size)], np.int64))
+    states = window.states()
+    held = states != c.BatState.NOT_PRESENT
+    partial = sectors & (states == c.BatState.PARTIALLY_PRESENT)
+    held &= ~partial
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], held, [False])).astype(np.int8)))
+    starts = (edges[::2] + window.b0).astype(np.int64) * bs
+    ends = np.minimum((edges[1::2] + window.b0).astype(np.int64) * bs, g.virtual_size)
+    blocks = np.flatnonzero(partial) + window.b0
+    if not len(blocks):
+        return starts, ends
+    parts_s, parts_e = [starts], [ends]
+    batch = max(1, BITMAP_BITS // g.sectors_per_block)  # unpacked bits of a batch stay bounded
+    for i in range(0, len(blocks), batch):
+        some = blocks[i : i + batch].astype(np.int64)
+        runs = bitmap_runs(layer.read_bitmap_bits(some), some * bs, np.zeros(len(some), np.int64),
+                           g.logical_sector_size)
+        data = runs.kind == ExtentKind.DATA
+        s = runs.start[data]
+        e = np.minimum(s + runs.length[data], g.virtual_size)
+        keep = e > s
+        parts_s.append(s[keep])
+        parts_e.append(e[keep])
+    s, e = np.concatenate(parts_s), np.concatenate(parts_e)
+    order = np.argsort(s, kind="stable")
+    return s[order], e[order]
 
 
 def merge_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

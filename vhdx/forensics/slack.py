@@ -32,8 +32,11 @@ from vhdx.disk.extents import ExtentKind, bitmap_runs
 from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
+from vhdx.structures.bat import entry_offsets, entry_states
 
 SCAN_CHUNK = 8 * 1024 * 1024
+# Unpacked sector bitmap bits (one byte each) read at a time for partially present blocks.
+BITMAP_BITS = 1 << 24
 GRAIN = 512
 _IDENTIFIER_USED = len(c.FILE_SIGNATURE) + c.CREATOR_SIZE
 
@@ -120,17 +123,54 @@ def _log_active(image: VhdxImage) -> list[tuple[int, int]]:
     return out
 
 
-def _owned(image: VhdxImage) -> list[tuple[int, int]]:
-    """(offset, length) of everything after the header section that a structure owns."""
+@dataclass(frozen=True)
+class _BlockFacts:
+    """What slack needs of one file's BAT, gathered in one pass over the windows that hold entries."""
+
+    owned_starts: np.ndarray  # file ranges of allocated payload blocks and present sector bitmaps (merged)
+    owned_ends: np.ndarray
+    stale_blocks: np.ndarray  # blocks that hold no data by state but kept a file offset inside the file
+    stale_states: np.ndarray
+    stale_offsets: np.ndarray
+    partial_blocks: np.ndarray  # PARTIALLY_PRESENT blocks and their file offsets
+    partial_offsets: np.ndarray
+
+
+def _union(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ranges merged where they touch or overlap: a window of contiguous blocks becomes one range."""
+    return _subtract(starts, ends, np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def _block_facts(image: VhdxImage, size: int) -> _BlockFacts:
+    """Owned, stale and partially present blocks of ``image``: windows of the BAT, never the whole array."""
     g, bat = image.geometry, image.bat
-    owned = [(image.log.log_offset, image.log.log_length)]
-    owned += [(r.file_offset, r.length) for r in image.regions.entries]
-    present = bat.allocated_blocks()
-    owned += zip(bat.offsets[present].tolist(), [g.block_size] * int(present.sum()), strict=True)
-    if g.has_parent:
-        sb = bat.bitmap_states == c.SbState.PRESENT
-        owned += zip(bat.bitmap_offsets[sb].tolist(), [c.SECTOR_BITMAP_BLOCK_SIZE] * int(sb.sum()), strict=True)
-    return owned
+    own_s, own_e, stale, partial = [], [], [], []
+    for win in bat.raw_windows():
+        states, offsets = win.states(), entry_offsets(win.payload)
+        allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+        starts = offsets[allocated]
+        if g.has_parent:
+            present = entry_states(win.bitmap) == c.SbState.PRESENT
+            bitmaps = entry_offsets(win.bitmap)[present]
+            s, e = _union(np.concatenate([starts, bitmaps]),
+                          np.concatenate([starts + g.block_size, bitmaps + c.SECTOR_BITMAP_BLOCK_SIZE]))
+        else:
+            s, e = _union(starts, starts + g.block_size)
+        own_s.append(s)
+        own_e.append(e)
+        kept = ~allocated & (offsets >= c.HEADER_SECTION_SIZE) & (offsets < size)
+        is_partial = states == c.BatState.PARTIALLY_PRESENT
+        stale.append((np.flatnonzero(kept) + win.b0, states[kept], offsets[kept]))
+        partial.append((np.flatnonzero(is_partial) + win.b0, offsets[is_partial]))
+
+    def joined(arrays, dtype) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+    return _BlockFacts(joined(own_s, np.int64), joined(own_e, np.int64),
+                       joined([t[0] for t in stale], np.int64), joined([t[1] for t in stale], np.uint8),
+                       joined([t[2] for t in stale], np.int64),
+                       joined([t[0] for t in partial], np.int64),
+                       joined([t[1] for t in partial], np.int64))
 
 
 def find_slack_areas(image: VhdxImage) -> list[tuple[str, int, int, str]]:
@@ -178,31 +218,34 @@ def find_slack_areas(image: VhdxImage) -> list[tuple[str, int, int, str]]:
     add("bat", [bat.file_offset + g.bat_entries * c.BAT_ENTRY_SIZE], [image.regions.bat.end],
         "BAT region after its last entry")
 
-    owned = _owned(image)
-    own_s, own_e = _ranges([(0, c.HEADER_SECTION_SIZE), *owned])
+    facts = _block_facts(image, size)
+    fixed_s, fixed_e = _ranges([(0, c.HEADER_SECTION_SIZE), (image.log.log_offset, image.log.log_length),
+                                *((r.file_offset, r.length) for r in image.regions.entries)])
+    own_s, own_e = np.concatenate([fixed_s, facts.owned_starts]), np.concatenate([fixed_e, facts.owned_ends])
 
     # Blocks that hold no data by state but kept a file offset.
-    stale = (~bat.allocated_blocks()) & (bat.offsets >= c.HEADER_SECTION_SIZE) & (bat.offsets < size)
-    stale_blocks = np.flatnonzero(stale)
-    stale_s = bat.offsets[stale_blocks]
+    stale_s = facts.stale_offsets
     stale_e = stale_s + g.block_size
-    for b, st, en in zip(stale_blocks.tolist(), stale_s.tolist(), stale_e.tolist(), strict=True):
+    for b, value, st, en in zip(facts.stale_blocks.tolist(), facts.stale_states.tolist(), stale_s.tolist(),
+                                stale_e.tolist(), strict=True):
         s, e = _subtract(np.array([st]), np.array([en]), own_s, own_e)
-        state = _state_name(int(bat.states[b]))
-        add("stale-block", s, e, f"payload block {b} ({state}) kept this file offset")
+        add("stale-block", s, e, f"payload block {b} ({_state_name(value)}) kept this file offset")
 
     # Inside present blocks: sectors a partial block does not use, and the tail past the virtual disk's end.
-    partial = np.flatnonzero(bat.states == c.BatState.PARTIALLY_PRESENT)
-    if len(partial):
+    batch = max(1, BITMAP_BITS // g.sectors_per_block)  # unpacked bits of a batch stay bounded
+    for i in range(0, len(facts.partial_blocks), batch):
+        partial = facts.partial_blocks[i : i + batch]
         bits = image.read_bitmap_bits(partial)
-        runs = bitmap_runs(1 - bits, partial * g.block_size, bat.offsets[partial], g.logical_sector_size)
+        runs = bitmap_runs(1 - bits, partial * g.block_size, facts.partial_offsets[i : i + batch],
+                           g.logical_sector_size)
         unused = runs.kind == ExtentKind.DATA  # bit 0 in the original bitmap
         ends = runs.file_offset[unused] + runs.length[unused]
         add("partial-block", runs.file_offset[unused], ends, "sectors of a partially present block not in use")
     last = g.data_blocks - 1
     tail_len = g.data_blocks * g.block_size - g.virtual_size
-    if last >= 0 and tail_len and bat.allocated_blocks()[last]:
-        end_of_data = int(bat.offsets[last]) + g.block_size - tail_len
+    last_state, last_offset = bat.payload_range(last, last + 1) if last >= 0 else (np.zeros(0), np.zeros(0))
+    if last >= 0 and tail_len and int(last_state[0]) in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT):
+        end_of_data = int(last_offset[0]) + g.block_size - tail_len
         add("block-tail", [end_of_data], [end_of_data + tail_len], f"payload block {last} beyond the virtual disk")
 
     # Owned by nothing at all.
