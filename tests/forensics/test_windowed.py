@@ -99,11 +99,11 @@ def test_windowed_diff_ranges_equal_the_whole_bat_reference(chain, sectors):
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_chain(Path(tmp), layers, size=size)
         with mock.patch.object(bat_module, "WINDOW_ENTRIES", ONE_CHUNK_WINDOWS), \
-                mock.patch.object(diff_module, "BITMAP_BITS", 3 * 2048):  # 3 partial blocks per bitmap batch
-            with vhdx.open(paths[-1]) as windowed:
-                assert windowed.bat.window_count == 6
-                got = merge_ranges(*held_ranges(windowed, sectors=sectors))[:2]
-                assert windowed.bat._entries is None  # never read whole
+                mock.patch.object(diff_module, "BITMAP_BITS", 3 * 2048), \
+                vhdx.open(paths[-1]) as windowed:  # 3 partial blocks per bitmap batch
+            assert windowed.bat.window_count == 6
+            got = merge_ranges(*held_ranges(windowed, sectors=sectors))[:2]
+            assert windowed.bat._entries is None  # never read whole
         with vhdx.open(paths[-1]) as whole:
             expected = merge_ranges(*whole_held(whole, sectors))[:2]
     assert [a.tolist() for a in got] == [a.tolist() for a in expected]
@@ -141,11 +141,11 @@ def test_windowed_slack_equals_the_whole_bat_reference(chain):
         for path in paths:
             file_size = path.stat().st_size
             with mock.patch.object(bat_module, "WINDOW_ENTRIES", ONE_CHUNK_WINDOWS), \
-                    mock.patch.object(slack_module, "BITMAP_BITS", 3 * 2048):
-                with vhdx.open(path, orphan=True) as windowed:
-                    facts = slack_module._block_facts(windowed, file_size)
-                    areas = slack_module.find_slack_areas(windowed)
-                    assert windowed.bat._entries is None
+                    mock.patch.object(slack_module, "BITMAP_BITS", 3 * 2048), \
+                    vhdx.open(path, orphan=True) as windowed:
+                facts = slack_module._block_facts(windowed, file_size)
+                areas = slack_module.find_slack_areas(windowed)
+                assert windowed.bat._entries is None
             with vhdx.open(path, orphan=True) as whole:
                 owned, stale, partial = whole_block_facts(whole, file_size)
                 whole_areas = slack_module.find_slack_areas(whole)  # one window holds this whole BAT
