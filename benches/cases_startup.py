@@ -10,7 +10,6 @@ PYTHONDONTWRITEBYTECODE=1 would compile all of vhdx's sources in every run, a co
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -18,7 +17,7 @@ import sys
 import vhdx
 
 from .cases import record
-from .measure import Method, run_methods, run_tool
+from .measure import Method, bytecode_cache, run_methods, run_tool  # noqa: F401 - bytecode_cache: tests
 from .sizes import Profile
 
 FLOOR = [sys.executable, "-c", "import numpy, click"]
@@ -32,35 +31,18 @@ def _commands(small: str) -> dict[str, list[str]]:
             "import vhdx": [sys.executable, "-c", "import vhdx"]}
 
 
-@contextlib.contextmanager
-def bytecode_cache(folder: str):
-    """Child processes started inside read and write their .pyc files under ``folder`` (as an installed copy)."""
-    saved = {name: os.environ.get(name) for name in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = folder
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def startup_case(tmp: str, profile: Profile) -> list[dict]:
     """One record per command: ours (a fresh process each run) next to the import-numpy-and-click floor."""
     small = os.path.join(tmp, "startup-small.vhdx")
     vhdx.create_image(small, 16 << 20)
     records = []
-    with bytecode_cache(os.path.join(tmp, "pycache")):
-        run_tool(FLOOR)  # untimed: the prefix is a new tree, so numpy's and click's .pyc are written there first
-        for name, args in _commands(small).items():
-            run_tool(args)  # untimed: the first run writes the .pyc files (pip does it at install time)
-            methods = [Method("ours", "ours", lambda args=args: run_tool(args)),
-                       Method("python -c 'import numpy, click'", "limit", lambda: run_tool(FLOOR))]
-            desc = (f"`{' '.join(os.path.basename(a) for a in args)}` in a new process (.pyc cached), against "
-                    "importing numpy and click")
-            outcomes = run_methods(methods, profile.repeats * STARTUP_RUNS)
-            records.append(record("start-up", name, desc, None, outcomes))
+    run_tool(FLOOR)  # untimed: numpy's and click's .pyc are written into the run's bytecode cache first
+    for name, args in _commands(small).items():
+        run_tool(args)  # untimed: the first run writes any .pyc still missing (pip does it at install time)
+        methods = [Method("ours", "ours", lambda args=args: run_tool(args)),
+                   Method("python -c 'import numpy, click'", "limit", lambda: run_tool(FLOOR))]
+        desc = (f"`{' '.join(os.path.basename(a) for a in args)}` in a new process (.pyc cached), against "
+                "importing numpy and click")
+        outcomes = run_methods(methods, profile.repeats * STARTUP_RUNS)
+        records.append(record("start-up", name, desc, None, outcomes))
     return records

@@ -98,7 +98,8 @@ def markdown(results: dict) -> str:
     data = to_json(results)
     m = data["machine"]
     lines = [f"Profile `{data['profile']}`, {data['repeats']} runs per method, warm page cache (every input read "
-             "once before timing; outputs fsynced by every method).",
+             "once before timing; outputs fsynced by every method); every Python process finds its .pyc files, as an "
+             "installed copy does.",
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, {m['filesystem']} filesystem, "
              f"Linux {m['kernel']}, Python {m['python']}, numpy {m['numpy']}; peers: qemu-img {m['qemu-img']}, "
              f"libvhdi-python {m['libvhdi-python']}, dissect.hypervisor {m['dissect.hypervisor']}.",
