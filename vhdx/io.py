@@ -602,7 +602,21 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # start write-back of the dirty pages of the range; wait for nothing
-_sync_file_range = None  # libc's sync_file_range, looked up on first use (False: not available)
+_SYNC_FILE_RANGE: list = []  # libc's sync_file_range once looked up; [None] where it is not available
+
+
+def _sync_file_range():
+    if not _SYNC_FILE_RANGE:
+        call = None
+        try:
+            import ctypes  # noqa: PLC0415 - only copies that sync need it
+
+            call = ctypes.CDLL(None, use_errno=True).sync_file_range
+            call.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+        except (AttributeError, OSError):
+            call = None
+        _SYNC_FILE_RANGE.append(call)
+    return _SYNC_FILE_RANGE[0]
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -612,19 +626,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     it at the end. Durability still comes only from the caller's fsync, which also reports any I/O error; where
     Linux's ``sync_file_range`` is missing this does nothing.
     """
-    global _sync_file_range
-    if _sync_file_range is None:
-        _sync_file_range = False
-        try:
-            import ctypes  # noqa: PLC0415 - only copies that sync need it
-
-            call = ctypes.CDLL(None, use_errno=True).sync_file_range
-            call.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-            _sync_file_range = call
-        except (AttributeError, OSError):
-            pass
-    if _sync_file_range and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    call = _sync_file_range()
+    if call is not None and length > 0:
+        call(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 class WriteBehind:
@@ -663,8 +667,7 @@ class WriteBehind:
             self._started = hi
 
     def __enter__(self) -> WriteBehind:
-        start_writeback(self._fd, 0, 0)  # looks sync_file_range up once, here
-        if _sync_file_range:
+        if _sync_file_range() is not None:  # no helper thread where the kernel call is missing
             self._thread = threading.Thread(target=self._run, name="vhdx-write-behind", daemon=True)
             self._thread.start()
         return self
