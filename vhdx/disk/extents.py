@@ -92,35 +92,12 @@ def clip(ext: Extents, start: int, end: int) -> Extents:
     return Extents(s[keep], (e - s)[keep], ext.kind[keep], ext.layer[keep], fo[keep])
 
 
-def overlay(top: Extents, below: Extents) -> Extents:
-    """Where ``top`` is ABSENT take ``below``; both cover the same range (vectorised interval merge)."""
-    if len(below) == 0 or not np.any(top.kind == ExtentKind.ABSENT):
-        return top
-    bounds = np.union1d(top.start, below.start)
-    end = int(top.start[-1] + top.length[-1])
-    bounds = bounds[(bounds >= top.start[0]) & (bounds < end)]
-    lengths = np.diff(np.append(bounds, end))
-    ti = np.searchsorted(top.start, bounds, side="right") - 1
-    bi = np.searchsorted(below.start, bounds, side="right") - 1
-    bi = np.clip(bi, 0, len(below) - 1)
-    from_top = top.kind[ti] != ExtentKind.ABSENT
-    # Elementary pieces before the first or after the last extent of `below` stay absent.
-    in_below = (bounds >= below.start[bi]) & (bounds < below.start[bi] + below.length[bi])
-    kind = np.where(from_top, top.kind[ti], np.where(in_below, below.kind[bi], ExtentKind.ABSENT)).astype(np.uint8)
-    layer = np.where(from_top, top.layer[ti], np.where(in_below, below.layer[bi], -1)).astype(np.int16)
-    top_fo = top.file_offset[ti] + (bounds - top.start[ti])
-    below_fo = below.file_offset[bi] + (bounds - below.start[bi])
-    fo = np.where(from_top, top_fo, below_fo)
-    fo = np.where(kind == ExtentKind.DATA, fo, -1)
-    return coalesce(Extents(bounds.astype(np.int64), lengths.astype(np.int64), kind, layer, fo.astype(np.int64)))
-
-
 def overlay_stack(stack: list[Extents]) -> Extents:
     """The chain's view of ``stack[0]``'s range: each run from the first layer of the stack that is not ABSENT there.
 
     ``stack`` lists one extent list per layer, top first, each covering a range inside the one before it; the
-    result's ``layer`` is the index into the stack. Equal to overlaying pairwise from the bottom up, but in one
-    pass over the elementary pieces of all layers instead of one pass per layer over a growing list.
+    result's ``layer`` is the index into the stack. What overlaying the layers pairwise from the bottom up would
+    give, in one pass over the elementary pieces of all layers instead of one pass per layer over a growing list.
     """
     top = stack[0]
     if len(stack) == 1 or len(top) == 0:

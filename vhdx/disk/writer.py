@@ -30,7 +30,7 @@ import numpy as np
 from vhdx.errors import DependentsError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import Overlay, copy_range
-from vhdx.structures.bat import WINDOW_ENTRIES, ceil_div, entry_offsets, entry_states, mark_units
+from vhdx.structures.bat import WINDOW_ENTRIES, allocated_mask, ceil_div, entry_offsets, entry_states, mark_units
 from vhdx.structures.commit import LogCursor, commit_through_log, empty_log, max_entry_sectors, replay_log_on_disk
 from vhdx.structures.header import write_header_update
 from vhdx.structures.log import SECTOR
@@ -152,7 +152,7 @@ class Writer:
         offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), blocks.shape)
         old = self.image.bat.set_payload(blocks, state, offsets, stage=self.stage)
         old_states, old_offsets = entry_states(old), entry_offsets(old)
-        was = (old_states == c.BatState.FULLY_PRESENT) | (old_states == c.BatState.PARTIALLY_PRESENT)
+        was = allocated_mask(old_states)
         self._track_taken(was, old_offsets, state in _ALLOCATED_STATES, offsets, self.image.block_size)
 
     def set_bitmap_entry(self, chunk: int, state: int, offset: int) -> None:

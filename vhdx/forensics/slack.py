@@ -32,7 +32,7 @@ from vhdx.disk.extents import ExtentKind, bitmap_runs
 from vhdx.disk.image import VhdxImage
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
-from vhdx.structures.bat import entry_offsets, entry_states
+from vhdx.structures.bat import allocated_mask, entry_offsets
 
 SCAN_CHUNK = 8 * 1024 * 1024
 # Unpacked sector bitmap bits (one byte each) read at a time for partially present blocks.
@@ -147,11 +147,10 @@ def _block_facts(image: VhdxImage, size: int) -> _BlockFacts:
     own_s, own_e, stale, partial = [], [], [], []
     for win in bat.raw_windows():
         states, offsets = win.states(), entry_offsets(win.payload)
-        allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+        allocated = allocated_mask(states)
         starts = offsets[allocated]
         if g.has_parent:
-            present = entry_states(win.bitmap) == c.SbState.PRESENT
-            bitmaps = entry_offsets(win.bitmap)[present]
+            bitmaps = win.present_bitmap_offsets()
             s, e = _union(np.concatenate([starts, bitmaps]),
                           np.concatenate([starts + g.block_size, bitmaps + c.SECTOR_BITMAP_BLOCK_SIZE]))
         else:

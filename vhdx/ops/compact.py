@@ -42,7 +42,15 @@ from vhdx.io import ImageIO
 from vhdx.ops import layout_journal as lj
 from vhdx.ops.guest_free import read_free_map
 from vhdx.ops.merge import find_dependents
-from vhdx.structures.bat import WINDOW_ENTRIES, ceil_div, entry_offsets, entry_states, held_blocks
+from vhdx.structures.bat import (
+    WINDOW_ENTRIES,
+    allocated_mask,
+    ceil_div,
+    entry_offsets,
+    entry_states,
+    held_blocks,
+    mark_units,
+)
 from vhdx.structures.header import load_headers
 from vhdx.structures.log import read_log
 
@@ -108,16 +116,6 @@ def pending_journal(path, resume: bool, operation: str) -> lj.LayoutJournal | No
 
 
 # --- the file's space ------------------------------------------------------------------------------------
-def _mark(occupied: np.ndarray, starts: np.ndarray, length: int) -> None:
-    """Mark the granules of spans [start, start+length) (vectorised over ``starts``)."""
-    if not len(starts):
-        return
-    n = ceil_div(length, GRANULE)
-    first = np.asarray(starts, dtype=np.int64) // GRANULE
-    idx = (first[:, None] + np.arange(n)[None, :]).ravel()
-    occupied[idx[idx < len(occupied)]] = True
-
-
 def fixed_spans(image: VhdxImage) -> list[tuple[int, int]]:
     """(start, length) of the structures a compaction never moves: header section, log, BAT, metadata."""
     header = image.headers.current
@@ -130,12 +128,11 @@ def occupancy(image: VhdxImage) -> np.ndarray:
     """One flag per 1 MiB granule of the file: True where some structure or block lives (one pass over windows)."""
     occupied = np.zeros(ceil_div(image.io.real_size, GRANULE), dtype=bool)
     for start, length in fixed_spans(image):
-        _mark(occupied, np.array([start]), length)
+        mark_units(occupied, np.array([start]), length)
     for w in image.bat.raw_windows():
         states, offsets = entry_states(w.payload), entry_offsets(w.payload)
-        _mark(occupied, offsets[held_blocks(states, offsets)], image.block_size)
-        _mark(occupied, entry_offsets(w.bitmap)[entry_states(w.bitmap) == c.SbState.PRESENT],
-              c.SECTOR_BITMAP_BLOCK_SIZE)
+        mark_units(occupied, offsets[held_blocks(states, offsets)], image.block_size)
+        mark_units(occupied, w.present_bitmap_offsets(), c.SECTOR_BITMAP_BLOCK_SIZE)
     return occupied
 
 
@@ -159,8 +156,7 @@ def _highest(image: VhdxImage, bitmaps: bool, above: int, count: int) -> tuple[n
             first = w.k0
         else:
             states, off = entry_states(w.payload), entry_offsets(w.payload)
-            allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
-            sel = np.flatnonzero(allocated & (off > above))
+            sel = np.flatnonzero(allocated_mask(states) & (off > above))
             first = w.b0
         ids.append(sel + first)
         offsets.append(off[sel])

@@ -50,6 +50,7 @@ from vhdx.structures.bat import (
     BAT_DTYPE,
     WINDOW_ENTRIES,
     Geometry,
+    allocated_mask,
     ceil_div,
     entry_offsets,
     entry_states,
@@ -244,7 +245,7 @@ def _make_room_for_bat(image: VhdxImage, need: int, result: ResizeResult) -> tup
     end = max([hi, *(way.offsets + bs).tolist(), *(way.sb_offsets + c.SECTOR_BITMAP_BLOCK_SIZE).tolist(),
                meta.end if move_meta else hi])
     writer.reserve_until(end)
-    allocated = (way.states == c.BatState.FULLY_PRESENT) | (way.states == c.BatState.PARTIALLY_PRESENT)
+    allocated = allocated_mask(way.states)
     blocks = way.blocks[allocated]
     if len(blocks):
         writer.move_blocks(blocks, [writer.allocate(bs) for _ in range(len(blocks))])

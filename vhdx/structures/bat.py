@@ -121,6 +121,11 @@ def entry_states(entries: np.ndarray) -> np.ndarray:
     return low_bytes & np.uint8(c.BAT_STATE_MASK)
 
 
+def allocated_mask(states: np.ndarray) -> np.ndarray:
+    """Mask of payload states that own file space: FULLY_PRESENT or PARTIALLY_PRESENT."""
+    return (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+
+
 def entry_offsets(entries: np.ndarray) -> np.ndarray:
     """File offset in bytes of each entry (FileOffsetMB * 1 MiB); reserved bits are masked off.
 
@@ -175,6 +180,10 @@ class RawWindow:
     def states(self) -> np.ndarray:
         """Payload states (uint8)."""
         return entry_states(self.payload)
+
+    def present_bitmap_offsets(self) -> np.ndarray:
+        """File offsets of the window's present sector bitmap blocks."""
+        return entry_offsets(self.bitmap)[entry_states(self.bitmap) == c.SbState.PRESENT]
 
     def state_counts(self) -> np.ndarray:
         """Payload blocks per state value (8 counts); a uniform window is counted without decoding."""
@@ -645,7 +654,7 @@ class Bat:
 
     def allocated_blocks(self) -> np.ndarray:
         """Mask of payload blocks that own space in the file (fully or partially present); whole BAT."""
-        return (self.states == c.BatState.FULLY_PRESENT) | (self.states == c.BatState.PARTIALLY_PRESENT)
+        return allocated_mask(self.states)
 
     # --- point lookups, held space and updates (writers; bounded memory) ----------------------------
     def entries_at(self, index) -> np.ndarray:
@@ -756,7 +765,7 @@ class Bat:
             held = held_blocks(states, offsets)
             if held.any():
                 end = max(end, int(offsets[held].max()) + self.geometry.block_size)
-            sb_offsets = entry_offsets(win.bitmap)[entry_states(win.bitmap) == c.SbState.PRESENT]
+            sb_offsets = win.present_bitmap_offsets()
             if len(sb_offsets):
                 end = max(end, int(sb_offsets.max()) + c.SECTOR_BITMAP_BLOCK_SIZE)
         return end
@@ -768,18 +777,14 @@ class Bat:
         """
         taken = np.zeros(ceil_div(size, c.ALIGNMENT), dtype=bool)
         for win in self.raw_windows():
-            states = entry_states(win.payload)
-            allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
-            mark_units(taken, entry_offsets(win.payload)[allocated], self.geometry.block_size)
-            sb = entry_states(win.bitmap) == c.SbState.PRESENT
-            mark_units(taken, entry_offsets(win.bitmap)[sb], c.SECTOR_BITMAP_BLOCK_SIZE)
+            mark_units(taken, entry_offsets(win.payload)[allocated_mask(win.states())], self.geometry.block_size)
+            mark_units(taken, win.present_bitmap_offsets(), c.SECTOR_BITMAP_BLOCK_SIZE)
         return taken
 
 
 def held_blocks(states: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Mask of payload blocks that hold file space: allocated, or reading as zeros but keeping their offset."""
-    allocated = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
-    return allocated | np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)
+    return allocated_mask(states) | np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)
 
 
 def mark_units(taken: np.ndarray, offsets: np.ndarray, length: int) -> None:

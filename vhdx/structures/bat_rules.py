@@ -15,7 +15,14 @@ import numpy as np
 
 from vhdx.findings import Code, Problem, Severity
 from vhdx.format import constants as c
-from vhdx.structures.bat import _STATE_MASK, WINDOW_ENTRIES, Geometry, entry_offsets, payload_missing_bytes
+from vhdx.structures.bat import (
+    _STATE_MASK,
+    WINDOW_ENTRIES,
+    Geometry,
+    allocated_mask,
+    entry_offsets,
+    payload_missing_bytes,
+)
 
 
 def windows(geometry: Geometry, n_entries: int, window_entries: int = WINDOW_ENTRIES):
@@ -199,7 +206,7 @@ def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_siz
     payload = ~is_sb & (block < g.data_blocks)
     # A block owns block_size bytes (Hyper-V allocates the last block whole even when the disk ends inside it).
     length = np.where(is_sb, c.SECTOR_BITMAP_BLOCK_SIZE, g.block_size).astype(np.int64)
-    present = (states == c.BatState.FULLY_PRESENT) | (states == c.BatState.PARTIALLY_PRESENT)
+    present = allocated_mask(states)
     owned = (payload & present) | (is_sb & (states == c.SbState.PRESENT) & diff)
     kept = payload & _ZERO_READING[states] & (offsets > 0)
     if not diff:

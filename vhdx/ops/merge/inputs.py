@@ -13,7 +13,7 @@ from vhdx.disk.image import VhdxImage
 from vhdx.disk.writer import end_of_structures
 from vhdx.format import constants as c
 from vhdx.ops.merge.plan import BS, SECTOR_BATCH, ZERO_READING, DestArrays, LayerArrays, reusable_blocks
-from vhdx.structures.bat import Bat, entry_offsets, entry_states
+from vhdx.structures.bat import Bat, allocated_mask, entry_offsets, entry_states
 
 
 class BatColumn:
@@ -96,8 +96,8 @@ def _reusable(image: VhdxImage) -> np.ndarray:
     present, bitmaps = [], []
     for w in bat.raw_windows():
         states, off = entry_states(w.payload), entry_offsets(w.payload)
-        present.append(off[(states == BS.FULLY_PRESENT) | (states == BS.PARTIALLY_PRESENT)])
-        bitmaps.append(entry_offsets(w.bitmap)[entry_states(w.bitmap) == c.SbState.PRESENT])
+        present.append(off[allocated_mask(states)])
+        bitmaps.append(w.present_bitmap_offsets())
     present_off = np.concatenate(present).astype(np.int64)
     sb_off = np.concatenate(bitmaps).astype(np.int64)
     header = image.headers.current

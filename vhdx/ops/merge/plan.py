@@ -21,7 +21,7 @@ import numpy as np
 from vhdx.disk.extents import ExtentKind, Extents, clip, coalesce, concat_sorted
 from vhdx.errors import MergeError, UnsupportedError
 from vhdx.format import constants as c
-from vhdx.structures.bat import ceil_div
+from vhdx.structures.bat import allocated_mask, ceil_div
 
 BS = c.BatState
 # States a payload block reads as zeros in, whatever the disk type.
@@ -268,8 +268,7 @@ def _sector_extents(layers, sel, u, states, blocks, within, file_at, spu, ss) ->
     col = sel[:, None]
     sstate = states[src, col]
     kind = np.where(~any_def, ExtentKind.ABSENT,
-                    np.where((sstate == BS.FULLY_PRESENT) | (sstate == BS.PARTIALLY_PRESENT),
-                             ExtentKind.DATA, ExtentKind.ZERO)).astype(np.uint8)
+                    np.where(allocated_mask(sstate), ExtentKind.DATA, ExtentKind.ZERO)).astype(np.uint8)
     layer = np.where(any_def, src, -1).astype(np.int16)
     sector = np.arange(spu, dtype=np.int64)[None, :]
     fo = np.where(kind == ExtentKind.DATA, file_at[src, col] + sector * ss, -1)
