@@ -22,7 +22,7 @@ from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage
 from vhdx.disk.zero_runs import ZERO_GRANULE, nonzero_granule_runs
 from vhdx.errors import InvalidRequestError, VhdxError
-from vhdx.io import COPY_CHUNK, ImageIO, WriteBehind
+from vhdx.io import COPY_CHUNK, WriteBehind
 from vhdx.ops import output
 
 
@@ -52,7 +52,7 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
         os.ftruncate(fd, image.virtual_size)
     except OSError as exc:
         raise VhdxError(f"cannot resize file: {exc.strerror}", path=path) from None
-    readers = [_Reader(layer.io) for layer in image.layers]
+    readers = [layer.io for layer in image.layers]
     ext = image.extents()
     data = ext.kind == ExtentKind.DATA
     view = memoryview(bytearray(COPY_CHUNK))
@@ -60,7 +60,7 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
     with WriteBehind(fd) if sync else contextlib.nullcontext() as behind:
         for batch in _batches(ext.start[data], ext.length[data], ext.layer[data], ext.file_offset[data], len(view)):
             for lo, hi, layer, file_offset in batch.reads:
-                readers[layer].readinto(file_offset, view[lo:hi])
+                readers[layer].readinto_at(file_offset, view[lo:hi])
             for lo, hi in batch.zeros:  # after the reads: a read for several runs may have covered a gap
                 view[lo:hi] = _ZEROS[: hi - lo] if hi - lo <= len(_ZEROS) else bytes(hi - lo)
             starts, ends = nonzero_granule_runs(view[: batch.used], batch.cuts)
@@ -182,26 +182,6 @@ def _batches(start: np.ndarray, length: np.ndarray, layer: np.ndarray, file_offs
         cuts = np.maximum(seg_pos[s0:s1], base) - base
         shift = seg_vlo[s0:s1] - seg_pos[s0:s1] + base
         yield _Batch(reads, zeros, used, cuts, shift, int(start[row[p1 - 1]] + hi[p1 - 1] - row_lo[row[p1 - 1]]))
-
-
-class _Reader:
-    """Positional reads of one layer: straight ``preadv`` where the file has the bytes as they are on disk."""
-
-    __slots__ = ("fd", "io", "size")
-
-    def __init__(self, io: ImageIO) -> None:
-        self.io = io
-        self.fd = io.fd if io.overlay is None else None  # an in-memory log replay patches what is read
-        self.size = io.real_size if self.fd is not None else 0
-
-    def readinto(self, offset: int, view: memoryview) -> None:
-        if offset + len(view) <= self.size:
-            try:
-                if os.preadv(self.fd, [view], offset) == len(view):
-                    return
-            except OSError:
-                pass  # readinto_at reads again and reports the error with the file and offset
-        self.io.readinto_at(offset, view)  # short reads, past the end of the file, overlays
 
 
 # Zeros for the few bytes around a piece that share a granule with it (less than two granules).
