@@ -453,7 +453,8 @@ class CachedMap:
         vec = (ctypes.c_ubyte * pages)()
         address = np.frombuffer(self._mapping, dtype=np.uint8).ctypes.data
         try:
-            if _mincore()(ctypes.c_void_p(address), ctypes.c_size_t(len(self._mapping)), vec) != 0:
+            mincore = _mincore()
+            if mincore is None or mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(self._mapping)), vec) != 0:
                 return False
         except (AttributeError, OSError):  # a C library without mincore
             return False
@@ -465,19 +466,26 @@ class CachedMap:
             self._mapping.close()
 
 
-_MINCORE: list = []
+_LIBC: dict = {}  # C library functions looked up once through ctypes (None: the library lacks it)
+
+
+def _libc_function(name: str, *argtypes: str):
+    """The C library's ``name`` with ctypes argument types named ``argtypes`` (returns int); None if it lacks it."""
+    if name not in _LIBC:
+        import ctypes  # noqa: PLC0415 - start-up cost: only bulk scans and synced copies call into libc
+
+        try:
+            function = getattr(ctypes.CDLL(None, use_errno=True), name)
+            function.argtypes = [getattr(ctypes, t) for t in argtypes]
+        except (AttributeError, OSError):
+            function = None
+        _LIBC[name] = function
+    return _LIBC[name]
 
 
 def _mincore():
-    """The C library's ``mincore`` through ctypes, looked up once."""
-    if not _MINCORE:
-        import ctypes  # noqa: PLC0415 - start-up cost
-
-        function = ctypes.CDLL(None, use_errno=True).mincore
-        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        function.restype = ctypes.c_int
-        _MINCORE.append(function)
-    return _MINCORE[0]
+    """The C library's ``mincore`` (None where it has none)."""
+    return _libc_function("mincore", "c_void_p", "c_size_t", "c_void_p")
 
 
 # A layout parsed this often in one process is compiled (construct's compiler): each parse then costs a few
@@ -602,21 +610,11 @@ def copy_range(src: ImageIO, src_offset: int, dst_fd: int, dst_offset: int, leng
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # start write-back of the dirty pages of the range; wait for nothing
-_SYNC_FILE_RANGE: list = []  # libc's sync_file_range once looked up; [None] where it is not available
 
 
 def _sync_file_range():
-    if not _SYNC_FILE_RANGE:
-        call = None
-        try:
-            import ctypes  # noqa: PLC0415 - only copies that sync need it
-
-            call = ctypes.CDLL(None, use_errno=True).sync_file_range
-            call.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-        except (AttributeError, OSError):
-            call = None
-        _SYNC_FILE_RANGE.append(call)
-    return _SYNC_FILE_RANGE[0]
+    """Linux's ``sync_file_range`` (None where the C library has none)."""
+    return _libc_function("sync_file_range", "c_int", "c_longlong", "c_longlong", "c_uint")
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
