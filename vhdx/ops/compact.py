@@ -49,6 +49,7 @@ from vhdx.structures.bat import (
     entry_offsets,
     entry_states,
     held_blocks,
+    kept_space_mask,
     mark_units,
 )
 from vhdx.structures.header import load_headers
@@ -322,7 +323,7 @@ def plan_release(image: VhdxImage, mode: str, progress: Progress | None = None) 
     found_trimmed, found_full = [trimmed], [zero]
     for w in image.bat.raw_windows():
         states, offsets = entry_states(w.payload), entry_offsets(w.payload)
-        found_trimmed.append(np.flatnonzero(np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)) + w.b0)
+        found_trimmed.append(np.flatnonzero(kept_space_mask(states, offsets)) + w.b0)
         found_full.append(np.flatnonzero(states == c.BatState.FULLY_PRESENT) + w.b0)
     if mode in ("full", "pretrimmed", "quick"):
         trimmed = np.concatenate(found_trimmed).astype(np.int64)

@@ -784,7 +784,12 @@ class Bat:
 
 def held_blocks(states: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Mask of payload blocks that hold file space: allocated, or reading as zeros but keeping their offset."""
-    return allocated_mask(states) | np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)
+    return allocated_mask(states) | kept_space_mask(states, offsets)
+
+
+def kept_space_mask(states: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Mask of blocks that read as zeros (ZERO/UNMAPPED/UNDEFINED) but kept the file space of their present days."""
+    return np.isin(states, c.ZERO_READING_STATES) & (offsets > 0)
 
 
 def mark_units(taken: np.ndarray, offsets: np.ndarray, length: int) -> None:

@@ -12,8 +12,8 @@ import numpy as np
 from vhdx.disk.image import VhdxImage
 from vhdx.disk.writer import end_of_structures
 from vhdx.format import constants as c
-from vhdx.ops.merge.plan import BS, SECTOR_BATCH, ZERO_READING, DestArrays, LayerArrays, reusable_blocks
-from vhdx.structures.bat import Bat, allocated_mask, entry_offsets, entry_states
+from vhdx.ops.merge.plan import BS, SECTOR_BATCH, DestArrays, LayerArrays, reusable_blocks
+from vhdx.structures.bat import Bat, allocated_mask, entry_offsets, entry_states, kept_space_mask
 
 
 class BatColumn:
@@ -86,7 +86,7 @@ def _reusable(image: VhdxImage) -> np.ndarray:
     cand_blocks, cand_offsets = [], []
     for w in bat.raw_windows():
         states, offsets = entry_states(w.payload), entry_offsets(w.payload)
-        sel = np.flatnonzero(np.isin(states, ZERO_READING) & (offsets > 0))
+        sel = np.flatnonzero(kept_space_mask(states, offsets))
         cand_blocks.append(sel + w.b0)
         cand_offsets.append(offsets[sel])
     blocks = np.concatenate(cand_blocks).astype(np.int64) if cand_blocks else np.zeros(0, np.int64)
