@@ -141,18 +141,19 @@ def _loader_path(path: str) -> tuple[tuple | None, tuple[int, ...], int]:
     return refusal, summary.state_counts, summary.bitmaps_present
 
 
-@pytest.mark.parametrize("reading", ["in place", "pread"])
+@pytest.mark.parametrize("threads", [2, 1])
 @pytest.mark.parametrize("kind", ["dynamic", "differencing"])
 @given(data=st.data())
-def test_loader_gives_the_plain_window_paths_counts_and_refusal(disks, kind, reading, data):
+def test_loader_gives_the_plain_window_paths_counts_and_refusal(disks, kind, threads, data):
     path = disks[kind]
     _bat, n_entries, data_offset = _layout(path)
     entries = data.draw(bats(n_entries, data_offset, os.path.getsize(path)))
     _write_bat(path, entries)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
-        if reading == "pread":  # as for a BAT not in the page cache
-            patch.setattr(ImageIO, "map_cached", lambda self, offset, length: None)
+        patch.setattr(bat_module, "SCAN_THREADS", threads)
+        # Pieces smaller than a chunk and not a whole number of entries: every window is judged in several reads.
+        patch.setattr(bat_module, "SCAN_PIECE", data.draw(st.sampled_from([44, 100, 1 << 20])))
         assert _loader_path(path) == _plain_path(path)
 
 
@@ -205,124 +206,155 @@ def test_a_uniform_window_of_an_illegal_state_is_still_refused(disks, monkeypatc
     assert f"(and {2 * (STRIDE - 1) - 1} more)" in info.value.message
 
 
-# --- reading the BAT in place from the page cache (ImageIO.map_cached) and every case that falls back to pread ---
-@pytest.fixture
-def warm_file(tmp_path) -> str:
-    path = str(tmp_path / "warm.bin")
-    with open(path, "wb") as fh:
-        fh.write(np.arange(3 * MiB // 8, dtype=BAT_DTYPE).tobytes())
-    return path
+# --- the scan's threads --------------------------------------------------------------------------------------
+def _uniform_bat(path: str) -> np.ndarray:
+    """Write a BAT of ZERO entries (as qemu-img does) and return it."""
+    _bat, n_entries, _data = _layout(path)
+    entries = np.full(n_entries, c.BatState.ZERO, dtype=BAT_DTYPE)
+    entries[STRIDE - 1 :: STRIDE] = 0
+    _write_bat(path, entries)
+    return entries
 
 
-def _mapped(io: ImageIO, offset: int = 4096, length: int = 2 * MiB) -> np.ndarray | None:
-    cached = io.map_cached(offset, length)
-    return None if cached is None else cached.array(BAT_DTYPE)
+def _scan_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "vhdx-bat-scan"]
 
 
-def test_map_cached_maps_a_warm_range_of_a_read_only_file(warm_file):
-    io = ImageIO.open(warm_file)
+def test_the_scan_judges_windows_on_several_threads(disks, monkeypatch):
+    import threading
+
+    path = disks["dynamic"]
+    _uniform_bat(path)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    seen, original = set(), Bat._judge_window
+
+    def judged(self, w, templates, buf):
+        seen.add(threading.current_thread().name)
+        return original(self, w, templates, buf)
+
+    monkeypatch.setattr(Bat, "_judge_window", judged)
+    _loader_path(path)
+    assert seen == {"vhdx-bat-scan"}
+
+
+def test_a_read_error_on_a_scan_thread_is_raised_to_the_caller_at_its_window(disks, monkeypatch):
+    from vhdx.errors import VhdxError
+
+    path = disks["dynamic"]
+    _uniform_bat(path)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    original = Bat._judge_window
+
+    def failing(self, w, templates, buf):
+        if w == 5:
+            raise VhdxError("read failed: Input/output error", path=path, offset=12345)
+        return original(self, w, templates, buf)
+
+    monkeypatch.setattr(Bat, "_judge_window", failing)
+    io = ImageIO.open(path)
     try:
-        entries = _mapped(io)
-        assert entries is not None and not entries.flags.writeable
-        assert (entries == np.arange(512, 512 + 2 * MiB // 8)).all()
+        f = VhdxFile.load(io, bat=False)
+        bat = Bat.load(io, f.regions.bat, f.geometry)
+        scan = bat.raw_windows()
+        got = [next(scan).k0 // (WINDOW // STRIDE) for _ in range(5)]
+        assert got == [0, 1, 2, 3, 4]  # the windows before the failing one arrive first
+        with pytest.raises(VhdxError, match="Input/output error") as info:
+            next(scan)
+        assert info.value.offset == 12345
     finally:
         io.close()
+    assert not _scan_threads()
 
 
-def test_map_cached_refuses_a_writable_open(warm_file):
-    io = ImageIO.open(warm_file, writable=True)
+def test_a_caller_that_stops_early_leaves_no_scan_thread_running(disks, monkeypatch):
+    path = disks["dynamic"]
+    _uniform_bat(path)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    io = ImageIO.open(path)
     try:
-        assert _mapped(io) is None
+        f = VhdxFile.load(io, bat=False)
+        scan = Bat.load(io, f.regions.bat, f.geometry).raw_windows()
+        first = next(scan)
+        assert first.uniform == c.BatState.ZERO
+        scan.close()
     finally:
         io.close()
+    assert not _scan_threads()
 
 
-def test_map_cached_refuses_a_descriptor_it_does_not_own(warm_file):
-    with open(warm_file, "rb") as fh:
-        assert _mapped(ImageIO.wrap(fh)) is None
-
-
-def test_map_cached_refuses_a_range_past_the_end_of_the_file(warm_file):
-    io = ImageIO.open(warm_file)
-    try:
-        assert _mapped(io, 2 * MiB, 2 * MiB) is None
-    finally:
-        io.close()
-
-
-def test_map_cached_refuses_a_file_truncated_after_the_first_size_check(warm_file, monkeypatch):
-    answers = iter([True, False])  # covered when asked first, truncated by the time it is mapped
-    monkeypatch.setattr("vhdx.io._covers", lambda fd, end: next(answers))
-    io = ImageIO.open(warm_file)
-    try:
-        assert _mapped(io) is None
-    finally:
-        io.close()
-
-
-def test_map_cached_refuses_a_range_with_a_page_not_in_the_page_cache(warm_file, monkeypatch):
-    def one_page_missing(address, length, vec):
-        import ctypes
-
-        ctypes.memset(vec, 1, int(length.value) // 4096)
-        vec[3] = 0
-        return 0
-
-    monkeypatch.setattr("vhdx.io._mincore", lambda: one_page_missing)
-    io = ImageIO.open(warm_file)
-    try:
-        assert _mapped(io) is None
-    finally:
-        io.close()
-
-
-def test_map_cached_refuses_when_mincore_cannot_answer(warm_file, monkeypatch):
-    monkeypatch.setattr("vhdx.io._mincore", lambda: lambda address, length, vec: -1)
-    io = ImageIO.open(warm_file)
-    try:
-        assert _mapped(io) is None
-    finally:
-        io.close()
-
-
-def test_map_cached_refuses_when_the_c_library_has_no_mincore(warm_file, monkeypatch):
-    def no_mincore():
-        raise AttributeError("mincore")
-
-    monkeypatch.setattr("vhdx.io._mincore", no_mincore)
-    io = ImageIO.open(warm_file)
-    try:
-        assert _mapped(io) is None
-    finally:
-        io.close()
-
-
-def test_map_cached_refuses_a_file_another_process_writes(warm_file):
-    import fcntl
-
-    writer = os.open(warm_file, os.O_RDWR)  # another open file description holding the writer lock
-    io = ImageIO.open(warm_file)
-    try:
-        fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert _mapped(io) is None
-    finally:
-        io.close()
-        os.close(writer)
-
-
-def test_map_cached_refuses_a_range_an_overlay_replays(warm_file):
+def test_the_scan_judges_the_bat_as_a_replayed_log_left_it_in_memory(disks, monkeypatch):
     from vhdx.io import Overlay
 
-    io = ImageIO.open(warm_file)
+    path = disks["dynamic"]
+    bat_offset, _n, data_offset = _layout(path)
+    _uniform_bat(path)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    entry = np.array([c.BatState.FULLY_PRESENT | data_offset], dtype=BAT_DTYPE).tobytes()
+    at = bat_offset + (4 * WINDOW + 3) * c.BAT_ENTRY_SIZE  # one payload entry of window 4, as the log wrote it
+    sector = at - at % 4096
+    io = ImageIO.open(path)
     try:
-        io.overlay = Overlay({8192: bytes(4096)}, [], 3 * MiB)
-        assert _mapped(io) is None
-        assert _mapped(io, 2 * MiB, 4096) is not None  # a range the overlay does not touch
+        image = bytearray(io.read_at(sector, 4096))
+        image[at - sector : at - sector + 8] = entry
+        io.overlay = Overlay({sector: bytes(image)}, [], io.real_size)
+        f = VhdxFile.load(io, bat=False)
+        summary = Bat.load(io, f.regions.bat, f.geometry).summary
     finally:
         io.close()
+    assert summary.state_counts[c.BatState.FULLY_PRESENT] == 1
 
 
-def test_bat_scan_in_place_and_through_pread_agree(disks, monkeypatch):
+def test_a_stream_is_judged_on_the_callers_thread(disks, monkeypatch):
+    import threading
+
+    path = disks["dynamic"]
+    _uniform_bat(path)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    seen, original = set(), Bat._judge_window
+
+    def judged(self, w, templates, buf):
+        seen.add(threading.current_thread() is threading.main_thread())
+        return original(self, w, templates, buf)
+
+    monkeypatch.setattr(Bat, "_judge_window", judged)
+    with open(path, "rb") as fh:
+        from io import BytesIO
+
+        io = ImageIO.wrap(BytesIO(fh.read()))  # no descriptor: reads seek, so only one thread may read
+        f = VhdxFile.load(io, bat=False)
+        counts = Bat.load(io, f.regions.bat, f.geometry).summary.state_counts
+    assert seen == {True} and counts[c.BatState.ZERO] == f.geometry.data_blocks
+
+
+# --- equal_bytes: memcmp without the GIL ----------------------------------------------------------------------
+def test_equal_bytes_finds_a_difference_in_the_last_byte():
+    from vhdx.io import equal_bytes
+
+    a = bytearray(1 << 20)
+    b = bytearray(1 << 20)
+    assert equal_bytes(a, b)
+    b[-1] = 1
+    assert not equal_bytes(a, b)
+
+
+def test_equal_bytes_of_different_lengths_is_false():
+    from vhdx.io import equal_bytes
+
+    assert not equal_bytes(bytes(8), bytes(16))
+    assert equal_bytes(b"", b"")
+
+
+def test_equal_bytes_compares_with_numpy_without_a_c_memcmp(monkeypatch):
+    from vhdx import io as io_module
+
+    monkeypatch.setitem(io_module._LIBC, "memcmp", None)
+    assert io_module.equal_bytes(b"abc", bytearray(b"abc"))
+    assert not io_module.equal_bytes(b"abc", b"abd")
+
+
+def test_bat_scan_on_threads_and_on_one_thread_agree(disks, monkeypatch):
     path = disks["differencing"]
     _bat, n_entries, data_offset = _layout(path)
     rng = np.random.default_rng(3)
@@ -331,11 +363,6 @@ def test_bat_scan_in_place_and_through_pread_agree(disks, monkeypatch):
     entries[rng.integers(0, n_entries, 5)] = c.BatState.FULLY_PRESENT | data_offset
     _write_bat(path, entries)
     monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
-    made = []
-    original = ImageIO.map_cached
-    monkeypatch.setattr(ImageIO, "map_cached", lambda self, o, n: made.append(original(self, o, n)) or made[-1])
-    in_place = _loader_path(path)
-    assert made and all(m is not None for m in made)  # the freshly written BAT is in the page cache
-    del made[:]
-    monkeypatch.setattr(ImageIO, "map_cached", lambda self, offset, length: None)
-    assert _loader_path(path) == in_place == _plain_path(path)
+    on_threads = _loader_path(path)
+    monkeypatch.setattr(bat_module, "SCAN_THREADS", 1)
+    assert _loader_path(path) == on_threads == _plain_path(path)

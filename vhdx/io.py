@@ -9,7 +9,6 @@ References: [MS-VHDX] §2.3.3 (in-memory replay of a log on read-only opens, pro
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 import errno
 import fcntl
@@ -171,6 +170,11 @@ class ImageIO:
         return self._fd is None and self._fileobj is None
 
     @property
+    def concurrent_reads(self) -> bool:
+        """True when threads may read at once: positional reads of a descriptor (a stream reads by seeking)."""
+        return self._fd is not None
+
+    @property
     def fd(self) -> int | None:
         """The OS file descriptor, for copy_file_range and friends; None for pure Python streams."""
         return self._fd
@@ -266,40 +270,6 @@ class ImageIO:
         except OSError:  # the file system does not answer: read everything
             return [(offset, end)]
         return spans
-
-    def map_cached(self, offset: int, length: int) -> CachedMap | None:
-        """A read-only ``mmap`` of [offset, offset + length) when that is safe to read without copying, else None.
-
-        For bulk scans of bytes already in memory (a warm 512 MiB BAT): reading the page cache in place saves
-        the copy ``pread`` makes. An access to a mapped page the kernel cannot supply kills the process with
-        SIGBUS instead of raising, so a mapping is only made when: the descriptor is our own read-only one of a
-        regular file, no overlay and no writer (ours or QEMU's lock) is on it, the file covers the range (checked
-        before and again after mapping), and every page of the range is in the page cache once mapped
-        (``mincore``). Otherwise the caller reads with ``pread``, which turns any failure into a clean error.
-
-        Remaining race: a process that ignores the locks may truncate the file, or the kernel may evict a page
-        whose medium then fails to read, between these checks and the caller's access; that access gets SIGBUS.
-        """
-        if self._fd is None or self.writable or not self._owns or length <= 0 or offset < 0 or (
-                self.overlay is not None and self.overlay.touches(offset, length)):
-            return None
-        import mmap  # noqa: PLC0415 - start-up cost: only bulk scans map files
-
-        try:
-            if not _covers(self._fd, offset + length) or self.writer_lock_held():
-                return None
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            # MAP_POPULATE maps every page at once (cheaper than a fault per page, and mincore then reads the page
-            # tables); a page it could not read stays absent, which mincore reports.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mapping = mmap.mmap(self._fd, offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError, OverflowError):
-            return None
-        cached = CachedMap(mapping, offset - start, length)
-        if not _covers(self._fd, offset + length) or not cached.resident():
-            cached.close()
-            return None
-        return cached
 
     def read_file_at(self, offset: int, length: int) -> bytes:
         """The file's own bytes, without the overlay (the log an overlay is read from); zeros past the end."""
@@ -419,53 +389,6 @@ class ImageIO:
             done += n
 
 
-def _covers(fd: int, end: int) -> bool:
-    """True when ``fd`` is a regular file at least ``end`` bytes long (fstat now)."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_size >= end
-
-
-class CachedMap:
-    """A read-only mapping made by ``ImageIO.map_cached``: ``array()`` views it, ``close()`` unmaps it."""
-
-    def __init__(self, mapping, skip: int, length: int) -> None:
-        self._mapping = mapping
-        self._skip = skip  # bytes before the asked offset (mappings start on an allocation granule)
-        self.length = length
-
-    def array(self, dtype):
-        """The asked range as a read-only numpy array (the mapping stays until every such view is gone)."""
-        import numpy as np  # noqa: PLC0415 - start-up cost: this module is imported before numpy is needed
-
-        return np.frombuffer(self._mapping, dtype=dtype, count=self.length // np.dtype(dtype).itemsize,
-                             offset=self._skip)
-
-    def resident(self) -> bool:
-        """True when every page of the mapping is in the page cache (``mincore``; False when it cannot say)."""
-        import ctypes  # noqa: PLC0415 - start-up cost (numpy has loaded it by now)
-
-        import numpy as np  # noqa: PLC0415 - start-up cost
-
-        pages = -(-len(self._mapping) // os.sysconf("SC_PAGE_SIZE"))
-        vec = (ctypes.c_ubyte * pages)()
-        address = np.frombuffer(self._mapping, dtype=np.uint8).ctypes.data
-        try:
-            mincore = _mincore()
-            if mincore is None or mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(self._mapping)), vec) != 0:
-                return False
-        except (AttributeError, OSError):  # a C library without mincore
-            return False
-        return bool(np.all(np.frombuffer(memoryview(vec), dtype=np.uint8) & 1))
-
-    def close(self) -> None:
-        # A view still alive (BufferError): the mapping goes when the last one does.
-        with contextlib.suppress(BufferError):
-            self._mapping.close()
-
-
 _LIBC: dict = {}  # C library functions looked up once through ctypes (None: the library lacks it)
 
 
@@ -483,9 +406,21 @@ def _libc_function(name: str, *argtypes: str):
     return _LIBC[name]
 
 
-def _mincore():
-    """The C library's ``mincore`` (None where it has none)."""
-    return _libc_function("mincore", "c_void_p", "c_size_t", "c_void_p")
+def equal_bytes(a, b) -> bool:
+    """True when two buffers hold the same bytes.
+
+    Compared with the C library's ``memcmp`` through ctypes, which releases the GIL, so threads compare at once
+    (``bytes ==`` holds it); numpy compares where the C library has no ``memcmp``.
+    """
+    import numpy as np  # noqa: PLC0415 - start-up cost: only bulk scans compare buffers
+
+    x, y = np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)
+    if len(x) != len(y):
+        return False
+    memcmp = _libc_function("memcmp", "c_void_p", "c_void_p", "c_size_t")
+    if memcmp is None:
+        return bool(np.array_equal(x, y))
+    return not len(x) or memcmp(x.ctypes.data, y.ctypes.data, len(x)) == 0
 
 
 # A layout parsed this often in one process is compiled (construct's compiler): each parse then costs a few

@@ -13,6 +13,7 @@ References: [MS-VHDX] §2.4 (sector bitmap), §2.5 (BAT), §2.5.1 (entry format)
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import numpy as np
 from vhdx.errors import FormatError
 from vhdx.findings import Code
 from vhdx.format import constants as c
-from vhdx.io import ImageIO
+from vhdx.io import ImageIO, equal_bytes
 from vhdx.structures.region import RegionEntry
 
 BAT_DTYPE = np.dtype("<u8")
@@ -33,8 +34,10 @@ _OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
 _STATE_MASK = np.uint64(c.BAT_STATE_MASK)
 # BAT entries per window, rounded down to whole chunks (at least one): 2 MiB of BAT.
 WINDOW_ENTRIES = 1 << 18
-# Windows mapped at once when the page cache holds them (16 MiB of BAT: bounds the mapped pages in RSS).
-MAP_WINDOWS = 8
+# The scan judges windows ahead on this many threads (each reads and compares without the GIL), a piece at a
+# time: a 1 MiB buffer and the template's matching slice stay in the CPU cache while they are compared.
+SCAN_THREADS = 2
+SCAN_PIECE = 1 << 20
 # Decoded windows kept per file (9 bytes per entry): bounds a reader's BAT memory to about 20 MiB.
 WINDOW_CACHE = 8
 OFFSET_CLAMP = 1 << 62
@@ -202,18 +205,22 @@ class _Templates:
 
     def __init__(self, stride: int, entries: int) -> None:
         self._stride, self._n = stride, entries
-        self._held: dict[int, _Template] = {}
+        self._lock = threading.Lock()  # the scan's threads ask for templates at once
+        self._held: dict[int, np.ndarray] = {}
         self._payloads: dict[tuple[int, int], np.ndarray] = {}
 
-    def get(self, entry: int) -> _Template:
-        template = self._held.get(entry)
-        if template is None:
-            if len(self._held) >= 4:
-                self._held.clear()
-            values = np.full(self._n, entry, dtype=BAT_DTYPE)
-            values[self._stride - 1 :: self._stride] = 0
-            template = self._held[entry] = _Template(values)
-        return template
+    def get(self, entry: int) -> np.ndarray:
+        """The template of ``entry`` (read-only)."""
+        with self._lock:
+            template = self._held.get(entry)
+            if template is None:
+                if len(self._held) >= 4:
+                    self._held.clear()
+                template = np.full(self._n, entry, dtype=BAT_DTYPE)
+                template[self._stride - 1 :: self._stride] = 0
+                template.flags.writeable = False  # yielded as the entries of every window equal to it
+                self._held[entry] = template
+            return template
 
     def payload(self, entry: int, blocks: int) -> np.ndarray:
         """``blocks`` payload entries all ``entry``, as a read-only broadcast of one value (made once per pair)."""
@@ -226,19 +233,11 @@ class _Templates:
         return view
 
 
-class _Template:
-    """A template's entries (read-only) and, made on first use, their bytes for the memcmp of a whole window."""
+@dataclass(frozen=True)
+class _Failed:
+    """An error a scan thread met, raised in the caller's thread at its window."""
 
-    def __init__(self, entries: np.ndarray) -> None:
-        entries.flags.writeable = False  # yielded as the entries of every window equal to it
-        self.entries = entries
-        self._bytes: bytearray | None = None
-
-    def raw(self) -> bytearray:
-        """The entries as a bytearray: ``bytearray == buffer`` compares with memcmp (``bytes ==`` would not)."""
-        if self._bytes is None:
-            self._bytes = bytearray(self.entries.tobytes())
-        return self._bytes
+    error: BaseException
 
 
 @dataclass(frozen=True)
@@ -363,12 +362,17 @@ class Bat:
         b0 = k0 * g.chunk_ratio
         return k0, k1 - k0, b0, min(g.data_blocks, k1 * g.chunk_ratio) - b0
 
+    def _entry_range(self, w: int) -> tuple[int, int]:
+        """Raw entries [e0, e1) of window ``w`` (interleaved payload and bitmap entries, as in the file)."""
+        k0, chunks, _, _ = self._bounds(w)
+        stride = self.geometry.chunk_ratio + 1
+        return k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride)
+
     def _window(self, w: int, buffer: np.ndarray | None, raw: np.ndarray | None = None) -> RawWindow:
         """Window ``w`` split into payload and bitmap entries (its raw entries are read unless given)."""
         k0, chunks, b0, blocks = self._bounds(w)
-        stride = self.geometry.chunk_ratio + 1
         if raw is None:
-            raw = self._read_entries(k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride), buffer)
+            raw = self._read_entries(*self._entry_range(w), buffer)
         payload, bitmap = split_window(raw, self.geometry.chunk_ratio, blocks, chunks)
         return RawWindow(b0, k0, payload, bitmap, entries=raw)
 
@@ -390,97 +394,114 @@ class Bat:
     def raw_windows(self) -> Iterator[RawWindow]:
         """Every window that holds non-zero entries, in order (one at a time: bounded memory).
 
-        Windows in holes of the file are not read. The others are read in place from the page cache when it holds
-        them (``ImageIO.map_cached``, ``MAP_WINDOWS`` windows per mapping), else into one reused buffer. A window
-        of one repeated payload entry and no sector bitmap entry (all zeros, or a BAT qemu-img filled with ZERO
-        entries) is recognised by one ``memcmp`` with a template of that entry and yielded without being split or
-        decoded (its ``payload`` is a broadcast view); all-zero windows are skipped.
+        Windows in holes of the file are not read. A window of one repeated payload entry and no sector bitmap
+        entry (all zeros, or a BAT qemu-img filled with ZERO entries) is recognised by comparing it with a
+        template of that entry (``_judge_window``, on ``SCAN_THREADS`` threads ahead of the caller) and yielded
+        without being split or decoded (its ``payload`` is a broadcast view); all-zero windows are skipped. Every
+        other window is read into one reused buffer and split.
         """
         stride = self.geometry.chunk_ratio + 1
         n = min(self.window_chunks * stride, self.geometry.bat_entries)
-        held = bytearray(n * c.BAT_ENTRY_SIZE)
-        buffer = np.frombuffer(held, dtype=BAT_DTYPE)
+        buffer = np.empty(n, dtype=BAT_DTYPE)
         templates = _Templates(stride, n)
-        with_data = set(self.windows_with_data())
-        mapped: tuple[int, int, np.ndarray] | None = None  # (first window, first entry, entries) of a mapping
-        # The next window to try mapping from; a BAT of one window is read with one pread (nothing to save).
-        map_from = 0 if self._entries is None and self.window_count > 1 else self.window_count
+        no_bitmaps = np.zeros(self.window_chunks, dtype=BAT_DTYPE)  # the bitmap entries of every uniform window
+        no_bitmaps.flags.writeable = False
+        with_data = self.windows_with_data()
+        # A BAT held whole is split from memory: reading the file again to judge it would only cost.
+        verdicts = iter(()) if self._entries is not None else self._judged(with_data, templates)
+        holding = set(with_data)
         try:
             for w in range(self.window_count):
-                if w not in with_data:
-                    window = None
-                else:
-                    if w >= map_from:
-                        mapped = None  # unmap the last windows before mapping the next (bounds the RSS)
-                        mapped, map_from = self._map_windows(w), w + MAP_WINDOWS
-                    window = self._uniform_window(w, buffer, held, templates, mapped)
-                if window is None:  # a hole of the file, or all zeros: every entry NOT_PRESENT
+                uniform = next(verdicts, None) if w in holding else 0
+                if uniform == 0:  # a hole of the file, or all zeros: every entry NOT_PRESENT
                     self._uniform[w] = 0
                     continue
-                if window.uniform is None:
-                    window = self._window(w, buffer, window.entries)
-                    # Windows of one repeated payload entry and no bitmaps are remembered: later range reads of
-                    # them (map, chain reads) need neither the file nor per-block arrays.
-                    p = window.payload
-                    if len(p) and not np.count_nonzero(p != p[0]):
-                        window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
-                if window.uniform is not None and not np.count_nonzero(window.bitmap):
-                    self._uniform[w] = window.uniform
+                if uniform is not None:
+                    self._uniform[w] = uniform
+                    k0, chunks, b0, blocks = self._bounds(w)
+                    yield RawWindow(b0, k0, templates.payload(uniform, blocks), no_bitmaps[:chunks], uniform,
+                                    templates.get(uniform)[: min(n, self.geometry.bat_entries - k0 * stride)])
+                    continue
+                window = self._window(w, buffer)
+                # Windows of one repeated payload entry are remembered when they carry no bitmap: later range
+                # reads of them (map, chain reads) need neither the file nor per-block arrays.
+                p = window.payload
+                if len(p) and not np.count_nonzero(p != p[0]):
+                    window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
+                    if not np.count_nonzero(window.bitmap):
+                        self._uniform[w] = window.uniform
+                        if window.uniform == 0:
+                            continue
                 yield window
         finally:
-            mapped = None  # the last view of a mapping: it is unmapped now
+            close = getattr(verdicts, "close", None)
+            if close is not None:
+                close()  # stops and joins the scan's threads when the caller stops early
 
-    def _map_windows(self, w: int) -> tuple[int, int, np.ndarray] | None:
-        """The raw entries of windows [w, w + MAP_WINDOWS) mapped in place, when the page cache holds them all."""
-        stride = self.geometry.chunk_ratio + 1
-        e0 = w * self.window_chunks * stride
-        e1 = min(self.geometry.bat_entries, (w + MAP_WINDOWS) * self.window_chunks * stride)
-        cached = self.io.map_cached(self.file_offset + e0 * c.BAT_ENTRY_SIZE, (e1 - e0) * c.BAT_ENTRY_SIZE)
-        if cached is None:
-            return None
-        entries = cached.array(BAT_DTYPE)
-        cached.close()  # unmapped once ``entries`` and its slices are gone
-        return w, e0, entries
+    def _judge_window(self, w: int, templates: _Templates, buf: bytearray) -> int | None:
+        """The payload entry window ``w`` repeats with no sector bitmap entry (0: all zeros), else None.
 
-    def _uniform_window(self, w: int, buffer: np.ndarray, held: bytearray, templates: _Templates,
-                        mapped: tuple[int, int, np.ndarray] | None) -> RawWindow | None:
-        """Window ``w``: None when all zeros; uniform when it equals its template (unsplit, entries = template).
-
-        Otherwise a RawWindow with only ``entries`` set (``uniform`` None) for ``_window`` to split; its entries
-        are in ``buffer`` (never in a mapping: a view of it must not outlive the scan).
+        The window is read a piece at a time into ``buf`` and each piece compared with the same bytes of the
+        template of its first entry (``equal_bytes``: memcmp without the GIL). The first chunk is read alone
+        first, so a window of real entries is given up after one small read.
         """
-        k0, chunks, b0, blocks = self._bounds(w)
-        stride = self.geometry.chunk_ratio + 1
-        e0, e1 = k0 * stride, min(self.geometry.bat_entries, (k0 + chunks) * stride)
-        whole: np.ndarray | bytearray | None  # the window's bytes for the memcmp of a whole window
-        if mapped is not None:
-            raw = mapped[2][e0 - mapped[1] : e1 - mapped[1]]
-            whole = raw  # numpy exports its buffer to the memcmp without a copy
-        else:
-            raw = self._read_entries(e0, e1, buffer)
-            whole = held if self._entries is None else None
-        if not len(raw):
-            return None
-        empty = np.zeros(0, dtype=BAT_DTYPE)
-        entry = int(raw[0])  # the first payload entry of the window's first chunk
-        # The first chunk decides whether a template is worth making (a window of present blocks differs at once).
-        head = raw[:stride]
-        same = not (np.count_nonzero(head[: stride - 1] != raw[0]) or (len(head) == stride and head[-1]))
-        if same:
-            template = templates.get(entry)
-            if whole is not None and len(raw) == len(buffer):
-                same = template.raw() == whole  # bytearray == buffer: memcmp, one pass at memory speed
-            else:
-                same = not np.count_nonzero(raw != template.entries[: len(raw)])
-        if not same:
-            if mapped is not None:
-                raw = buffer[: len(raw)]
-                raw[:] = mapped[2][e0 - mapped[1] : e1 - mapped[1]]
-            return RawWindow(b0, k0, empty, empty, None, raw)
-        if entry == 0:
-            return None
-        return RawWindow(b0, k0, templates.payload(entry, blocks), np.zeros(chunks, dtype=BAT_DTYPE), entry,
-                         template.entries[: len(raw)])
+        e0, e1 = self._entry_range(w)
+        lo, length = self.file_offset + e0 * c.BAT_ENTRY_SIZE, (e1 - e0) * c.BAT_ENTRY_SIZE
+        view = memoryview(buf)
+        pos, piece = 0, min(len(buf), (self.geometry.chunk_ratio + 1) * c.BAT_ENTRY_SIZE)
+        entry, template = 0, None
+        while pos < length:
+            n = min(piece, length - pos)
+            self.io.readinto_at(lo + pos, view[:n])
+            if template is None:
+                entry = int.from_bytes(buf[: c.BAT_ENTRY_SIZE], "little")
+                template = templates.get(entry).view(np.uint8)
+            if not equal_bytes(template[pos : pos + n], view[:n]):
+                return None
+            pos, piece = pos + n, len(buf)
+        return entry
+
+    def _judged(self, windows: list[int], templates: _Templates) -> Iterator[int | None]:
+        """``_judge_window`` of each of ``windows``, in order; judged ahead on threads when there are several.
+
+        Reading and comparing run without the GIL, so the threads share the work of a large BAT (a qemu-made
+        64 TiB disk has 512 MiB of it); verdicts are small, so the threads run as far ahead as they can.
+        """
+        threads = min(SCAN_THREADS, len(windows)) if self.io.concurrent_reads else 1
+        if threads <= 1:
+            buf = bytearray(SCAN_PIECE)
+            for w in windows:
+                yield self._judge_window(w, templates, buf)
+            return
+        verdicts: list = [None] * len(windows)
+        ready = [threading.Event() for _ in windows]
+        claim, stop = itertools.count(), threading.Event()
+
+        def work() -> None:
+            buf = bytearray(SCAN_PIECE)
+            for i in iter(claim.__next__, None):  # next() of a count is atomic: each window is judged once
+                if i >= len(windows) or stop.is_set():
+                    return
+                try:
+                    verdicts[i] = self._judge_window(windows[i], templates, buf)
+                except BaseException as exc:  # handed to the caller, in order
+                    verdicts[i] = _Failed(exc)
+                ready[i].set()
+
+        workers = [threading.Thread(target=work, name="vhdx-bat-scan", daemon=True) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        try:
+            for i in range(len(windows)):
+                ready[i].wait()
+                verdict = verdicts[i]
+                if isinstance(verdict, _Failed):
+                    raise verdict.error
+                yield verdict
+        finally:
+            stop.set()
+            for t in workers:
+                t.join()
 
     def _decoded(self, w: int) -> _Decoded:
         with self._lock:  # readers may share an image across threads (serve, mount)
