@@ -427,10 +427,11 @@ class Bat:
                 # reads of them (map, chain reads) need neither the file nor per-block arrays.
                 p = window.payload
                 if len(p) and not np.count_nonzero(p != p[0]):
-                    window = RawWindow(window.b0, window.k0, p, window.bitmap, int(p[0]), window.entries)
+                    repeated = int(p[0])
+                    window = RawWindow(window.b0, window.k0, p, window.bitmap, repeated, window.entries)
                     if not np.count_nonzero(window.bitmap):
-                        self._uniform[w] = window.uniform
-                        if window.uniform == 0:
+                        self._uniform[w] = repeated
+                        if repeated == 0:
                             continue
                 yield window
         finally:
