@@ -456,3 +456,30 @@ def test_grow_a_qemu_disk_moves_the_metadata_region_that_follows_its_bat(tmp_pat
     qemu(qemu_img, "check", "-f", "vhdx", path)
     out = qemu(qemu_io, "-f", "vhdx", "-r", "-c", "read -P 0x6c 60M 4M", "-c", f"read -P 0 {100 * GiB} 1M", path)
     assert b"Pattern verification failed" not in out
+
+
+def _on_disk(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_grow_to_64_tib_leaves_the_new_bat_space_as_holes(tmp_path):
+    path = str(tmp_path / "big.vhdx")
+    create(path, 1 << 40, block_size=MiB)
+    with vhdx.open(path, writable=True) as disk:
+        disk.write(5 * GiB, b"\x5a" * MiB)
+    result = resize_image(path, 64 << 40)  # a 512 MiB BAT region
+    assert result.bat_grown
+    assert os.path.getsize(path) > 512 * MiB and _on_disk(path) < 16 * MiB
+    with vhdx.open(path) as disk:
+        assert disk.read(5 * GiB, MiB) == b"\x5a" * MiB and disk.read(60 << 40, MiB) == bytes(MiB)
+    assert_clean(path)
+
+
+@pytest.mark.peer
+def test_grow_a_qemu_disk_to_64_tib_leaves_the_new_bat_space_as_holes(tmp_path):
+    qemu_img = need("qemu-img")
+    path = str(tmp_path / "q.vhdx")
+    qemu(qemu_img, "create", "-q", "-f", "vhdx", "-o", "block_size=1M", path, "1T")
+    resize_image(path, 64 << 40)
+    assert _on_disk(path) < 32 * MiB  # qemu-img's own 8 MiB BAT of ZERO entries, and no new zeros
+    qemu(qemu_img, "check", "-f", "vhdx", path)

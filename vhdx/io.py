@@ -235,6 +235,19 @@ class ImageIO:
             got = max(got, min(len(view), self.size - offset))
         return got
 
+    def readinto_data_at(self, offset: int, buf) -> None:
+        """``readinto_at``, reading only the parts that hold data (``data_spans``): holes are zeroed, not read.
+
+        Reading a hole of a 64 TiB disk's BAT region would fill the page cache with pages of zeros.
+        """
+        view = memoryview(buf).cast("B")
+        done = 0  # only the holes between data spans are zeroed: a range without holes is written once, not twice
+        for start, stop in self.data_spans(offset, len(view)):
+            view[done : start - offset] = bytes(start - offset - done)
+            self.readinto_at(start, view[start - offset : stop - offset])
+            done = stop - offset
+        view[done:] = bytes(len(view) - done)
+
     def read_at(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``; what lies past the end of file reads as zero."""
         buf = bytearray(length)
@@ -316,6 +329,30 @@ class ImageIO:
         self._fileobj.seek(offset)
         self._fileobj.write(view)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset + length) read as zeros, the file growing to cover it if it ends before.
+
+        A hole is punched where the file system can (no bytes written, the space given back: a grown 64 TiB BAT
+        must not cost 512 MiB of zeros on disk); elsewhere zeros are written. Callers zero only space nothing
+        references yet (or any more), so either way a crash in the middle leaves nothing half-valid.
+        """
+        self._require_writable()
+        end = offset + length
+        if length <= 0:
+            return
+        size = self.real_size
+        if self._fd is not None and (offset >= size or _punch_hole(self._fd, offset, min(end, size) - offset)):
+            if end > size:
+                self.truncate(end)  # the new part is a hole already
+            return
+        self.write_zeros(offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        """Write ``length`` zero bytes at ``offset`` (one write per 8 MiB)."""
+        zeros = bytes(min(length, 8 << 20))
+        for pos in range(offset, offset + length, len(zeros) or 1):
+            self.write_at(pos, memoryview(zeros)[: min(len(zeros), offset + length - pos)])
+
     def truncate(self, size: int) -> None:
         self._require_writable()
         try:
@@ -387,6 +424,17 @@ class ImageIO:
             src.readinto_at(src_offset + done, view[:n])
             self.write_at(offset + done, view[:n])
             done += n
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02  # linux/falloc.h
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset + length) of ``fd`` (it then reads as zeros); False where that is not possible."""
+    fallocate = _libc_function("fallocate", "c_int", "c_int", "c_longlong", "c_longlong")
+    if fallocate is None:
+        return False
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 _LIBC: dict = {}  # C library functions looked up once through ctypes (None: the library lacks it)

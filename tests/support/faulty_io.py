@@ -43,6 +43,9 @@ class FaultyIO(ImageIO):
         self.copy_through_buffer(src, src_offset, offset, length, buf)  # each chunk written is a step
         return 0
 
+    def zero_range(self, offset, length):
+        self.write_zeros(offset, length)  # each chunk written is a step (a punched hole would be one unseen write)
+
 
 class DeadAfterCrash(FaultyIO):
     """Like FaultyIO, and once crashed nothing more reaches the file (as after a power cut)."""

@@ -407,16 +407,23 @@ class Writer:
         return done
 
     # --- layout changes (resize, compact) -----------------------------------------------------------
-    def stage_changed(self, file_offset: int, data: bytes) -> None:
-        """Like ``stage``, but only the 4 KiB sectors whose bytes differ from what reads there now."""
+    def stage_changed(self, file_offset: int, data) -> None:
+        """Like ``stage``, but only the 4 KiB sectors whose bytes differ from what reads there now.
+
+        ``data`` is any buffer (bytes, or a numpy array of BAT entries: its bytes).
+        """
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if not raw.any() and not self.io.data_spans(file_offset, len(raw)):
+            return  # zeros over a hole of the file (and nothing staged there): nothing changes
         first = file_offset // SECTOR * SECTOR
-        end = file_offset + len(data)
-        current = self.io.read_at(first, ceil_div(end, SECTOR) * SECTOR - first)
-        wanted = bytearray(current)
-        wanted[file_offset - first : end - first] = data
-        for off in range(0, len(wanted), SECTOR):
-            if wanted[off : off + SECTOR] != current[off : off + SECTOR]:
-                self.stage(first + off, bytes(wanted[off : off + SECTOR]))
+        end = file_offset + len(raw)
+        current = np.empty(ceil_div(end, SECTOR) * SECTOR - first, dtype=np.uint8)
+        self.io.readinto_data_at(first, current)  # a hole (a BAT region grown in place) is not read
+        wanted = current.copy()
+        wanted[file_offset - first : end - first] = raw
+        differs = (current != wanted).reshape(-1, SECTOR).any(axis=1)
+        for i in np.flatnonzero(differs).tolist():
+            self.stage(first + i * SECTOR, wanted[i * SECTOR : (i + 1) * SECTOR].tobytes())
 
     def reserve_until(self, offset: int) -> None:
         """Make later allocations start at or after ``offset`` (space a structure is about to take)."""

@@ -159,10 +159,12 @@ def _write_grown_entries(image: VhdxImage, new: Geometry, bat_offset: int, old_c
     for e0 in range(old_count, new.bat_entries, step):
         e1 = min(new.bat_entries, e0 + step)
         entries = _new_entries(image, new, first, e0, e1)
-        if relocated:
+        if relocated and not entries.any():  # NOT_PRESENT entries: a hole, not megabytes of zeros
+            image.io.zero_range(bat_offset + e0 * c.BAT_ENTRY_SIZE, (e1 - e0) * c.BAT_ENTRY_SIZE)
+        elif relocated:
             image.io.write_at(bat_offset + e0 * c.BAT_ENTRY_SIZE, entries.tobytes())
         else:
-            image.writer.stage_changed(bat_offset + e0 * c.BAT_ENTRY_SIZE, entries.tobytes())
+            image.writer.stage_changed(bat_offset + e0 * c.BAT_ENTRY_SIZE, entries)
 
 
 def _stage_size_and_regions(image: VhdxImage, size: int, bat_offset: int, bat_length: int) -> None:
@@ -177,10 +179,7 @@ def _stage_size_and_regions(image: VhdxImage, size: int, bat_offset: int, bat_le
 
 
 def _zero_file_span(image: VhdxImage, start: int, end: int) -> None:
-    step = 8 * c.MiB
-    zeros = bytes(step)
-    for pos in range(start, end, step):
-        image.io.write_at(pos, zeros[: min(step, end - pos)])
+    image.io.zero_range(start, end - start)
 
 
 def _grow(image: VhdxImage, size: int, result: ResizeResult) -> None:

@@ -344,14 +344,7 @@ class Bat:
         if self._entries is not None:
             return self._entries[e0:e1]
         out = np.empty(e1 - e0, dtype=BAT_DTYPE) if out is None else out[: e1 - e0]
-        lo = self.file_offset + e0 * c.BAT_ENTRY_SIZE
-        raw = out.view(np.uint8)
-        done = 0  # only the holes between data spans are zeroed: a BAT without holes is written once, not twice
-        for start, stop in self.io.data_spans(lo, len(raw)):
-            raw[done : start - lo] = 0
-            self.io.readinto_at(start, raw[start - lo : stop - lo])
-            done = stop - lo
-        raw[done:] = 0
+        self.io.readinto_data_at(self.file_offset + e0 * c.BAT_ENTRY_SIZE, out.view(np.uint8))
         return out
 
     def _bounds(self, w: int) -> tuple[int, int, int, int]:
