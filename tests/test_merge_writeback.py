@@ -19,7 +19,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def slow_copy_chain(tmp_path, monkeypatch):
-    """A child with 40 MiB of data (an in-place copy and a new block) over a 32 MiB-block parent; each copy takes long enough for a helper to act."""
+    """A child with 40 MiB of data over a 32 MiB-block parent (a block written in place and a new one); each copy
+    takes long enough for a helper thread on a timer to act during it."""
     child = make_merge_workload(tmp_path / "chain", 40 * MiB)
     expected = read_view(child)
     events: list[tuple[str, object]] = []
