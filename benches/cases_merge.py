@@ -22,6 +22,9 @@ from .sizes import GiB, MiB, Profile, human_size
 from .workloads import Payload, merge_chain
 
 SMALL_CHILDREN = (512 * 1024, 8 * MiB)
+# The 1 GiB row's ratio to the raw copy moved between 0.87x and 1.8x from run to run on a shared 2-core machine
+# (the first run is often the slowest): with the quick profile's 3 runs its median was a coin toss against 1.1x.
+BIG_MERGE_RUNS = 7
 
 
 def _small_chain(folder: str, child_bytes: int) -> tuple[str, str]:
@@ -120,7 +123,8 @@ def big_merge(tmp: str, profile: Profile, limit_src: str) -> dict:
     expected = _expected(w.layers, tmp)
     methods = _merge_methods(w.layers, os.path.join(tmp, "merge-big-work"), tmp, nbytes,
                              _raw_copy(limit_src, os.path.join(tmp, "merge-big-limit.raw"), nbytes))
-    outcomes = _verified(run_methods(methods, profile.repeats), expected, "in-process merge; result verified")
+    outcomes = _verified(run_methods(methods, max(profile.repeats, BIG_MERGE_RUNS)), expected,
+                         "in-process merge; result verified")
     shutil.rmtree(folder, ignore_errors=True)
     return record("merge 1 GiB child", w.name, f"{w.description}; merged into its parent (target <= 1.1x the raw copy)",
                   nbytes, outcomes)

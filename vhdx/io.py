@@ -623,29 +623,44 @@ class WriteBehind:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._started = 0  # write-back started for [0, _started)
-        self._target = 0
+        self._target = 0  # end of what ``advance`` was told
+        self._ranges: list[tuple[int, int]] = []  # written [lo, hi) whose write-back is not started yet
         self._stop = False
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def advance(self, end: int) -> None:
-        """The bytes before ``end`` are written: start their write-back."""
+        """The bytes before ``end`` are written (a copy that writes the file in order): start their write-back."""
         with self._wake:
             if end > self._target:
+                self._queue(self._target, end)
                 self._target = end
-                self._wake.notify()
+
+    def wrote(self, offset: int, length: int) -> None:
+        """``length`` bytes at ``offset`` are written (anywhere in the file): start their write-back."""
+        with self._wake:
+            self._queue(offset, offset + length)
+
+    def _queue(self, lo: int, hi: int) -> None:
+        if self._thread is not None:  # (without the kernel call nothing is queued)
+            self._ranges.append((lo, hi))
+            self._wake.notify()
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while self._target == self._started and not self._stop:
+                while not self._ranges and not self._stop:
                     self._wake.wait()
-                if self._target == self._started:
+                if not self._ranges:
                     return
-                lo, hi = self._started, self._target
+                todo, self._ranges = self._ranges, []
+            lo, hi = todo[0]
+            for a, b in todo[1:]:  # ranges that follow each other go to the kernel as one
+                if a != hi:
+                    start_writeback(self._fd, lo, hi - lo)
+                    lo = a
+                hi = b
             start_writeback(self._fd, lo, hi - lo)
-            self._started = hi
 
     def __enter__(self) -> WriteBehind:
         if _sync_file_range() is not None:  # no helper thread where the kernel call is missing
@@ -657,41 +672,5 @@ class WriteBehind:
         with self._wake:
             self._stop = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class BackgroundFlush:
-    """Push written data towards the disk from a helper thread while a long copy runs.
-
-    Writing gigabytes and then calling fsync serialises the copy and the write-back; flushing every
-    ``interval`` seconds in parallel overlaps them, so the final flush has little left to do. Only ordering
-    matters for crash safety, and that is still given by the caller's own ``flush`` before any metadata.
-    """
-
-    def __init__(self, io: ImageIO, interval: float = 0.05) -> None:
-        self._io = io
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            fd = self._io.fd
-            if fd is None:
-                return  # not reached: __enter__ starts the thread only for a file descriptor
-            try:
-                os.fdatasync(fd)
-            except OSError:
-                return  # the caller's own flush reports I/O errors
-
-    def __enter__(self) -> BackgroundFlush:
-        if self._io.fd is not None and self._io.writable and self._io.durable:
-            self._thread = threading.Thread(target=self._run, name="vhdx-flush", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
         if self._thread is not None:
             self._thread.join()
