@@ -199,8 +199,11 @@ def _pip(*args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env,
                           stdin=subprocess.DEVNULL)
     if done.returncode:
-        lines = [line for line in done.stderr.splitlines() if line.strip() and "is ignored" not in line]
-        raise InstallFailed(f"pip {args[0]}: " + (lines[-1].strip() if lines else f"exit {done.returncode}"))
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and "is ignored" not in line]
+        # The build backend's own error line, not pip's framing around it ("subprocess-exited-with-error", hints).
+        errors = [line for line in lines if "error" in line.lower() and "exited-with-error" not in line
+                  and not line.startswith(("×", "╰", "note:", "hint:"))]
+        raise InstallFailed(f"pip {args[0]}: " + (errors or lines or [f"exit {done.returncode}"])[0])
 
 
 def build_wheel(folder: str) -> str:
@@ -221,7 +224,11 @@ def build_wheel(folder: str) -> str:
             shutil.copytree(path, os.path.join(src, name), ignore=shutil.ignore_patterns("__pycache__"))
     # --no-build-isolation: the build requirements (setuptools>=77, in the bench and test extras) come from the
     # running environment, so nothing is downloaded.
-    _pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", folder, src)
+    try:
+        _pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", folder, src)
+    except InstallFailed as exc:
+        raise InstallFailed(f"{exc} (building offline needs pyproject.toml's build requirements in the running "
+                            "environment: pip install -e '.[bench]')") from exc
     wheels = [name for name in os.listdir(folder) if name.endswith(".whl")]
     if len(wheels) != 1:
         raise InstallFailed(f"pip wheel: expected one wheel, found {wheels}")
@@ -240,7 +247,7 @@ def regular_install(folder: str) -> Install:
     python = os.path.join(home, "bin", "python")
     site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                    capture_output=True, text=True, check=True, cwd=home).stdout.strip()
-    running = [*site.getsitepackages(), sysconfig.get_path("purelib")]
+    running = [*site.getsitepackages(), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
     if site.ENABLE_USER_SITE:
         running.append(site.getusersitepackages())
     listed = list(dict.fromkeys(p for p in running if os.path.isdir(p) and "\n" not in p))
