@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import zlib
 
 import vhdx
@@ -22,7 +21,7 @@ from vhdx.ops.export import export_raw
 from vhdx_cli.storage_bench import drop_cache
 
 from . import peers
-from .measure import Method, copy_file_range_all, file_digest, remove, run_methods, run_tool, warm
+from .measure import Method, copy_file_range_all, file_digest, our_copy, remove, run_methods, run_ours, run_tool, warm
 from .sizes import MiB, Profile, human_size
 from .workloads import Payload, Workload
 
@@ -183,7 +182,7 @@ def merge(w: Workload, tmp: str, profile: Profile, limit_src: str) -> dict:
         warm(copies)
 
     def ours():
-        done = run_tool([sys.executable, PROBE, copies[-1]])
+        done = run_ours([our_copy().python, PROBE, copies[-1]])
         probe = json.loads(done["stdout"].strip().splitlines()[-1])
         return {"seconds": probe["seconds"], "peak_rss_kib": probe.get("vmhwm_kib") or done["peak_rss_kib"]}
 
@@ -254,7 +253,7 @@ def info_check(w: Workload, tmp: str, profile: Profile) -> list[dict]:
     """``info`` and ``check`` of the sparse disk: ours (library and CLI) vs qemu-img on ours and on its own."""
     from vhdx.ops.inspect import describe_image  # noqa: PLC0415
 
-    vhdx_cmd = shutil.which("vhdx")
+    vhdx_cmd = our_copy().vhdx
     qemu, qemu_missing = peers.qemu_img()
     qemu_image, qemu_image_missing = qemu_equivalent(w, tmp)
     warm([w.path] + ([qemu_image] if qemu_image else []))
@@ -265,7 +264,7 @@ def info_check(w: Workload, tmp: str, profile: Profile) -> list[dict]:
 
     info_methods = [
         Method("ours (library)", "ours-lib", lib_info),
-        Method("ours (vhdx info --json)", "ours", lambda: run_tool([vhdx_cmd, "info", "--json", w.path]),
+        Method("ours (vhdx info --json)", "ours", lambda: run_ours([vhdx_cmd, "info", "--json", w.path]),
                missing=None if vhdx_cmd else "missing: vhdx not on PATH"),
         Method("qemu-img info (same file)", "peer", lambda: run_tool([qemu, "info", w.path]), missing=qemu_missing),
         Method("qemu-img info (qemu-made file)", "peer", lambda: run_tool([qemu, "info", qemu_image]),
@@ -274,7 +273,7 @@ def info_check(w: Workload, tmp: str, profile: Profile) -> list[dict]:
     check_fn = check_function()
     check_methods = [
         Method("ours (library)", "ours-lib", lambda: _call_check(check_fn, w.path)),
-        Method("ours (vhdx check)", "ours", lambda: run_tool([vhdx_cmd, "check", w.path], ok_codes=(0, 2, 3)),
+        Method("ours (vhdx check)", "ours", lambda: run_ours([vhdx_cmd, "check", w.path], ok_codes=(0, 2, 3)),
                missing=cli_has("check")),
         Method("qemu-img check (same file)", "peer", lambda: run_tool([qemu, "check", w.path], ok_codes=(0, 2, 3)),
                missing=qemu_missing),
@@ -294,13 +293,13 @@ def create_case(tmp: str, profile: Profile, disk_type: str) -> dict:
     """Create an empty fixed or dynamic disk: ours (library, CLI) vs ``qemu-img create``."""
     path = os.path.join(tmp, f"create-{disk_type}.vhdx")
     size = profile.create_size
-    vhdx_cmd = shutil.which("vhdx")
+    vhdx_cmd = our_copy().vhdx
     qemu, qemu_missing = peers.qemu_img()
     cleanup = lambda: remove(path)  # noqa: E731
     methods = [
         Method("ours (library)", "ours-lib", lambda: create(path, size, type=disk_type), teardown=cleanup),
         Method("ours (vhdx create)", "ours",
-               lambda: run_tool([vhdx_cmd, "create", "-s", str(size), "-t", disk_type, path]), teardown=cleanup,
+               lambda: run_ours([vhdx_cmd, "create", "-s", str(size), "-t", disk_type, path]), teardown=cleanup,
                missing=None if vhdx_cmd else "missing: vhdx not on PATH"),
         Method("qemu-img create", "peer",
                lambda: run_tool([qemu, "create", "-q", "-f", "vhdx", "-o", f"subformat={disk_type}", path,

@@ -13,7 +13,7 @@ import shutil
 from vhdx_fixtures.scale import build_scale_chain
 
 from . import peers
-from .measure import Method, remove, run_methods, run_tool, warm
+from .measure import Method, our_copy, remove, run_methods, run_ours, run_tool, warm
 from .sizes import MiB
 
 SIZE_ARG = "64T"
@@ -29,28 +29,28 @@ def _record(case: str, workload: str, description: str, outcomes) -> dict:
 
 def create_64t(tmp: str, repeats: int) -> dict:
     """``vhdx create --size 64T --block-size 1M`` vs ``qemu-img create -o block_size=1M,subformat=dynamic``."""
-    vhdx_cmd = shutil.which("vhdx")
+    vhdx_cmd = our_copy().vhdx
     qemu, qemu_missing = peers.qemu_img()
-    ours, theirs = os.path.join(tmp, "create64-ours.vhdx"), os.path.join(tmp, "create64-qemu.vhdx")
+    mine, theirs = os.path.join(tmp, "create64-ours.vhdx"), os.path.join(tmp, "create64-qemu.vhdx")
     methods = [
-        Method("ours (vhdx create)", "ours", lambda: run_tool([vhdx_cmd, "create", "--size", SIZE_ARG,
-                                                              "--block-size", "1M", ours]),
-               setup=lambda: remove(ours), missing=None if vhdx_cmd else "missing: vhdx not on PATH"),
+        Method("ours (vhdx create)", "ours", lambda: run_ours([vhdx_cmd, "create", "--size", SIZE_ARG,
+                                                              "--block-size", "1M", mine]),
+               setup=lambda: remove(mine), missing=None if vhdx_cmd else "missing: vhdx not on PATH"),
         Method("qemu-img create", "peer", lambda: run_tool([qemu, "create", "-q", "-f", "vhdx", "-o",
                                                             "block_size=1M,subformat=dynamic", theirs, SIZE_ARG]),
                setup=lambda: remove(theirs), missing=qemu_missing),
     ]
     outcomes = run_methods(methods, repeats)
-    sizes = ", ".join(f"{name} {_on_disk_mib(p)} MiB" for name, p in (("ours", ours), ("qemu-img", theirs))
+    sizes = ", ".join(f"{name} {_on_disk_mib(p)} MiB" for name, p in (("ours", mine), ("qemu-img", theirs))
                       if os.path.exists(p))
-    remove(ours, theirs)
+    remove(mine, theirs)
     return _record("create 64 TiB", "empty-64t", f"dynamic 64 TiB, 1 MiB blocks; on disk: {sizes}", outcomes)
 
 
 def scale_cases(tmp: str, profile) -> list[dict]:
     """Every 64 TiB row: create, info of the qemu-made base, chain and map of the 4-layer chain."""
     records = [create_64t(tmp, profile.repeats)]
-    vhdx_cmd = shutil.which("vhdx")
+    vhdx_cmd = our_copy().vhdx
     qemu, qemu_missing = peers.qemu_img()
     if qemu_missing:
         return records
@@ -62,12 +62,12 @@ def scale_cases(tmp: str, profile) -> list[dict]:
         warm(list(chain.layers))
         missing = None if vhdx_cmd else "missing: vhdx not on PATH"
         qemu_info = Method("qemu-img info (one layer, the base)", "peer", lambda: run_tool([qemu, "info", base]))
-        info = [Method("ours (vhdx info)", "ours", lambda: run_tool([vhdx_cmd, "info", base]), missing=missing),
+        info = [Method("ours (vhdx info)", "ours", lambda: run_ours([vhdx_cmd, "info", base]), missing=missing),
                 qemu_info]
         records.append(_record("info 64 TiB", "qemu-64t", "qemu-made 64 TiB disk, 1 MiB blocks (BAT of ZERO entries)",
                                run_methods(info, profile.repeats)))
         for command in ("chain", "map"):
-            methods = [Method(f"ours (vhdx {command})", "ours", lambda c=command: run_tool([vhdx_cmd, c, chain.top]),
+            methods = [Method(f"ours (vhdx {command})", "ours", lambda c=command: run_ours([vhdx_cmd, c, chain.top]),
                               missing=missing), qemu_info]
             records.append(_record(f"{command} 64 TiB chain", "chain-64t-4",
                                    "4 layers of 64 TiB: qemu-made base, 3 children with scattered blocks",

@@ -10,10 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import venv
 import zlib
+from dataclasses import dataclass
 
 from vhdx_cli.bench_timing import (  # noqa: F401 - the benches import them from here
     Method,
@@ -121,13 +126,154 @@ def bytecode_cache(folder: str):
 
 
 def compile_sources(*modules: str) -> None:
-    """Compile the packages ``modules`` into the active bytecode cache (untimed, as pip does at install)."""
+    """Compile the packages ``modules`` into the active bytecode cache (untimed, as pip does at install), and the
+    site-packages of the installed copy the timed processes run (``our_copy()``): with PYTHONPYCACHEPREFIX set, Python
+    reads .pyc files only from the cache, never the ones pip wrote beside the sources."""
     import importlib.util  # noqa: PLC0415 - only the bench's set-up needs it
 
-    folders = []
+    folders = [our_copy().site_packages] if our_copy().site_packages else []
     for name in modules:
         spec = importlib.util.find_spec(name)
         folders += list(spec.submodule_search_locations or ()) if spec else []
     if folders:
         subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# --- the installed copy of ours that timed processes start -----------------------------------------------------
+# An editable install (pip install -e) loads setuptools' finder from a .pth file in every interpreter, importing
+# pathlib and urllib.parse (10-25 ms here), a start-up cost no user of `pip install .` pays. The timed processes
+# run a regular install of the checkout instead, made once per bench run in a venv of its own.
+
+REGULAR_INSTALL = "regular install of the checkout (wheel), as `pip install .`"
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_SHIPPED = ("benches", "tests")  # package folders of the checkout that the wheel does not hold
+
+
+class InstallFailed(Exception):
+    """The regular install could not be made; the message says why."""
+
+
+@dataclass(frozen=True)
+class Install:
+    """The copy of vhdx that timed child processes start.
+
+    Attributes:
+        python: the interpreter for ``python -c`` children (``import vhdx``, the floor, the merge probe).
+        vhdx: its ``vhdx`` console script (None when there is none).
+        how: how this copy was installed, one line for the report.
+        site_packages: the install's own site-packages folder (None: the running interpreter's copy).
+        cwd: the folder children start in: ``python -c`` puts it first on sys.path, so a checkout there would
+            shadow the installed vhdx.
+    """
+
+    python: str
+    vhdx: str | None
+    how: str
+    site_packages: str | None = None
+    cwd: str | None = None
+
+
+_active: Install | None = None
+
+
+def running_copy(why: str | None = None) -> Install:
+    """What the benches ran before: the running interpreter and the ``vhdx`` on PATH (in a checkout, editable)."""
+    how = "the running interpreter's copy of the checkout (as installed in it, e.g. `pip install -e`)"
+    return Install(sys.executable, shutil.which("vhdx"), how + (f"; no regular install: {why}" if why else ""))
+
+
+def our_copy() -> Install:
+    """The copy timed processes start: the bench run's regular install, else the running interpreter's."""
+    return _active or running_copy()
+
+
+def run_ours(args: list[str], *, ok_codes=(0,)) -> dict:
+    """``run_tool`` for a process of ours (or the floor beside it), started in ``our_copy().cwd``."""
+    return run_tool(args, ok_codes=ok_codes, cwd=our_copy().cwd)
+
+
+def _pip(*args: str) -> None:
+    """Run pip offline (never the index); raises InstallFailed with pip's last line."""
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and "is ignored" not in line]
+        # The build backend's own error line, not pip's framing around it ("subprocess-exited-with-error", hints).
+        errors = [line for line in lines if "error" in line.lower() and "exited-with-error" not in line
+                  and not line.startswith(("×", "╰", "note:", "hint:"))]
+        raise InstallFailed(f"pip {args[0]}: " + (errors or lines or [f"exit {done.returncode}"])[0])
+
+
+def build_wheel(folder: str) -> str:
+    """Build the checkout's wheel into ``folder`` offline, from a copy of its sources; returns its path.
+
+    The copy holds the checkout's top-level files and package folders (not benches/ nor tests/): setuptools
+    writes build/ and *.egg-info where it builds, and a stale build/ of the checkout could ship deleted modules.
+    """
+    src = os.path.join(folder, "src")
+    os.makedirs(src)
+    for name in os.listdir(CHECKOUT):
+        path = os.path.join(CHECKOUT, name)
+        if name.startswith(".") or name in NOT_SHIPPED or os.path.islink(path):
+            continue
+        if os.path.isfile(path):
+            shutil.copy2(path, src)
+        elif os.path.isfile(os.path.join(path, "__init__.py")):
+            shutil.copytree(path, os.path.join(src, name), ignore=shutil.ignore_patterns("__pycache__"))
+    # --no-build-isolation: the build requirements (setuptools>=77, in the bench and test extras) come from the
+    # running environment, so nothing is downloaded.
+    try:
+        _pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", folder, src)
+    except InstallFailed as exc:
+        raise InstallFailed(f"{exc} (building offline needs pyproject.toml's build requirements in the running "
+                            "environment: pip install -e '.[bench]')") from exc
+    wheels = [name for name in os.listdir(folder) if name.endswith(".whl")]
+    if len(wheels) != 1:
+        raise InstallFailed(f"pip wheel: expected one wheel, found {wheels}")
+    return os.path.join(folder, wheels[0])
+
+
+def regular_install(folder: str) -> Install:
+    """Install the checkout's wheel with ``--no-deps`` into a new venv under ``folder``.
+
+    The venv reuses the running interpreter's dependencies (numpy, click, construct, crc32c, ...) through a .pth
+    file listing its site-packages folders: Python adds the listed folders to sys.path but does not process the
+    .pth files inside them, so no editable finder or other start-up hook of the running environment is loaded.
+    """
+    home = os.path.join(folder, "venv")
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(home)
+    python = os.path.join(home, "bin", "python")
+    site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                   capture_output=True, text=True, check=True, cwd=home).stdout.strip()
+    running = [*site.getsitepackages(), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    if site.ENABLE_USER_SITE:
+        running.append(site.getusersitepackages())
+    listed = list(dict.fromkeys(p for p in running if os.path.isdir(p) and "\n" not in p))
+    with open(os.path.join(site_packages, "_bench_dependencies.pth"), "w") as f:
+        f.write("".join(f"{p}\n" for p in listed))
+    _pip("--python", python, "install", "--no-deps", "-q", build_wheel(os.path.join(folder, "wheel")))
+    install = Install(python, os.path.join(home, "bin", "vhdx"), REGULAR_INSTALL, site_packages, cwd=home)
+    done = subprocess.run([python, "-c", "import vhdx, vhdx_cli.main, numpy, click, construct, crc32c; "
+                                         "print(vhdx.__file__)"], capture_output=True, text=True, cwd=home)
+    if done.returncode or not done.stdout.strip().startswith(site_packages + os.sep):
+        raise InstallFailed(f"the installed copy does not import: {(done.stderr or done.stdout).strip()[-200:]}")
+    if not os.access(install.vhdx, os.X_OK):
+        raise InstallFailed("the wheel installed no vhdx console script")
+    return install
+
+
+@contextlib.contextmanager
+def installed_copy(folder: str):
+    """While inside, ``our_copy()`` is a regular install made under ``folder`` (untimed), else the running copy."""
+    global _active
+    saved = _active
+    try:
+        _active = regular_install(os.path.join(folder, "install"))
+    except (InstallFailed, OSError, subprocess.CalledProcessError) as exc:
+        _active = running_copy(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    try:
+        yield _active
+    finally:
+        _active = saved

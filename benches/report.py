@@ -103,6 +103,7 @@ def markdown(results: dict) -> str:
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, {m['filesystem']} filesystem, "
              f"Linux {m['kernel']}, Python {m['python']}, numpy {m['numpy']}; peers: qemu-img {m['qemu-img']}, "
              f"libvhdi-python {m['libvhdi-python']}, dissect.hypervisor {m['dissect.hypervisor']}.",
+             *([f"Ours: {data['install']}."] if data.get("install") else []),
              "",
              "Cells: ours = min / median of the runs (throughput of the median); every other method = its median "
              "→ **ours ÷ it** (time ratio: below 1 we are faster, above 1 slower). The limit is the raw "

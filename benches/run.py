@@ -54,11 +54,14 @@ def run(argv=None) -> dict:
         profile = replace(profile, repeats=args.repeats)
     only = set(args.only or CASES)
     os.makedirs(args.out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="vhdx-bench-", dir=args.tmp or args.out)
+    # Absolute: our processes start in the install's folder (measure.Install.cwd), paths given to them must hold.
+    tmp = os.path.abspath(tempfile.mkdtemp(prefix="vhdx-bench-", dir=args.tmp or args.out))
     started = time.monotonic()
     records = []
     try:
-        with measure.bytecode_cache(os.path.join(tmp, "pycache")):  # each command finds its .pyc, as installed
+        with measure.bytecode_cache(os.path.join(tmp, "pycache")), \
+                measure.installed_copy(tmp) as install:  # each command finds its .pyc, as installed
+            log(f"ours: {install.how}", started)
             measure.compile_sources("vhdx", "vhdx_cli", "numpy", "click", "construct", "crc32c")
             log(f"building {profile.name} workloads in {tmp}", started)
             work = build_all(tmp, profile, families={f for case in only for f in NEEDS[case]})
@@ -70,8 +73,8 @@ def run(argv=None) -> dict:
             records += run_chain_cases(only, work, tmp, profile, limit_src, started)
             records += run_other_cases(only, work, tmp, profile, limit_src, started)
             results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
-                       "command": report.python_cmd(), "build_seconds": round(build_seconds, 2),
-                       "records": records}
+                       "install": install.how, "command": report.python_cmd(),
+                       "build_seconds": round(build_seconds, 2), "records": records}
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
