@@ -400,8 +400,10 @@ class Bat:
         no_bitmaps = np.zeros(self.window_chunks, dtype=BAT_DTYPE)  # the bitmap entries of every uniform window
         no_bitmaps.flags.writeable = False
         with_data = self.windows_with_data()
-        # A BAT held whole is split from memory: reading the file again to judge it would only cost.
-        verdicts = iter(()) if self._entries is not None else self._judged(with_data, templates)
+        # Judging pays off on many windows (a 512 MiB BAT): one window is read once and split, and a BAT held
+        # whole is split from memory. Either way a uniform window is still recognised after the split.
+        judge = self._entries is None and len(with_data) > 1
+        verdicts = self._judged(with_data, templates) if judge else iter(())
         holding = set(with_data)
         try:
             for w in range(self.window_count):
