@@ -10,10 +10,16 @@ import sys
 import time
 
 import pytest
+from click.testing import CliRunner
 
 import vhdx
+from tests.support.merge_chains import read_view
 from tests.test_scale import _MEASURE, CLI, RSS_LIMIT
+from vhdx.format import constants as c
 from vhdx.ops.create import create
+from vhdx.ops.merge import run as run_module
+from vhdx.ops.merge.relink import open_writable
+from vhdx_cli.main import cli
 from vhdx_fixtures.scale import TiB
 
 MiB = 1 << 20
@@ -71,3 +77,72 @@ def test_merge_verify_of_a_64t_chain_stays_under_256_mib_and_takes_seconds(child
         assert image.read(0, 2 * MiB) == b"\xb0" * MiB + data
         assert image.read(33 * TiB, 2048) == bytes(512) + b"\x77" * 1024 + bytes(512)
         assert image.read(64 * TiB - MiB, MiB) == b"\xb1" * MiB
+
+
+# --- a wrong byte is caught -------------------------------------------------------------------------------
+def _small_chain(folder) -> tuple[list[str], bytes]:
+    """8 MiB base (1 MiB blocks) with data in blocks 0-1 and a child with data in blocks 1 and 3 (child first)."""
+    base, child = str(folder / "base.vhdx"), str(folder / "snap.avhdx")
+    create(base, 8 * MiB, block_size=MiB)
+    with vhdx.open(base, writable=True) as image:
+        image.write(0, b"\x11" * (2 * MiB))
+    create(child, parent=base, block_size=MiB)
+    with vhdx.open(child, writable=True) as image:
+        image.write(MiB + 4096, b"\x22" * 4096)
+        image.write(3 * MiB, b"\x33" * MiB)
+    return [child, base], read_view(child)
+
+
+def _plant_after_the_data_phase(monkeypatch, offset: int, data: bytes) -> None:
+    """Write ``data`` into the destination right after the merge's data phase, before its verification."""
+    data_phase = run_module._write_destination
+
+    def planting(journal, plan, sources, child_items, opener, progress):
+        moved = data_phase(journal, plan, sources, child_items, opener, progress)
+        with open_writable(journal.destination, opener) as image:
+            image.writer.begin(changes_data=True, data_write_guid=journal.new_guid)
+            image.write(offset, data)
+        return moved
+
+    monkeypatch.setattr(run_module, "_write_destination", planting)
+
+
+def _merge_verify(child: str):
+    return CliRunner().invoke(cli, ["merge", child, "--verify"])
+
+
+def test_merge_verify_catches_a_wrong_byte_in_a_data_block(tmp_path, monkeypatch):
+    (child, _base), _view = _small_chain(tmp_path)
+    _plant_after_the_data_phase(monkeypatch, MiB + 5, b"\xee")
+    result = _merge_verify(child)
+    assert result.exit_code == 1, result.output
+    assert "verification failed: 1 block(s) differ after the merge (first: block 1)" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert os.path.exists(child)  # the merged files stay
+
+
+def test_merge_verify_catches_a_byte_in_a_block_that_read_zeros_before(tmp_path, monkeypatch):
+    (child, _base), _view = _small_chain(tmp_path)
+    _plant_after_the_data_phase(monkeypatch, 6 * MiB + 7, b"\x01")
+    result = _merge_verify(child)
+    assert result.exit_code == 1, result.output
+    assert "verification failed: 1 block(s) differ after the merge (first: block 6)" in result.output
+    assert os.path.exists(child)
+
+
+def test_merge_verify_counts_every_differing_block_and_names_the_first(tmp_path, monkeypatch):
+    (child, _base), _view = _small_chain(tmp_path)
+    _plant_after_the_data_phase(monkeypatch, 3 * MiB, b"\x00" * MiB + b"\x01" * 512)  # block 3 zeroed, 4 set
+    result = _merge_verify(child)
+    assert "verification failed: 2 block(s) differ after the merge (first: block 3)" in result.output
+
+
+def test_merge_verify_compares_bytes_not_allocation(tmp_path, monkeypatch):
+    (child, base), view = _small_chain(tmp_path)
+    _plant_after_the_data_phase(monkeypatch, 6 * MiB, bytes(MiB))  # data held, but its bytes are zeros
+    result = _merge_verify(child)
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output
+    with vhdx.open(base) as image:
+        assert image.bat.payload_at(6)[0] == c.BatState.FULLY_PRESENT
+    assert read_view(base) == view
