@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vhdx
 from tests.support.merge_chains import read_view
@@ -19,6 +22,7 @@ from vhdx.format import constants as c
 from vhdx.ops.create import create
 from vhdx.ops.merge import run as run_module
 from vhdx.ops.merge.relink import open_writable
+from vhdx.ops.merge.verify import Difference, compare_view, digest_view
 from vhdx_cli.main import cli
 from vhdx_fixtures.scale import TiB
 
@@ -146,3 +150,63 @@ def test_merge_verify_compares_bytes_not_allocation(tmp_path, monkeypatch):
     with vhdx.open(base) as image:
         assert image.bat.payload_at(6)[0] == c.BatState.FULLY_PRESENT
     assert read_view(base) == view
+
+
+# --- agrees with a whole-disk comparison ------------------------------------------------------------------
+# (what, layer (0 child, 1 base), offset, length), offset and length in 4 KiB units of a disk of about 5 MiB;
+# the *_whole kinds round them out to 4 MiB (the largest block drawn), so that whole blocks stop holding data.
+_OPS = st.lists(st.tuples(st.sampled_from(("write", "zero_bytes", "write_zeros", "discard", "same_bytes",
+                                           "write_zeros_whole", "discard_whole")),
+                          st.integers(0, 1), st.integers(0, 1300), st.integers(1, 600)), max_size=8)
+
+
+def _apply(disk, what: str, offset: int, length: int, fill: int) -> None:
+    if what.endswith("_whole"):
+        what, end = what[: -len("_whole")], -(-(offset + length) // (4 * MiB)) * 4 * MiB
+        offset = offset // (4 * MiB) * 4 * MiB
+        length = end - offset
+    length = min(length, disk.virtual_size - offset)
+    if length <= 0:
+        return
+    if what == "write":  # a pattern that changes every sector: a misplaced run shows
+        disk.write(offset, ((np.arange(length) // 512 + fill) % 251 + 1).astype(np.uint8).tobytes())
+    elif what == "zero_bytes":  # data held whose bytes are zeros
+        disk.write(offset, bytes(length))
+    elif what == "write_zeros":
+        disk.write_zeros(offset, length)
+    elif what == "discard":
+        disk.discard(offset, length)
+    else:  # the bytes it reads, written again: the allocation changes, the content does not
+        disk.write(offset, disk.read(offset, length))
+
+
+def _chain(folder, name: str, size: int, base_block: int, child_block: int, base_type: str, ops) -> str:
+    """A base and a child of the given block sizes, with ``ops`` applied (the base's first); returns the child."""
+    base, child = str(folder / f"{name}.vhdx"), str(folder / f"{name}.avhdx")
+    create(base, size, type=base_type, block_size=base_block)
+    for path, layer in ((base, 1), (child, 0)):
+        if layer == 0:
+            create(child, parent=base, block_size=child_block)
+        with vhdx.open(path, writable=True) as disk:
+            for i, (what, where, offset, length) in enumerate(ops):
+                if where == layer:
+                    _apply(disk, what, offset * 4096, length * 4096, i)
+    return child
+
+
+@given(blocks=st.tuples(*[st.sampled_from((1, 2, 4))] * 5), sectors=st.integers(1, 24),
+       base_types=st.tuples(*[st.sampled_from(("dynamic", "fixed"))] * 2), ops=_OPS, changes=_OPS)
+def test_verify_agrees_with_a_whole_disk_comparison_of_the_two_views(tmp_path_factory, blocks, sectors, base_types,
+                                                                     ops, changes):
+    """Two chains of other block sizes and types with the same ops, the second changed further by ``changes``."""
+    folder = tmp_path_factory.mktemp("views")
+    verify_block = blocks[4] * MiB
+    size = 5 * MiB + sectors * 4096  # the last verified block is partial
+    before = _chain(folder, "a", size, blocks[0] * MiB, blocks[1] * MiB, base_types[0], ops)
+    after = _chain(folder, "b", size, blocks[2] * MiB, blocks[3] * MiB, base_types[1], ops + changes)
+    one, two = read_view(before), read_view(after)
+    differ = [b for b in range(-(-size // verify_block))
+              if one[b * verify_block : (b + 1) * verify_block] != two[b * verify_block : (b + 1) * verify_block]]
+    with vhdx.open(before) as a, vhdx.open(after) as b:
+        got = compare_view(digest_view(a, verify_block, size), b)
+    assert got == Difference(len(differ), differ[0] if differ else None)
