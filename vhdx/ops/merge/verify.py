@@ -45,8 +45,8 @@ class Difference:
     first: int | None
 
 
-def _digest(piece) -> np.ndarray:
-    return np.frombuffer(hashlib.blake2b(piece, digest_size=DIGEST_SIZE).digest(), np.uint8)
+def _hasher():
+    return hashlib.blake2b(digest_size=DIGEST_SIZE)
 
 
 def _windows(image: VhdxImage, block_size: int, size: int) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -74,36 +74,49 @@ def _windows(image: VhdxImage, block_size: int, size: int) -> Iterator[tuple[int
         yield b0, b1, np.unique(np.cumsum(steps))
 
 
-def _read_blocks(image: VhdxImage, blocks: np.ndarray, block_size: int, size: int) -> Iterator[tuple[int, memoryview]]:
-    """(block, its bytes) of each of the sorted ``blocks``, read a run of neighbours at a time (up to COPY_CHUNK)."""
+def _block_digests(image: VhdxImage, blocks: np.ndarray, block_size: int, size: int
+                   ) -> Iterator[tuple[int, bytes, int]]:
+    """(block, digest, length) of each of the sorted ``blocks``, its last block cut at ``size``.
+
+    Runs of neighbouring blocks are read COPY_CHUNK bytes at a time and each block is digested piece by piece,
+    so a block is never held whole (a block may be 256 MiB).
+    """
     if not len(blocks):
         return
-    per_read = max(1, COPY_CHUNK // block_size)
-    buf = bytearray(per_read * block_size)
-    view = memoryview(buf)
+    view = memoryview(bytearray(min(COPY_CHUNK, block_size * len(blocks))))
     breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
     for run in np.split(blocks, breaks):
-        first, n_blocks = int(run[0]), len(run)
-        for b0 in range(first, first + n_blocks, per_read):
-            b1 = min(first + n_blocks, b0 + per_read)
-            start = b0 * block_size
-            n = min((b1 - b0) * block_size, size - start)
-            got = image.readinto(start, view[:n])
+        block, end = int(run[0]), min((int(run[-1]) + 1) * block_size, size)
+        pos, hasher = block * block_size, _hasher()
+        while pos < end:
+            n = min(len(view), end - pos)
+            got = image.readinto(pos, view[:n])
             view[got:n] = bytes(n - got)
-            for b in range(b0, b1):
-                yield b, view[(b - b0) * block_size : min(n, (b - b0 + 1) * block_size)]
+            done = 0
+            while done < n:
+                block_end = min((block + 1) * block_size, end)
+                take = min(n - done, block_end - pos - done)
+                hasher.update(view[done : done + take])
+                done += take
+                if pos + done == block_end:
+                    yield block, hasher.digest(), block_end - block * block_size
+                    block, hasher = block + 1, _hasher()
+            pos += n
 
 
 class _ZeroDigests:
     """The digest of an all-zero piece, per length (every block but perhaps the last has the same length)."""
 
     def __init__(self) -> None:
-        self._by_length: dict[int, np.ndarray] = {}
+        self._by_length: dict[int, bytes] = {}
 
-    def __call__(self, length: int) -> np.ndarray:
+    def __call__(self, length: int) -> bytes:
         found = self._by_length.get(length)
         if found is None:
-            found = self._by_length[length] = _digest(bytes(length))
+            hasher, zeros = _hasher(), bytes(min(length, COPY_CHUNK))
+            for pos in range(0, length, len(zeros)):
+                hasher.update(zeros[: length - pos])
+            found = self._by_length[length] = hasher.digest()
         return found
 
 
@@ -114,15 +127,14 @@ def digest_view(image: VhdxImage, block_size: int, size: int | None = None) -> V
     kept_blocks: list[np.ndarray] = []
     kept_digests: list[np.ndarray] = []
     for _b0, _b1, data in _windows(image, block_size, size):
-        blocks, digests = [], []
-        for b, piece in _read_blocks(image, data, block_size, size):
-            digest = _digest(piece)
-            if not np.array_equal(digest, zero(len(piece))):
-                blocks.append(b)
-                digests.append(digest)
-        if blocks:
-            kept_blocks.append(np.array(blocks, np.int64))
-            kept_digests.append(np.stack(digests))
+        digests = np.empty((len(data), DIGEST_SIZE), np.uint8)
+        nonzero = np.zeros(len(data), bool)
+        for i, (_b, digest, length) in enumerate(_block_digests(image, data, block_size, size)):
+            digests[i] = np.frombuffer(digest, np.uint8)
+            nonzero[i] = digest != zero(length)
+        if nonzero.any():
+            kept_blocks.append(data[nonzero])
+            kept_digests.append(digests[nonzero])
     if not kept_blocks:
         return ViewDigests(block_size, size, np.zeros(0, np.int64), np.zeros((0, DIGEST_SIZE), np.uint8))
     return ViewDigests(block_size, size, np.concatenate(kept_blocks), np.concatenate(kept_digests))
@@ -140,9 +152,9 @@ def compare_view(before: ViewDigests, image: VhdxImage) -> Difference:
         differ = kept[~np.isin(kept, data, assume_unique=True)].tolist()
         was_kept = np.isin(data, kept, assume_unique=True).tolist()
         where = np.searchsorted(kept, data).tolist()
-        for (b, piece), i, known in zip(_read_blocks(image, data, bs, size), where, was_kept, strict=True):
-            expected = digests[i] if known else zero(len(piece))
-            if not np.array_equal(_digest(piece), expected):
+        for (b, digest, length), i, known in zip(_block_digests(image, data, bs, size), where, was_kept,
+                                                 strict=True):
+            if digest != (digests[i].tobytes() if known else zero(length)):
                 differ.append(b)
         if differ:
             count += len(differ)
