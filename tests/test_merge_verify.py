@@ -215,12 +215,13 @@ def _chain(folder, name: str, size: int, base_block: int, child_block: int, base
 
 @given(blocks=st.tuples(*[st.sampled_from((1, 2, 4))] * 5), sectors=st.integers(1, 24),
        base_types=st.tuples(*[st.sampled_from(("dynamic", "fixed"))] * 2), ops=_OPS, changes=_OPS,
-       chunk=st.sampled_from((12 * 1024, MiB + 512, 8 * MiB)))
+       chunk=st.sampled_from((12 * 1024, MiB + 512, 8 * MiB)), window=st.sampled_from((1, 3, 1 << 18)))
 def test_verify_agrees_with_a_whole_disk_comparison_of_the_two_views(tmp_path_factory, blocks, sectors, base_types,
-                                                                     ops, changes, chunk):
+                                                                     ops, changes, chunk, window):
     """Two chains of other block sizes and types with the same ops, the second changed further by ``changes``.
 
-    Reads of ``chunk`` bytes: blocks are digested across several reads, and reads end inside blocks.
+    Reads of ``chunk`` bytes: blocks are digested across several reads, and reads end inside blocks; extent
+    windows of ``window`` MiB: several windows per disk.
     """
     folder = tmp_path_factory.mktemp("views")
     verify_block = blocks[4] * MiB
@@ -230,6 +231,18 @@ def test_verify_agrees_with_a_whole_disk_comparison_of_the_two_views(tmp_path_fa
     one, two = read_view(before), read_view(after)
     differ = [b for b in range(-(-size // verify_block))
               if one[b * verify_block : (b + 1) * verify_block] != two[b * verify_block : (b + 1) * verify_block]]
-    with vhdx.open(before) as a, vhdx.open(after) as b, mock.patch.object(verify_module, "COPY_CHUNK", chunk):
+    with (vhdx.open(before) as a, vhdx.open(after) as b, mock.patch.object(verify_module, "COPY_CHUNK", chunk),
+          mock.patch.object(verify_module, "WINDOW_BLOCKS", window)):
         got = compare_view(digest_view(a, verify_block, size), b)
     assert got == Difference(len(differ), differ[0] if differ else None)
+
+
+def test_verify_counts_differences_over_every_extent_window_and_names_the_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(verify_module, "WINDOW_BLOCKS", 1)  # one 1 MiB block per window
+    ops = [("write", 1, 0, 1536)]  # 6 MiB of data in the base
+    before = _chain(tmp_path, "a", 8 * MiB, MiB, MiB, "dynamic", ops)
+    after = _chain(tmp_path, "b", 8 * MiB, MiB, MiB, "dynamic",
+                   [*ops, ("write", 0, 256 + 3, 1), ("write_zeros_whole", 0, 1024, 1), ("write", 0, 1792, 1)])
+    with vhdx.open(before) as a, vhdx.open(after) as b:
+        got = compare_view(digest_view(a, MiB), b)
+    assert got == Difference(4, 1)  # block 1 rewritten, blocks 4 and 5 zeroed, block 7 written

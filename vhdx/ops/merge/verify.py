@@ -21,6 +21,7 @@ import numpy as np
 
 from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import WINDOW_BLOCKS, VhdxImage
+from vhdx.format import constants as c
 from vhdx.io import COPY_CHUNK
 from vhdx.structures.bat import ceil_div
 
@@ -56,7 +57,9 @@ def _windows(image: VhdxImage, block_size: int, size: int) -> Iterator[tuple[int
     or ABSENT at the base). Beyond the image's end the view reads zeros too.
     """
     count = ceil_div(size, block_size)
-    per = WINDOW_BLOCKS
+    # Windows of the span the extents machinery takes at once for the smallest blocks: never more than
+    # WINDOW_BLOCKS blocks of any layer's per-block arrays, whatever the block size compared.
+    per = max(1, WINDOW_BLOCKS * c.MIN_BLOCK_SIZE // block_size)
     for b0 in range(0, count, per):
         b1 = min(count, b0 + per)
         lo, hi = b0 * block_size, min(b1 * block_size, size, image.virtual_size)
