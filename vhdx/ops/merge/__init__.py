@@ -1,9 +1,10 @@
 """Merge engine: fold differencing disks into an ancestor, offline, crash-safe and resumable.
 
 Rooms: ``plan`` (pure numpy planner), ``inputs`` (reading the layers' arrays), ``apply`` (carrying a plan out),
-``preflight`` (safety checks), ``relink`` (parent locator changes), ``journal`` (the intent record) and
-``run`` (locks, the journal's state machine, resume and abort). This module only re-exports the public names,
-lazily (PEP 562), so that ``check`` can read a journal without loading the engine.
+``preflight`` (safety checks), ``relink`` (parent locator changes), ``journal`` (the intent record), ``verify``
+(``--verify``: the views before and after, compared) and ``run`` (locks, the journal's state machine, resume and
+abort). This module only re-exports the public names, lazily (PEP 562), so that ``check`` can read a journal
+without loading the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ _EXPORTS = {
     "source_extents": "plan",
     "find_dependents": "preflight",
     "AbortResult": "run", "HeldFiles": "run", "MergeResult": "run", "abort_merge": "run", "find_interrupted": "run",
-    "merge": "run", "view_digests": "run",
+    "merge": "run",
+    "Difference": "verify", "ViewDigests": "verify", "compare_view": "verify", "digest_view": "verify",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -19,7 +19,6 @@ References: [MS-VHDX] §2.6.1.2 (IsVirtualDisk items on merge), §2.6.2.6.3 and 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import time
 import uuid
@@ -27,19 +26,18 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from vhdx.disk.image import VhdxImage, open_image
 from vhdx.errors import LockedError, MergeError, UnsupportedError, VhdxError
 from vhdx.format import constants as c
-from vhdx.io import COPY_CHUNK, ImageIO
+from vhdx.io import ImageIO
 from vhdx.ops.merge import journal as mj
 from vhdx.ops.merge.apply import apply_merge
 from vhdx.ops.merge.inputs import read_dest_arrays, read_layer_arrays
 from vhdx.ops.merge.plan import MergePlan, plan_merge
 from vhdx.ops.merge.preflight import check_free_space, destination_index, preflight, same_file
 from vhdx.ops.merge.relink import Opener, accept_new_guid, open_writable, relink_child, restore_linkage2
-from vhdx.structures.bat import Geometry, ceil_div
+from vhdx.ops.merge.verify import compare_view, digest_view
+from vhdx.structures.bat import Geometry
 from vhdx.structures.header import load_headers
 from vhdx.structures.metadata import read_items
 
@@ -157,25 +155,6 @@ class MergeResult:
                 "seconds": round(self.seconds, 3), "mib_per_second": round(self.mib_per_second, 1),
                 "verified": self.verified, "resumed": self.resumed, "warnings": list(self.warnings)}
 
-def view_digests(image: VhdxImage, block_size: int, size: int | None = None) -> np.ndarray:
-    """A 16-byte digest of each ``block_size`` piece of the virtual disk seen through ``image``'s chain."""
-    size = image.virtual_size if size is None else size
-    count = ceil_div(size, block_size)
-    out = np.zeros((count, 16), np.uint8)
-    per_read = max(1, COPY_CHUNK // block_size)
-    buf = bytearray(per_read * block_size)
-    view = memoryview(buf)
-    for b0 in range(0, count, per_read):
-        start = b0 * block_size
-        n = min(len(buf), size - start)
-        got = image.readinto(start, view[:n])
-        view[got:n] = bytes(n - got)
-        for i in range(ceil_div(n, block_size)):
-            piece = view[i * block_size : min(n, (i + 1) * block_size)]
-            out[b0 + i] = np.frombuffer(hashlib.blake2b(piece, digest_size=16).digest(), np.uint8)
-    return out
-
-
 def _merged_items(dest_items, child_items):
     """IsVirtualDisk rule (§2.6.1.2): the destination's such items are replaced by the child's."""
     def key(item):
@@ -251,7 +230,7 @@ def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verif
             # A resumed merge may already have written the accepting layer's locator (FileWriteGuid, mtime).
             expected = [held.verify(layer, skip=("file_write_guid", "mtime_ns") if resumed and layer is accepting
                                     else ()) for layer in journal.layers]
-            before = view_digests(top, plan.dest_block_size, plan.virtual_size) if verify else None
+            before = digest_view(top, plan.dest_block_size, plan.virtual_size) if verify else None
             child_items = read_items(top.io, top.metadata)
             accept_new_guid(accepting.path, journal.new_guid, held.open)
             expected[-1] = held.snapshot(accepting.path)
@@ -259,11 +238,10 @@ def _run(journal: mj.MergeJournal, plan: MergePlan | None, *, search_dirs, verif
                                        progress)
         if verify:
             with open_image(journal.destination, search_dirs=search_dirs) as merged:
-                after = view_digests(merged, plan.dest_block_size, plan.virtual_size)
-            bad = np.flatnonzero(np.any(before != after, axis=1))
-            if len(bad):
-                raise MergeError(f"verification failed: {len(bad)} block(s) differ after the merge (first: block "
-                                 f"{int(bad[0])}); the merged files are left in place and the chain still reads "
+                bad = compare_view(before, merged)
+            if bad.count:
+                raise MergeError(f"verification failed: {bad.count} block(s) differ after the merge (first: block "
+                                 f"{bad.first}); the merged files are left in place and the chain still reads "
                                  "the original data", path=journal.destination)
             verified = True
         # The layers were read during the data phase: they must still be what was merged.
