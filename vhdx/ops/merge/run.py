@@ -37,7 +37,7 @@ from vhdx.ops.merge.plan import MergePlan, plan_merge
 from vhdx.ops.merge.preflight import check_free_space, destination_index, preflight, same_file
 from vhdx.ops.merge.relink import Opener, accept_new_guid, open_writable, relink_child, restore_linkage2
 from vhdx.ops.merge.verify import compare_view, digest_view
-from vhdx.structures.bat import Geometry
+from vhdx.structures.bat import WINDOW_ENTRIES, Geometry
 from vhdx.structures.header import load_headers
 from vhdx.structures.metadata import read_items
 
@@ -197,7 +197,11 @@ def _write_destination(journal: mj.MergeJournal, plan: MergePlan, sources: Seque
                 raise UnsupportedError(f"the destination's BAT region ({image.regions.bat.length} bytes) cannot "
                                        f"describe the child's size ({needed} bytes needed)", path=image.path)
             have = image.geometry.bat_entries * c.BAT_ENTRY_SIZE
-            image.writer.stage(image.bat.file_offset + have, bytes(needed - have))
+            # The new entries must read NOT_PRESENT: stale bytes there are cleared through the log, a window at a
+            # time (a region sized for 64 TiB holds 512 MiB of entries; zeros over zeros change nothing).
+            step = WINDOW_ENTRIES * c.BAT_ENTRY_SIZE
+            for pos in range(have, needed, step):
+                image.writer.stage_changed(image.bat.file_offset + pos, bytes(min(step, needed - pos)))
         if wanted != current:
             image.writer.rewrite_metadata(wanted)
         if not grows:
