@@ -25,6 +25,7 @@ from vhdx.ops.merge import run as run_module
 from vhdx.ops.merge import verify as verify_module
 from vhdx.ops.merge.relink import open_writable
 from vhdx.ops.merge.verify import Difference, compare_view, digest_view
+from vhdx.ops.resize import resize_image
 from vhdx_cli.main import cli
 from vhdx_fixtures.scale import TiB
 
@@ -246,3 +247,27 @@ def test_verify_counts_differences_over_every_extent_window_and_names_the_first(
     with vhdx.open(before) as a, vhdx.open(after) as b:
         got = compare_view(digest_view(a, MiB), b)
     assert got == Difference(4, 1)  # block 1 rewritten, blocks 4 and 5 zeroed, block 7 written
+
+
+def test_merge_into_a_parent_whose_bat_region_already_holds_64t_stays_under_256_mib(tmp_path):
+    """A child larger than its parent: the parent's BAT grows inside its region (sized for 64 TiB: 512 MiB).
+
+    The new entries are cleared a window at a time where they are not zeros already, not staged as one buffer of
+    the whole growth.
+    """
+    base, child = str(tmp_path / "base.vhdx"), str(tmp_path / "c1.avhdx")
+    create(base, 64 * TiB, block_size=MiB)
+    resize_image(base, GiB)  # the region keeps its 512 MiB
+    with vhdx.open(base, writable=True) as image:
+        assert image.regions.bat.length >= 512 * MiB
+        image.write(0, b"\x01" * MiB)
+    create(child, parent=base, size=64 * TiB)
+    with vhdx.open(child, writable=True) as image:
+        image.write(40 * TiB, b"\x02" * MiB)
+    code, rss, out = run_measured_within(["merge", child], tmp_path / "out", 120)
+    assert code == 0, out
+    assert rss < RSS_LIMIT
+    with vhdx.open(base) as image:
+        assert image.virtual_size == 64 * TiB
+        assert image.read(0, MiB) == b"\x01" * MiB and image.read(40 * TiB, MiB) == b"\x02" * MiB
+        assert image.read(50 * TiB, MiB) == bytes(MiB)
