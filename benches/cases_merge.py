@@ -18,13 +18,13 @@ from vhdx.ops.export import export_raw
 
 from .cases import copy_sparse, make_limit_source, record
 from .measure import Method, copy_file_range_all, file_digest, remove, run_methods, warm
-from .sizes import GiB, MiB, Profile, human_size
+from .sizes import TARGET_RUNS, GiB, MiB, Profile, human_size
 from .workloads import Payload, merge_chain
 
 SMALL_CHILDREN = (512 * 1024, 8 * MiB)
 # The 1 GiB row's ratio to the raw copy moved between 0.87x and 1.8x from run to run on a shared 2-core machine
 # (the first run is often the slowest): with the quick profile's 3 runs its median was a coin toss against 1.1x.
-BIG_MERGE_RUNS = 7
+BIG_MERGE_RUNS = TARGET_RUNS
 
 
 def _small_chain(folder: str, child_bytes: int) -> tuple[str, str]:

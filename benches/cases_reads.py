@@ -8,8 +8,10 @@ issue sets, and whether it is met. The timing itself is ``cases.reads`` / ``case
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import cases
-from .sizes import Profile
+from .sizes import Profile, target_runs
 from .workloads import Workload
 
 # (case, peer method, highest ratio of our time to the peer's) per issue 15's table.
@@ -36,6 +38,7 @@ def with_target(rec: dict) -> dict:
 def index_reads(chains: list[Workload], tmp: str, profile: Profile, limit_src: str) -> list[dict]:
     """The read rows of the fragmented (``rand4k``) chains at every depth, and the depth-16 flatten."""
     fragmented = [w for w in chains if w.name.startswith("rand4k")]
+    profile = replace(profile, repeats=target_runs(profile))
     records = []
     for pattern in ("random", "sequential"):
         for w in fragmented:

@@ -14,7 +14,7 @@ from vhdx_fixtures.scale import build_scale_chain
 
 from . import peers
 from .measure import Method, our_copy, remove, run_methods, run_ours, run_tool, warm
-from .sizes import MiB
+from .sizes import MiB, target_runs
 
 SIZE_ARG = "64T"
 
@@ -49,7 +49,8 @@ def create_64t(tmp: str, repeats: int) -> dict:
 
 def scale_cases(tmp: str, profile) -> list[dict]:
     """Every 64 TiB row: create, info of the qemu-made base, chain and map of the 4-layer chain."""
-    records = [create_64t(tmp, profile.repeats)]
+    runs = target_runs(profile)
+    records = [create_64t(tmp, runs)]
     vhdx_cmd = our_copy().vhdx
     qemu, qemu_missing = peers.qemu_img()
     if qemu_missing:
@@ -65,13 +66,13 @@ def scale_cases(tmp: str, profile) -> list[dict]:
         info = [Method("ours (vhdx info)", "ours", lambda: run_ours([vhdx_cmd, "info", base]), missing=missing),
                 qemu_info]
         records.append(_record("info 64 TiB", "qemu-64t", "qemu-made 64 TiB disk, 1 MiB blocks (BAT of ZERO entries)",
-                               run_methods(info, profile.repeats)))
+                               run_methods(info, runs)))
         for command in ("chain", "map"):
             methods = [Method(f"ours (vhdx {command})", "ours", lambda c=command: run_ours([vhdx_cmd, c, chain.top]),
                               missing=missing), qemu_info]
             records.append(_record(f"{command} 64 TiB chain", "chain-64t-4",
                                    "4 layers of 64 TiB: qemu-made base, 3 children with scattered blocks",
-                                   run_methods(methods, profile.repeats)))
+                                   run_methods(methods, runs)))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return records

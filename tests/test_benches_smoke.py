@@ -238,3 +238,33 @@ def test_benches_startup_case_times_each_command_against_the_import_floor(bench_
     for r in records:
         assert [(o.role, o.status) for o in r["outcomes"]] == [("ours", "ok"), ("limit", "ok")], r["workload"]
         assert all(len(o.times) == cases_startup.STARTUP_RUNS for o in r["outcomes"])
+
+
+def test_target_rows_take_at_least_seven_runs_except_in_the_smoke_profile():
+    from benches.sizes import PROFILES, TARGET_RUNS, target_runs
+
+    assert TARGET_RUNS >= 7
+    assert target_runs(PROFILES["quick"]) >= TARGET_RUNS and target_runs(PROFILES["full"]) >= TARGET_RUNS
+    assert target_runs(PROFILES["tiny"]) == 1
+
+
+def test_the_index_read_and_flatten_rows_take_the_target_runs(monkeypatch):
+    from types import SimpleNamespace
+
+    from benches import cases, cases_reads
+    from benches.sizes import PROFILES, target_runs
+
+    seen = []
+
+    def fake(case):
+        def run(w, tmp, profile, *rest):
+            seen.append(profile.repeats)
+            return {"case": case, "workload": w.name, "outcomes": []}
+        return run
+
+    monkeypatch.setattr(cases, "reads", lambda w, tmp, profile, pattern: fake(
+        "random 4 KiB reads" if pattern == "random" else "sequential 1 MiB reads")(w, tmp, profile))
+    monkeypatch.setattr(cases, "flatten", fake("flatten to raw"))
+    chains = [SimpleNamespace(name=f"rand4k-d{d}", depth=d) for d in (1, 4, 16)]
+    records = cases_reads.index_reads(chains, "/nonexistent", PROFILES["quick"], "/nonexistent")
+    assert len(records) == 7 and set(seen) == {target_runs(PROFILES["quick"])}
