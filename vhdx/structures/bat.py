@@ -234,13 +234,6 @@ class _Templates:
 
 
 @dataclass(frozen=True)
-class _Failed:
-    """An error a scan thread met, raised in the caller's thread at its window."""
-
-    error: BaseException
-
-
-@dataclass(frozen=True)
 class _Decoded:
     """One window's decoded entries (read-only arrays), as the range accessors cache them.
 
@@ -480,8 +473,8 @@ class Bat:
                     return
                 try:
                     verdicts[i] = self._judge_window(windows[i], templates, buf)
-                except BaseException as exc:  # handed to the caller, in order
-                    verdicts[i] = _Failed(exc)
+                except BaseException as exc:  # raised in the caller's thread, at its window
+                    verdicts[i] = exc
                 ready[i].set()
 
         workers = [threading.Thread(target=work, name="vhdx-bat-scan", daemon=True) for _ in range(threads)]
@@ -491,8 +484,8 @@ class Bat:
             for i in range(len(windows)):
                 ready[i].wait()
                 verdict = verdicts[i]
-                if isinstance(verdict, _Failed):
-                    raise verdict.error
+                if isinstance(verdict, BaseException):
+                    raise verdict
                 yield verdict
         finally:
             stop.set()
