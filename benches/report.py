@@ -13,7 +13,7 @@ from importlib import metadata
 
 from vhdx_cli.storage_bench import filesystem_of
 
-from .sizes import human_size
+from .sizes import TARGET_RUNS, human_size
 
 
 # --- machine ------------------------------------------------------------------------------------------------
@@ -97,7 +97,10 @@ def _cell(o, ours, nbytes) -> str:
 def markdown(results: dict) -> str:
     data = to_json(results)
     m = data["machine"]
-    lines = [f"Profile `{data['profile']}`, {data['repeats']} runs per method, warm page cache (every input read "
+    runs = f"{data['repeats']} runs per method"
+    if data["repeats"] > 1:  # (as sizes.target_runs gives them)
+        runs += f" (at least {max(data['repeats'], TARGET_RUNS)} for the rows that carry an issue-15 target)"
+    lines = [f"Profile `{data['profile']}`, {runs}, warm page cache (every input read "
              "once before timing; outputs fsynced by every method); every Python process finds its .pyc files, as an "
              "installed copy does.",
              f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, {m['filesystem']} filesystem, "

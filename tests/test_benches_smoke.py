@@ -268,3 +268,14 @@ def test_the_index_read_and_flatten_rows_take_the_target_runs(monkeypatch):
     chains = [SimpleNamespace(name=f"rand4k-d{d}", depth=d) for d in (1, 4, 16)]
     records = cases_reads.index_reads(chains, "/nonexistent", PROFILES["quick"], "/nonexistent")
     assert len(records) == 7 and set(seen) == {target_runs(PROFILES["quick"])}
+
+
+def test_report_header_says_how_many_runs_the_target_rows_take():
+    from benches import report
+
+    machine = {k: "x" for k in ("nproc", "cpu", "memory", "filesystem", "kernel", "python", "numpy", "qemu-img",
+                                "libvhdi-python", "dissect.hypervisor")}
+    header = report.markdown({"profile": "quick", "repeats": 3, "machine": machine, "records": []}).splitlines()[0]
+    assert "3 runs per method (at least 7 for the rows that carry an issue-15 target)" in header
+    header = report.markdown({"profile": "tiny", "repeats": 1, "machine": machine, "records": []}).splitlines()[0]
+    assert "1 runs per method," in header
