@@ -483,3 +483,38 @@ def test_grow_a_qemu_disk_to_64_tib_leaves_the_new_bat_space_as_holes(tmp_path):
     resize_image(path, 64 << 40)
     assert _on_disk(path) < 32 * MiB  # qemu-img's own 8 MiB BAT of ZERO entries, and no new zeros
     qemu(qemu_img, "check", "-f", "vhdx", path)
+
+
+def test_grow_past_a_region_that_cannot_move_relocates_the_bat_and_leaves_its_new_space_as_holes(tmp_path):
+    """An optional region of unknown purpose right after the BAT cannot be moved: the grown BAT goes to the end of
+    the file, its entries past the old ones a hole, and the disk reads and checks as before."""
+    import uuid as uuid_module
+
+    from vhdx.structures.region import RegionEntry, build_region_table
+
+    path, model = make_disk(tmp_path, "dynamic", 8 * MiB, MiB, 512, [])
+    with vhdx.open(path) as disk:
+        entries = list(disk.regions.entries)
+        bat = disk.regions.bat
+    blocker = RegionEntry(uuid_module.UUID("6c1d4f1e-0b5e-4a6f-9d0a-6e2f3b7a9c11"), bat.end, MiB, required=False)
+    table = build_region_table([*entries, blocker])
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size < blocker.end:
+            os.ftruncate(fd, blocker.end)
+        for offset in c.REGION_TABLE_OFFSETS:
+            os.pwrite(fd, table, offset)
+    finally:
+        os.close(fd)
+    with vhdx.open(path, writable=True) as disk:  # its blocks go after the new region
+        disk.write(0, b"\x3c" * (2 * MiB))
+    model[: 2 * MiB] = b"\x3c" * (2 * MiB)
+    assert_clean(path)
+    result = resize_image(path, 4 << 40)  # 4 TiB of 1 MiB blocks: a 32 MiB BAT
+    assert result.bat_grown and result.bat_relocated
+    assert_reads(path, resize_model(model, 4 << 40))
+    assert reads_zeros_past(path, 8 * MiB)
+    assert_clean(path)
+    assert _on_disk(path) < 12 * MiB  # the 32 MiB of new entries are a hole, not zeros written
+    with vhdx.open(path) as disk:
+        assert any(e.guid == blocker.guid and e.file_offset == blocker.file_offset for e in disk.regions.entries)
