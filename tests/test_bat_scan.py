@@ -319,10 +319,15 @@ def test_a_stream_is_judged_on_the_callers_thread(disks, monkeypatch):
         return original(self, w, templates, buf)
 
     monkeypatch.setattr(Bat, "_judge_window", judged)
-    with open(path, "rb") as fh:
-        from io import BytesIO
+    import io as io_module
 
-        io = ImageIO.wrap(BytesIO(fh.read()))  # no descriptor: reads seek, so only one thread may read
+    class Stream(io_module.BufferedReader):
+        def fileno(self):  # a stream without a descriptor (a pipe's reader, an archive member)
+            raise io_module.UnsupportedOperation("fileno")
+
+    with Stream(io_module.FileIO(path, "rb")) as fh:
+        io = ImageIO.wrap(fh)  # no descriptor: reads seek, so only one thread may read
+        assert not io.concurrent_reads
         f = VhdxFile.load(io, bat=False)
         counts = Bat.load(io, f.regions.bat, f.geometry).summary.state_counts
     assert seen == {True} and counts[c.BatState.ZERO] == f.geometry.data_blocks
