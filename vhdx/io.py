@@ -348,8 +348,8 @@ class ImageIO:
         self.write_zeros(offset, length)
 
     def write_zeros(self, offset: int, length: int) -> None:
-        """Write ``length`` zero bytes at ``offset`` (one write per 8 MiB)."""
-        zeros = bytes(min(length, 8 << 20))
+        """Write ``length`` zero bytes at ``offset`` (one write per ``COPY_CHUNK``)."""
+        zeros = bytes(min(length, COPY_CHUNK))
         for pos in range(offset, offset + length, len(zeros) or 1):
             self.write_at(pos, memoryview(zeros)[: min(len(zeros), offset + length - pos)])
 

@@ -407,8 +407,9 @@ class Bat:
                 if uniform is not None:
                     self._uniform[w] = uniform
                     k0, chunks, b0, blocks = self._bounds(w)
+                    e0, e1 = self._entry_range(w)
                     yield RawWindow(b0, k0, templates.payload(uniform, blocks), no_bitmaps[:chunks], uniform,
-                                    templates.get(uniform)[: min(n, self.geometry.bat_entries - k0 * stride)])
+                                    templates.get(uniform)[: e1 - e0])
                     continue
                 window = self._window(w, buffer)
                 # Windows of one repeated payload entry are remembered when they carry no bitmap: later range

@@ -131,18 +131,12 @@ class VhdxFile:
         structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
         stride = g.chunk_ratio + 1
         counts, bitmaps, invented, refusals = np.zeros(8, dtype=np.int64), 0, [], Refusals()
-        reads_fine: dict[int, bool] = {}  # uniform_stops_no_reader per repeated value, asked once
         for window in bat.raw_windows():
-            if window.uniform is not None and not window.bitmap.any():
-                counts[window.uniform & c.BAT_STATE_MASK] += len(window.payload)
-                fine = reads_fine.get(window.uniform)
-                if fine is None:
-                    fine = reads_fine[window.uniform] = bat_rules.uniform_stops_no_reader(window.uniform, g)
-                if fine:
-                    continue  # judged once by its one value: a qemu-made BAT of ZERO entries is never split
-            else:
-                counts += window.state_counts()
+            counts += window.state_counts()
+            if window.uniform is None or window.bitmap.any():
                 bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
+            elif bat_rules.uniform_stops_no_reader(window.uniform, g):
+                continue  # judged once by its one value: a qemu-made BAT of ZERO entries is never split
             judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,
                                   structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
             refusals.add(judged)
