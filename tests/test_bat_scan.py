@@ -222,12 +222,10 @@ def _scan_threads() -> list:
     return [t for t in threading.enumerate() if t.name == "vhdx-bat-scan"]
 
 
-def test_the_scan_judges_windows_on_several_threads(disks, monkeypatch):
+def _judging_threads(monkeypatch) -> set[str]:
+    """The names of the threads that judge windows from now on (filled in as ``Bat._judge_window`` runs)."""
     import threading
 
-    path = disks["dynamic"]
-    _uniform_bat(path)
-    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
     seen, original = set(), Bat._judge_window
 
     def judged(self, w, templates, buf):
@@ -235,6 +233,14 @@ def test_the_scan_judges_windows_on_several_threads(disks, monkeypatch):
         return original(self, w, templates, buf)
 
     monkeypatch.setattr(Bat, "_judge_window", judged)
+    return seen
+
+
+def test_the_scan_judges_windows_on_several_threads(disks, monkeypatch):
+    path = disks["dynamic"]
+    _uniform_bat(path)
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    seen = _judging_threads(monkeypatch)
     _loader_path(path)
     assert seen == {"vhdx-bat-scan"}
 
@@ -312,13 +318,7 @@ def test_a_stream_is_judged_on_the_callers_thread(disks, monkeypatch):
     path = disks["dynamic"]
     _uniform_bat(path)
     monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
-    seen, original = set(), Bat._judge_window
-
-    def judged(self, w, templates, buf):
-        seen.add(threading.current_thread() is threading.main_thread())
-        return original(self, w, templates, buf)
-
-    monkeypatch.setattr(Bat, "_judge_window", judged)
+    seen = _judging_threads(monkeypatch)
     import io as io_module
 
     class Stream(io_module.BufferedReader):
@@ -330,7 +330,7 @@ def test_a_stream_is_judged_on_the_callers_thread(disks, monkeypatch):
         assert not io.concurrent_reads
         f = VhdxFile.load(io, bat=False)
         counts = Bat.load(io, f.regions.bat, f.geometry).summary.state_counts
-    assert seen == {True} and counts[c.BatState.ZERO] == f.geometry.data_blocks
+    assert seen == {threading.main_thread().name} and counts[c.BatState.ZERO] == f.geometry.data_blocks
 
 
 # --- equal_bytes: memcmp without the GIL ----------------------------------------------------------------------

@@ -4,9 +4,6 @@ in memory and time that follow the data held (never the virtual size)."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import time
 from unittest import mock
 
@@ -18,7 +15,7 @@ from hypothesis import strategies as st
 
 import vhdx
 from tests.support.merge_chains import read_view
-from tests.test_scale import _MEASURE, CLI, RSS_LIMIT
+from tests.test_scale import RSS_LIMIT, private_copies, run_measured
 from vhdx.format import constants as c
 from vhdx.ops.create import create
 from vhdx.ops.merge import run as run_module
@@ -34,15 +31,6 @@ GiB = 1 << 30
 # Measured 3.6 s (2.7 s without --verify) on a quiet machine; the whole-disk verification it replaces read
 # 128 TiB of zeros here: about a day.
 VERIFY_64T_SECONDS = 30
-
-
-def run_measured_within(args: list[str], out_path, seconds: int) -> tuple[int, int, str]:
-    """``tests.test_scale.run_measured`` under coreutils ``timeout`` (exit code 124 when it ran out of time)."""
-    rss_path = out_path.with_suffix(".rss")
-    with open(out_path, "wb") as out:
-        code = subprocess.run([sys.executable, "-c", _MEASURE, str(rss_path), "timeout", str(seconds),
-                               sys.executable, "-c", CLI, *args], stdout=out, stderr=subprocess.STDOUT).returncode
-    return code, int(rss_path.read_text()) * 1024, out_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +49,7 @@ def chain64(tmp_path_factory):
 @pytest.fixture
 def child64(chain64, tmp_path):
     """A private copy of the 64 TiB chain (sparse copies: the BATs stay holes)."""
-    base, child = (str(tmp_path / os.path.basename(p)) for p in chain64)
-    for src, dst in zip(chain64, (base, child), strict=True):
-        shutil.copyfile(src, dst)
-    return base, child
+    return private_copies(chain64, tmp_path)
 
 
 def test_merge_verify_of_a_64t_chain_stays_under_256_mib_and_takes_seconds(child64, tmp_path):
@@ -75,7 +60,7 @@ def test_merge_verify_of_a_64t_chain_stays_under_256_mib_and_takes_seconds(child
         image.write(33 * TiB + 512, b"\x77" * 1024)  # a partially present block
         image.write(40 * TiB, bytes(MiB))  # data whose bytes are zeros
     started = time.monotonic()
-    code, rss, out = run_measured_within(["merge", child, "--verify"], tmp_path / "out", VERIFY_64T_SECONDS)
+    code, rss, out = run_measured(["merge", child, "--verify"], tmp_path / "out", VERIFY_64T_SECONDS)
     seconds = time.monotonic() - started
     assert code == 0, out
     assert rss < RSS_LIMIT
@@ -96,7 +81,7 @@ def test_merge_verify_into_256_mib_blocks_stays_under_256_mib(tmp_path):
     create(child, parent=base, block_size=2 * MiB)
     with vhdx.open(child, writable=True) as image:
         image.write(300 * MiB, b"\x02" * MiB)
-    code, rss, out = run_measured_within(["merge", child, "--verify"], tmp_path / "out", 120)
+    code, rss, out = run_measured(["merge", child, "--verify"], tmp_path / "out", 120)
     assert code == 0, out
     assert rss < RSS_LIMIT
     with vhdx.open(base) as image:
@@ -264,7 +249,7 @@ def test_merge_into_a_parent_whose_bat_region_already_holds_64t_stays_under_256_
     create(child, parent=base, size=64 * TiB)
     with vhdx.open(child, writable=True) as image:
         image.write(40 * TiB, b"\x02" * MiB)
-    code, rss, out = run_measured_within(["merge", child], tmp_path / "out", 120)
+    code, rss, out = run_measured(["merge", child], tmp_path / "out", 120)
     assert code == 0, out
     assert rss < RSS_LIMIT
     with vhdx.open(base) as image:

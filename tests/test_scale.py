@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,13 +38,25 @@ _MEASURE = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:
             "sys.exit(code)")
 
 
-def run_measured(args: list[str], out_path) -> tuple[int, int, str]:
-    """Run the CLI; returns (exit code, peak RSS in bytes of the CLI process, stdout + stderr)."""
+def run_measured(args: list[str], out_path, seconds: int | None = None) -> tuple[int, int, str]:
+    """Run the CLI; returns (exit code, peak RSS in bytes of the CLI process, stdout + stderr).
+
+    With ``seconds`` it runs under coreutils ``timeout`` (exit code 124 when it ran out of time).
+    """
     rss_path = out_path.with_suffix(".rss")
+    limit = ["timeout", str(seconds)] if seconds is not None else []
     with open(out_path, "wb") as out:
-        code = subprocess.run([sys.executable, "-c", _MEASURE, str(rss_path), sys.executable, "-c", CLI, *args],
-                              stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([sys.executable, "-c", _MEASURE, str(rss_path), *limit, sys.executable, "-c", CLI,
+                               *args], stdout=out, stderr=subprocess.STDOUT).returncode
     return code, int(rss_path.read_text()) * 1024, out_path.read_text()
+
+
+def private_copies(paths, folder) -> tuple[str, ...]:
+    """Copies of ``paths`` (a chain, base first) in ``folder``, same names; sparse: the BATs stay holes."""
+    copies = tuple(str(folder / os.path.basename(p)) for p in paths)
+    for src, dst in zip(paths, copies, strict=True):
+        shutil.copyfile(src, dst)  # copy_file_range keeps holes on the file systems CI uses
+    return copies
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vhdx
-from tests.test_scale import RSS_LIMIT, run_measured
+from tests.test_scale import RSS_LIMIT, private_copies, run_measured
 from vhdx.disk.writer import end_of_structures
 from vhdx.format import constants as c
 from vhdx.ops.check import check_image
@@ -44,10 +44,7 @@ def chain64(tmp_path_factory):
 @pytest.fixture
 def child64(chain64, tmp_path):
     """A private copy of the 64 TiB chain (sparse copies: the BATs stay holes)."""
-    base, child = (str(tmp_path / os.path.basename(p)) for p in chain64)
-    for src, dst in zip(chain64, (base, child), strict=True):
-        shutil.copyfile(src, dst)  # copy_file_range keeps holes on the file systems CI uses
-    return base, child
+    return private_copies(chain64, tmp_path)
 
 
 # --- memory of writing commands on a 64 TiB chain ----------------------------------------------------
