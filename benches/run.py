@@ -54,6 +54,8 @@ def run(argv=None) -> dict:
         profile = replace(profile, repeats=args.repeats)
     only = set(args.only or CASES)
     os.makedirs(args.out, exist_ok=True)
+    if args.tmp:
+        os.makedirs(args.tmp, exist_ok=True)
     # Absolute: our processes start in the install's folder (measure.Install.cwd), paths given to them must hold.
     tmp = os.path.abspath(tempfile.mkdtemp(prefix="vhdx-bench-", dir=args.tmp or args.out))
     started = time.monotonic()

@@ -351,12 +351,24 @@ def test_equal_bytes_of_different_lengths_is_false():
     assert equal_bytes(b"", b"")
 
 
-def test_equal_bytes_compares_with_numpy_without_a_c_memcmp(monkeypatch):
+def test_equal_bytes_compares_in_python_without_a_c_memcmp(monkeypatch):
     from vhdx import io as io_module
 
     monkeypatch.setitem(io_module._LIBC, "memcmp", None)
     assert io_module.equal_bytes(b"abc", bytearray(b"abc"))
     assert not io_module.equal_bytes(b"abc", b"abd")
+
+
+def test_equal_bytes_compares_read_only_buffers_and_array_views():
+    from vhdx.io import equal_bytes
+
+    a = np.arange(1024, dtype=np.uint64)
+    assert equal_bytes(a, bytes(a.tobytes()))
+    assert equal_bytes(memoryview(a.tobytes())[8:16], a[1:2])
+    b = a.copy()
+    b[1000] = 7
+    assert not equal_bytes(a, b)
+    assert not equal_bytes(memoryview(bytearray(a.tobytes()))[8:], b[1:])
 
 
 def test_bat_scan_on_threads_and_on_one_thread_agree(disks, monkeypatch):

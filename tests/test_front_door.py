@@ -62,6 +62,46 @@ def test_vhdx_info_does_not_import_the_merge_engine_check_or_convert(tmp_path):
     assert [m for m in modules if m.startswith(("vhdx.ops.merge", "vhdx.ops.check", "vhdx.ops.convert"))] == []
 
 
+def info_modules(path: Path) -> tuple[set[str], str]:
+    """Modules loaded by ``vhdx info PATH`` in a fresh interpreter, and what it printed."""
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'info', {str(path)!r}]\n"
+            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    *printed, modules = done.stdout.strip().splitlines()
+    return set(json.loads(modules)), "\n".join(printed)
+
+
+def test_vhdx_info_of_an_empty_disk_does_not_import_numpy(tmp_path):
+    path = tmp_path / "empty.vhdx"
+    vhdx.create_image(path, 8 << 20)
+    modules, printed = info_modules(path)
+    assert "NOT_PRESENT: 1" in printed
+    assert "numpy" not in modules
+
+
+def test_vhdx_info_of_a_bat_of_zero_entries_on_many_windows_does_not_import_numpy(tmp_path):
+    """A BAT as qemu-img writes it (every payload entry ZERO), large enough to be judged on the scan's threads."""
+    import numpy as np
+
+    from vhdx.format import constants as c
+
+    path = tmp_path / "zero-bat.vhdx"
+    vhdx.create_image(path, 1 << 40, block_size=1 << 20)
+    with vhdx.open(path) as image:
+        layer = image.layers[0]
+        bat_offset, geometry = layer.regions.bat.file_offset, layer.geometry
+    stride = geometry.chunk_ratio + 1
+    entries = np.full(geometry.bat_entries, c.BatState.ZERO, dtype="<u8")
+    entries[stride - 1 :: stride] = 0
+    with open(path, "r+b") as f:
+        f.seek(bat_offset)
+        f.write(entries.tobytes())
+    modules, printed = info_modules(path)
+    assert f"ZERO: {geometry.data_blocks}" in printed
+    assert "numpy" not in modules
+
+
 def test_every_public_name_resolves_and_is_listed():
     for name in vhdx.__all__:
         assert getattr(vhdx, name) is not None

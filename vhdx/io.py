@@ -457,18 +457,24 @@ def _libc_function(name: str, *argtypes: str):
 def equal_bytes(a, b) -> bool:
     """True when two buffers hold the same bytes.
 
-    Compared with the C library's ``memcmp`` through ctypes, which releases the GIL, so threads compare at once
-    (``bytes ==`` holds it); numpy compares where the C library has no ``memcmp``.
+    Writable buffers (a read buffer, a template held in a bytearray) are compared with the C library's ``memcmp``
+    through ctypes, which releases the GIL, so threads compare at once (``bytes ==`` holds it). Read-only
+    buffers, or a C library without ``memcmp``, are compared by Python.
     """
-    import numpy as np  # noqa: PLC0415 - start-up cost: only bulk scans compare buffers
-
-    x, y = np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)
-    if len(x) != len(y):
+    x, y = memoryview(a).cast("B"), memoryview(b).cast("B")
+    if x.nbytes != y.nbytes:
         return False
     memcmp = _libc_function("memcmp", "c_void_p", "c_void_p", "c_size_t")
-    if memcmp is None:
-        return bool(np.array_equal(x, y))
-    return not len(x) or memcmp(x.ctypes.data, y.ctypes.data, len(x)) == 0
+    if not x.nbytes or memcmp is None or x.readonly or y.readonly:
+        return x == y
+    return memcmp(_address(x), _address(y), x.nbytes) == 0
+
+
+def _address(view: memoryview) -> int:
+    """Address of the first byte of a writable, non-empty buffer (for a C call)."""
+    import ctypes  # noqa: PLC0415 - loaded by _libc_function before any caller gets here
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 # A layout parsed this often in one process is compiled (construct's compiler): each parse then costs a few

@@ -9,12 +9,12 @@ References: [MS-VHDX] §2.4 (sector bitmap, LSB-first), §2.5.1.1 (payload block
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
-import numpy as np
-
 from vhdx.format import constants as c
+from vhdx.lazy import np
 
 
 class ExtentKind(IntEnum):
@@ -23,11 +23,15 @@ class ExtentKind(IntEnum):
     DATA = 2
 
 
-# How each payload block state reads in a single layer (PARTIALLY_PRESENT is resolved from the bitmap).
-_KIND_OF_STATE = np.full(8, 255, dtype=np.uint8)
-_KIND_OF_STATE[c.BatState.NOT_PRESENT] = ExtentKind.ABSENT
-_KIND_OF_STATE[list(c.ZERO_READING_STATES)] = ExtentKind.ZERO
-_KIND_OF_STATE[c.BatState.FULLY_PRESENT] = ExtentKind.DATA
+@functools.cache
+def _kind_of_state() -> np.ndarray:
+    """How each payload block state reads in a single layer (PARTIALLY_PRESENT is resolved from the bitmap)."""
+    kinds = np.full(8, 255, dtype=np.uint8)
+    kinds[c.BatState.NOT_PRESENT] = ExtentKind.ABSENT
+    kinds[list(c.ZERO_READING_STATES)] = ExtentKind.ZERO
+    kinds[c.BatState.FULLY_PRESENT] = ExtentKind.DATA
+    kinds.flags.writeable = False
+    return kinds
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Extents:
 
 def kinds_of_states(states: np.ndarray) -> np.ndarray:
     """ExtentKind per payload block state; 255 marks PARTIALLY_PRESENT and reserved states."""
-    return _KIND_OF_STATE[states]
+    return _kind_of_state()[states]
 
 
 def coalesce(ext: Extents) -> Extents:

@@ -16,8 +16,6 @@ import os
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from vhdx.disk import chain as _chain
 from vhdx.disk.extents import (
     ExtentKind,
@@ -32,6 +30,7 @@ from vhdx.disk.extents import (
 from vhdx.errors import ChainLoopError, InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
+from vhdx.lazy import np
 from vhdx.structures.file import VhdxFile, foreign_file_reason  # noqa: F401 - foreign_file_reason: re-exported
 from vhdx.structures.metadata import DiskParameters
 

@@ -8,7 +8,7 @@ References: [MS-VHDX] §2.5.1.1 (payload block states).
 
 from __future__ import annotations
 
-import numpy as np
+from vhdx.lazy import np
 
 
 def split_by_state(start: int, length: int, states: np.ndarray, block_size: int) -> list[tuple[int, int, int]]:

@@ -8,7 +8,6 @@ References: [MS-VHDX] §2.2 (header section), §2.3 (log), §2.5 (BAT), §2.6 (m
 
 from __future__ import annotations
 
-import numpy as np
 from construct import (
     BitsInteger,
     BitStruct,
@@ -29,6 +28,7 @@ from construct.core import BytesIOWithOffsets, stream_read_entire, stream_tell
 
 from vhdx.format import constants as c
 from vhdx.format.guid import Guid
+from vhdx.lazy import np
 
 
 class _NulUnitsStripped(NullStripped):
@@ -185,13 +185,30 @@ ParentLocatorEntry = Struct(
 
 # The same log structures as numpy record types, for scanning a log a piece at a time (thousands of entries and
 # descriptors: a construct parse each costs ~0.5 ms). Zero descriptors read ``low`` as Reserved and ``middle`` as
-# ZeroLength; data descriptors read them as TrailingBytes and LeadingBytes.
-LOG_ENTRY_HEADER_DTYPE = np.dtype([
-    ("signature", "S4"), ("checksum", "<u4"), ("entry_length", "<u4"), ("tail", "<u4"),
-    ("sequence_number", "<u8"), ("descriptor_count", "<u4"), ("reserved", "<u4"), ("log_guid", "V16"),
-    ("flushed_file_offset", "<u8"), ("last_file_offset", "<u8")])
-LOG_DESCRIPTOR_DTYPE = np.dtype([("signature", "S4"), ("low", "<u4"), ("middle", "<u8"), ("file_offset", "<u8"),
-                                 ("sequence_number", "<u8")])
+# ZeroLength; data descriptors read them as TrailingBytes and LeadingBytes. The dtypes are made on first use
+# (``__getattr__`` below): opening a disk with an empty log never imports numpy.
+_LOG_RECORD_FIELDS = {
+    "LOG_ENTRY_HEADER_DTYPE": [
+        ("signature", "S4"), ("checksum", "<u4"), ("entry_length", "<u4"), ("tail", "<u4"),
+        ("sequence_number", "<u8"), ("descriptor_count", "<u4"), ("reserved", "<u4"), ("log_guid", "V16"),
+        ("flushed_file_offset", "<u8"), ("last_file_offset", "<u8")],
+    "LOG_DESCRIPTOR_DTYPE": [
+        ("signature", "S4"), ("low", "<u4"), ("middle", "<u8"), ("file_offset", "<u8"), ("sequence_number", "<u8")],
+}
+
+
+def __getattr__(name: str):
+    """``LOG_ENTRY_HEADER_DTYPE`` and ``LOG_DESCRIPTOR_DTYPE``, made once on first use (PEP 562)."""
+    fields = _LOG_RECORD_FIELDS.get(name)
+    if fields is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    made = globals()[name] = np.dtype(fields)
+    return made
+
+
+def _record_size(fields: list[tuple[str, str]]) -> int:
+    """Bytes of a packed numpy record of ``fields`` (each format code ends in its byte count: S4, <u8, V16)."""
+    return sum(int(code.lstrip("<SVu")) for _name, code in fields)
 
 
 def _require_size(what, actual: int, expected: int) -> None:
@@ -200,8 +217,9 @@ def _require_size(what, actual: int, expected: int) -> None:
         raise ImportError(f"vhdx.format.layouts: {what} is {actual} bytes, the spec gives {expected}")
 
 
-_require_size("LOG_ENTRY_HEADER_DTYPE", LOG_ENTRY_HEADER_DTYPE.itemsize, c.LOG_ENTRY_HEADER_SIZE)
-_require_size("LOG_DESCRIPTOR_DTYPE", LOG_DESCRIPTOR_DTYPE.itemsize, c.LOG_DESCRIPTOR_SIZE)
+_require_size("LOG_ENTRY_HEADER_DTYPE", _record_size(_LOG_RECORD_FIELDS["LOG_ENTRY_HEADER_DTYPE"]),
+              c.LOG_ENTRY_HEADER_SIZE)
+_require_size("LOG_DESCRIPTOR_DTYPE", _record_size(_LOG_RECORD_FIELDS["LOG_DESCRIPTOR_DTYPE"]), c.LOG_DESCRIPTOR_SIZE)
 
 # Sizes the rest of the code relies on; a wrong declaration fails at import, not on a customer's disk.
 _FIXED_SIZES = {

@@ -16,22 +16,20 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import cast
-
-import numpy as np
 
 from vhdx.errors import FormatError
 from vhdx.findings import Code
 from vhdx.format import constants as c
 from vhdx.io import ImageIO, equal_bytes
+from vhdx.lazy import np
 from vhdx.structures.region import RegionEntry
 
-BAT_DTYPE = np.dtype("<u8")
-_OFFSET_MASK = np.uint64(~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1))
-_STATE_MASK = np.uint64(c.BAT_STATE_MASK)
+BAT_DTYPE = "<u8"  # numpy's name for the entry type (a string: importing this module does not import numpy)
+_OFFSET_MASK = ~((1 << c.BAT_OFFSET_SHIFT) - 1) & (2**64 - 1)
 # BAT entries per window, rounded down to whole chunks (at least one): 2 MiB of BAT.
 WINDOW_ENTRIES = 1 << 18
 # The scan judges windows ahead on this many threads (each reads and compares without the GIL), a piece at a
@@ -135,7 +133,7 @@ def entry_offsets(entries: np.ndarray) -> np.ndarray:
     FileOffsetMB has 44 bits: offsets past 2**62 would wrap negative in int64, so they are clamped to 2**62,
     far past the end of any file (the one decoder: reader, check, repair, merge and slack agree).
     """
-    return np.minimum(entries & _OFFSET_MASK, np.uint64(OFFSET_CLAMP)).astype(np.int64)
+    return np.minimum(entries & np.uint64(_OFFSET_MASK), np.uint64(OFFSET_CLAMP)).astype(np.int64)
 
 
 def split_window(entries: np.ndarray, ratio: int, blocks: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,16 +167,60 @@ def split_entries(entries: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, 
 
 
 
-@dataclass(frozen=True)
 class RawWindow:
-    """Raw entries of whole chunks: payload blocks from ``b0`` and sector bitmap chunks from ``k0``."""
+    """Raw entries of whole chunks: payload blocks from ``b0`` and sector bitmap chunks from ``k0``.
 
-    b0: int
-    k0: int
-    payload: np.ndarray  # raw u64 entries of blocks [b0, b0 + len(payload))
-    bitmap: np.ndarray  # raw u64 entries of chunks [k0, k0 + len(bitmap))
-    uniform: int | None = None  # the one entry every payload slot holds, when raw_windows found one
-    entries: np.ndarray | None = None  # the window's raw entries, interleaved as in the file (from chunk k0)
+    ``payload`` and ``bitmap`` are the raw u64 entries of blocks [b0, b0 + blocks) and chunks [k0, k0 + chunks);
+    ``entries`` the window's raw entries interleaved as in the file (from chunk k0); ``uniform`` the one entry
+    every payload slot holds, when the scan found one. A window the scan recognised as one repeated payload
+    entry and no sector bitmap (``repeating``) makes those arrays only when they are read: the open pass judges
+    such a window by its entry alone, so opening an empty or qemu-made 64 TiB disk needs no numpy.
+    """
+
+    __slots__ = ("b0", "k0", "blocks", "uniform", "_payload", "_bitmap", "_entries", "_templates", "_chunks",
+                 "_n_entries")
+
+    def __init__(self, b0: int, k0: int, payload: np.ndarray, bitmap: np.ndarray, uniform: int | None = None,
+                 entries: np.ndarray | None = None) -> None:
+        self.b0, self.k0, self.blocks, self.uniform = b0, k0, len(payload), uniform
+        self._payload: np.ndarray | None = payload
+        self._bitmap: np.ndarray | None = bitmap
+        self._entries = entries
+        self._templates: _Templates | None = None
+        self._chunks = self._n_entries = 0
+
+    @classmethod
+    def repeating(cls, b0: int, k0: int, blocks: int, chunks: int, entry: int, templates: _Templates,
+                  n_entries: int) -> RawWindow:
+        """A window whose ``blocks`` payload entries all hold ``entry`` and whose ``chunks`` bitmap entries are 0."""
+        window = cls.__new__(cls)
+        window.b0, window.k0, window.blocks, window.uniform = b0, k0, blocks, entry
+        window._payload = window._bitmap = window._entries = None
+        window._templates, window._chunks, window._n_entries = templates, chunks, n_entries
+        return window
+
+    @property
+    def payload(self) -> np.ndarray:
+        if self._payload is None:
+            self._payload = cast(_Templates, self._templates).payload(cast(int, self.uniform), self.blocks)
+        return self._payload
+
+    @property
+    def bitmap(self) -> np.ndarray:
+        if self._bitmap is None:
+            self._bitmap = np.zeros(self._chunks, dtype=BAT_DTYPE)
+            self._bitmap.flags.writeable = False
+        return self._bitmap
+
+    @property
+    def entries(self) -> np.ndarray | None:
+        if self._entries is None and self._templates is not None:
+            self._entries = self._templates.get(cast(int, self.uniform))[: self._n_entries]
+        return self._entries
+
+    def has_bitmaps(self) -> bool:
+        """Whether any sector bitmap entry of the window is not zero."""
+        return self._templates is None and bool(self.bitmap.any())
 
     def states(self) -> np.ndarray:
         """Payload states (uint8)."""
@@ -188,39 +230,51 @@ class RawWindow:
         """File offsets of the window's present sector bitmap blocks."""
         return entry_offsets(self.bitmap)[entry_states(self.bitmap) == c.SbState.PRESENT]
 
-    def state_counts(self) -> np.ndarray:
+    def present_bitmaps(self) -> int:
+        """How many of the window's sector bitmap entries are PRESENT."""
+        if not self.has_bitmaps():
+            return 0
+        return int(np.count_nonzero(entry_states(self.bitmap) == c.SbState.PRESENT))
+
+    def state_counts(self) -> list[int]:
         """Payload blocks per state value (8 counts); a uniform window is counted without decoding."""
         if self.uniform is None:
-            return np.bincount(self.states(), minlength=8)
-        counts = np.zeros(8, dtype=np.int64)
-        counts[self.uniform & c.BAT_STATE_MASK] = len(self.payload)
+            return cast(list, np.bincount(self.states(), minlength=8).tolist())
+        counts = [0] * 8
+        counts[self.uniform & c.BAT_STATE_MASK] = self.blocks
         return counts
 
 
 class _Templates:
     """The raw entries of a whole-chunk window whose payload entries all hold one entry and bitmap entries 0.
 
-    Built once per entry value and kept for the last few values (a BAT repeats one or two: 0 and ZERO).
+    Built once per entry value and kept for the last few values (a BAT repeats one or two: 0 and ZERO), as bytes
+    (``raw``: what the scan compares a window with, no numpy) and as a read-only array (``get``).
     """
 
     def __init__(self, stride: int, entries: int) -> None:
         self._stride, self._n = stride, entries
         self._lock = threading.Lock()  # the scan's threads ask for templates at once
-        self._held: dict[int, np.ndarray] = {}
+        self._held: dict[int, bytearray] = {}
         self._payloads: dict[tuple[int, int], np.ndarray] = {}
 
-    def get(self, entry: int) -> np.ndarray:
-        """The template of ``entry`` (read-only)."""
+    def raw(self, entry: int) -> bytearray:
+        """The template of ``entry`` as bytes (a bytearray so that ``equal_bytes`` compares it without the GIL)."""
         with self._lock:
             template = self._held.get(entry)
             if template is None:
                 if len(self._held) >= 4:
                     self._held.clear()
-                template = np.full(self._n, entry, dtype=BAT_DTYPE)
-                template[self._stride - 1 :: self._stride] = 0
-                template.flags.writeable = False  # yielded as the entries of every window equal to it
+                chunk = entry.to_bytes(c.BAT_ENTRY_SIZE, "little") * (self._stride - 1) + bytes(c.BAT_ENTRY_SIZE)
+                template = bytearray((chunk * ceil_div(self._n, self._stride))[: self._n * c.BAT_ENTRY_SIZE])
                 self._held[entry] = template
             return template
+
+    def get(self, entry: int) -> np.ndarray:
+        """The template of ``entry`` as entries (read-only)."""
+        template = np.frombuffer(self.raw(entry), dtype=BAT_DTYPE)
+        template.flags.writeable = False  # yielded as the entries of every window equal to it
+        return template
 
     def payload(self, entry: int, blocks: int) -> np.ndarray:
         """``blocks`` payload entries all ``entry``, as a read-only broadcast of one value (made once per pair)."""
@@ -388,10 +442,8 @@ class Bat:
         """
         stride = self.geometry.chunk_ratio + 1
         n = min(self.window_chunks * stride, self.geometry.bat_entries)
-        buffer = np.empty(n, dtype=BAT_DTYPE)
+        buffer = None  # for windows that are not uniform, made when the first one comes
         templates = _Templates(stride, n)
-        no_bitmaps = np.zeros(self.window_chunks, dtype=BAT_DTYPE)  # the bitmap entries of every uniform window
-        no_bitmaps.flags.writeable = False
         with_data = self.windows_with_data()
         # Judging pays off on many windows (a 512 MiB BAT): one window is read once and split, and a BAT held
         # whole is split from memory. Either way a uniform window is still recognised after the split.
@@ -408,9 +460,10 @@ class Bat:
                     self._uniform[w] = uniform
                     k0, chunks, b0, blocks = self._bounds(w)
                     e0, e1 = self._entry_range(w)
-                    yield RawWindow(b0, k0, templates.payload(uniform, blocks), no_bitmaps[:chunks], uniform,
-                                    templates.get(uniform)[: e1 - e0])
+                    yield RawWindow.repeating(b0, k0, blocks, chunks, uniform, templates, e1 - e0)
                     continue
+                if buffer is None:
+                    buffer = np.empty(n, dtype=BAT_DTYPE)
                 window = self._window(w, buffer)
                 # Windows of one repeated payload entry are remembered when they carry no bitmap: later range
                 # reads of them (map, chain reads) need neither the file nor per-block arrays.
@@ -445,7 +498,7 @@ class Bat:
             self.io.readinto_at(lo + pos, view[:n])
             if template is None:
                 entry = int.from_bytes(buf[: c.BAT_ENTRY_SIZE], "little")
-                template = templates.get(entry).view(np.uint8)
+                template = memoryview(templates.raw(entry))
             if not equal_bytes(template[pos : pos + n], view[:n]):
                 return None
             pos, piece = pos + n, len(buf)
@@ -594,17 +647,17 @@ class Bat:
     def summary(self) -> BatSummary:
         """State counts and present bitmaps, from one pass over the windows that hold data (kept)."""
         if self._summary is None:
-            counts, bitmaps = np.zeros(8, dtype=np.int64), 0
+            counts, bitmaps = [0] * 8, 0
             for win in self.raw_windows():
-                counts += win.state_counts()
-                bitmaps += int(np.count_nonzero(entry_states(win.bitmap) == c.SbState.PRESENT))
+                counts = [a + b for a, b in zip(counts, win.state_counts(), strict=True)]
+                bitmaps += win.present_bitmaps()
             self.set_summary(counts, bitmaps)
         return cast(BatSummary, self._summary)
 
-    def set_summary(self, counts: np.ndarray, bitmaps_present: int) -> None:
+    def set_summary(self, counts: Sequence[int], bitmaps_present: int) -> None:
         """Record counts of the windows with data; blocks in skipped windows count as NOT_PRESENT."""
-        counts = counts.copy()
-        counts[c.BatState.NOT_PRESENT] += self.geometry.data_blocks - int(counts.sum())
+        counts = [int(n) for n in counts]
+        counts[c.BatState.NOT_PRESENT] += self.geometry.data_blocks - sum(counts)
         self._summary = BatSummary(tuple(int(n) for n in counts), int(bitmaps_present))
 
     def state_counts(self) -> dict[str, int]:
@@ -741,7 +794,7 @@ class Bat:
         """Set payload entries of ``blocks`` to (state, offsets) through ``stage``; returns the old raw entries."""
         blocks = np.atleast_1d(np.asarray(blocks, dtype=np.int64))
         offsets = np.broadcast_to(np.asarray(offsets, dtype=np.int64), blocks.shape)
-        values = (offsets.astype(np.uint64) & _OFFSET_MASK) | np.uint64(state)
+        values = (offsets.astype(np.uint64) & np.uint64(_OFFSET_MASK)) | np.uint64(state)
         old = self.update_entries(self.geometry.payload_index(blocks), values, stage)
         if "_split" in self.__dict__:  # a whole BAT read before: keep its arrays current
             self.payload_entries[blocks] = values
@@ -754,7 +807,7 @@ class Bat:
     def set_bitmap(self, chunks, state: int, offset: int, stage) -> np.ndarray:
         """Set sector bitmap entries of ``chunks`` through ``stage``; returns the old raw entries."""
         chunks = np.atleast_1d(np.asarray(chunks, dtype=np.int64))
-        value = (np.uint64(offset) & _OFFSET_MASK) | np.uint64(state)
+        value = (np.uint64(offset) & np.uint64(_OFFSET_MASK)) | np.uint64(state)
         old = self.update_entries(self.geometry.bitmap_index(chunks), value, stage)
         if "_split" in self.__dict__:
             self.bitmap_entries[chunks] = value

@@ -8,15 +8,14 @@ References: [MS-VHDX] §2.5.1 (BAT entries), §2.5.1.1 (payload states), §2.5.1
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from vhdx.findings import Code, Problem, Severity
 from vhdx.format import constants as c
+from vhdx.lazy import np
 from vhdx.structures.bat import (
-    _STATE_MASK,
     WINDOW_ENTRIES,
     Geometry,
     allocated_mask,
@@ -150,13 +149,23 @@ class Refusals:
         return None
 
 
-# Lookup tables by state (3 bits): legal payload states (index 1: differencing, where PARTIALLY_PRESENT is legal)
-# and the states that read as zeros.
-_LEGAL_PAYLOAD = np.zeros((2, 8), dtype=bool)
-_LEGAL_PAYLOAD[:, [s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT]] = True
-_LEGAL_PAYLOAD[1, c.BatState.PARTIALLY_PRESENT] = True
-_ZERO_READING = np.zeros(8, dtype=bool)
-_ZERO_READING[list(c.ZERO_READING_STATES)] = True
+# Payload states legal in a disk, by has_parent (PARTIALLY_PRESENT only in a differencing disk).
+_LEGAL_PAYLOAD_STATES = (frozenset(s.value for s in c.BatState if s != c.BatState.PARTIALLY_PRESENT),
+                         frozenset(s.value for s in c.BatState))
+
+
+@functools.cache
+def _by_state_tables() -> tuple[np.ndarray, np.ndarray]:
+    """The rules above and the states that read as zeros as lookup tables by state (3 bits), for whole windows.
+
+    Made on first use: a BAT of one repeated entry is judged by ``uniform_stops_no_reader`` without numpy.
+    """
+    legal = np.zeros((2, 8), dtype=bool)
+    for has_parent, states in enumerate(_LEGAL_PAYLOAD_STATES):
+        legal[has_parent, sorted(states)] = True
+    zero_reading = np.zeros(8, dtype=bool)
+    zero_reading[list(c.ZERO_READING_STATES)] = True
+    return legal, zero_reading
 
 
 def uniform_stops_no_reader(entry: int, geometry: Geometry) -> bool:
@@ -168,7 +177,7 @@ def uniform_stops_no_reader(entry: int, geometry: Geometry) -> bool:
     """
     state = entry & c.BAT_STATE_MASK
     owns = state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
-    return bool(_LEGAL_PAYLOAD[int(geometry.has_parent)][state]) and not owns
+    return state in _LEGAL_PAYLOAD_STATES[geometry.has_parent] and not owns
 
 
 def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_size: int, *, bat_offset: int,
@@ -201,14 +210,15 @@ def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_siz
     index = pos.astype(np.int64) + first_index
     is_sb = index % stride == g.chunk_ratio
     block = index - index // stride
-    states = (raw & _STATE_MASK).astype(np.uint8)
+    states = (raw & np.uint64(c.BAT_STATE_MASK)).astype(np.uint8)
     offsets = entry_offsets(raw)
     payload = ~is_sb & (block < g.data_blocks)
     # A block owns block_size bytes (Hyper-V allocates the last block whole even when the disk ends inside it).
     length = np.where(is_sb, c.SECTOR_BITMAP_BLOCK_SIZE, g.block_size).astype(np.int64)
     present = allocated_mask(states)
     owned = (payload & present) | (is_sb & (states == c.SbState.PRESENT) & diff)
-    kept = payload & _ZERO_READING[states] & (offsets > 0)
+    legal_by_state, zero_reading = _by_state_tables()
+    kept = payload & zero_reading[states] & (offsets > 0)
     if not diff:
         kept |= is_sb & (states != c.SbState.NOT_PRESENT) & (offsets > 0)
     missing = np.where(owned & ~is_sb, payload_missing_bytes(g, block, offsets, file_size), 0)
@@ -227,7 +237,7 @@ def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_siz
     reserved = (raw & np.uint64(c.BAT_RESERVED_MASK)) != 0
     add(RESERVED_BITS, reserved & (payload | is_sb),
         lambda i: f"reserved bits {int(raw[i]) & c.BAT_RESERVED_MASK:#x} are set")
-    illegal = payload & ~_LEGAL_PAYLOAD[int(diff)][states]
+    illegal = payload & ~legal_by_state[int(diff)][states]
     if diff:
         illegal |= is_sb & (states != c.SbState.NOT_PRESENT) & (states != c.SbState.PRESENT)
     add(STATE_ILLEGAL, illegal, lambda i: f"state {states[i]} is not legal here in a {label} disk")

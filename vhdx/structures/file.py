@@ -14,15 +14,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
-
 from vhdx.errors import FormatError, VhdxError
 from vhdx.findings import Code
 from vhdx.format import constants as c
 from vhdx.format import foreign, layouts
 from vhdx.io import ImageIO
+from vhdx.lazy import np
 from vhdx.structures import bat_rules
-from vhdx.structures.bat import Bat, Geometry, entry_states
+from vhdx.structures.bat import Bat, Geometry
 from vhdx.structures.bat_rules import Refusals, bat_problems, structure_spans
 from vhdx.structures.header import HeaderSet, load_headers
 from vhdx.structures.log import LogState, overlay_for, read_log
@@ -130,11 +129,11 @@ class VhdxFile:
         g, bat, h = self.geometry, self.bat, self.headers.current
         structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
         stride = g.chunk_ratio + 1
-        counts, bitmaps, invented, refusals = np.zeros(8, dtype=np.int64), 0, [], Refusals()
+        counts, bitmaps, invented, refusals = [0] * 8, 0, [], Refusals()
         for window in bat.raw_windows():
-            counts += window.state_counts()
-            if window.uniform is None or window.bitmap.any():
-                bitmaps += int(np.count_nonzero(entry_states(window.bitmap) == c.SbState.PRESENT))
+            counts = [a + b for a, b in zip(counts, window.state_counts(), strict=True)]
+            if window.uniform is None or window.has_bitmaps():
+                bitmaps += window.present_bitmaps()
             elif bat_rules.uniform_stops_no_reader(window.uniform, g):
                 continue  # judged once by its one value: a qemu-made BAT of ZERO entries is never split
             judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,

@@ -19,14 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from vhdx.errors import FormatError
 from vhdx.findings import Code, Problem, Severity
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.format.checksum import crc32c
 from vhdx.io import ImageIO, Overlay
+from vhdx.lazy import np
 from vhdx.structures.header import log_placement_problems
 
 if TYPE_CHECKING:
