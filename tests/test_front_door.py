@@ -102,6 +102,18 @@ def test_vhdx_info_of_a_bat_of_zero_entries_on_many_windows_does_not_import_nump
     assert "numpy" not in modules
 
 
+def test_vhdx_create_of_a_64_tib_dynamic_disk_does_not_import_numpy(tmp_path):
+    path = tmp_path / "new.vhdx"
+    argv = ["vhdx", "create", "--size", "64T", str(path)]
+    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = {argv!r}\n"
+            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
+    modules = loaded_after(code)
+    assert "vhdx.ops.create" in modules
+    assert "numpy" not in modules
+    with vhdx.open(path) as image:
+        assert image.virtual_size == 64 << 40
+
+
 def test_every_public_name_resolves_and_is_listed():
     for name in vhdx.__all__:
         assert getattr(vhdx, name) is not None

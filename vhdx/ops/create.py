@@ -18,13 +18,12 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from vhdx.disk.image import open_image
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.format import layouts
 from vhdx.format.guid import format_guid_text
+from vhdx.lazy import np
 from vhdx.ops import output
 from vhdx.structures.bat import BAT_DTYPE, WINDOW_ENTRIES, Geometry, ceil_div
 from vhdx.structures.header import Header
