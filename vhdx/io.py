@@ -466,7 +466,8 @@ def equal_bytes(a, b) -> bool:
         return False
     memcmp = _libc_function("memcmp", "c_void_p", "c_void_p", "c_size_t")
     if not x.nbytes or memcmp is None or x.readonly or y.readonly:
-        return x == y
+        # bytes compare in place; other views are copied (memoryview's own == goes byte by byte, far slower)
+        return (a if type(a) is bytes else x.tobytes()) == (b if type(b) is bytes else y.tobytes())
     return memcmp(_address(x), _address(y), x.nbytes) == 0
 
 
