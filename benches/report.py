@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 from vhdx_cli.storage_bench import filesystem_of
@@ -45,6 +46,38 @@ def machine(work_dir: str) -> dict:
             "filesystem": filesystem_of(work_dir), "kernel": platform.release(),
             "python": platform.python_version(), "numpy": _version("numpy"), "qemu-img": _qemu_version(),
             "libvhdi-python": _version("libvhdi-python"), "dissect.hypervisor": _version("dissect.hypervisor")}
+
+
+def speed() -> dict:
+    """How fast this machine is right now: a pure-Python loop and a memory copy (best of 3, in ms).
+
+    A shared machine's speed changes during the day (CPU and memory bandwidth by 2x or more). Ratios against C
+    peers move with it: our fixed costs are interpreter time, theirs mostly memory and I/O. The report prints
+    both numbers at the start and the end of the run, so that runs on different days can be compared.
+    """
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return round(min(times) * 1000, 1)
+
+    def loop() -> None:
+        total = 0
+        for i in range(LOOP_STEPS):
+            total += i
+
+    source, target = bytearray(b"\x5a") * COPY_BYTES, bytearray(b"\xa5") * COPY_BYTES  # both paged in
+
+    def copy() -> None:
+        target[:] = source
+
+    return {"python_loop_ms": best(loop), "copy_ms": best(copy)}
+
+
+LOOP_STEPS = 2_000_000  # additions in the Python loop of ``speed``
+COPY_BYTES = 256 << 20  # bytes copied by ``speed``
 
 
 # --- JSON ---------------------------------------------------------------------------------------------------
@@ -94,6 +127,13 @@ def _cell(o, ours, nbytes) -> str:
     return text
 
 
+def _speed_line(measured: dict) -> str:
+    start, end = measured.get("start", {}), measured.get("end", {})
+    return (f"Machine speed at the start / end of the run: a Python loop of {LOOP_STEPS:,} additions "
+            f"{start.get('python_loop_ms')} / {end.get('python_loop_ms')} ms, a {human_size(COPY_BYTES)} memory copy "
+            f"{start.get('copy_ms')} / {end.get('copy_ms')} ms (lower is faster; compare runs by these first).")
+
+
 def markdown(results: dict) -> str:
     data = to_json(results)
     m = data["machine"]
@@ -107,6 +147,7 @@ def markdown(results: dict) -> str:
              f"Linux {m['kernel']}, Python {m['python']}, numpy {m['numpy']}; peers: qemu-img {m['qemu-img']}, "
              f"libvhdi-python {m['libvhdi-python']}, dissect.hypervisor {m['dissect.hypervisor']}.",
              *([f"Ours: {data['install']}."] if data.get("install") else []),
+             *([_speed_line(data["speed"])] if data.get("speed") else []),
              "",
              "Cells: ours = min / median of the runs (throughput of the median); every other method = its median "
              "→ **ours ÷ it** (time ratio: below 1 we are faster, above 1 slower). The limit is the raw "

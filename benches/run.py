@@ -64,6 +64,7 @@ def run(argv=None) -> dict:
         with measure.bytecode_cache(os.path.join(tmp, "pycache")), \
                 measure.installed_copy(tmp) as install:  # each command finds its .pyc, as installed
             log(f"ours: {install.how}", started)
+            speed = {"start": report.speed()}
             measure.compile_sources("vhdx", "vhdx_cli", "numpy", "click", "construct", "crc32c")
             log(f"building {profile.name} workloads in {tmp}", started)
             work = build_all(tmp, profile, families={f for case in only for f in NEEDS[case]})
@@ -74,8 +75,9 @@ def run(argv=None) -> dict:
             cases.make_limit_source(limit_src, max([w.data_bytes for w in flat_inputs + work["merge"]], default=0))
             records += run_chain_cases(only, work, tmp, profile, limit_src, started)
             records += run_other_cases(only, work, tmp, profile, limit_src, started)
+            speed["end"] = report.speed()
             results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
-                       "install": install.how, "command": report.python_cmd(),
+                       "speed": speed, "install": install.how, "command": report.python_cmd(),
                        "build_seconds": round(build_seconds, 2), "records": records}
     finally:
         if not args.keep:

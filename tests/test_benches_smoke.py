@@ -279,3 +279,17 @@ def test_report_header_says_how_many_runs_the_target_rows_take():
     assert "3 runs per method (at least 7 for the rows that carry an issue-15 target)" in header
     header = report.markdown({"profile": "tiny", "repeats": 1, "machine": machine, "records": []}).splitlines()[0]
     assert "1 runs per method," in header
+
+
+def test_report_gives_the_machine_speed_at_the_start_and_the_end_of_the_run(monkeypatch):
+    from benches import report
+
+    monkeypatch.setattr(report, "LOOP_STEPS", 1000)
+    monkeypatch.setattr(report, "COPY_BYTES", 4096)
+    measured = report.speed()
+    assert set(measured) == {"python_loop_ms", "copy_ms"} and all(v >= 0 for v in measured.values())
+    machine = {k: "x" for k in ("nproc", "cpu", "memory", "filesystem", "kernel", "python", "numpy", "qemu-img",
+                                "libvhdi-python", "dissect.hypervisor")}
+    speed = {"start": {"python_loop_ms": 80.5, "copy_ms": 30.0}, "end": {"python_loop_ms": 160.0, "copy_ms": 61.2}}
+    text = report.markdown({"profile": "quick", "repeats": 3, "machine": machine, "speed": speed, "records": []})
+    assert "80.5 / 160.0 ms" in text and "30.0 / 61.2 ms" in text
