@@ -220,3 +220,23 @@ def test_raw_export_that_cannot_write_fails_in_one_error_and_leaves_no_output(tm
     with vhdx.open(path) as disk, pytest.raises(vhdx.VhdxError, match="write failed: No space left on device"):
         export_raw(disk, out, sync=True)
     assert sorted(os.listdir(tmp_path)) == ["z.vhdx"]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_synced_raw_export_flushes_the_file_before_it_takes_its_name(tmp_path, monkeypatch, sparse):
+    import vhdx.ops.export as export_module
+
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    flushed_before_rename = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        flushed_before_rename.append(not out.exists())
+        return real_fsync(fd)
+
+    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    with vhdx.open(path) as disk:
+        export_raw(disk, out, sync=True, sparse=sparse)
+    assert out.read_bytes() == content(path)
+    assert flushed_before_rename == [True]

@@ -224,7 +224,9 @@ def _stream(image: VhdxImage, fd: int, destination: output.Destination, progress
                 done += os.write(fd, piece[done:])
             except OSError as exc:
                 raise VhdxError(f"write failed: {exc.strerror}", path=destination.path, offset=pos + done) from None
-    if sync and destination.kind == output.BLOCK_DEVICE:
+    # A staged file is made durable before it takes its name, as the sparse copy does; of the in-place outputs
+    # only a block device can be flushed (a FIFO or character device refuses fsync).
+    if sync and (not destination.in_place or destination.kind == output.BLOCK_DEVICE):
         _fsync(fd, destination.path)
     return image.virtual_size
 
