@@ -21,11 +21,22 @@ PACKAGE_DIR = Path(vhdx.__file__).parent
 HEAVY = ("numpy", "vhdx.ops.merge")
 
 
-def loaded_after(code: str) -> set[str]:
-    """Modules loaded by a fresh interpreter that runs ``code`` (then prints sys.modules as JSON)."""
+def run_fresh(code: str) -> tuple[set[str], str]:
+    """The modules a fresh interpreter running ``code`` loaded (printed last, as JSON), and what it printed before."""
     script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+    *printed, modules = done.stdout.strip().splitlines()
+    return set(json.loads(modules)), "\n".join(printed)
+
+
+def loaded_after(code: str) -> set[str]:
+    return run_fresh(code)[0]
+
+
+def cli_code(*args: str) -> str:
+    """Python that runs ``vhdx ARGS`` through the click group and fails on a non-zero exit."""
+    return (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = {['vhdx', *args]!r}\n"
+            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
 
 
 def heavy_in(modules: set[str]) -> list[str]:
@@ -55,27 +66,15 @@ def test_vhdx_version_imports_neither_numpy_nor_the_merge_engine():
 def test_vhdx_info_does_not_import_the_merge_engine_check_or_convert(tmp_path):
     path = tmp_path / "small.vhdx"
     vhdx.create_image(path, 8 << 20)
-    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'info', {str(path)!r}]\n"
-            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
-    modules = loaded_after(code)
+    modules = loaded_after(cli_code("info", str(path)))
     assert "vhdx.ops.inspect" in modules
     assert [m for m in modules if m.startswith(("vhdx.ops.merge", "vhdx.ops.check", "vhdx.ops.convert"))] == []
-
-
-def info_modules(path: Path) -> tuple[set[str], str]:
-    """Modules loaded by ``vhdx info PATH`` in a fresh interpreter, and what it printed."""
-    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = ['vhdx', 'info', {str(path)!r}]\n"
-            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
-    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    *printed, modules = done.stdout.strip().splitlines()
-    return set(json.loads(modules)), "\n".join(printed)
 
 
 def test_vhdx_info_of_an_empty_disk_does_not_import_numpy(tmp_path):
     path = tmp_path / "empty.vhdx"
     vhdx.create_image(path, 8 << 20)
-    modules, printed = info_modules(path)
+    modules, printed = run_fresh(cli_code("info", str(path)))
     assert "NOT_PRESENT: 1" in printed
     assert "numpy" not in modules
 
@@ -97,17 +96,14 @@ def test_vhdx_info_of_a_bat_of_zero_entries_on_many_windows_does_not_import_nump
     with open(path, "r+b") as f:
         f.seek(bat_offset)
         f.write(entries.tobytes())
-    modules, printed = info_modules(path)
+    modules, printed = run_fresh(cli_code("info", str(path)))
     assert f"ZERO: {geometry.data_blocks}" in printed
     assert "numpy" not in modules
 
 
 def test_vhdx_create_of_a_64_tib_dynamic_disk_does_not_import_numpy(tmp_path):
     path = tmp_path / "new.vhdx"
-    argv = ["vhdx", "create", "--size", "64T", str(path)]
-    code = (f"import sys\nfrom vhdx_cli.main import cli\nsys.argv = {argv!r}\n"
-            "try:\n    cli()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code")
-    modules = loaded_after(code)
+    modules = loaded_after(cli_code("create", "--size", "64T", str(path)))
     assert "vhdx.ops.create" in modules
     assert "numpy" not in modules
     with vhdx.open(path) as image:
