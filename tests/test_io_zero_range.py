@@ -71,3 +71,23 @@ def test_zero_range_needs_a_writable_open(filled):
         io.close()
     with open(filled, "rb") as fh:
         assert fh.read(16) == b"\xab" * 16
+
+
+def test_write_zeros_past_one_copy_chunk_overwrites_exactly_its_range(tmp_path):
+    size, offset, length = 12 * MiB, 5, io_module.COPY_CHUNK + 4096 + 7  # two writes: a whole chunk and the rest
+    path = tmp_path / "filled.bin"
+    path.write_bytes(b"\xab" * size)
+    io = ImageIO.open(str(path), writable=True)
+    try:
+        io.write_zeros(offset, length)
+        io.write_zeros(MiB, 0)  # nothing
+    finally:
+        io.close()
+    assert path.read_bytes() == b"\xab" * offset + bytes(length) + b"\xab" * (size - offset - length)
+
+
+def test_zero_writes_share_one_read_only_buffer_of_zeros():
+    zeros = io_module.zero_pages()
+    assert zeros is io_module.zero_pages()
+    assert zeros.readonly and len(zeros) == io_module.COPY_CHUNK
+    assert not any(zeros[:: 4096]) and zeros[-1] == 0

@@ -33,7 +33,7 @@ def apply_merge(dest: VhdxImage, plan: MergePlan, sources: Sequence[ImageIO], *,
     total = plan.bytes_to_copy + plan.bytes_to_zero
     done = 0
     for dst, n in zip(plan.zero_dst.tolist(), plan.zero_len.tolist(), strict=True):
-        io.write_zeros(dst, n)  # (a buffer no larger than the run: a small merge pays for no 8 MiB allocation)
+        io.write_zeros(dst, n)  # (from the shared zero pages: nothing is allocated per run)
         done += n
         if progress:
             progress(done, total)
