@@ -232,7 +232,7 @@ class RawWindow:
 
     def present_bitmaps(self) -> int:
         """How many of the window's sector bitmap entries are PRESENT."""
-        if not self.has_bitmaps():
+        if self._templates is not None:  # a repeating window has none (no numpy asked)
             return 0
         return int(np.count_nonzero(entry_states(self.bitmap) == c.SbState.PRESENT))
 

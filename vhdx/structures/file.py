@@ -132,9 +132,9 @@ class VhdxFile:
         counts, bitmaps, invented, refusals = [0] * 8, 0, [], Refusals()
         for window in bat.raw_windows():
             counts = [a + b for a, b in zip(counts, window.state_counts(), strict=True)]
-            if window.uniform is None or window.has_bitmaps():
-                bitmaps += window.present_bitmaps()
-            elif bat_rules.uniform_stops_no_reader(window.uniform, g):
+            bitmaps += window.present_bitmaps()
+            if (window.uniform is not None and not window.has_bitmaps()
+                    and bat_rules.uniform_stops_no_reader(window.uniform, g)):
                 continue  # judged once by its one value: a qemu-made BAT of ZERO entries is never split
             judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,
                                   structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
