@@ -363,7 +363,7 @@ def test_equal_bytes_compares_read_only_buffers_and_array_views():
     from vhdx.io import equal_bytes
 
     a = np.arange(1024, dtype=np.uint64)
-    assert equal_bytes(a, bytes(a.tobytes()))
+    assert equal_bytes(a, a.tobytes())
     assert equal_bytes(memoryview(a.tobytes())[8:16], a[1:2])
     b = a.copy()
     b[1000] = 7

@@ -270,11 +270,16 @@ def test_the_index_read_and_flatten_rows_take_the_target_runs(monkeypatch):
     assert len(records) == 7 and set(seen) == {target_runs(PROFILES["quick"])}
 
 
+def _machine_placeholder() -> dict:
+    """The machine description the report prints, every field "x"."""
+    return {k: "x" for k in ("nproc", "cpu", "memory", "filesystem", "kernel", "python", "numpy", "qemu-img",
+                             "libvhdi-python", "dissect.hypervisor")}
+
+
 def test_report_header_says_how_many_runs_the_target_rows_take():
     from benches import report
 
-    machine = {k: "x" for k in ("nproc", "cpu", "memory", "filesystem", "kernel", "python", "numpy", "qemu-img",
-                                "libvhdi-python", "dissect.hypervisor")}
+    machine = _machine_placeholder()
     header = report.markdown({"profile": "quick", "repeats": 3, "machine": machine, "records": []}).splitlines()[0]
     assert "3 runs per method (at least 7 for the rows that carry an issue-15 target)" in header
     header = report.markdown({"profile": "tiny", "repeats": 1, "machine": machine, "records": []}).splitlines()[0]
@@ -288,8 +293,7 @@ def test_report_gives_the_machine_speed_at_the_start_and_the_end_of_the_run(monk
     monkeypatch.setattr(report, "COPY_BYTES", 4096)
     measured = report.speed()
     assert set(measured) == {"python_loop_ms", "copy_ms"} and all(v >= 0 for v in measured.values())
-    machine = {k: "x" for k in ("nproc", "cpu", "memory", "filesystem", "kernel", "python", "numpy", "qemu-img",
-                                "libvhdi-python", "dissect.hypervisor")}
+    machine = _machine_placeholder()
     speed = {"start": {"python_loop_ms": 80.5, "copy_ms": 30.0}, "end": {"python_loop_ms": 160.0, "copy_ms": 61.2}}
     text = report.markdown({"profile": "quick", "repeats": 3, "machine": machine, "speed": speed, "records": []})
     assert "80.5 / 160.0 ms" in text and "30.0 / 61.2 ms" in text
