@@ -72,7 +72,7 @@ def bats(draw, n_entries: int, data_offset: int, file_size: int) -> np.ndarray:
     bitmap = st.sampled_from([0, 0, 0, c.SbState.PRESENT | data_offset, c.SbState.PRESENT | (1 << 40), 1, 4])
     entries = np.zeros(n_entries, dtype=BAT_DTYPE)
     for lo, hi in windows_of(n_entries):
-        kind = draw(st.sampled_from(["zero", "uniform", "uniform", "one_off", "bitmap", "mixed"]))
+        kind = draw(st.sampled_from(["zero", "uniform", "uniform", "one_off", "few_off", "bitmap", "mixed"]))
         window = entries[lo:hi]
         if kind == "zero":
             continue
@@ -80,6 +80,9 @@ def bats(draw, n_entries: int, data_offset: int, file_size: int) -> np.ndarray:
         window[STRIDE - 1 :: STRIDE] = 0
         if kind == "one_off":
             window[draw(st.integers(0, hi - lo - 1))] = draw(value)
+        elif kind == "few_off":  # a few entries anywhere, bitmap slots and the first slots included
+            for at in draw(st.lists(st.integers(0, hi - lo - 1), min_size=2, max_size=5)):
+                window[at] = draw(st.one_of(value, bitmap))
         elif kind == "bitmap":
             window[STRIDE - 1 :: STRIDE] = draw(bitmap)
         elif kind == "mixed":
@@ -383,3 +386,92 @@ def test_bat_scan_on_threads_and_on_one_thread_agree(disks, monkeypatch):
     on_threads = _loader_path(path)
     monkeypatch.setattr(bat_module, "SCAN_THREADS", 1)
     assert _loader_path(path) == on_threads == _plain_path(path)
+
+
+# --- windows of one repeated entry but a few: judged by those entries alone -----------------------------------
+def _zero_bat_with(path: str, written: dict[int, int]) -> np.ndarray:
+    """A BAT of ZERO entries (as qemu-img writes it) with ``written`` {BAT index: raw entry} set."""
+    entries = _uniform_bat(path)
+    for index, raw in written.items():
+        entries[index] = raw
+    _write_bat(path, entries)
+    return entries
+
+
+def test_a_bat_of_zero_entries_with_a_few_blocks_written_is_judged_without_splitting_or_judging_a_window(
+        disks, monkeypatch):
+    path = disks["dynamic"]
+    _bat, _n, data_offset = _layout(path)
+    # Blocks 0 and 1 lead their window: the scan must not take a written block's entry for the repeated one.
+    _zero_bat_with(path, {0: c.BatState.FULLY_PRESENT | data_offset,
+                          1: c.BatState.FULLY_PRESENT | (data_offset + BLOCK),
+                          5 * WINDOW + 3: c.BatState.FULLY_PRESENT | (data_offset + 2 * BLOCK)})
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    splits = _count_calls(monkeypatch, bat_module, "split_window")
+    judged = _count_calls(monkeypatch, file_module, "bat_problems")
+    refusal, counts, _bitmaps = _loader_path(path)
+    assert refusal is None and counts[c.BatState.FULLY_PRESENT] == 3
+    assert splits == [0] and judged == [0]
+    assert _loader_path(path) == _plain_path(path)
+
+
+@pytest.mark.parametrize("where", ["past the end of the file", "over the header section", "illegal state"])
+def test_a_bad_entry_among_zero_entries_is_refused_as_the_plain_path_refuses_it(disks, monkeypatch, where):
+    path = disks["dynamic"]
+    _bat, _n, data_offset = _layout(path)
+    raw = {"past the end of the file": c.BatState.FULLY_PRESENT | (data_offset + 3 * BLOCK),
+           "over the header section": c.BatState.FULLY_PRESENT,
+           "illegal state": 4}[where]
+    _zero_bat_with(path, {4 * WINDOW + 2: raw})
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    refusal, _counts, _bitmaps = _loader_path(path)
+    assert refusal is not None and refusal == _plain_path(path)[0]
+
+
+def test_a_window_with_more_exceptions_than_the_scan_keeps_is_judged_whole(disks, monkeypatch):
+    path = disks["dynamic"]
+    _bat, _n, data_offset = _layout(path)
+    monkeypatch.setattr(bat_module, "MAX_EXCEPTIONS", 2)
+    _zero_bat_with(path, {WINDOW + i: c.BatState.FULLY_PRESENT | data_offset for i in (1, 2, 3)})
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    judged = _count_calls(monkeypatch, file_module, "bat_problems")
+    assert _loader_path(path) == _plain_path(path)
+    assert judged == [1]
+
+
+def test_a_sector_bitmap_entry_among_zero_entries_is_judged_with_its_window(disks, monkeypatch):
+    path = disks["differencing"]
+    _bat, _n, data_offset = _layout(path)
+    _zero_bat_with(path, {2 * WINDOW + 3: c.BatState.PARTIALLY_PRESENT | data_offset,
+                          2 * WINDOW + STRIDE - 1: c.SbState.PRESENT | (data_offset + BLOCK)})
+    monkeypatch.setattr(bat_module, "WINDOW_ENTRIES", WINDOW)
+    judged = _count_calls(monkeypatch, file_module, "bat_problems")
+    assert _loader_path(path) == _plain_path(path)
+    assert judged == [1]
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+@given(data=st.data())
+def test_an_exception_the_loader_clears_breaks_no_rule_that_stops_the_reader(disks, kind, data):
+    """``exception_stops_no_reader`` may say no to a good entry, never yes to one ``bat_problems`` refuses."""
+    from vhdx.structures.bat_rules import exception_stops_no_reader
+
+    path = disks[kind]
+    bat_offset, n_entries, data_offset = _layout(path)
+    io = ImageIO.open(path)
+    try:
+        f = VhdxFile.load(io, bat=False)
+        g, h, size = f.geometry, f.headers.current, io.size
+    finally:
+        io.close()
+    structures = structure_spans(h.log_offset, h.log_length, f.regions.entries)
+    index = data.draw(st.integers(0, n_entries - 1))
+    raw = data.draw(st.sampled_from(_values(data_offset, size)) | st.integers(0, 2**64 - 1))
+    stride = g.chunk_ratio + 1
+    first = index - index % stride
+    window = np.zeros(min(stride, n_entries - first), dtype=BAT_DTYPE)
+    window[index - first] = raw
+    judged = bat_problems(g, first, window, size, bat_offset=bat_offset, structures=structures,
+                          disk_label=kind)
+    if exception_stops_no_reader(g, index, raw, size, structures):
+        assert judged.refusal() is None

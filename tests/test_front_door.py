@@ -79,13 +79,13 @@ def test_vhdx_info_of_an_empty_disk_does_not_import_numpy(tmp_path):
     assert "numpy" not in modules
 
 
-def test_vhdx_info_of_a_bat_of_zero_entries_on_many_windows_does_not_import_numpy(tmp_path):
-    """A BAT as qemu-img writes it (every payload entry ZERO), large enough to be judged on the scan's threads."""
+def _qemu_style_disk(path: Path, written: tuple[int, ...] = ()) -> int:
+    """A 1 TiB disk whose BAT is every payload entry ZERO, as qemu-img writes it (large enough to be judged on the
+    scan's threads), with the blocks ``written`` fully present, filled with their number; returns the blocks."""
     import numpy as np
 
     from vhdx.format import constants as c
 
-    path = tmp_path / "zero-bat.vhdx"
     vhdx.create_image(path, 1 << 40, block_size=1 << 20)
     with vhdx.open(path) as image:
         layer = image.layers[0]
@@ -94,11 +94,36 @@ def test_vhdx_info_of_a_bat_of_zero_entries_on_many_windows_does_not_import_nump
     entries = np.full(geometry.bat_entries, c.BatState.ZERO, dtype="<u8")
     entries[stride - 1 :: stride] = 0
     with open(path, "r+b") as f:
+        end = -(-f.seek(0, 2) // (1 << 20)) * (1 << 20)
+        for block in written:
+            f.seek(end)
+            f.write(bytes([block % 251 + 1]) * geometry.block_size)
+            entries[geometry.payload_index(block)] = end | c.BatState.FULLY_PRESENT
+            end += geometry.block_size
         f.seek(bat_offset)
         f.write(entries.tobytes())
+    return geometry.data_blocks
+
+
+def test_vhdx_info_of_a_bat_of_zero_entries_on_many_windows_does_not_import_numpy(tmp_path):
+    path = tmp_path / "zero-bat.vhdx"
+    blocks = _qemu_style_disk(path)
     modules, printed = run_fresh(cli_code("info", str(path)))
-    assert f"ZERO: {geometry.data_blocks}" in printed
+    assert f"ZERO: {blocks}" in printed
     assert "numpy" not in modules
+
+
+def test_vhdx_info_of_a_bat_of_zero_entries_with_a_few_blocks_written_does_not_import_numpy(tmp_path):
+    """The written blocks are the few exceptions of their windows, judged one by one; the first is block 0."""
+    path = tmp_path / "zero-bat-written.vhdx"
+    written = (0, 1, 300_000, (1 << 20) - 1)
+    blocks = _qemu_style_disk(path, written)
+    modules, printed = run_fresh(cli_code("info", str(path)))
+    assert f"ZERO: {blocks - len(written)}" in printed and f"FULLY_PRESENT: {len(written)}" in printed
+    assert "numpy" not in modules
+    with vhdx.open(path) as image:
+        for block in written:
+            assert image.read(block << 20, 4096) == bytes([block % 251 + 1]) * 4096
 
 
 def test_vhdx_create_of_a_64_tib_dynamic_disk_does_not_import_numpy(tmp_path):

@@ -36,6 +36,11 @@ WINDOW_ENTRIES = 1 << 18
 # time: a 1 MiB buffer and the template's matching slice stay in the CPU cache while they are compared.
 SCAN_THREADS = 2
 SCAN_PIECE = 1 << 20
+# A window that repeats one entry except at up to this many places (a qemu-made BAT of ZERO entries with a few
+# blocks written) is handed on as that entry and its exceptions: the loader judges those few entries alone.
+MAX_EXCEPTIONS = 32
+# The scan narrows a differing piece down to cells of this many bytes (64 entries), then compares entry by entry.
+_CELL = 512
 # Decoded windows kept per file (9 bytes per entry): bounds a reader's BAT memory to about 20 MiB.
 WINDOW_CACHE = 8
 OFFSET_CLAMP = 1 << 62
@@ -92,6 +97,19 @@ class Geometry:
         """Bytes of a sector bitmap block that describe one payload block."""
         return self.sectors_per_block // 8
 
+    @property
+    def last_block_bytes(self) -> int:
+        """Bytes of virtual disk in the last payload block (less than a block when the size is not a multiple)."""
+        return self.virtual_size - (self.data_blocks - 1) * self.block_size
+
+    def payload_block_of(self, index: int) -> int | None:
+        """The payload block BAT entry ``index`` describes; None for a sector bitmap entry or one past the disk."""
+        stride = self.chunk_ratio + 1
+        if index % stride == self.chunk_ratio:
+            return None
+        block = index - index // stride
+        return block if block < self.data_blocks else None
+
     def payload_index(self, block):
         """BAT index of payload block(s) ``block`` (int or array)."""
         return block + block // self.chunk_ratio
@@ -109,9 +127,14 @@ def payload_missing_bytes(geometry: Geometry, blocks: np.ndarray, offsets: np.nd
     the block size. Anything else is data the file should hold and does not (``BAT_BEYOND_EOF``).
     """
     blocks = np.asarray(blocks, dtype=np.int64)
-    last = geometry.data_blocks - 1
-    needed = np.where(blocks == last, geometry.virtual_size - last * geometry.block_size, geometry.block_size)
+    needed = np.where(blocks == geometry.data_blocks - 1, geometry.last_block_bytes, geometry.block_size)
     return np.clip(np.asarray(offsets, dtype=np.int64) + needed - file_size, 0, needed)
+
+
+def payload_missing_bytes_of(geometry: Geometry, block: int, offset: int, file_size: int) -> int:
+    """``payload_missing_bytes`` of one block, in Python (the loader's judgement of a window's few exceptions)."""
+    needed = geometry.last_block_bytes if block == geometry.data_blocks - 1 else geometry.block_size
+    return min(max(offset + needed - file_size, 0), needed)
 
 
 def entry_states(entries: np.ndarray) -> np.ndarray:
@@ -134,6 +157,11 @@ def entry_offsets(entries: np.ndarray) -> np.ndarray:
     far past the end of any file (the one decoder: reader, check, repair, merge and slack agree).
     """
     return np.minimum(entries & np.uint64(_OFFSET_MASK), np.uint64(OFFSET_CLAMP)).astype(np.int64)
+
+
+def entry_offset(entry: int) -> int:
+    """``entry_offsets`` of one entry, in Python."""
+    return min(entry & _OFFSET_MASK, OFFSET_CLAMP)
 
 
 def split_window(entries: np.ndarray, ratio: int, blocks: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,16 +201,20 @@ class RawWindow:
     ``payload`` and ``bitmap`` are the raw u64 entries of blocks [b0, b0 + blocks) and chunks [k0, k0 + chunks);
     ``entries`` the window's raw entries interleaved as in the file (from chunk k0); ``uniform`` the one entry
     every payload slot holds, when the scan found one. A window the scan recognised as one repeated payload
-    entry and no sector bitmap (``repeating``) makes those arrays only when they are read: the open pass judges
-    such a window by its entry alone, so opening an empty or qemu-made 64 TiB disk needs no numpy.
+    entry (``common``) and no sector bitmap, but for at most ``MAX_EXCEPTIONS`` entries (``exceptions``, as
+    (index in ``entries``, raw entry)), is made by ``repeating``: its arrays are made only when they are read.
+    The open pass judges such a window by its entries alone, so opening an empty or qemu-made 64 TiB disk, even
+    with a few blocks written, needs no numpy.
     """
 
-    __slots__ = ("b0", "k0", "blocks", "uniform", "_payload", "_bitmap", "_entries", "_templates", "_chunks",
-                 "_n_entries")
+    __slots__ = ("b0", "k0", "blocks", "uniform", "common", "exceptions", "_payload", "_bitmap", "_entries",
+                 "_templates", "_chunks", "_n_entries")
 
     def __init__(self, b0: int, k0: int, payload: np.ndarray, bitmap: np.ndarray, uniform: int | None = None,
                  entries: np.ndarray | None = None) -> None:
         self.b0, self.k0, self.blocks, self.uniform = b0, k0, len(payload), uniform
+        self.common: int | None = uniform
+        self.exceptions: tuple[tuple[int, int], ...] = ()
         self._payload: np.ndarray | None = payload
         self._bitmap: np.ndarray | None = bitmap
         self._entries = entries
@@ -191,36 +223,70 @@ class RawWindow:
 
     @classmethod
     def repeating(cls, b0: int, k0: int, blocks: int, chunks: int, entry: int, templates: _Templates,
-                  n_entries: int) -> RawWindow:
-        """A window whose ``blocks`` payload entries all hold ``entry`` and whose ``chunks`` bitmap entries are 0."""
+                  n_entries: int, exceptions: tuple[tuple[int, int], ...] = ()) -> RawWindow:
+        """A window whose ``blocks`` payload entries hold ``entry`` and ``chunks`` bitmap entries 0 but at exceptions.
+
+        ``exceptions``: (index in the window's entries, raw entry) pairs, at most ``MAX_EXCEPTIONS``.
+        """
         window = cls.__new__(cls)
-        window.b0, window.k0, window.blocks, window.uniform = b0, k0, blocks, entry
+        window.b0, window.k0, window.blocks = b0, k0, blocks
+        window.common, window.exceptions = entry, exceptions
         window._payload = window._bitmap = window._entries = None
         window._templates, window._chunks, window._n_entries = templates, chunks, n_entries
+        # Exceptions in bitmap slots only: every payload slot still holds ``entry``.
+        window.uniform = None if exceptions and window._exception_kinds()[0] else entry
         return window
 
     @property
     def payload(self) -> np.ndarray:
         if self._payload is None:
-            self._payload = cast(_Templates, self._templates).payload(cast(int, self.uniform), self.blocks)
+            templates = cast(_Templates, self._templates)
+            if self.exceptions:
+                self._payload, self._bitmap = split_window(cast(np.ndarray, self.entries), templates.stride - 1,
+                                                           self.blocks, self._chunks)
+            else:
+                self._payload = templates.payload(cast(int, self.common), self.blocks)
         return self._payload
 
     @property
     def bitmap(self) -> np.ndarray:
         if self._bitmap is None:
-            self._bitmap = np.zeros(self._chunks, dtype=BAT_DTYPE)
-            self._bitmap.flags.writeable = False
-        return self._bitmap
+            if self.exceptions:
+                self.payload  # noqa: B018 - splitting the entries makes both arrays
+            else:
+                self._bitmap = np.zeros(self._chunks, dtype=BAT_DTYPE)
+                self._bitmap.flags.writeable = False
+        return cast(np.ndarray, self._bitmap)
 
     @property
     def entries(self) -> np.ndarray | None:
         if self._entries is None and self._templates is not None:
-            self._entries = self._templates.get(cast(int, self.uniform))[: self._n_entries]
+            entries = self._templates.get(cast(int, self.common))[: self._n_entries]
+            if self.exceptions:
+                entries = entries.copy()
+                for i, raw in self.exceptions:
+                    entries[i] = raw
+                entries.flags.writeable = False
+            self._entries = entries
         return self._entries
+
+    def _exception_kinds(self) -> tuple[list[int], list[int]]:
+        """The raw values of the exceptions that are (payload entries of the window's blocks, bitmap entries)."""
+        stride = cast(_Templates, self._templates).stride
+        payload: list[int] = []
+        bitmap: list[int] = []
+        for i, raw in self.exceptions:
+            if i % stride == stride - 1:
+                bitmap.append(raw)
+            elif (i // stride) * (stride - 1) + i % stride < self.blocks:
+                payload.append(raw)
+        return payload, bitmap
 
     def has_bitmaps(self) -> bool:
         """Whether any sector bitmap entry of the window is not zero."""
-        return self._templates is None and bool(self.bitmap.any())
+        if self._templates is not None:  # a repeating window: only an exception can be one (no numpy asked)
+            return any(self._exception_kinds()[1])
+        return bool(self.bitmap.any())
 
     def states(self) -> np.ndarray:
         """Payload states (uint8)."""
@@ -232,17 +298,25 @@ class RawWindow:
 
     def present_bitmaps(self) -> int:
         """How many of the window's sector bitmap entries are PRESENT."""
-        if self._templates is not None:  # a repeating window has none (no numpy asked)
-            return 0
+        if self._templates is not None:  # a repeating window: counted from its exceptions (no numpy asked)
+            return sum(raw & c.BAT_STATE_MASK == c.SbState.PRESENT for raw in self._exception_kinds()[1])
         return int(np.count_nonzero(entry_states(self.bitmap) == c.SbState.PRESENT))
 
     def state_counts(self) -> list[int]:
-        """Payload blocks per state value (8 counts); a uniform window is counted without decoding."""
-        if self.uniform is None:
+        """Payload blocks per state value (8 counts); a repeating window is counted without decoding."""
+        if self.common is None:
             return cast(list, np.bincount(self.states(), minlength=8).tolist())
         counts = [0] * 8
-        counts[self.uniform & c.BAT_STATE_MASK] = self.blocks
+        payload: list[int] = self._exception_kinds()[0] if self.exceptions else []
+        counts[self.common & c.BAT_STATE_MASK] = self.blocks - len(payload)
+        for raw in payload:
+            counts[raw & c.BAT_STATE_MASK] += 1
         return counts
+
+    def exception_indexes(self) -> list[tuple[int, int]]:
+        """(BAT index, raw entry) of each exception."""
+        first = self.k0 * cast(_Templates, self._templates).stride if self.exceptions else 0
+        return [(first + i, raw) for i, raw in self.exceptions]
 
 
 class _Templates:
@@ -253,7 +327,7 @@ class _Templates:
     """
 
     def __init__(self, stride: int, entries: int) -> None:
-        self._stride, self._n = stride, entries
+        self.stride, self._n = stride, entries
         self._lock = threading.Lock()  # the scan's threads ask for templates at once
         self._held: dict[int, bytearray] = {}
         self._payloads: dict[tuple[int, int], np.ndarray] = {}
@@ -265,8 +339,8 @@ class _Templates:
             if template is None:
                 if len(self._held) >= 4:
                     self._held.clear()
-                chunk = entry.to_bytes(c.BAT_ENTRY_SIZE, "little") * (self._stride - 1) + bytes(c.BAT_ENTRY_SIZE)
-                template = bytearray((chunk * ceil_div(self._n, self._stride))[: self._n * c.BAT_ENTRY_SIZE])
+                chunk = entry.to_bytes(c.BAT_ENTRY_SIZE, "little") * (self.stride - 1) + bytes(c.BAT_ENTRY_SIZE)
+                template = bytearray((chunk * ceil_div(self._n, self.stride))[: self._n * c.BAT_ENTRY_SIZE])
                 self._held[entry] = template
             return template
 
@@ -340,6 +414,40 @@ class StateView:
         if step != 1:
             raise IndexError("BAT state views take contiguous slices only")
         return self._bat.states_of(start, stop)
+
+
+def _likely_repeated(piece: memoryview, payload_slots: int) -> int:
+    """The entry a window repeats, as most of five payload slots spread over its first piece say.
+
+    The first slot alone would do for an empty BAT, but a window whose first blocks are written would then be
+    compared with a template of a written block's entry and differ everywhere.
+    """
+    size = c.BAT_ENTRY_SIZE
+    n = min(len(piece) // size, payload_slots)
+    samples = [int.from_bytes(piece[i * size : (i + 1) * size], "little")
+               for i in sorted({0, n // 4, n // 2, 3 * n // 4, max(n - 1, 0)})]
+    return max(samples, key=samples.count)
+
+
+def _find_exceptions(piece: memoryview, template: memoryview, first: int, found: list) -> bool:
+    """Add to ``found`` the entries where ``piece`` differs from ``template`` as (index, raw entry).
+
+    ``first`` is the index of the piece's first entry. Halves that compare equal are skipped whole, so a few
+    differences cost a few dozen memcmps; False as soon as more than ``MAX_EXCEPTIONS`` are found.
+    """
+    if equal_bytes(template, piece):
+        return True
+    if len(piece) > _CELL:
+        half = len(piece) // (2 * c.BAT_ENTRY_SIZE) * c.BAT_ENTRY_SIZE
+        return (_find_exceptions(piece[:half], template[:half], first, found)
+                and _find_exceptions(piece[half:], template[half:], first + half // c.BAT_ENTRY_SIZE, found))
+    for i in range(0, len(piece), c.BAT_ENTRY_SIZE):
+        raw = piece[i : i + c.BAT_ENTRY_SIZE]
+        if raw != template[i : i + c.BAT_ENTRY_SIZE]:
+            found.append((first + i // c.BAT_ENTRY_SIZE, int.from_bytes(raw, "little")))
+            if len(found) > MAX_EXCEPTIONS:
+                return False
+    return True
 
 
 class Bat:
@@ -452,15 +560,17 @@ class Bat:
         holding = set(with_data)
         try:
             for w in range(self.window_count):
-                uniform = next(verdicts, None) if w in holding else 0
-                if uniform == 0:  # a hole of the file, or all zeros: every entry NOT_PRESENT
+                verdict = next(verdicts, None) if w in holding else 0
+                if verdict == 0:  # a hole of the file, or all zeros: every entry NOT_PRESENT
                     self._uniform[w] = 0
                     continue
-                if uniform is not None:
-                    self._uniform[w] = uniform
+                if verdict is not None:
+                    uniform, exceptions = verdict if isinstance(verdict, tuple) else (verdict, ())
+                    if not exceptions:
+                        self._uniform[w] = uniform
                     k0, chunks, b0, blocks = self._bounds(w)
                     e0, e1 = self._entry_range(w)
-                    yield RawWindow.repeating(b0, k0, blocks, chunks, uniform, templates, e1 - e0)
+                    yield RawWindow.repeating(b0, k0, blocks, chunks, uniform, templates, e1 - e0, exceptions)
                     continue
                 if buffer is None:
                     buffer = np.empty(n, dtype=BAT_DTYPE)
@@ -481,30 +591,37 @@ class Bat:
             if close is not None:
                 close()  # stops and joins the scan's threads when the caller stops early
 
-    def _judge_window(self, w: int, templates: _Templates, buf: bytearray) -> int | None:
-        """The payload entry window ``w`` repeats with no sector bitmap entry (0: all zeros), else None.
+    def _judge_window(self, w: int, templates: _Templates, buf: bytearray) -> int | tuple | None:
+        """Window ``w`` as the scan sees it: the entry it repeats, that entry and its few exceptions, or None.
 
-        The window is read a piece at a time into ``buf`` and each piece compared with the same bytes of the
-        template of its first entry (``equal_bytes``: memcmp without the GIL). The first chunk is read alone
-        first, so a window of real entries is given up after one small read.
+        Returns the payload entry every slot of the window holds when its bitmap entries are all 0 (0: all
+        zeros); ``(entry, exceptions)`` when that holds but for at most ``MAX_EXCEPTIONS`` entries (index in the
+        window, raw entry); None for any other window. The window is read a piece at a time into ``buf`` and
+        each piece compared with the same bytes of the template of the entry its first slots hold
+        (``equal_bytes``: memcmp without the GIL); a piece that differs is narrowed down to its differing
+        entries. The first chunk is read alone first, so a window of real entries is given up after one small
+        read.
         """
         e0, e1 = self._entry_range(w)
         lo, length = self.file_offset + e0 * c.BAT_ENTRY_SIZE, (e1 - e0) * c.BAT_ENTRY_SIZE
         view = memoryview(buf)
-        pos, piece = 0, min(len(buf), (self.geometry.chunk_ratio + 1) * c.BAT_ENTRY_SIZE)
+        whole = len(buf) // c.BAT_ENTRY_SIZE * c.BAT_ENTRY_SIZE  # pieces of whole entries
+        pos, piece = 0, min(whole, (self.geometry.chunk_ratio + 1) * c.BAT_ENTRY_SIZE)
         entry, template = 0, None
+        exceptions: list[tuple[int, int]] = []
         while pos < length:
             n = min(piece, length - pos)
             self.io.readinto_at(lo + pos, view[:n])
             if template is None:
-                entry = int.from_bytes(buf[: c.BAT_ENTRY_SIZE], "little")
+                entry = _likely_repeated(view[:n], self.geometry.chunk_ratio)
                 template = memoryview(templates.raw(entry))
-            if not equal_bytes(template[pos : pos + n], view[:n]):
+            if not equal_bytes(template[pos : pos + n], view[:n]) and not _find_exceptions(
+                    view[:n], template[pos : pos + n], pos // c.BAT_ENTRY_SIZE, exceptions):
                 return None
-            pos, piece = pos + n, len(buf)
-        return entry
+            pos, piece = pos + n, whole
+        return (entry, tuple(exceptions)) if exceptions else entry
 
-    def _judged(self, windows: list[int], templates: _Templates) -> Iterator[int | None]:
+    def _judged(self, windows: list[int], templates: _Templates) -> Iterator[int | tuple | None]:
         """``_judge_window`` of each of ``windows``, in order; judged ahead on threads when there are several.
 
         Reading and comparing run without the GIL, so the threads share the work of a large BAT (a qemu-made

@@ -19,8 +19,10 @@ from vhdx.structures.bat import (
     WINDOW_ENTRIES,
     Geometry,
     allocated_mask,
+    entry_offset,
     entry_offsets,
     payload_missing_bytes,
+    payload_missing_bytes_of,
 )
 
 
@@ -178,6 +180,32 @@ def uniform_stops_no_reader(entry: int, geometry: Geometry) -> bool:
     state = entry & c.BAT_STATE_MASK
     owns = state in (c.BatState.FULLY_PRESENT, c.BatState.PARTIALLY_PRESENT)
     return state in _LEGAL_PAYLOAD_STATES[geometry.has_parent] and not owns
+
+
+def exception_stops_no_reader(geometry: Geometry, index: int, entry: int, file_size: int,
+                              structures: list[tuple[str, int, int]]) -> bool:
+    """Whether BAT entry ``index`` holding ``entry`` surely breaks no rule that stops the reader; pure Python.
+
+    For the few entries that differ in a window of one repeated entry (``RawWindow.exceptions``): the loader
+    then judges the window without numpy. It answers yes only for a payload entry of a block of the disk in a
+    legal state that owns no file space, or that is fully present inside the file (``payload_missing_bytes_of``)
+    and over no structure, exactly as ``bat_problems`` decides those rules; for anything else (a sector bitmap
+    entry, a partially present block, a slot past the disk) it answers no and ``bat_problems`` judges the
+    window. Reserved bits only ever give a warning, which the loader does not act on.
+    """
+    block = geometry.payload_block_of(index)
+    state = entry & c.BAT_STATE_MASK
+    if block is None or state not in _LEGAL_PAYLOAD_STATES[geometry.has_parent]:
+        return False
+    if state == c.BatState.PARTIALLY_PRESENT:
+        return False
+    if state != c.BatState.FULLY_PRESENT:
+        return True
+    offset = entry_offset(entry)
+    if payload_missing_bytes_of(geometry, block, offset, file_size):
+        return False
+    end = min(offset + geometry.block_size, file_size)
+    return not any(offset < hi and end > lo for _name, lo, hi in structures)
 
 
 def bat_problems(geometry: Geometry, first_index: int, raw: np.ndarray, file_size: int, *, bat_offset: int,

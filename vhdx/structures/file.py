@@ -124,7 +124,9 @@ class VhdxFile:
 
         ``bat_problems`` judges each window (the one BAT rule set); state counts are gathered on the way. Windows
         of one repeated entry that owns no space (a sparse 64 TiB disk, a qemu-made BAT of ZERO entries) are judged
-        once by that entry (``uniform_stops_no_reader``), not entry by entry.
+        once by that entry (``uniform_stops_no_reader``), not entry by entry, and the few entries that differ in
+        such a window (blocks written) one by one (``exception_stops_no_reader``); a window either cannot clear
+        is judged whole.
         """
         g, bat, h = self.geometry, self.bat, self.headers.current
         structures = structure_spans(h.log_offset, h.log_length, self.regions.entries)
@@ -133,9 +135,11 @@ class VhdxFile:
         for window in bat.raw_windows():
             counts = [a + b for a, b in zip(counts, window.state_counts(), strict=True)]
             bitmaps += window.present_bitmaps()
-            if (window.uniform is not None and not window.has_bitmaps()
-                    and bat_rules.uniform_stops_no_reader(window.uniform, g)):
-                continue  # judged once by its one value: a qemu-made BAT of ZERO entries is never split
+            if (window.common is not None and not window.has_bitmaps()
+                    and bat_rules.uniform_stops_no_reader(window.common, g)
+                    and all(bat_rules.exception_stops_no_reader(g, index, entry, self.io.size, structures)
+                            for index, entry in window.exception_indexes())):
+                continue  # judged by its one value and its few exceptions: a qemu-made BAT is never split
             judged = bat_problems(g, window.k0 * stride, window.entries, self.io.size, bat_offset=bat.file_offset,
                                   structures=structures, disk_label=self.params.disk_type.label, salvage=salvage)
             refusals.add(judged)
