@@ -278,7 +278,7 @@ class RawWindow:
         for i, raw in self.exceptions:
             if i % stride == stride - 1:
                 bitmap.append(raw)
-            elif (i // stride) * (stride - 1) + i % stride < self.blocks:
+            elif i - i // stride < self.blocks:  # a slot of the window's blocks, not padding past the disk
                 payload.append(raw)
         return payload, bitmap
 
@@ -615,8 +615,8 @@ class Bat:
             if template is None:
                 entry = _likely_repeated(view[:n], self.geometry.chunk_ratio)
                 template = memoryview(templates.raw(entry))
-            if not equal_bytes(template[pos : pos + n], view[:n]) and not _find_exceptions(
-                    view[:n], template[pos : pos + n], pos // c.BAT_ENTRY_SIZE, exceptions):
+            # (one memcmp when the piece matches: _find_exceptions compares the whole piece first)
+            if not _find_exceptions(view[:n], template[pos : pos + n], pos // c.BAT_ENTRY_SIZE, exceptions):
                 return None
             pos, piece = pos + n, whole
         return (entry, tuple(exceptions)) if exceptions else entry

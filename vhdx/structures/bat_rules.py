@@ -195,9 +195,8 @@ def exception_stops_no_reader(geometry: Geometry, index: int, entry: int, file_s
     """
     block = geometry.payload_block_of(index)
     state = entry & c.BAT_STATE_MASK
-    if block is None or state not in _LEGAL_PAYLOAD_STATES[geometry.has_parent]:
-        return False
-    if state == c.BatState.PARTIALLY_PRESENT:
+    legal = state in _LEGAL_PAYLOAD_STATES[geometry.has_parent]
+    if block is None or not legal or state == c.BatState.PARTIALLY_PRESENT:
         return False
     if state != c.BatState.FULLY_PRESENT:
         return True
