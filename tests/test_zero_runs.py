@@ -71,3 +71,23 @@ def test_granule_runs_of_an_all_zero_or_empty_buffer_are_none():
     for buf in (bytes(4 * G), b""):
         starts, ends = nonzero_granule_runs(buf, np.array([0]))
         assert len(starts) == len(ends) == 0
+
+
+def test_a_row_whose_only_data_is_past_its_first_word_holds_data():
+    from vhdx.disk.zero_runs import rows_with_data
+
+    rows = np.zeros((8, 512), dtype=np.uint64)
+    rows[3, 511] = 1  # the first word, the one looked at first, is zero
+    rows[5, 0] = 1
+    assert rows_with_data(rows).tolist() == [False, False, False, True, False, True, False, False]
+
+
+@given(st.lists(st.sampled_from(["zero", "first", "last", "middle"]), min_size=0, max_size=40))
+def test_rows_with_data_agrees_with_any_for_every_mix_of_rows(kinds):
+    from vhdx.disk.zero_runs import rows_with_data
+
+    rows = np.zeros((len(kinds), 64), dtype=np.uint64)
+    for i, kind in enumerate(kinds):
+        if kind != "zero":
+            rows[i, {"first": 0, "last": 63, "middle": 17}[kind]] = 1 << (i % 64)
+    assert rows_with_data(rows).tolist() == rows.any(axis=1).tolist()

@@ -30,6 +30,7 @@ import numpy as np
 
 from vhdx.disk.extents import ExtentKind, bitmap_runs
 from vhdx.disk.image import VhdxImage
+from vhdx.disk.zero_runs import rows_with_data
 from vhdx.errors import InvalidRequestError, VhdxError
 from vhdx.format import constants as c
 from vhdx.structures.bat import allocated_mask, entry_offsets
@@ -302,7 +303,7 @@ def nonzero_runs(fd: int, start: int, length: int) -> list[tuple[int, int]]:
             got = os.preadv(fd, [view], pos)
             data = np.frombuffer(buf, dtype=np.uint8, count=got)
             full = got // GRAIN * GRAIN
-            grains = data[:full].reshape(-1, GRAIN).any(axis=1)
+            grains = rows_with_data(data[:full].view(np.uint64).reshape(-1, GRAIN // 8))
             if full < got:
                 grains = np.append(grains, data[full:].any())
             change = np.flatnonzero(np.diff(np.concatenate(([False], grains, [False])).astype(np.int8)))

@@ -36,6 +36,7 @@ import numpy as np
 from vhdx.disk.chain import OpenOptions
 from vhdx.disk.extents import ExtentKind
 from vhdx.disk.image import VhdxImage, open_image
+from vhdx.disk.zero_runs import rows_with_data
 from vhdx.errors import InvalidRequestError, UnsupportedError, VhdxError
 from vhdx.format import constants as c
 from vhdx.io import ImageIO
@@ -266,7 +267,7 @@ def zero_blocks(image: VhdxImage, blocks: np.ndarray, progress: Progress | None 
         ids = blocks[order[lo:hi]]
         if visible_in_last < bs and (ids == last_block).any():
             rows[np.flatnonzero(ids == last_block), visible_in_last:] = 0  # bytes past the disk's end
-        result[order[lo:hi]] = ~rows.view(np.uint64).any(axis=1)
+        result[order[lo:hi]] = ~rows_with_data(rows.view(np.uint64))
         done += (hi - lo) * bs
         if progress:
             progress(done)
