@@ -222,6 +222,23 @@ def test_raw_export_that_cannot_write_fails_in_one_error_and_leaves_no_output(tm
     assert sorted(os.listdir(tmp_path)) == ["z.vhdx"]
 
 
+def test_raw_export_finishes_every_write_the_kernel_takes_only_in_part(tmp_path, monkeypatch):
+    import vhdx.ops.export as export_module
+
+    real_pwrite = os.pwrite
+
+    def short(fd, data, offset):
+        return real_pwrite(fd, memoryview(data)[:1000], offset)
+
+    path = disk_with_zero_filled_blocks(tmp_path)
+    out = tmp_path / "out.raw"
+    monkeypatch.setattr(export_module.os, "pwrite", short)
+    with vhdx.open(path) as disk:
+        export_raw(disk, out)
+    monkeypatch.undo()
+    assert out.read_bytes() == content(path)
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_synced_raw_export_flushes_the_file_before_it_takes_its_name(tmp_path, monkeypatch, sparse):
     import vhdx.ops.export as export_module

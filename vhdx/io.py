@@ -236,6 +236,24 @@ class ImageIO:
             got = max(got, min(len(view), self.size - offset))
         return got
 
+    def read_pieces(self, view: memoryview, pieces) -> None:
+        """``readinto_at`` for many ``(lo, hi, file offset)`` pieces of ``view``, with little work per piece.
+
+        A flatten of a fragmented chain reads thousands of 4 KiB pieces: each is one ``preadv`` here, and only a
+        piece that reads short or fails (the end of the file, an error to report) or a file seen through a log
+        replay takes the whole ``readinto_at`` path.
+        """
+        fd = self._fd if self.overlay is None else None
+        for lo, hi, file_offset in pieces:
+            piece = view[lo:hi]
+            if fd is not None:
+                try:
+                    if os.preadv(fd, [piece], file_offset) == hi - lo:
+                        continue
+                except OSError:
+                    pass  # readinto_at reads it again and names the error
+            self.readinto_at(file_offset, piece)
+
     def readinto_data_at(self, offset: int, buf) -> None:
         """``readinto_at``, reading only the parts that hold data (``data_spans``): holes are zeroed, not read.
 

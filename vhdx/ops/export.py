@@ -59,14 +59,19 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
     written = 0
     with WriteBehind(fd) if sync else contextlib.nullcontext() as behind:
         for batch in _batches(ext.start[data], ext.length[data], ext.layer[data], ext.file_offset[data], len(view)):
-            for lo, hi, layer, file_offset in batch.reads:
-                readers[layer].readinto_at(file_offset, view[lo:hi])
+            for layer, pieces in batch.reads:
+                readers[layer].read_pieces(view, pieces)
             for lo, hi in batch.zeros:  # after the reads: a read for several runs may have covered a gap
                 view[lo:hi] = _ZEROS[: hi - lo] if hi - lo <= len(_ZEROS) else bytes(hi - lo)
             starts, ends = nonzero_granule_runs(view[: batch.used], batch.cuts)
             shift = batch.shift[batch.cuts.searchsorted(starts, "right") - 1]
             ends = np.minimum(ends, image.virtual_size - shift)  # the last granule of a disk may end past it
             for lo, hi, to in zip(starts.tolist(), ends.tolist(), (starts + shift).tolist(), strict=True):
+                try:
+                    if os.pwrite(fd, view[lo:hi], to) == hi - lo:
+                        continue
+                except OSError:
+                    pass  # _write writes it again and names the error
                 _write(fd, view[lo:hi], to, path)
             written += int((ends - starts).sum())
             if behind is not None:
@@ -88,7 +93,9 @@ COVER_GAP = 64 << 10
 class _Batch:
     """One buffer's worth of the copy: what to read where, what to zero, and how buffer offsets map to the disk."""
 
-    reads: list[tuple[int, int, int, int]]  # (buffer lo, buffer hi, layer, file offset), in order
+    # (layer, [(buffer lo, buffer hi, file offset), ...]): the deepest layer first, since its reads may cover gaps
+    # that the pieces of other layers (which never overlap each other) then fill
+    reads: list[tuple[int, list[tuple[int, int, int]]]]
     zeros: list[tuple[int, int]]  # buffer ranges no run fills (they read as zeros)
     used: int  # bytes of the buffer in use, whole granules
     cuts: np.ndarray  # buffer offsets where a segment starts (0 first)
@@ -128,7 +135,8 @@ def _batches(start: np.ndarray, length: np.ndarray, layer: np.ndarray, file_offs
     # Stretches of the deepest layer read at once: group id per row (-1: read alone) and the stretch's end.
     group = np.full(n, -1, dtype=np.int64)
     group_hi = row_hi.copy()
-    deep = np.flatnonzero(layer == layer.max())
+    deepest = int(layer.max())
+    deep = np.flatnonzero(layer == deepest)
     if len(deep) > 1:
         a, b = deep[:-1], deep[1:]
         joined = ((file_offset[b] - start[b] == file_offset[a] - start[a]) & (start[b] - end[a] <= COVER_GAP)
@@ -168,8 +176,15 @@ def _batches(start: np.ndarray, length: np.ndarray, layer: np.ndarray, file_offs
         base = bn * cap
         sel = slice(p0, p1)
         r = reading[sel]
-        reads = list(zip((lo[sel][r] - base).tolist(), (read_hi[sel][r] - base).tolist(), p_layer[sel][r].tolist(),
-                         p_fo[sel][r].tolist(), strict=True))
+        r_layer = p_layer[sel][r]
+        order = np.argsort(np.where(r_layer == deepest, -1, r_layer), kind="stable")
+        r_layer, r_lo, r_hi, r_fo = r_layer[order], lo[sel][r][order] - base, read_hi[sel][r][order] - base, \
+            p_fo[sel][r][order]
+        edges_l = np.flatnonzero(np.diff(r_layer)) + 1
+        reads = [(int(group[0]), list(zip(a.tolist(), b.tolist(), f.tolist(), strict=True)))
+                 for group, a, b, f in zip(np.split(r_layer, edges_l), np.split(r_lo, edges_l),
+                                           np.split(r_hi, edges_l), np.split(r_fo, edges_l), strict=True)
+                 if len(group)]
         used = -(-(int(hi[p1 - 1]) - base) // g) * g
         # Gaps: before the first piece, between pieces, and up to the end of the last granule.
         gap_lo = np.concatenate(([base], hi[sel])) - base
