@@ -175,16 +175,13 @@ def _batches(start: np.ndarray, length: np.ndarray, layer: np.ndarray, file_offs
         p0, p1 = int(edges[i]), int(edges[i + 1])
         base = bn * cap
         sel = slice(p0, p1)
-        r = reading[sel]
-        r_layer = p_layer[sel][r]
-        order = np.argsort(np.where(r_layer == deepest, -1, r_layer), kind="stable")
-        r_layer, r_lo, r_hi, r_fo = r_layer[order], lo[sel][r][order] - base, read_hi[sel][r][order] - base, \
-            p_fo[sel][r][order]
-        edges_l = np.flatnonzero(np.diff(r_layer)) + 1
-        reads = [(int(group[0]), list(zip(a.tolist(), b.tolist(), f.tolist(), strict=True)))
-                 for group, a, b, f in zip(np.split(r_layer, edges_l), np.split(r_lo, edges_l),
-                                           np.split(r_hi, edges_l), np.split(r_fo, edges_l), strict=True)
-                 if len(group)]
+        # The pieces that read, by layer (the deepest first, each layer's in buffer order), one group per layer.
+        r = np.flatnonzero(reading[sel]) + p0
+        r = r[np.argsort(np.where(p_layer[r] == deepest, -1, p_layer[r]), kind="stable")]
+        group_starts = np.flatnonzero(np.diff(p_layer[r])) + 1
+        reads = [(int(p_layer[k[0]]), list(zip((lo[k] - base).tolist(), (read_hi[k] - base).tolist(),
+                                                p_fo[k].tolist(), strict=True)))
+                 for k in np.split(r, group_starts) if len(k)]
         used = -(-(int(hi[p1 - 1]) - base) // g) * g
         # Gaps: before the first piece, between pieces, and up to the end of the last granule.
         gap_lo = np.concatenate(([base], hi[sel])) - base
