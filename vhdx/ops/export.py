@@ -67,11 +67,6 @@ def _copy_sparse(image: VhdxImage, fd: int, path: str, progress, sync: bool) -> 
             shift = batch.shift[batch.cuts.searchsorted(starts, "right") - 1]
             ends = np.minimum(ends, image.virtual_size - shift)  # the last granule of a disk may end past it
             for lo, hi, to in zip(starts.tolist(), ends.tolist(), (starts + shift).tolist(), strict=True):
-                try:
-                    if os.pwrite(fd, view[lo:hi], to) == hi - lo:
-                        continue
-                except OSError:
-                    pass  # _write writes it again and names the error
                 _write(fd, view[lo:hi], to, path)
             written += int((ends - starts).sum())
             if behind is not None:
