@@ -148,6 +148,7 @@ def markdown(results: dict) -> str:
              f"libvhdi-python {m['libvhdi-python']}, dissect.hypervisor {m['dissect.hypervisor']}.",
              *([f"Ours: {data['install']}."] if data.get("install") else []),
              *([_speed_line(data["speed"])] if data.get("speed") else []),
+             *([f"Memory: {data['page_reporting']}."] if data.get("page_reporting") else []),
              "",
              "Cells: ours = min / median of the runs (throughput of the median); every other method = its median "
              "→ **ours ÷ it** (time ratio: below 1 we are faster, above 1 slower). The limit is the raw "

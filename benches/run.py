@@ -14,7 +14,17 @@ import tempfile
 import time
 from dataclasses import replace
 
-from . import cases, cases_export, cases_merge, cases_reads, cases_scale, cases_startup, measure, report
+from . import (
+    cases,
+    cases_export,
+    cases_merge,
+    cases_reads,
+    cases_scale,
+    cases_startup,
+    measure,
+    page_reporting,
+    report,
+)
 from .sizes import PROFILES
 from .workloads import build_all
 
@@ -38,6 +48,9 @@ def parse_args(argv):
     parser.add_argument("--only", action="append", choices=CASES, help="run only these cases (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the workload files")
     parser.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    parser.add_argument("--pause-page-reporting", action="store_true",
+                        help="in a virtual machine: stop handing freed memory back to the host during the run "
+                             "(root; put back at the end; see benches/page_reporting.py)")
     args = parser.parse_args(argv)
     args.profile = args.profile or "quick"
     return args
@@ -62,7 +75,8 @@ def run(argv=None) -> dict:
     records = []
     try:
         with measure.bytecode_cache(os.path.join(tmp, "pycache")), \
-                measure.installed_copy(tmp) as install:  # each command finds its .pyc, as installed
+                measure.installed_copy(tmp) as install, \
+                page_reporting.paused(args.pause_page_reporting) as reporting:  # each command finds its .pyc
             log(f"ours: {install.how}", started)
             speed = {"start": report.speed()}
             measure.compile_sources("vhdx", "vhdx_cli", "numpy", "click", "construct", "crc32c")
@@ -76,9 +90,11 @@ def run(argv=None) -> dict:
             records += run_chain_cases(only, work, tmp, profile, limit_src, started)
             records += run_other_cases(only, work, tmp, profile, limit_src, started)
             speed["end"] = report.speed()
-            results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
-                       "speed": speed, "install": install.how, "command": report.python_cmd(),
-                       "build_seconds": round(build_seconds, 2), "records": records}
+        # (after the with: the memory reported to the host is counted when the run ends)
+        results = {"profile": profile.name, "repeats": profile.repeats, "machine": report.machine(tmp),
+                   "speed": speed, "install": install.how, "command": report.python_cmd(),
+                   "page_reporting": reporting.describe(), "build_seconds": round(build_seconds, 2),
+                   "records": records}
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
