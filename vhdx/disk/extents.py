@@ -109,21 +109,31 @@ def overlay_stack(stack: list[Extents]) -> Extents:
     lo, hi = int(top.start[0]), int(top.start[-1] + top.length[-1])
     cuts = np.unique(np.concatenate([p.start for p in stack] + [p.end for p in stack]))
     bounds = cuts[(cuts >= lo) & (cuts < hi)]
-    kind = np.full(len(bounds), ExtentKind.ABSENT, dtype=np.uint8)
-    layer = np.full(len(bounds), -1, dtype=np.int16)
-    fo = np.full(len(bounds), -1, dtype=np.int64)
-    open_ = np.ones(len(bounds), dtype=bool)
+    n = len(bounds)
+    kind = np.full(n, ExtentKind.ABSENT, dtype=np.uint8)
+    layer = np.full(n, -1, dtype=np.int16)
+    fo = np.full(n, -1, dtype=np.int64)
+    open_ = np.ones(n, dtype=bool)
+    left = n
     for depth, ext in enumerate(stack):
-        if len(ext) == 0:
+        held = np.flatnonzero(ext.kind != ExtentKind.ABSENT)
+        if not len(held):
             continue
-        i = np.clip(np.searchsorted(ext.start, bounds, side="right") - 1, 0, len(ext) - 1)
-        take = open_ & (bounds >= ext.start[i]) & (bounds < ext.start[i] + ext.length[i])
-        take &= ext.kind[i] != ExtentKind.ABSENT
-        kind[take] = ext.kind[i][take]
-        layer[take] = depth
-        fo[take] = np.where(ext.kind[i] == ExtentKind.DATA, ext.file_offset[i] + bounds - ext.start[i], -1)[take]
-        open_ &= ~take
-        if not open_.any():
+        # Every boundary of every layer is a cut, so a run covers whole pieces: from the one it starts at to the one
+        # it ends before. Which pieces are covered comes from a difference array over the runs, not the pieces.
+        first = np.searchsorted(bounds, ext.start[held])
+        last = np.searchsorted(bounds, ext.end[held])
+        covered = np.cumsum(np.bincount(first, minlength=n + 1) - np.bincount(last, minlength=n + 1))[:n] > 0
+        pos = np.flatnonzero(covered & open_)
+        if not len(pos):
+            continue
+        run = np.searchsorted(ext.start, bounds[pos], side="right") - 1
+        kind[pos] = ext.kind[run]
+        layer[pos] = depth
+        fo[pos] = np.where(ext.kind[run] == ExtentKind.DATA, ext.file_offset[run] + bounds[pos] - ext.start[run], -1)
+        open_[pos] = False
+        left -= len(pos)
+        if not left:
             break
     lengths = np.diff(np.append(bounds, hi))
     return coalesce(Extents(bounds.astype(np.int64), lengths.astype(np.int64), kind, layer, fo))
