@@ -12,6 +12,7 @@ every byte in order (it is not known to read zeros where nothing is written), ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,10 +174,12 @@ def _batches(start: np.ndarray, length: np.ndarray, layer: np.ndarray, file_offs
         # The pieces that read, by layer (the deepest first, each layer's in buffer order), one group per layer.
         r = np.flatnonzero(reading[sel]) + p0
         r = r[np.argsort(np.where(p_layer[r] == deepest, -1, p_layer[r]), kind="stable")]
-        group_starts = np.flatnonzero(np.diff(p_layer[r])) + 1
-        reads = [(int(p_layer[k[0]]), list(zip((lo[k] - base).tolist(), (read_hi[k] - base).tolist(),
-                                                p_fo[k].tolist(), strict=True)))
-                 for k in np.split(r, group_starts) if len(k)]
+        edges_r = [0, *(np.flatnonzero(np.diff(p_layer[r])) + 1).tolist(), len(r)]
+        # (one conversion to Python lists per buffer, sliced per layer: a 17-layer chain has 17 groups per buffer)
+        r_lo, r_hi, r_fo, r_layer = ((lo[r] - base).tolist(), (read_hi[r] - base).tolist(), p_fo[r].tolist(),
+                                     p_layer[r].tolist())
+        reads = [(r_layer[a], list(zip(r_lo[a:b], r_hi[a:b], r_fo[a:b], strict=True)))
+                 for a, b in itertools.pairwise(edges_r) if b > a]
         used = -(-(int(hi[p1 - 1]) - base) // g) * g
         # Gaps: before the first piece, between pieces, and up to the end of the last granule.
         gap_lo = np.concatenate(([base], hi[sel])) - base
