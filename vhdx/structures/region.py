@@ -10,7 +10,7 @@ References: [MS-VHDX] §2.2.3.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from vhdx.errors import FormatError
@@ -110,7 +110,10 @@ def read_region_table_copies(io: ImageIO, *, exact: bool = True) -> tuple[Region
     for i, off in enumerate(c.REGION_TABLE_OFFSETS):
         name = f"Region Table {i + 1}"
         raw = io.read_exact_at(off, c.REGION_TABLE_SIZE, name) if exact else io.read_at(off, c.REGION_TABLE_SIZE)
-        copies.append(parse_region_table_copy(raw, i))
+        if copies and raw == copies[0].raw:  # the usual case: the same bytes parse alike (only their place differs)
+            copies.append(replace(copies[0], index=i, offset=off))
+        else:
+            copies.append(parse_region_table_copy(raw, i))
     return copies[0], copies[1]
 
 
@@ -163,8 +166,10 @@ def region_problems(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset:
     good one is repairable. The rules of the used copy follow (``table_problems``).
     """
     valid = [copy for copy in copies if copy.valid]
-    rules = {copy.index: table_problems(copy, log_offset, log_length, file_size) for copy in valid}
-    good = [copy for copy in valid if not rules[copy.index]]
+    first_rules = table_problems(valid[0], log_offset, log_length, file_size) if valid else []
+    # A copy with the first one's bytes breaks the same rules: only a differing copy is judged again.
+    good = [copy for copy in valid if not (first_rules if copy.raw == valid[0].raw
+                                           else table_problems(copy, log_offset, log_length, file_size))]
     problems = [Problem(cast(Code, copy.code), copy.name, copy.offset,
                         (copy.problem or "") + ("; the other copy is good" if good else ""),
                         repairable=bool(good), refuses_open=not valid)
@@ -174,7 +179,7 @@ def region_problems(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset:
     if len(valid) == 2 and valid[0].raw != valid[1].raw:
         problems.append(Problem(Code.REGION_TABLE_MISMATCH, valid[1].name, valid[1].offset,
                                 "the two region table copies differ", repairable=bool(good), refuses_open=False))
-    return problems + rules[valid[0].index]
+    return problems + first_rules
 
 
 def usable_copy(copies: tuple[RegionTableCopy, RegionTableCopy], log_offset: int, log_length: int,
