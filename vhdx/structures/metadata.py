@@ -372,8 +372,9 @@ def _scan_locator(read_at, region: RegionEntry, entry: MetadataEntry | None, par
     scan.locator = locator
 
 
-# The table and the items that follow it are read with one pread (items usually lie in the next few KiB).
-METADATA_READ_AHEAD = 2 * c.METADATA_TABLE_SIZE
+# The table and the items that follow it are read with one pread: writers put the items in the first KiB after the
+# table (one farther away is read on its own). Not more: every open of every layer copies these bytes three times.
+METADATA_READ_AHEAD = c.METADATA_TABLE_SIZE + 4096
 
 
 def _read_ahead(io: ImageIO, region: RegionEntry):
