@@ -54,10 +54,10 @@ def test_writable_open_sees_its_file_grow(tmp_path):
 
 
 def test_metadata_table_and_items_are_read_with_one_pread(child, monkeypatch):
-    reads = []
-    real = vio.ImageIO._pread_into
-    monkeypatch.setattr(vio.ImageIO, "_pread_into", lambda self, offset, view: reads.append(offset)
-                        or real(self, offset, view))
+    reads = []  # file offsets of every positional read, whichever call makes it
+    pread, preadv = os.pread, os.preadv
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: reads.append(offset) or pread(fd, n, offset))
+    monkeypatch.setattr(os, "preadv", lambda fd, views, offset: reads.append(offset) or preadv(fd, views, offset))
     image = read_structures(child)
     metadata_start = image.regions.metadata.file_offset
     in_region = [o for o in reads if metadata_start <= o < metadata_start + image.regions.metadata.length]

@@ -269,6 +269,14 @@ class ImageIO:
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``; what lies past the end of file reads as zero."""
+        if self._fd is not None and self.overlay is None and offset >= 0 and length > 0:
+            # The usual whole read: one buffer, filled once (no zeroed bytearray copied into bytes).
+            try:
+                data = os.pread(self._fd, length, offset)
+            except OSError:
+                data = b""  # the careful path below reads again and names the error
+            if len(data) == length:
+                return data
         buf = bytearray(length)
         self.readinto_at(offset, buf)
         return bytes(buf)
