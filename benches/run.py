@@ -38,7 +38,7 @@ NEEDS = {"flatten": ("dynamic", "sector4k", "chains"), "reads": ("chains",), "me
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benches", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="profile", action="store_const", const="quick", help="about 2 minutes")
+    size.add_argument("--quick", dest="profile", action="store_const", const="quick", help="about 3-4 minutes")
     size.add_argument("--full", dest="profile", action="store_const", const="full",
                       help="8-32 GiB virtual disks, several GiB written")
     size.add_argument("--profile", dest="profile", choices=sorted(PROFILES), help="profile by name (tiny: smoke)")

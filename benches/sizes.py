@@ -1,4 +1,4 @@
-"""Benchmark sizes: ``tiny`` for the smoke test, ``quick`` (about two minutes here) and ``full``."""
+"""Benchmark sizes: ``tiny`` for the smoke test, ``quick`` (about three to four minutes here) and ``full``."""
 
 from __future__ import annotations
 

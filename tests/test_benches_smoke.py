@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benches import measure
+from benches import measure, page_reporting
 from benches import run as bench_run
 from benches.report import primary
 from vhdx_cli.bench_cmds import bench_text
@@ -120,6 +120,13 @@ def test_benches_report_says_ours_is_a_regular_install_of_the_checkout(tiny_resu
     header = (tiny_results / "results.md").read_text().splitlines()[:3]
     assert [line for line in header if line.startswith("Ours: ")] == [f"Ours: {measure.REGULAR_INSTALL}."]
     assert [line for line in header if line.startswith("Machine: ")]
+
+
+def test_benches_report_says_what_free_page_reporting_did(tiny_results):
+    data = json.loads((tiny_results / "results.json").read_text())
+    expected = page_reporting.Reporting(page_reporting._order()).describe().split(" (")[0].split(":")[0]
+    assert data["page_reporting"].startswith(expected)  # this run did not pause it
+    assert f"Memory: {data['page_reporting']}." in (tiny_results / "results.md").read_text().splitlines()
 
 
 def test_benches_cli_rows_and_the_merge_probe_run_the_bench_venv(tiny_results):
