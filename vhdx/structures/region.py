@@ -106,7 +106,7 @@ def parse_region_table_copy(raw: bytes, index: int) -> RegionTableCopy:
 
 def read_region_table_copies(io: ImageIO, *, exact: bool = True) -> tuple[RegionTableCopy, RegionTableCopy]:
     """Both region table copies, parsed (``exact``: a short file is an error, else a bad signature)."""
-    copies = []
+    copies: list[RegionTableCopy] = []
     for i, off in enumerate(c.REGION_TABLE_OFFSETS):
         name = f"Region Table {i + 1}"
         raw = io.read_exact_at(off, c.REGION_TABLE_SIZE, name) if exact else io.read_at(off, c.REGION_TABLE_SIZE)
