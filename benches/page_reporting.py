@@ -67,6 +67,8 @@ class Reporting:
         if self.paused_from is not None:
             return (f"free page reporting to the host paused for the run (page_reporting_order {self.paused_from} "
                     f"raised to {self.order}, put back after)")
+        if not self.active:
+            return f"free page reporting to the host reports nothing (page_reporting_order {self.order})"
         text = (f"free page reporting to the host active (page_reporting_order {self.order}): memory freed for a "
                 "few seconds is faulted in again on the host when next used, which can cost a run 2-3 s per GiB")
         if self.reported_kib is not None:

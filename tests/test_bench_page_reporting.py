@@ -66,3 +66,11 @@ def test_pausing_without_the_right_to_write_stops_with_one_line(sysfs, monkeypat
             page_reporting.paused(True):
         pass
     assert (sysfs / "page_reporting_order").read_text().strip() == "9"
+
+
+def test_a_machine_whose_order_reports_nothing_is_not_called_active(sysfs):
+    (sysfs / "page_reporting_order").write_text("11\n")
+    with page_reporting.paused(False) as seen:
+        pass
+    assert not seen.active
+    assert seen.describe() == "free page reporting to the host reports nothing (page_reporting_order 11)"

@@ -373,7 +373,7 @@ def _scan_locator(read_at, region: RegionEntry, entry: MetadataEntry | None, par
 
 
 # The table and the items that follow it are read with one pread: writers put the items in the first KiB after the
-# table (one farther away is read on its own). Not more: every open of every layer copies these bytes three times.
+# table (one farther away is read on its own). Not more: every open of every layer copies these bytes twice.
 METADATA_READ_AHEAD = c.METADATA_TABLE_SIZE + 4096
 
 
